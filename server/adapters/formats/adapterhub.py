@@ -1,0 +1,193 @@
+"""AdapterHub `adapters` checkpoints: bottleneck (seq_bn, double_seq_bn, par_bn, ...) and (IA)3 (ADAPTERS.md 2, 3)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from transformers.activations import ACT2FN
+
+from ...errors import InvalidAdapterError, UnsupportedAdapterError
+from ..spec import AdapterWeights, BaseModelInfo, BottleneckBlock, BottleneckOptions, IA3Vector, Location
+from .tensors import expect_shape, load_tensors, pick_weight_file
+
+WEIGHT_FILES = ("adapter.safetensors", "pytorch_adapter.bin")
+LOCATIONS: dict[str, Location] = {"attention_adapters": "attn", "output_adapters": "mlp"}
+BN_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(attention_adapters|output_adapters)\.adapters\.([^.]+)\.(.+)$")
+IA3_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.loras\.([^.]+)\.(lora_A|lora_B)$")
+ACTIVATIONS = set(ACT2FN) | {"leakyrelu"}
+
+
+def activation_names() -> set[str]:
+    return ACTIVATIONS
+
+
+def _refuse(c: dict) -> None:
+    """Options the library offers that we refuse rather than serve wrongly."""
+    if c.get("phm_layer"):
+        raise UnsupportedAdapterError("Compacter (phm_layer) adapters are not served", key="config.phm_layer")
+    if c.get("use_gating"):
+        raise UnsupportedAdapterError("gated bottleneck adapters (use_gating) are not served", key="config.use_gating")
+    if c.get("inv_adapter"):
+        raise UnsupportedAdapterError("invertible adapters (inv_adapter) are not served", key="config.inv_adapter")
+    if float(c.get("stochastic_depth") or 0.0) > 0:
+        raise UnsupportedAdapterError("stochastic_depth > 0 is not served", key="config.stochastic_depth")
+    if c.get("residual_before_ln") == "post_add":
+        raise UnsupportedAdapterError("residual_before_ln 'post_add' is not served", key="config.residual_before_ln")
+
+
+def _bool(c: dict, name: str, default: bool) -> bool:
+    v = c.get(name, default)
+    if not isinstance(v, bool):
+        raise InvalidAdapterError(f"{name} must be true or false", key=f"config.{name}")
+    return v
+
+
+def parse(meta: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
+    c = meta["config"]
+    hidden = meta.get("hidden_size")
+    if hidden is not None and hidden != base.hidden_size:
+        raise InvalidAdapterError(
+            f"adapter was trained for hidden size {hidden}, the base model has {base.hidden_size}", key="hidden_size"
+        )
+    arch = c.get("architecture")
+    if arch == "lora" and c.get("composition_mode") == "scale":
+        return _parse_ia3(meta, files, base)
+    if arch is not None:
+        raise UnsupportedAdapterError(f"AdapterHub architecture {arch!r} is not served", key="config.architecture")
+    return _parse_bottleneck(meta, files, base)
+
+
+def _options(c: dict) -> BottleneckOptions:
+    _refuse(c)
+    act = str(c.get("non_linearity", "relu")).lower()
+    if act not in ACTIVATIONS:
+        raise InvalidAdapterError(f"unknown non_linearity {act!r}", key="config.non_linearity")
+    rbl = c.get("residual_before_ln", True)
+    if not isinstance(rbl, bool):
+        raise InvalidAdapterError("residual_before_ln must be true, false or 'post_add'", key="config.residual_before_ln")
+    return BottleneckOptions(
+        parallel=_bool(c, "is_parallel", False),
+        original_ln_before=_bool(c, "original_ln_before", False),
+        original_ln_after=_bool(c, "original_ln_after", True),
+        residual_before_ln=rbl,
+        adapter_residual_before_ln=_bool(c, "adapter_residual_before_ln", False),
+        non_linearity=act,
+    )
+
+
+def _scaling(c: dict) -> float | str:
+    s = c.get("scaling", 1.0)
+    if isinstance(s, bool) or not (isinstance(s, (int, float)) or s in ("learned", "channel")):
+        raise InvalidAdapterError(f"scaling must be a number, 'learned' or 'channel', got {s!r}", key="config.scaling")
+    return float(s) if isinstance(s, (int, float)) else s
+
+
+def _leave_out(c: dict, num_layers: int) -> set[int]:
+    lo = c.get("leave_out") or []
+    if not isinstance(lo, list) or not all(isinstance(i, int) for i in lo):
+        raise InvalidAdapterError("leave_out must be a list of layer indices", key="config.leave_out")
+    return set(lo)
+
+
+def _parse_bottleneck(meta: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
+    c = meta["config"]
+    opts = _options(c)
+    scaling = _scaling(c)
+    leave_out = _leave_out(c, base.num_layers)
+    name = meta.get("name")
+    ln_before, ln_after = _bool(c, "ln_before", False), _bool(c, "ln_after", False)
+    allowed = {"attn": _bool(c, "mh_adapter", False), "mlp": _bool(c, "output_adapter", True)}
+    H = base.hidden_size
+    tensors = load_tensors(pick_weight_file(files, WEIGHT_FILES))
+
+    # 1. group tensors by (layer, location), checking names against the config and the base model
+    groups: dict[tuple[int, Location], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = BN_KEY.match(key)
+        if m is None:
+            raise InvalidAdapterError("not an AdapterHub bottleneck tensor name", key=key)
+        layer, loc, aname, param = int(m.group(1)), LOCATIONS[m.group(2)], m.group(3), m.group(4)
+        if name is not None and aname != name:
+            raise InvalidAdapterError(f"tensor belongs to adapter {aname!r}, the config names {name!r}", key=key)
+        if not 0 <= layer < base.num_layers:
+            raise InvalidAdapterError(f"layer {layer} is past the base model's {base.num_layers} layers", key=key)
+        if layer in leave_out:
+            raise InvalidAdapterError(f"layer {layer} is in leave_out but has tensors", key=key)
+        if not allowed[loc]:
+            flag = "mh_adapter" if loc == "attn" else "output_adapter"
+            raise InvalidAdapterError(f"tensor at a location the config disables ({flag}: false)", key=key)
+        groups.setdefault((layer, loc), {})[param] = t
+    if not groups:
+        raise InvalidAdapterError("weight file holds no bottleneck tensors", key=WEIGHT_FILES[1])
+
+    # 2. one block per (layer, location)
+    k = 1 if ln_before else 0
+    blocks: list[BottleneckBlock] = []
+    for (layer, loc), p in sorted(groups.items()):
+        prefix = f"model.layers.{layer}.{'attention_adapters' if loc == 'attn' else 'output_adapters'}.adapters.{name}."
+
+        def need(param: str, shape: tuple[int, ...], p: dict = p, prefix: str = prefix) -> torch.Tensor:
+            if param not in p:
+                raise InvalidAdapterError("missing tensor", key=prefix + param)
+            expect_shape(prefix + param, p[param], shape)
+            return p[param]
+
+        if f"adapter_down.{k}.weight" not in p:
+            raise InvalidAdapterError("missing tensor", key=prefix + f"adapter_down.{k}.weight")
+        r = int(p[f"adapter_down.{k}.weight"].shape[0])
+        if r < 1:
+            raise InvalidAdapterError("bottleneck width must be at least 1", key=prefix + f"adapter_down.{k}.weight")
+        down_w = need(f"adapter_down.{k}.weight", (r, H))
+        down_b = need(f"adapter_down.{k}.bias", (r,))
+        up_w = need("adapter_up.weight", (H, r))
+        up_b = need("adapter_up.bias", (H,))
+        if scaling == "learned":
+            scale = need("scaling", (1,)).expand(H).clone()
+        elif scaling == "channel":
+            scale = need("scaling", (H,)).clone()
+        else:
+            scale = torch.full((H,), float(scaling))
+        lnb = (need("adapter_down.0.weight", (H,)), need("adapter_down.0.bias", (H,))) if ln_before else None
+        lna = (need("adapter_norm_after.weight", (H,)), need("adapter_norm_after.bias", (H,))) if ln_after else None
+        known = {f"adapter_down.{k}.weight", f"adapter_down.{k}.bias", "adapter_up.weight", "adapter_up.bias", "scaling"}
+        known |= {"adapter_down.0.weight", "adapter_down.0.bias", "adapter_norm_before.weight", "adapter_norm_before.bias"} if ln_before else set()
+        known |= {"adapter_norm_after.weight", "adapter_norm_after.bias"} if ln_after else set()
+        for param in p:
+            if param not in known:
+                raise InvalidAdapterError("unexpected tensor for this adapter config", key=prefix + param)
+        blocks.append(BottleneckBlock(layer, loc, down_w, down_b, up_w, up_b, scale, lnb, lna))
+
+    if opts.parallel:
+        variant = "scaled_par_bn" if scaling == "learned" else "par_bn"
+    else:
+        variant = "double_seq_bn" if allowed["attn"] and allowed["mlp"] else "seq_bn"
+    return AdapterWeights("bottleneck", "adapterhub", variant, bn_options=opts, bn_blocks=blocks, config=c)
+
+
+def _parse_ia3(meta: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
+    """AdapterHub (IA)3: OUTPUT scaling of every wrapped module by lora_B.flatten() * alpha."""
+    c = meta["config"]
+    name = meta.get("name")
+    alpha = float(c.get("alpha", 1.0))
+    tensors = load_tensors(pick_weight_file(files, WEIGHT_FILES))
+    vectors: list[IA3Vector] = []
+    for key, t in sorted(tensors.items()):
+        m = IA3_KEY.match(key)
+        if m is None:
+            raise InvalidAdapterError("not an AdapterHub (IA)3 tensor name", key=key)
+        layer, block, lin, aname, which = int(m.group(1)), m.group(2), m.group(3), m.group(4), m.group(5)
+        if name is not None and aname != name:
+            raise InvalidAdapterError(f"tensor belongs to adapter {aname!r}, the config names {name!r}", key=key)
+        if which == "lora_A":
+            continue  # unused by the "scale" composition
+        module = f"model.layers.{layer}.{block}.{lin}"
+        if module not in base.linears:
+            raise InvalidAdapterError("the base model has no Linear module of that name in its layers", key=key)
+        out_f, _ = base.linears[module]
+        expect_shape(key, t, (out_f, 1))
+        vectors.append(IA3Vector(module, "out", t.flatten() * alpha))
+    if not vectors:
+        raise InvalidAdapterError("weight file holds no lora_B tensors", key=WEIGHT_FILES[1])
+    return AdapterWeights("ia3", "adapterhub", "ia3", ia3=vectors, config=c)

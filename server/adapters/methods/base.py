@@ -1,0 +1,121 @@
+"""The small interface every adapter method implements, and the timer that attributes adapter compute.
+
+A method keeps its adapters in device slots (slot 0 is "no adapter") and, for each batch, builds a
+plan: index-routed tensors the forward pass consults at two hook points, a Linear call and the
+residual add of a sub-block. Nothing outside this package switches on the method type.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from ..spec import AdapterWeights, BaseModelInfo, Location
+
+
+class StepTimer:
+    """Accumulates seconds spent in adapter-only work per adapter type label.
+
+    On CPU the work is synchronous, so wall time around it is its cost. On CUDA it records event
+    pairs and resolves them when `collect` is called after the step has synchronised.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.enabled = True
+        self._cpu: dict[str, float] = defaultdict(float)
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextmanager
+    def span(self, label: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((label, start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self._cpu[label] += time.perf_counter() - t0
+
+    def add(self, label: str, seconds: float) -> None:
+        self._cpu[label] += seconds
+
+    def collect(self) -> dict[str, float]:
+        """Seconds per label since the last collect; synchronises CUDA events first."""
+        out = dict(self._cpu)
+        if self._events:
+            self._events[-1][2].synchronize()
+            for label, s, e in self._events:
+                out[label] = out.get(label, 0.0) + s.elapsed_time(e) / 1000.0
+            self._events.clear()
+        self._cpu.clear()
+        return out
+
+
+class MethodPlan:
+    """Per-batch routing of one method. Hooks return None where the method has nothing to do."""
+
+    def linear(self, layer: int, name: str, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def residual(self, layer: int, loc: Location, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+@dataclass(frozen=True)
+class SlotContext:
+    """What a method needs to allocate and route: the base model's shape, the slot count, where to put tensors."""
+
+    base: BaseModelInfo
+    num_slots: int  # including slot 0
+    device: torch.device
+    dtype: torch.dtype
+    modules: dict[str, torch.nn.Linear]  # full name -> the base model's Linear
+
+
+class AdapterMethod(ABC):
+    """One adapter method's slot storage. `write` overwrites a slot; `clear` resets it to identity."""
+
+    name: str = ""
+
+    def __init__(self, ctx: SlotContext, timer: StepTimer) -> None:
+        self.ctx = ctx
+        self.timer = timer
+
+    @abstractmethod
+    def write(self, slot: int, weights: AdapterWeights) -> None: ...
+
+    @abstractmethod
+    def clear(self, slot: int) -> None: ...
+
+    @abstractmethod
+    def plan(self, slots: list[int], slot_idx: torch.Tensor) -> MethodPlan | None:
+        """Routing for a batch whose row i uses slot `slots[i]`; None when no row uses this method."""
+
+    def device_bytes(self) -> int:
+        return 0
+
+    # Merging: only methods whose adapters are linear in the weights implement these.
+    def can_merge(self, slot: int) -> bool:
+        return False
+
+    def merge(self, slot: int) -> None:
+        raise NotImplementedError
+
+    def unmerge(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def merged_slot(self) -> int | None:
+        return None

@@ -1,0 +1,205 @@
+"""Bottleneck adapters (Pfeiffer seq_bn, Houlsby double_seq_bn, parallel par_bn and their flags), per row.
+
+Storage is per (layer, location, slot) at each adapter's real width: a par_bn of width 288 costs
+288 rows, a seq_bn of width 36 costs 36. A batch plan concatenates the weights of the adapters the
+batch uses (once per batch composition, reused by every decode step) and routes rows with a column
+mask, so one batch of any mix of adapters is two matmuls per sub-block:
+
+    d = f(LN?(z) @ Wd_cat.T + bd_cat) masked to the row's own columns   # [B, T, R]
+    u = (d @ Wu_cat + b_up[row]) * s[row]                               # [B, T, H]
+
+The library's placements reduce to per-row coefficients on h (sub-block input) and a (sub-layer
+output), derived from AdapterHub's pre_forward / forward / post_forward:
+    z = cxa*a + cxh*h                 input of B
+    r = cra*a + crh*h                 residual added inside the adapter
+    out = core(u, r) + cfh*h          core = u + r, LN_after(u) + r, or LN_after(u + r)
+A row without an adapter here gets u = 0, r = a, cfh = 1: out = a + h, exactly the base model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import get_activation
+
+from ..spec import AdapterWeights, BottleneckBlock, BottleneckOptions, Location
+from .base import AdapterMethod, MethodPlan, SlotContext, StepTimer
+
+LN_EPS = 1e-5  # the adapter's own nn.LayerNorm, not the model's RMSNorm
+
+
+def activation(name: str):  # noqa: ANN201
+    return F.leaky_relu if name == "leakyrelu" else get_activation(name)
+
+
+def coefficients(o: BottleneckOptions) -> tuple[float, float, float, float, float, int]:
+    """(cxa, cxh, cra, crh, cfh, ln_after_mode) for one adapter's options; mode 1 LN(u)+r, 2 LN(u+r)."""
+    if o.parallel:  # pre_forward returns (h, h); post_forward adds a, then h if original_ln_after
+        cxa, cxh, cra, crh, arbln = 0.0, 1.0, 1.0, 0.0, False
+    else:
+        cxa, cxh = 1.0, 1.0 if o.original_ln_before else 0.0
+        cra, crh = (1.0, 0.0) if o.residual_before_ln else (cxa, cxh)
+        arbln = o.adapter_residual_before_ln
+    return cxa, cxh, cra, crh, 1.0 if o.original_ln_after else 0.0, 2 if arbln else 1
+
+
+@dataclass
+class _Block:
+    """One adapter at one (layer, location), on the device, at its own width r."""
+
+    down_w: torch.Tensor  # [r, H]
+    down_b: torch.Tensor  # [r]
+    up_wt: torch.Tensor  # [r, H]  (W_up transposed, so d @ up_wt)
+    up_b: torch.Tensor  # [H]
+    scale: torch.Tensor  # [H]
+    ln_before: tuple[torch.Tensor, torch.Tensor] | None
+    ln_after: tuple[torch.Tensor, torch.Tensor] | None
+
+    def nbytes(self) -> int:
+        ts = [self.down_w, self.down_b, self.up_wt, self.up_b, self.scale]
+        ts += [t for p in (self.ln_before, self.ln_after) if p for t in p]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+@dataclass
+class _SitePlan:
+    """Routing at one (layer, location) for one batch. Row tensors are [B, 1, X]."""
+
+    wd: torch.Tensor  # [R, H]
+    bd: torch.Tensor  # [R]
+    wu: torch.Tensor  # [R, H]
+    colmask: torch.Tensor  # [B, 1, R] bool: column belongs to the row's adapter
+    acts: list[tuple[object, torch.Tensor | None]]  # (fn, column mask [R] or None for all)
+    ub: torch.Tensor  # [B, 1, H]
+    scale: torch.Tensor  # [B, 1, H]
+    coef: torch.Tensor  # [5, B, 1, 1]: cxa, cxh, cra, crh, cfh
+    lnb: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (row mask [B,1,1], w [B,1,H], b [B,1,H])
+    lna: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None  # (mode1, mode2 masks, w, b)
+
+
+class BottleneckPlan(MethodPlan):
+    def __init__(self, sites: dict[tuple[int, Location], _SitePlan], timer: StepTimer, hidden: int) -> None:
+        self.sites = sites
+        self.timer = timer
+        self.hidden = hidden
+
+    def residual(self, layer: int, loc: Location, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
+        p = self.sites.get((layer, loc))
+        if p is None:
+            return None
+        with self.timer.span("bottleneck"):
+            return self._apply(p, h, a)
+
+    def _apply(self, p: _SitePlan, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        cxa, cxh, cra, crh, cfh = p.coef
+        z = a * cxa + h * cxh  # [B, T, H]
+        if p.lnb is not None:
+            m, w, b = p.lnb
+            z = torch.where(m, F.layer_norm(z, (self.hidden,), eps=LN_EPS) * w + b, z)
+        d = F.linear(z, p.wd, p.bd)  # [B, T, R]
+        if len(p.acts) == 1:
+            d = p.acts[0][0](d)  # type: ignore[operator]
+        else:
+            d = sum(torch.where(cm, fn(d), 0.0) for fn, cm in p.acts)  # type: ignore[operator, misc]
+        d = torch.where(p.colmask, d, 0.0)
+        u = (d @ p.wu + p.ub) * p.scale  # [B, T, H]
+        r = a * cra + h * crh
+        if p.lna is None:
+            core = u + r
+        else:
+            m1, m2, w, b = p.lna
+            ln_in = torch.where(m2, u + r, u)
+            ln = F.layer_norm(ln_in, (self.hidden,), eps=LN_EPS) * w + b
+            core = torch.where(m2, ln, torch.where(m1, ln + r, u + r))
+        return core + h * cfh
+
+
+class BottleneckMethod(AdapterMethod):
+    name = "bottleneck"
+
+    def __init__(self, ctx: SlotContext, timer: StepTimer) -> None:
+        super().__init__(ctx, timer)
+        self.sites: dict[tuple[int, Location], dict[int, _Block]] = {}
+        self.options: dict[int, BottleneckOptions] = {}
+
+    def write(self, slot: int, weights: AdapterWeights) -> None:
+        assert weights.bn_options is not None
+        self.clear(slot)
+        dev, dt = self.ctx.device, self.ctx.dtype
+
+        def put(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=dev, dtype=dt).contiguous()
+
+        for b in weights.bn_blocks:
+            self.sites.setdefault((b.layer, b.location), {})[slot] = self._block(b, put)
+        self.options[slot] = weights.bn_options
+
+    @staticmethod
+    def _block(b: BottleneckBlock, put) -> _Block:  # noqa: ANN001
+        pair = lambda p: None if p is None else (put(p[0]), put(p[1]))  # noqa: E731
+        return _Block(put(b.down_w), put(b.down_b), put(b.up_w.t()), put(b.up_b), put(b.scale),
+                      pair(b.ln_before), pair(b.ln_after))
+
+    def clear(self, slot: int) -> None:
+        self.options.pop(slot, None)
+        for blocks in self.sites.values():
+            blocks.pop(slot, None)
+
+    def device_bytes(self) -> int:
+        return sum(b.nbytes() for blocks in self.sites.values() for b in blocks.values())
+
+    def plan(self, slots: list[int], slot_idx: torch.Tensor) -> MethodPlan | None:
+        if not any(s in self.options for s in slots):
+            return None
+        sites = {}
+        for key, blocks in self.sites.items():
+            present = sorted({s for s in slots if s in blocks})
+            if present:
+                sites[key] = self._site(slots, slot_idx, present, blocks)
+        return BottleneckPlan(sites, self.timer, self.ctx.base.hidden_size) if sites else None
+
+    def _site(self, slots: list[int], slot_idx: torch.Tensor, present: list[int], blocks: dict[int, _Block]) -> _SitePlan:
+        dev, dt, H, B = self.ctx.device, self.ctx.dtype, self.ctx.base.hidden_size, len(slots)
+        blks = [blocks[s] for s in present]
+        # 1. the batch's adapters side by side along the bottleneck axis, and who owns each column
+        wd = torch.cat([b.down_w for b in blks])  # [R, H]
+        bd = torch.cat([b.down_b for b in blks])  # [R]
+        wu = torch.cat([b.up_wt for b in blks])  # [R, H]
+        owner = torch.cat([torch.full((b.down_w.shape[0],), s, device=dev) for s, b in zip(present, blks, strict=True)])
+        colmask = (slot_idx[:, None] == owner[None, :])[:, None, :]  # [B, 1, R]
+        # 2. activations: one function for the usual case, else one column mask per function
+        by_act: dict[str, list[int]] = {}
+        for s in present:
+            by_act.setdefault(self.options[s].non_linearity, []).append(s)
+        if len(by_act) == 1:
+            acts: list[tuple[object, torch.Tensor | None]] = [(activation(next(iter(by_act))), None)]
+        else:
+            acts = [(activation(n), torch.isin(owner, torch.tensor(ss, device=dev))) for n, ss in by_act.items()]
+        # 3. per-row vectors and coefficients; rows without an adapter here keep the identity defaults
+        ub, scale = torch.zeros(B, 1, H, device=dev, dtype=dt), torch.zeros(B, 1, H, device=dev, dtype=dt)
+        coef = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0], device=dev, dtype=dt).view(5, 1, 1, 1).repeat(1, B, 1, 1)
+        lnb_m = torch.zeros(B, 1, 1, dtype=torch.bool, device=dev)
+        lnb_w, lnb_b = torch.ones(B, 1, H, device=dev, dtype=dt), torch.zeros(B, 1, H, device=dev, dtype=dt)
+        lna_m1, lna_m2 = lnb_m.clone(), lnb_m.clone()
+        lna_w, lna_b = lnb_w.clone(), lnb_b.clone()
+        any_lnb = any_lna = False
+        for s, b in zip(present, blks, strict=True):
+            rows = [i for i, x in enumerate(slots) if x == s]
+            ub[rows, 0] = b.up_b
+            scale[rows, 0] = b.scale
+            *c, mode = coefficients(self.options[s])
+            coef[:, rows] = torch.tensor(c, device=dev, dtype=dt).view(5, 1, 1, 1)
+            if b.ln_before is not None:
+                any_lnb = True
+                lnb_m[rows], lnb_w[rows, 0], lnb_b[rows, 0] = True, b.ln_before[0], b.ln_before[1]
+            if b.ln_after is not None:
+                any_lna = True
+                (lna_m2 if mode == 2 else lna_m1)[rows] = True
+                lna_w[rows, 0], lna_b[rows, 0] = b.ln_after[0], b.ln_after[1]
+        return _SitePlan(
+            wd, bd, wu, colmask, acts, ub, scale, coef,
+            (lnb_m, lnb_w, lnb_b) if any_lnb else None,
+            (lna_m1, lna_m2, lna_w, lna_b) if any_lna else None,
+        )

@@ -1,0 +1,141 @@
+"""(IA)3: per-row scaling vectors on any Linear of the decoder layers, and exact fold/unfold into weights.
+
+Storage: for each targeted Linear, a table [S, out] (output scaling) and/or [S, in] (input scaling)
+of float32 vectors, row 0 all ones. A batch gathers one row per request: x * table[slot_idx].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..spec import AdapterWeights
+from .base import AdapterMethod, MethodPlan, SlotContext, StepTimer
+
+F32 = torch.float32
+
+
+class _Table:
+    def __init__(self, n: int, dim: int, device: torch.device) -> None:
+        self.data = torch.ones(n, dim, dtype=F32, device=device)  # [S, dim]
+        self.slots: set[int] = set()
+
+
+class IA3Plan(MethodPlan):
+    def __init__(self, vecs: dict[tuple[int, str], tuple[torch.Tensor | None, torch.Tensor | None]], timer: StepTimer):
+        self.vecs = vecs  # (layer, linear name) -> (in [B,1,in] | None, out [B,1,out] | None)
+        self.timer = timer
+
+    def linear(self, layer: int, name: str, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        v = self.vecs.get((layer, name))
+        if v is None:
+            return None
+        vin, vout = v
+        if vin is not None:  # feedforward: y = W (x * l) + b, product in float32 as PEFT does
+            with self.timer.span("ia3"):
+                x = (x.to(F32) * vin).to(x.dtype)
+        y = module(x)
+        if vout is not None:  # y = (W x + b) * l
+            with self.timer.span("ia3"):
+                y = (y.to(F32) * vout).to(y.dtype)
+        return y
+
+
+class IA3Method(AdapterMethod):
+    name = "ia3"
+
+    def __init__(self, ctx: SlotContext, timer: StepTimer) -> None:
+        super().__init__(ctx, timer)
+        self.out: dict[str, _Table] = {}
+        self.inp: dict[str, _Table] = {}
+        self.by_slot: dict[int, list[tuple[str, str]]] = {}  # slot -> [(module, side)]
+        self._merged: int | None = None
+        self._backup: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def _table(self, side: str, module: str) -> _Table:
+        tables = self.out if side == "out" else self.inp
+        if module not in tables:
+            out_f, in_f = self.ctx.base.linears[module]
+            tables[module] = _Table(self.ctx.num_slots, out_f if side == "out" else in_f, self.ctx.device)
+        return tables[module]
+
+    def write(self, slot: int, weights: AdapterWeights) -> None:
+        self.clear(slot)
+        entries = []
+        for v in weights.ia3:
+            t = self._table(v.side, v.module)
+            t.data[slot].copy_(v.scale)
+            t.slots.add(slot)
+            entries.append((v.module, v.side))
+        self.by_slot[slot] = entries
+
+    def clear(self, slot: int) -> None:
+        if self._merged == slot:
+            self.unmerge()
+        for module, side in self.by_slot.pop(slot, []):
+            t = (self.out if side == "out" else self.inp)[module]
+            t.data[slot].fill_(1.0)
+            t.slots.discard(slot)
+
+    def plan(self, slots: list[int], slot_idx: torch.Tensor) -> MethodPlan | None:
+        used = {s for s in slots if s in self.by_slot and s != self._merged}
+        if not used:
+            return None
+        vecs: dict[tuple[int, str], tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        modules = {m for s in used for m, _ in self.by_slot[s]}
+        for module in modules:
+            tin, tout = self.inp.get(module), self.out.get(module)
+            vin = tin.data.index_select(0, slot_idx)[:, None, :] if tin and tin.slots & used else None
+            vout = tout.data.index_select(0, slot_idx)[:, None, :] if tout and tout.slots & used else None
+            vecs[self.ctx.base.split(module)] = (vin, vout)
+        return IA3Plan(vecs, self.timer)
+
+    def device_bytes(self) -> int:
+        return sum(t.data.numel() * 4 for t in [*self.out.values(), *self.inp.values()])
+
+    # -- folding into the base weights -------------------------------------------------------
+    def can_merge(self, slot: int) -> bool:
+        return slot in self.by_slot
+
+    @property
+    def merged_slot(self) -> int | None:
+        return self._merged
+
+    @torch.no_grad()
+    def merge(self, slot: int) -> None:
+        """W' = W * l (rows for output scaling, bias too; columns for input scaling). Keeps a copy to restore."""
+        if self._merged == slot:
+            return
+        if self._merged is not None:
+            self.unmerge()
+        entries = self.by_slot[slot]
+        for module in {m for m, _ in entries}:  # keep the base weights once, reused by later merges
+            lin = self.ctx.modules[module]
+            if module not in self._backup:
+                self._backup[module] = (
+                    lin.weight.detach().clone(),
+                    None if lin.bias is None else lin.bias.detach().clone(),
+                )
+        for module, side in entries:  # weights are the base ones here: any earlier merge was undone
+            lin = self.ctx.modules[module]
+            w = lin.weight
+            l_vec = (self.out if side == "out" else self.inp)[module].data[slot]
+            if side == "out":
+                w.copy_((w.to(F32) * l_vec[:, None]).to(w.dtype))
+                if lin.bias is not None:
+                    lin.bias.copy_((lin.bias.to(F32) * l_vec).to(lin.bias.dtype))
+            else:
+                w.copy_((w.to(F32) * l_vec[None, :]).to(w.dtype))
+        self._merged = slot
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weights bit for bit from the copies kept at merge time (never divides)."""
+        if self._merged is None:
+            return
+        for module, _side in self.by_slot.get(self._merged, []):
+            lin = self.ctx.modules[module]
+            w, b = self._backup[module]
+            lin.weight.copy_(w)
+            if b is not None:
+                lin.bias.copy_(b)
+        self._merged = None

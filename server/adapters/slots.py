@@ -1,0 +1,119 @@
+"""Device slots for every method, and the per-batch plan the forward pass consults.
+
+Slot 0 is "no adapter". External callers speak in adapter ids; from here down only integer slots
+exist. Writing a slot is the only way adapters reach the model; the model itself is never patched.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Literal
+
+import torch
+
+from .methods import METHODS, AdapterMethod, MethodPlan, StepTimer
+from .methods.base import SlotContext
+from .spec import AdapterWeights, BaseModelInfo, Location
+
+AdapterType = Literal["none", "ia3", "ia3_merged", "bottleneck"]
+
+
+class BatchPlan:
+    """The routing for one batch: which rows use which slot, as index tensors and per-row weights."""
+
+    def __init__(self, slots: tuple[int, ...], plans: list[MethodPlan]) -> None:
+        self.slots = slots
+        self.plans = plans
+
+    def linear(self, layer: int, name: str, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        for p in self.plans:
+            y = p.linear(layer, name, module, x)
+            if y is not None:
+                return y
+        return module(x)
+
+    def residual(self, layer: int, loc: Location, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        for p in self.plans:
+            y = p.residual(layer, loc, h, a)
+            if y is not None:
+                return y
+        return h + a  # what the plain decoder layer computes
+
+
+class AdapterSlots:
+    """Owns every method's slot storage; builds (and caches) batch plans; folds (IA)3 into weights."""
+
+    def __init__(self, model: torch.nn.Module, num_slots: int, device: torch.device, dtype: torch.dtype,
+                 timer: StepTimer, plan_cache: int = 16) -> None:
+        base = BaseModelInfo.from_model(model)
+        modules = {n: m for n, m in model.named_modules() if n in base.linears}
+        ctx = SlotContext(base, num_slots + 1, device, dtype, modules)  # type: ignore[arg-type]
+        self.base = base
+        self.num_slots = num_slots
+        self.device = device
+        self.methods: dict[str, AdapterMethod] = {n: cls(ctx, timer) for n, cls in METHODS.items()}
+        self.slot_method: dict[int, str] = {}
+        self._plans: OrderedDict[tuple[int, ...], BatchPlan] = OrderedDict()
+        self._plan_cache = plan_cache
+
+    def write(self, slot: int, weights: AdapterWeights) -> None:
+        """Overwrite `slot` with an adapter (1 <= slot <= num_slots)."""
+        if not 1 <= slot <= self.num_slots:
+            raise ValueError(f"slot {slot} out of range 1..{self.num_slots}")
+        self.clear(slot)
+        self.methods[weights.method].write(slot, weights)
+        self.slot_method[slot] = weights.method
+        self._plans.clear()
+
+    def clear(self, slot: int) -> None:
+        m = self.slot_method.pop(slot, None)
+        if m is not None:
+            self.methods[m].clear(slot)
+            self._plans.clear()
+
+    def plan(self, slots: list[int]) -> BatchPlan:
+        key = tuple(slots)
+        p = self._plans.get(key)
+        if p is not None:
+            self._plans.move_to_end(key)
+            return p
+        idx = torch.tensor(slots, dtype=torch.long, device=self.device)  # [B]
+        plans = [mp for m in self.methods.values() if (mp := m.plan(slots, idx)) is not None]
+        p = BatchPlan(key, plans)
+        self._plans[key] = p
+        if len(self._plans) > self._plan_cache:
+            self._plans.popitem(last=False)
+        return p
+
+    # -- merging ------------------------------------------------------------------------------
+    def can_merge(self, slot: int) -> bool:
+        m = self.slot_method.get(slot)
+        return m is not None and self.methods[m].can_merge(slot)
+
+    @property
+    def merged_slot(self) -> int | None:
+        for m in self.methods.values():
+            if m.merged_slot is not None:
+                return m.merged_slot
+        return None
+
+    def merge(self, slot: int) -> None:
+        self.methods[self.slot_method[slot]].merge(slot)
+        self._plans.clear()
+
+    def unmerge(self) -> None:
+        for m in self.methods.values():
+            if m.merged_slot is not None:
+                m.unmerge()
+                self._plans.clear()
+
+    def adapter_type(self, slot: int) -> AdapterType:
+        m = self.slot_method.get(slot)
+        if m is None:
+            return "none"
+        if m == "ia3":
+            return "ia3_merged" if self.merged_slot == slot else "ia3"
+        return "bottleneck"
+
+    def device_bytes(self) -> int:
+        return sum(m.device_bytes() for m in self.methods.values())

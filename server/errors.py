@@ -1,0 +1,72 @@
+"""Typed domain exceptions. The HTTP layer maps them to status codes; nothing below it knows HTTP."""
+
+from __future__ import annotations
+
+
+class AdapterServerError(Exception):
+    """Base class; `kind` is the short snake_case type shown to clients."""
+
+    kind = "server_error"
+
+
+class InvalidAdapterError(AdapterServerError):
+    """An adapter checkpoint is malformed, refers to things the base model lacks, or uses a refused option."""
+
+    kind = "invalid_adapter"
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        self.key = key
+        super().__init__(f"{message} (key: {key})" if key else message)
+
+
+class UnsupportedAdapterError(InvalidAdapterError):
+    """A well-formed adapter that uses an option we deliberately do not serve."""
+
+    kind = "unsupported_adapter"
+
+
+class AdapterNotFoundError(AdapterServerError):
+    kind = "adapter_not_found"
+
+    def __init__(self, adapter_id: str) -> None:
+        self.adapter_id = adapter_id
+        super().__init__(f"adapter {adapter_id!r} does not exist")
+
+
+class AdapterExistsError(AdapterServerError):
+    kind = "adapter_exists"
+
+    def __init__(self, adapter_id: str) -> None:
+        super().__init__(f"adapter {adapter_id!r} already exists; pass ?replace=true to replace it")
+
+
+class InvalidAdapterIdError(AdapterServerError):
+    kind = "invalid_adapter_id"
+
+
+class NotMergeableError(AdapterServerError):
+    kind = "not_mergeable"
+
+
+class InvalidRequestError(AdapterServerError):
+    """A generation request whose parameters are out of range."""
+
+    kind = "invalid_request"
+
+
+class OverloadedError(AdapterServerError):
+    kind = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
+class ModelLoadError(AdapterServerError):
+    kind = "model_load_error"
+
+
+class GenerationFailedError(AdapterServerError):
+    """A forward step failed for the rows of this request (for example non-finite logits)."""
+
+    kind = "generation_failed"
