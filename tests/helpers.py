@@ -57,3 +57,76 @@ def full_logits(runner: ModelRunner, slots: AdapterSlots, ids: torch.Tensor, row
     B, T = ids.shape
     return runner.forward(ids, torch.zeros(B, dtype=torch.long), torch.full((B,), T), 0,
                           slots.plan(row_slots), all_logits=True)
+
+
+CORPUS = (
+    "the quick brown fox jumps over the lazy dog. adapters serve many tasks on one frozen model. "
+    "hello world, this is a tiny tokenizer for tests: numbers 0123456789 and symbols !?;()[]{}<>=+-*/'\"#%&@_|~^$`\\"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 256):
+    """A Metaspace BPE tokenizer trained in code to exactly `vocab_size` ids; <s>=1, </s>=2."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=list(string.printable.strip()) + ["▁"], show_progress=False)
+    tok.train_from_iterator([CORPUS] * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    assert tok.get_vocab_size() <= vocab_size
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+def make_engine(store_dir: Path, *, slots: int = 8, max_batch: int = 16, merge: str = "auto", host: int = 64,
+                max_queue: int = 256, model: torch.nn.Module | None = None, metrics=None):
+    """An engine over the tiny fixture model, not started: tests drive it with engine.step()."""
+    from server.adapters.registry import Events, Registry
+    from server.adapters.store import AdapterStore
+    from server.config import EngineConfig, RegistryConfig
+    from server.engine.engine import Engine
+    from server.engine.model_loader import LoadedModel
+    from server.metrics import Metrics
+
+    model = model or tiny_model()
+    metrics = metrics or Metrics()
+    rcfg = RegistryConfig(store_dir=store_dir, device_slots=slots, host_capacity=host)
+    events = Events(cache=lambda e: metrics.cache.labels(e).inc(),
+                    load=lambda src, s: metrics.load.labels(src).observe(s), tiers=metrics.set_tiers)
+    registry = Registry(AdapterStore(store_dir), BaseModelInfo.from_model(model), rcfg, events)
+    registry.scan()
+    loaded = LoadedModel(model, tiny_tokenizer(), "tiny-llama", CPU, torch.float32)
+    ecfg = EngineConfig(max_batch_size=max_batch, max_model_len=256, max_new_tokens_limit=200, merge_policy=merge,  # type: ignore[arg-type]
+                        merge_after_steps=2, max_queue=max_queue)
+    return Engine(loaded, registry, ecfg, metrics)
+
+
+class Collector:
+    """A sink that keeps every event of one request."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+
+    def __call__(self, ev) -> None:  # noqa: ANN001
+        self.events.append(ev)
+
+    @property
+    def result(self):  # noqa: ANN201
+        from server.engine.types import GenerationResult
+
+        done = [e for e in self.events if isinstance(e, (GenerationResult, Exception))]
+        return done[-1] if done else None
+
+
+def run_until_done(engine, collectors: list[Collector], max_steps: int = 2000) -> None:
+    for _ in range(max_steps):
+        if all(c.result is not None for c in collectors):
+            return
+        engine.step()
+    raise AssertionError("requests did not finish")

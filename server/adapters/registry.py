@@ -1,0 +1,332 @@
+"""The tiered LRU registry: every adapter on disk, warm ones parsed in host memory, hot ones in device slots.
+
+Each upload is a new version of its id; a request pins the version it started with (pins count
+queued and running requests), so a replace or delete never changes what a running request computes,
+and a pinned version is never evicted from any tier. Device slots are assigned here; writing their
+contents is left to the engine thread, which owns the device. Thread-safe: one lock, and no disk
+read or parse ever happens under it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..config import RegistryConfig
+from ..errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterError
+from .formats import parse_adapter
+from .spec import AdapterWeights, BaseModelInfo
+from .store import AdapterStore, validate_id
+
+log = logging.getLogger(__name__)
+Key = tuple[str, int]  # (adapter_id, version)
+
+
+@dataclass
+class AdapterRecord:
+    adapter_id: str
+    version: int
+    manifest: dict
+    weights: AdapterWeights | None = None  # host tier
+    slot: int | None = None  # device tier
+    pins: int = 0
+    current: bool = True  # False once replaced or deleted: lives only while pinned
+
+    @property
+    def key(self) -> Key:
+        return (self.adapter_id, self.version)
+
+    @property
+    def tier(self) -> str:
+        return "device" if self.slot is not None else "host" if self.weights is not None else "disk"
+
+    def info(self) -> dict:
+        keys = ("method", "format", "variant", "num_parameters", "size_bytes", "mergeable", "created_at")
+        return {"adapter_id": self.adapter_id, **{k: self.manifest.get(k) for k in keys}, "tier": self.tier}
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """What a request holds: one pinned version of one adapter."""
+
+    adapter_id: str
+    version: int
+    method: str
+
+
+@dataclass
+class SlotGrant:
+    """The engine's answer from `assign_slot`: the slot, and the weights to write there if not yet written."""
+
+    slot: int
+    write: AdapterWeights | None
+    evicted: Key | None = None
+
+
+@dataclass
+class Events:
+    """Callbacks for metrics: cache hit/miss/evict and load seconds by source."""
+
+    cache: Callable[[str], None] = lambda event: None
+    load: Callable[[str, float], None] = lambda source, seconds: None
+    tiers: Callable[[dict[str, int]], None] = lambda counts: None
+
+
+def manifest_for(adapter_id: str, w: AdapterWeights, files: list[str]) -> dict:
+    return {
+        "adapter_id": adapter_id, "method": w.method, "format": w.format, "variant": w.variant,
+        "num_parameters": w.num_parameters, "size_bytes": w.size_bytes, "mergeable": w.mergeable,
+        "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "files": sorted(files),
+    }
+
+
+class Registry:
+    def __init__(self, store: AdapterStore, base: BaseModelInfo, cfg: RegistryConfig, events: Events | None = None) -> None:
+        self.store = store
+        self.base = base
+        self.cfg = cfg
+        self.events = events or Events()
+        self._lock = threading.RLock()
+        self._current: dict[str, AdapterRecord] = {}
+        self._records: dict[Key, AdapterRecord] = {}
+        self._host: OrderedDict[Key, None] = OrderedDict()  # LRU, oldest first
+        self._slots: list[Key | None] = [None] * (cfg.device_slots + 1)  # index 0 unused: "no adapter"
+        self._slot_lru: OrderedDict[int, None] = OrderedDict()
+        self._next_version = 1
+        self.skipped: dict[str, str] = {}  # adapters found corrupt at start -> why
+
+    # -- start-up -----------------------------------------------------------------------------
+    def scan(self) -> None:
+        """List every adapter in the store at once (disk tier); they load on first use."""
+        self.store.recover()
+        for adapter_id in self.store.ids():
+            try:
+                validate_id(adapter_id)
+                manifest = self.store.manifest(adapter_id)
+                if manifest.get("method") not in ("ia3", "bottleneck"):
+                    raise ValueError("manifest has no valid method")
+            except Exception as e:  # a corrupt entry is reported and skipped, the rest load
+                log.error("skipping adapter %r in the store: %s", adapter_id, e)
+                self.skipped[adapter_id] = str(e)
+                continue
+            with self._lock:
+                self._install(AdapterRecord(adapter_id, self._bump(), manifest))
+        self._report_tiers()
+
+    def _bump(self) -> int:
+        v = self._next_version
+        self._next_version += 1
+        return v
+
+    # -- catalogue operations -----------------------------------------------------------------
+    def add(self, adapter_id: str, staging: Path, replace: bool = False) -> dict:
+        """Validate the files in `staging` against the base model, then commit and register them.
+
+        Nothing is registered and the store is unchanged unless every check passes.
+        """
+        try:
+            validate_id(adapter_id)
+            if not replace and self.exists(adapter_id):
+                raise AdapterExistsError(adapter_id)
+            files = {p.name: p for p in staging.iterdir() if p.is_file()}
+            t0 = time.perf_counter()
+            weights = parse_adapter(files, self.base)
+            manifest = manifest_for(adapter_id, weights, list(files))
+            with self._lock:
+                if not replace and adapter_id in self._current:
+                    raise AdapterExistsError(adapter_id)
+                self.store.commit(adapter_id, staging, manifest)
+                rec = AdapterRecord(adapter_id, self._bump(), manifest, weights=weights)
+                self._install(rec)
+                self._host_touch(rec)
+            self.events.load("disk", time.perf_counter() - t0)
+        finally:
+            if staging.exists():
+                self.store.discard(staging)
+        self._report_tiers()
+        return rec.info()
+
+    def add_folder(self, adapter_id: str, folder: Path, replace: bool = False) -> dict:
+        """Copy a saved adapter folder into the store (the CLI and tests use this)."""
+        staging = self.store.staging_dir()
+        for p in Path(folder).iterdir():
+            if p.is_file():
+                shutil.copyfile(p, staging / p.name)
+        return self.add(adapter_id, staging, replace)
+
+    def delete(self, adapter_id: str) -> None:
+        with self._lock:
+            rec = self._current.get(adapter_id)
+            if rec is None:
+                raise AdapterNotFoundError(adapter_id)
+            self.store.delete(adapter_id)
+            del self._current[adapter_id]
+            self._retire(rec)
+        self._report_tiers()
+
+    def _install(self, rec: AdapterRecord) -> None:
+        old = self._current.get(rec.adapter_id)
+        self._current[rec.adapter_id] = rec
+        self._records[rec.key] = rec
+        if old is not None:
+            self._retire(old)
+
+    def _retire(self, rec: AdapterRecord) -> None:
+        """A replaced or deleted version: dropped now if unpinned, else when its last request ends."""
+        rec.current = False
+        if rec.pins == 0:
+            self._drop(rec)
+
+    def _drop(self, rec: AdapterRecord) -> None:
+        self._records.pop(rec.key, None)
+        self._host.pop(rec.key, None)
+        rec.weights = None
+        if rec.slot is not None:
+            self._slots[rec.slot] = None
+            self._slot_lru.pop(rec.slot, None)
+            rec.slot = None
+
+    def exists(self, adapter_id: str) -> bool:
+        with self._lock:
+            return adapter_id in self._current
+
+    def info(self, adapter_id: str) -> dict:
+        with self._lock:
+            rec = self._current.get(adapter_id)
+            if rec is None:
+                raise AdapterNotFoundError(adapter_id)
+            return rec.info()
+
+    def list(self) -> list[dict]:
+        with self._lock:
+            return [r.info() for _, r in sorted(self._current.items())]
+
+    # -- requests -----------------------------------------------------------------------------
+    def acquire(self, adapter_id: str) -> AdapterRef:
+        """Pin the current version of `adapter_id` for one request, loading it from disk if needed.
+
+        Called from request threads, never from the engine loop: the disk read happens outside the lock.
+        """
+        while True:
+            with self._lock:
+                rec = self._current.get(adapter_id)
+                if rec is None:
+                    raise AdapterNotFoundError(adapter_id)
+                if rec.weights is not None or rec.slot is not None:  # resident: no disk read needed
+                    rec.pins += 1
+                    if rec.weights is not None:
+                        self._host_touch(rec)
+                    self.events.cache("hit" if rec.slot is not None else "miss")
+                    return AdapterRef(rec.adapter_id, rec.version, rec.manifest["method"])
+                version = rec.version
+            t0 = time.perf_counter()
+            try:
+                weights = parse_adapter(self.store.files(adapter_id), self.base)
+            except (InvalidAdapterError, AdapterNotFoundError):
+                with self._lock:
+                    if self._current.get(adapter_id) is not rec:
+                        continue  # replaced or deleted while we read: try the new state
+                raise
+            self.events.load("disk", time.perf_counter() - t0)
+            with self._lock:
+                cur = self._current.get(adapter_id)
+                if cur is not None and cur.version == version and cur.weights is None:
+                    cur.weights = weights
+                    self._host_touch(cur)
+            self._report_tiers()
+
+    def release(self, ref: AdapterRef) -> None:
+        with self._lock:
+            rec = self._records.get((ref.adapter_id, ref.version))
+            if rec is None:
+                return
+            rec.pins = max(0, rec.pins - 1)
+            if rec.pins == 0 and not rec.current:
+                self._drop(rec)
+            else:
+                self._host_evict()
+
+    # -- device slots (engine thread) ---------------------------------------------------------
+    def assign_slot(self, ref: AdapterRef) -> SlotGrant | None:
+        """A device slot for a pinned version: its own if resident, else a free or LRU-unpinned one.
+        None when every slot is pinned by other requests: the request waits."""
+        with self._lock:
+            rec = self._records[(ref.adapter_id, ref.version)]
+            if rec.slot is not None:
+                self._slot_lru.move_to_end(rec.slot)
+                return SlotGrant(rec.slot, None)
+            slot, evicted = self._free_slot()
+            if slot is None:
+                return None
+            assert rec.weights is not None, "a pinned version keeps its host copy"
+            self._slots[slot] = rec.key
+            self._slot_lru[slot] = None
+            rec.slot = slot
+            if evicted is not None:
+                self.events.cache("evict")
+        self._report_tiers()
+        return SlotGrant(slot, rec.weights, evicted)
+
+    def _free_slot(self) -> tuple[int | None, Key | None]:
+        for s in range(1, len(self._slots)):
+            if self._slots[s] is None:
+                return s, None
+        for s in self._slot_lru:  # least recently used first
+            key = self._slots[s]
+            rec = self._records.get(key) if key else None
+            if rec is not None and rec.pins == 0:
+                rec.slot = None
+                self._slots[s] = None
+                del self._slot_lru[s]
+                return s, key
+        return None, None
+
+    def slot_of(self, ref: AdapterRef) -> int | None:
+        with self._lock:
+            rec = self._records.get((ref.adapter_id, ref.version))
+            return None if rec is None else rec.slot
+
+    # -- host tier ----------------------------------------------------------------------------
+    def _host_touch(self, rec: AdapterRecord) -> None:
+        self._host[rec.key] = None
+        self._host.move_to_end(rec.key)
+        self._host_evict()
+
+    def _host_evict(self) -> None:
+        """Keep at most host_capacity parsed adapters; pinned ones stay even past it."""
+        over = len(self._host) - self.cfg.host_capacity
+        for key in list(self._host):
+            if over <= 0:
+                break
+            rec = self._records.get(key)
+            if rec is not None and rec.pins == 0:
+                rec.weights = None
+                del self._host[key]
+                over -= 1
+
+    # -- introspection ------------------------------------------------------------------------
+    def slot_table(self) -> list[Key | None]:
+        """slot -> (adapter_id, version) or None; index 0 is the no-adapter slot."""
+        with self._lock:
+            return list(self._slots)
+
+    def tier_counts(self) -> dict[str, int]:
+        with self._lock:
+            counts = {"device": 0, "host": 0, "disk": 0}
+            for rec in self._current.values():
+                counts[rec.tier] += 1
+            return counts
+
+    def record(self, adapter_id: str) -> AdapterRecord | None:
+        with self._lock:
+            return self._current.get(adapter_id)
+
+    def _report_tiers(self) -> None:
+        self.events.tiers(self.tier_counts())

@@ -1,0 +1,102 @@
+"""The disk tier: adapters_store/<id>/ holds the files as uploaded plus manifest.json.
+
+Writes are atomic: files land in .staging/<uuid>/, then one rename makes them visible. A replace
+moves the old folder to .trash/ first; `recover()` at start finishes or undoes whatever a crash
+interrupted, so a half-written adapter is never seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from ..errors import AdapterNotFoundError, InvalidAdapterIdError
+
+log = logging.getLogger(__name__)
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MANIFEST = "manifest.json"
+STAGING, TRASH = ".staging", ".trash"
+
+
+def validate_id(adapter_id: str) -> str:
+    if not isinstance(adapter_id, str) or not ID_RE.match(adapter_id) or ".." in adapter_id:
+        raise InvalidAdapterIdError(
+            f"adapter_id {adapter_id!r} must match ^[A-Za-z0-9][A-Za-z0-9._-]{{0,127}}$ and not contain '..'"
+        )
+    return adapter_id
+
+
+def safe_filename(name: str) -> str | None:
+    """The base name of an uploaded file, or None for one we will not write (hidden, path tricks)."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    if not base or base.startswith(".") or base == MANIFEST or not re.match(r"^[\w.\-]{1,200}$", base):
+        return None
+    return base
+
+
+class AdapterStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / STAGING).mkdir(exist_ok=True)
+        (self.root / TRASH).mkdir(exist_ok=True)
+
+    def recover(self) -> None:
+        """Drop half-written uploads; put back an adapter whose replace was cut between its two renames."""
+        for d in (self.root / STAGING).iterdir():
+            shutil.rmtree(d, ignore_errors=True)
+        for d in (self.root / TRASH).iterdir():
+            adapter_id = d.name.split("@", 1)[0]
+            if d.is_dir() and (d / MANIFEST).is_file() and not (self.root / adapter_id).exists():
+                log.warning("restoring %s: its replace was interrupted", adapter_id)
+                os.rename(d, self.root / adapter_id)
+            else:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def staging_dir(self) -> Path:
+        d = self.root / STAGING / uuid.uuid4().hex
+        d.mkdir()
+        return d
+
+    def discard(self, staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def commit(self, adapter_id: str, staging: Path, manifest: dict) -> None:
+        """Make `staging` the adapter's folder, atomically; an existing one is replaced."""
+        validate_id(adapter_id)
+        tmp = staging / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, staging / MANIFEST)
+        target = self.root / adapter_id
+        if target.exists():
+            old = self.root / TRASH / f"{adapter_id}@{uuid.uuid4().hex}"
+            os.rename(target, old)
+            os.rename(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, target)
+
+    def delete(self, adapter_id: str) -> None:
+        target = self.root / validate_id(adapter_id)
+        if not target.is_dir():
+            raise AdapterNotFoundError(adapter_id)
+        gone = self.root / TRASH / f"{adapter_id}@deleted-{uuid.uuid4().hex}"
+        os.rename(target, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+
+    def ids(self) -> list[str]:
+        return sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+    def manifest(self, adapter_id: str) -> dict:
+        return json.loads((self.root / adapter_id / MANIFEST).read_text())
+
+    def files(self, adapter_id: str) -> dict[str, Path]:
+        d = self.root / adapter_id
+        if not d.is_dir():
+            raise AdapterNotFoundError(adapter_id)
+        return {p.name: p for p in d.iterdir() if p.is_file() and p.name != MANIFEST}

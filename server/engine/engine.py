@@ -1,0 +1,362 @@
+"""The one loop that owns the model, the KV cache and the adapter slots.
+
+Iteration-level continuous batching (Orca style): each iteration admits waiting requests that fit
+(free rows, KV budget, a free device slot for their adapter), prefills them in one forward pass,
+then runs one decode step over every running row. A finished row leaves at once and its cache row
+is refilled by the last one. Requests for different adapters, and for none, share every pass.
+
+Callers talk to the engine only through `submit` (thread-safe) and the sink they pass, which the
+engine thread calls with TokenEvent, then one GenerationResult (or an exception).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters.methods import StepTimer
+from ..adapters.registry import AdapterRef, Registry
+from ..adapters.slots import AdapterSlots
+from ..config import EngineConfig
+from ..errors import GenerationFailedError, InvalidRequestError, OverloadedError
+from ..metrics import Metrics
+from .kv_cache import KVCache
+from .model_loader import LoadedModel
+from .model_runner import ModelRunner
+from .sampling import make_generator, sample
+from .textstream import TextStream
+from .types import FinishReason, GenerationRequest, GenerationResult, TokenEvent, Timings
+
+log = logging.getLogger(__name__)
+Sink = Callable[[object], None]
+
+
+@dataclass(eq=False)
+class _Seq:
+    req: GenerationRequest
+    sink: Sink
+    ref: AdapterRef | None
+    stream: TextStream
+    gen: torch.Generator
+    max_new: int
+    t_arrival: float
+    deadline: float
+    slot: int = 0
+    cache_len: int = 0
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    t_admit: float = 0.0
+    t_first: float = 0.0
+    cancelled: bool = False
+    adapter_type: str = "none"
+
+
+class RequestHandle:
+    def __init__(self, seq: _Seq, engine: Engine) -> None:
+        self._seq, self._engine = seq, engine
+        self.request_id = seq.req.request_id
+
+    def cancel(self) -> None:
+        """Stop generating; the row is freed at the next step."""
+        self._seq.cancelled = True
+        self._engine._wake.set()
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, registry: Registry, cfg: EngineConfig, metrics: Metrics | None = None) -> None:
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.registry = registry
+        self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        self.timer = StepTimer(loaded.device)
+        self.runner = ModelRunner(loaded.model, cfg.max_batch_size, cfg.max_model_len)
+        self.slots = AdapterSlots(loaded.model, registry.cfg.device_slots, loaded.device, loaded.dtype, self.timer)
+        self.eos = self._eos_ids()
+        self._inbox: queue.SimpleQueue[_Seq] = queue.SimpleQueue()
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []  # index == KV cache row
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._queued = 0  # inbox + waiting, for the bounded queue
+        self._qlock = threading.Lock()
+        self._uniform_steps = 0
+        self.steps = 0
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gc = getattr(self.loaded.model, "generation_config", None)
+        for v in (getattr(gc, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(v, int):
+                ids.add(v)
+            elif isinstance(v, (list, tuple)):
+                ids.update(int(x) for x in v)
+        return ids
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def ready(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- submission (any thread) --------------------------------------------------------------
+    def check(self, n_prompt: int, max_new_tokens: int) -> int:
+        """Validate lengths; the number of tokens the request may generate."""
+        if n_prompt == 0:
+            raise InvalidRequestError("prompt is empty after tokenisation; send at least one token")
+        if max_new_tokens > self.cfg.max_new_tokens_limit:
+            raise InvalidRequestError(f"max_new_tokens {max_new_tokens} is over the server limit {self.cfg.max_new_tokens_limit}")
+        room = self.cfg.max_model_len - n_prompt
+        if room < 1:
+            raise InvalidRequestError(
+                f"prompt has {n_prompt} tokens; the context window is {self.cfg.max_model_len}: shorten the prompt"
+            )
+        return min(max_new_tokens, room)
+
+    def submit(self, req: GenerationRequest, sink: Sink) -> RequestHandle:
+        """Queue a request. Pins its adapter (may read it from disk: call from a worker thread)."""
+        p = req.params
+        max_new = self.check(len(req.prompt_ids), p.max_new_tokens)
+        with self._qlock:
+            if self._queued >= self.cfg.max_queue:
+                raise OverloadedError(f"{self._queued} requests are queued (limit {self.cfg.max_queue}); retry later")
+            self._queued += 1
+        try:
+            ref = self.registry.acquire(req.adapter_id) if req.adapter_id is not None else None
+        except BaseException:
+            with self._qlock:
+                self._queued -= 1
+            raise
+        now = time.perf_counter()
+        seq = _Seq(req, sink, ref, TextStream(self.tokenizer, p.stop), make_generator(p.seed, torch.device("cpu")),
+                   max_new, now, now + self.cfg.request_timeout_s)
+        self._inbox.put(seq)
+        self._wake.set()
+        return RequestHandle(seq, self)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            try:
+                worked = self.step()
+            except Exception:  # never let the loop die; the failed pass already failed its requests
+                log.exception("engine step failed")
+                worked = True
+            if not worked:
+                self._wake.wait(0.05)
+                self._wake.clear()
+        for s in [*self._running, *self._waiting]:
+            self._finish(s, "cancelled", error="server shutting down")
+
+    def step(self) -> bool:
+        """One iteration; False when there was nothing to do."""
+        self._drain()
+        admitted = self._admit()
+        if admitted:
+            self._forward(admitted, prefill=True)
+        if self._running:
+            self._forward(list(self._running), prefill=False)
+        self.metrics.queue_depth.set(len(self._waiting))
+        return bool(admitted or self._running)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._waiting.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        now = time.perf_counter()
+        for s in [s for s in self._waiting if s.cancelled or now > s.deadline]:
+            self._waiting.remove(s)
+            self._dequeued()
+            self._finish(s, "cancelled" if s.cancelled else "error", error=None if s.cancelled else "request timed out")
+        for s in [s for s in self._running if s.cancelled or now > s.deadline]:
+            self._finish(s, "cancelled" if s.cancelled else "error", error=None if s.cancelled else "request timed out")
+
+    def _dequeued(self) -> None:
+        with self._qlock:
+            self._queued -= 1
+
+    def _admit(self) -> list[_Seq]:
+        admitted: list[_Seq] = []
+        budget = self.cfg.prefill_token_budget
+        reserve = max((s.cache_len + s.max_new - len(s.tokens) for s in self._running), default=0)
+        for s in list(self._waiting):
+            rows = len(self._running) + len(admitted)
+            n = len(s.req.prompt_ids)
+            if rows >= self.cfg.max_batch_size or (admitted and n > budget):
+                break
+            need = max(reserve, n + s.max_new)
+            if rows > 0 and (rows + 1) * KVCache.cap_for(need) > self.cfg.kv_cache_tokens:
+                break
+            if s.ref is not None:
+                grant = self.registry.assign_slot(s.ref)
+                if grant is None:
+                    continue  # every slot is pinned by other requests: this one waits its turn
+                if grant.write is not None:
+                    t0 = time.perf_counter()
+                    self.slots.write(grant.slot, grant.write)
+                    self.metrics.load.labels("host").observe(time.perf_counter() - t0)
+                s.slot = grant.slot
+            self._waiting.remove(s)
+            self._dequeued()
+            s.t_admit = time.perf_counter()
+            admitted.append(s)
+            budget -= n
+            reserve = need
+        return admitted
+
+    def _reconcile_merge(self, seqs: list[_Seq]) -> None:
+        """Fold the one (IA)3 adapter every row uses into the weights; unfold as soon as rows mix."""
+        if self.cfg.merge_policy == "never":
+            return
+        used = {s.slot for s in self._running} | {s.slot for s in seqs}
+        merged = self.slots.merged_slot
+        if len(used) == 1 and self.slots.can_merge(slot := next(iter(used))):
+            self._uniform_steps += 1
+            if merged != slot and self._uniform_steps >= self.cfg.merge_after_steps:
+                t0 = time.perf_counter()
+                self.slots.merge(slot)
+                self.timer.add("ia3_merged", time.perf_counter() - t0)
+        else:
+            self._uniform_steps = 0
+            if merged is not None:
+                t0 = time.perf_counter()
+                self.slots.unmerge()
+                self.timer.add("ia3_merged", time.perf_counter() - t0)
+
+    def _forward(self, seqs: list[_Seq], prefill: bool) -> None:
+        self._reconcile_merge(seqs)
+        dev = self.runner.device
+        B = len(seqs)
+        if prefill:
+            row0 = len(self._running)
+            lens = [len(s.req.prompt_ids) for s in seqs]
+            T = max(lens)
+            ids = torch.zeros(B, T, dtype=torch.long)
+            for i, s in enumerate(seqs):
+                ids[i, : lens[i]] = torch.tensor(s.req.prompt_ids)
+            start = torch.zeros(B, dtype=torch.long)
+            lengths = torch.tensor(lens)
+            needed = max([T] + [s.cache_len + 1 for s in self._running])
+        else:
+            row0 = 0
+            ids = torch.tensor([[s.tokens[-1]] for s in seqs])
+            start = torch.tensor([s.cache_len for s in seqs])
+            lengths = torch.ones(B, dtype=torch.long)
+            needed = int(start.max()) + 1
+        self.runner.cache.fit(needed, used=max((s.cache_len for s in self._running), default=0))
+        plan = self.slots.plan([s.slot for s in seqs])
+        t0 = time.perf_counter()
+        try:
+            logits = self.runner.forward(ids.to(dev), start.to(dev), lengths.to(dev), row0, plan)
+            toks, lps = sample(logits, [s.req.params for s in seqs], [s.gen for s in seqs],
+                               any(s.req.params.logprobs for s in seqs))
+            finite = torch.isfinite(logits).all(dim=-1).tolist()
+        except Exception as e:
+            log.exception("forward pass failed for %d rows", B)
+            for s in seqs:
+                if prefill:
+                    self._release(s)
+                    self._send_error(s, GenerationFailedError(f"forward pass failed: {e}"))
+                else:
+                    self._finish(s, "error", error=f"forward pass failed: {e}")
+            return
+        elapsed = time.perf_counter() - t0
+        self._record_step(seqs, elapsed)
+        if prefill:
+            self._running.extend(seqs)
+        for s in seqs:  # every row's length first: finishing a row moves another row's cache
+            s.cache_len = len(s.req.prompt_ids) if prefill else s.cache_len + 1
+            s.adapter_type = self.slots.adapter_type(s.slot)
+        for i, s in enumerate(seqs):
+            if not finite[i]:
+                self._finish(s, "error", error="the model produced non-finite logits for this request")
+                continue
+            self._emit(s, toks[i], None if lps is None else lps[i])
+
+    def _record_step(self, seqs: list[_Seq], elapsed: float) -> None:
+        m = self.metrics
+        m.forward.inc(elapsed)
+        for label, secs in self.timer.collect().items():
+            m.adapter_compute.labels(label).inc(secs)
+        m.batch_size.observe(len(seqs))
+        m.distinct.observe(len({s.slot for s in seqs}))
+        self.steps += 1
+
+    def _emit(self, s: _Seq, tok: int, lp: float | None) -> None:
+        now = time.perf_counter()
+        if not s.tokens:
+            s.t_first = now
+        s.tokens.append(tok)
+        if s.req.params.logprobs and lp is not None:
+            s.logprobs.append(lp)
+        is_eos = tok in self.eos and not s.req.params.ignore_eos
+        text = "" if is_eos else s.stream.push(tok)
+        reason: FinishReason | None = "stop" if (is_eos or s.stream.stopped) else None
+        if reason is None and len(s.tokens) >= s.max_new:
+            reason = "length"
+        if reason is not None:
+            text += s.stream.flush()  # release what was held back for a stop string that never came
+        s.sink(TokenEvent(tok, text, lp if s.req.params.logprobs else None))
+        if reason is not None:
+            self._finish(s, reason)
+
+    # -- leaving ------------------------------------------------------------------------------
+    def _release(self, s: _Seq) -> None:
+        if s.ref is not None:
+            self.registry.release(s.ref)
+            s.ref = None
+
+    def _send_error(self, s: _Seq, err: Exception) -> None:
+        self.metrics.requests.labels(s.adapter_type, "error").inc()
+        s.sink(err)
+
+    def _finish(self, s: _Seq, reason: FinishReason, error: str | None = None) -> None:
+        if s in self._running:
+            i, last = self._running.index(s), len(self._running) - 1
+            if i != last:
+                moved = self._running[last]
+                self.runner.cache.move_row(last, i, moved.cache_len)
+                self._running[i] = moved
+            self._running.pop()
+        self._release(s)
+        now = time.perf_counter()
+        first = s.t_first or now
+        result = GenerationResult(
+            request_id=s.req.request_id, adapter_id=s.req.adapter_id, text=s.stream.text,
+            token_ids=tuple(s.tokens), finish_reason=reason, prompt_tokens=len(s.req.prompt_ids),
+            logprobs=tuple(s.logprobs) if s.req.params.logprobs else None,
+            timings=Timings((s.t_admit or now) - s.t_arrival, first - s.t_arrival, now - s.t_arrival),
+            adapter_type=s.adapter_type, error=error,
+        )
+        m, t = self.metrics, s.adapter_type
+        status = "ok" if reason in ("stop", "length") else reason if reason == "cancelled" else "error"
+        m.requests.labels(t, status).inc()
+        if status == "ok":
+            m.duration.labels(t).observe(result.timings.total_seconds)
+            m.ttft.labels(t).observe(result.timings.time_to_first_token_seconds)
+            m.tokens.labels(t).inc(len(s.tokens))
+            if len(s.tokens) > 1:
+                m.tpot.labels(t).observe((now - first) / (len(s.tokens) - 1))
+        m.kv_bytes.set(self.runner.cache.nbytes())
+        m.adapter_device_bytes.set(self.slots.device_bytes())
+        s.sink(result)

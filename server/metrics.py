@@ -1,0 +1,55 @@
+"""Every Prometheus metric (prefix adapter_server_, base units, bounded labels) and its record helpers.
+
+Labels are closed sets: adapter_type in none|ia3|ia3_merged|bottleneck, never an adapter id or prompt.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+ADAPTER_TYPES = ("none", "ia3", "ia3_merged", "bottleneck")
+LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
+SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        p = "adapter_server_"
+        self.requests = Counter(p + "requests_total", "Finished generation requests", ["adapter_type", "status"], registry=r)
+        self.duration = Histogram(p + "request_duration_seconds", "Request latency, arrival to last token",
+                                  ["adapter_type"], buckets=LATENCY, registry=r)
+        self.ttft = Histogram(p + "time_to_first_token_seconds", "Arrival to first generated token",
+                              ["adapter_type"], buckets=LATENCY, registry=r)
+        self.tpot = Histogram(p + "time_per_output_token_seconds", "Mean time per output token after the first",
+                              ["adapter_type"], buckets=PER_TOKEN, registry=r)
+        self.forward = Counter(p + "forward_seconds_total", "Seconds spent in forward passes", registry=r)
+        self.adapter_compute = Counter(p + "adapter_compute_seconds_total",
+                                       "Seconds of forward passes spent computing adapters", ["adapter_type"], registry=r)
+        self.batch_size = Histogram(p + "batch_size", "Rows per forward pass", buckets=SIZES, registry=r)
+        self.distinct = Histogram(p + "distinct_adapters_per_batch", "Distinct adapters (none counts) per forward pass",
+                                  buckets=SIZES, registry=r)
+        self.queue_depth = Gauge(p + "queue_depth", "Requests waiting for a place in the batch", registry=r)
+        self.adapters = Gauge(p + "adapters", "Adapters per tier", ["tier"], registry=r)
+        self.cache = Counter(p + "adapter_cache_total", "Adapter cache events", ["event"], registry=r)
+        self.load = Histogram(p + "adapter_load_seconds", "Adapter load time by source", ["source"],
+                              buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 5), registry=r)
+        self.tokens = Counter(p + "generated_tokens_total", "Generated tokens", ["adapter_type"], registry=r)
+        self.kv_bytes = Gauge(p + "kv_cache_bytes", "Bytes held by the KV cache", registry=r)
+        self.adapter_device_bytes = Gauge(p + "adapter_device_bytes", "Bytes of adapter weights on the device", registry=r)
+        for t in ADAPTER_TYPES:  # every series exists from the start, so rates and ratios are defined
+            self.adapter_compute.labels(t)
+            for s in ("ok", "error", "cancelled"):
+                self.requests.labels(t, s)
+        for e in ("hit", "miss", "evict"):
+            self.cache.labels(e)
+        for tier in ("device", "host", "disk"):
+            self.adapters.labels(tier).set(0)
+
+    def set_tiers(self, counts: dict[str, int]) -> None:
+        for tier, n in counts.items():
+            self.adapters.labels(tier).set(n)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
