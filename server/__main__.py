@@ -1,0 +1,7 @@
+"""`python -m server serve ...`"""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,47 @@
+"""`adapter-server merge`: a standalone HF model folder with one (IA)3 adapter folded into its weights."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .adapters.formats import parse_adapter
+from .adapters.methods import StepTimer
+from .adapters.slots import AdapterSlots
+from .adapters.spec import BaseModelInfo
+from .adapters.store import AdapterStore, validate_id
+from .config import ModelConfig
+from .engine.model_loader import load_base_model
+from .errors import NotMergeableError
+
+log = logging.getLogger(__name__)
+
+
+def export_merged(model_cfg: ModelConfig, store_dir: Path, adapter_id: str, out: Path) -> Path:
+    """Fold `adapter_id` from the store into the base model and save model + tokenizer to `out`."""
+    store = AdapterStore(store_dir)
+    manifest = store.manifest(validate_id(adapter_id)) if (store.root / adapter_id).is_dir() else None
+    if manifest is not None and not manifest.get("mergeable", False):
+        raise NotMergeableError(
+            f"adapter {adapter_id!r} is a {manifest.get('variant')} bottleneck adapter: bottleneck adapters are "
+            "non-linear and can never be folded into the base weights"
+        )
+    loaded = load_base_model(ModelConfig(model_cfg.model, "cpu", "float32", model_cfg.cache_dir))
+    weights = parse_adapter(store.files(validate_id(adapter_id)), BaseModelInfo.from_model(loaded.model))
+    if not weights.mergeable:
+        raise NotMergeableError(
+            f"adapter {adapter_id!r} is a {weights.variant} bottleneck adapter: bottleneck adapters are "
+            "non-linear and can never be folded into the base weights"
+        )
+    slots = AdapterSlots(loaded.model, 1, loaded.device, loaded.dtype, StepTimer(loaded.device))
+    slots.write(1, weights)
+    slots.merge(1)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        loaded.model.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
+    log.info("wrote %s: %s with %s folded in", out, loaded.name, adapter_id)
+    return out

@@ -1,0 +1,114 @@
+"""Loading and validating checkpoints: typed errors that name the offending key; nothing else accepted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from server.errors import InvalidAdapterError, UnsupportedAdapterError
+from tests.helpers import fixture_dir, parse_folder, tiny_model
+
+MODEL = tiny_model()
+
+
+def copy(tmp_path, name):
+    d = tmp_path / name
+    shutil.copytree(fixture_dir(name), d)
+    return d
+
+
+def edit_config(d, fn):
+    p = d / "adapter_config.json"
+    cfg = json.loads(p.read_text())
+    fn(cfg)
+    p.write_text(json.dumps(cfg))
+
+
+def edit_tensors(d, fn, fname):
+    p = d / fname
+    ts = load_file(p) if fname.endswith(".safetensors") else torch.load(p, weights_only=True)
+    fn(ts)
+    if fname.endswith(".safetensors"):
+        save_file(ts, p)
+    else:
+        torch.save(ts, p)
+
+
+def test_summary_fields():
+    w = parse_folder(fixture_dir("seq_bn_leave_out_rf"), MODEL)
+    assert w.method == "bottleneck" and w.variant == "seq_bn"
+    assert {b.layer for b in w.bn_blocks} == {0, 2}  # layer 1 left out
+    assert {b.layer: b.width for b in w.bn_blocks} == {0: 8, 2: 2}  # per-layer reduction factors
+    w = parse_folder(fixture_dir("ia3_default"), MODEL)
+    assert {(v.module.split(".")[-1], v.side) for v in w.ia3} == {("k_proj", "out"), ("v_proj", "out"), ("down_proj", "in")}
+    assert w.num_parameters == 3 * (32 + 32 + 128)
+
+
+def test_head_files_are_ignored():
+    assert (fixture_dir("seq_bn") / "pytorch_model_head.bin").exists()
+    assert parse_folder(fixture_dir("seq_bn"), MODEL).variant == "seq_bn"
+
+
+CASES = [
+    # (fixture, mutate(dir), error type, text expected in the message)
+    ("ia3_default", lambda d: (d / "adapter_model.safetensors").write_bytes(b"not safetensors at all"), InvalidAdapterError, "adapter_model.safetensors"),
+    ("ia3_default", lambda d: (d / "adapter_model.safetensors").write_bytes((d / "adapter_model.safetensors").read_bytes()[:100]), InvalidAdapterError, "cannot read"),
+    ("ia3_default", lambda d: (d / "adapter_config.json").write_text("{nope"), InvalidAdapterError, "not valid JSON"),
+    ("ia3_default", lambda d: (d / "adapter_model.safetensors").unlink(), InvalidAdapterError, "missing weight file"),
+    ("ia3_default", lambda d: edit_config(d, lambda c: c.update(peft_type="LORA")), UnsupportedAdapterError, "peft_type"),
+    ("ia3_default", lambda d: edit_tensors(d, lambda t: t.update({"base_model.model.model.layers.0.self_attn.zz_proj.ia3_l": torch.ones(32, 1)}), "adapter_model.safetensors"), InvalidAdapterError, "zz_proj"),
+    ("ia3_default", lambda d: edit_tensors(d, lambda t: t.update({"base_model.model.model.layers.7.self_attn.k_proj.ia3_l": torch.ones(32, 1)}), "adapter_model.safetensors"), InvalidAdapterError, "layers.7"),
+    ("ia3_default", lambda d: edit_tensors(d, lambda t: t.update({"base_model.model.model.layers.0.self_attn.k_proj.ia3_l": torch.ones(33, 1)}), "adapter_model.safetensors"), InvalidAdapterError, "k_proj"),
+    ("ia3_default", lambda d: edit_tensors(d, lambda t: t.update({"base_model.model.model.layers.0.mlp.down_proj.ia3_l": torch.ones(64, 1)}), "adapter_model.safetensors"), InvalidAdapterError, "down_proj"),
+    ("ia3_default", lambda d: edit_tensors(d, lambda t: t.update({"base_model.model.model.layers.0.self_attn.k_proj.ia3_l": torch.full((32, 1), float("nan"))}), "adapter_model.safetensors"), InvalidAdapterError, "NaN"),
+    ("seq_bn", lambda d: edit_config(d, lambda c: c["config"].update(phm_layer=True)), UnsupportedAdapterError, "phm_layer"),
+    ("seq_bn", lambda d: edit_config(d, lambda c: c["config"].update(use_gating=True)), UnsupportedAdapterError, "use_gating"),
+    ("seq_bn", lambda d: edit_config(d, lambda c: c["config"].update(residual_before_ln="post_add")), UnsupportedAdapterError, "post_add"),
+    ("seq_bn", lambda d: edit_config(d, lambda c: c["config"].update(stochastic_depth=0.1)), UnsupportedAdapterError, "stochastic_depth"),
+    ("seq_bn", lambda d: edit_config(d, lambda c: c["config"].update(inv_adapter="nice")), UnsupportedAdapterError, "inv_adapter"),
+    ("seq_bn", lambda d: edit_config(d, lambda c: c["config"].update(non_linearity="wiggle")), InvalidAdapterError, "non_linearity"),
+    ("seq_bn", lambda d: edit_config(d, lambda c: c["config"].update(architecture="prefix_tuning")), UnsupportedAdapterError, "architecture"),
+    ("seq_bn", lambda d: edit_config(d, lambda c: c.update(hidden_size=128)), InvalidAdapterError, "hidden size"),
+    ("seq_bn", lambda d: edit_config(d, lambda c: c["config"].update(leave_out=[0])), InvalidAdapterError, "leave_out"),
+    ("seq_bn", lambda d: edit_tensors(d, lambda t: t.update({"model.layers.9.output_adapters.adapters.seq_bn.adapter_up.bias": torch.zeros(64)}), "pytorch_adapter.bin"), InvalidAdapterError, "layer 9"),
+    ("seq_bn", lambda d: edit_tensors(d, lambda t: t.update({"model.layers.0.output_adapters.adapters.seq_bn.adapter_up.weight": torch.zeros(64, 5)}), "pytorch_adapter.bin"), InvalidAdapterError, "adapter_up.weight"),
+    ("seq_bn", lambda d: edit_tensors(d, lambda t: t.pop("model.layers.0.output_adapters.adapters.seq_bn.adapter_up.bias"), "pytorch_adapter.bin"), InvalidAdapterError, "adapter_up.bias"),
+    ("seq_bn", lambda d: edit_tensors(d, lambda t: t.update({"model.layers.0.attention_adapters.adapters.seq_bn.adapter_up.bias": torch.zeros(64)}), "pytorch_adapter.bin"), InvalidAdapterError, "mh_adapter"),
+    ("seq_bn", lambda d: edit_tensors(d, lambda t: t.update({"model.layers.0.output_adapters.adapters.seq_bn.adapter_up.bias": torch.full((64,), float("inf"))}), "pytorch_adapter.bin"), InvalidAdapterError, "NaN or Inf"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{i}-{c[3][:14]}" for i, c in enumerate(CASES)])
+def test_bad_checkpoint_gives_typed_error_naming_the_key(tmp_path, case):
+    name, mutate, err, text = case
+    d = copy(tmp_path, name)
+    mutate(d)
+    with pytest.raises(err, match=None) as info:
+        parse_folder(d, MODEL)
+    assert text in str(info.value)
+
+
+class Boom:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/adapter_server_pwned",))
+
+
+def test_pickle_that_runs_code_is_refused_and_never_runs(tmp_path):
+    import os
+    import pickle
+
+    marker = "/tmp/adapter_server_pwned"
+    if os.path.exists(marker):
+        os.unlink(marker)
+    d = copy(tmp_path, "seq_bn")
+    with open(d / "pytorch_adapter.bin", "wb") as f:
+        pickle.dump({"x": Boom()}, f)
+    with pytest.raises(InvalidAdapterError, match="pytorch_adapter.bin"):
+        parse_folder(d, MODEL)
+    assert not os.path.exists(marker)

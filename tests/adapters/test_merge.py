@@ -1,0 +1,95 @@
+"""(IA)3 folding: merged equals unmerged, unfolding restores the base weights byte for byte, the exported
+folder loads in plain transformers and gives the adapter's outputs; bottleneck adapters refuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from server.config import ModelConfig
+from server.errors import NotMergeableError
+from server.export import export_merged
+from tests.engine.test_engine import req, solo
+from tests.helpers import TINY, fixture_dir, full_logits, input_ids, make_engine, parse_folder, refs, runner_and_slots, tiny_model
+
+IA3 = ["ia3_default", "ia3_all_out", "ia3_ff_in", "ia3_regex", "ia3_bin"]
+
+
+@pytest.mark.parametrize("name", IA3)
+def test_merged_equals_unmerged_and_unmerge_is_bit_exact(name):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runner, slots = runner_and_slots(model)
+    slots.write(2, parse_folder(fixture_dir(name), model))
+    unmerged = full_logits(runner, slots, input_ids(), [2, 2])
+    slots.merge(2)
+    assert slots.merged_slot == 2 and slots.adapter_type(2) == "ia3_merged"
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "merging must change some weights"
+    merged = full_logits(runner, slots, input_ids(), [2, 2])
+    assert (merged - unmerged).abs().max().item() < 1e-5
+    assert (merged - refs()[name]).abs().max().item() < 1e-5
+    slots.unmerge()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} not restored bit for bit"
+
+
+def test_merge_twice_then_switch_adapter_restores_exactly():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runner, slots = runner_and_slots(model)
+    slots.write(1, parse_folder(fixture_dir("ia3_default"), model))
+    slots.write(2, parse_folder(fixture_dir("ia3_all_out"), model))
+    slots.merge(1)
+    slots.merge(2)  # switching folds the other in, from the kept base weights
+    assert (full_logits(runner, slots, input_ids(), [2, 2]) - refs()["ia3_all_out"]).abs().max().item() < 1e-5
+    slots.unmerge()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_bottleneck_is_not_mergeable(tmp_path):
+    model = tiny_model()
+    w = parse_folder(fixture_dir("seq_bn"), model)
+    assert not w.mergeable
+    e = make_engine(tmp_path / "s")
+    e.registry.add_folder("bn", fixture_dir("seq_bn"))
+    assert e.registry.info("bn")["mergeable"] is False
+    with pytest.raises(NotMergeableError, match="never"):
+        export_merged(ModelConfig(str(TINY)), tmp_path / "s", "bn", tmp_path / "out")
+
+
+def test_exported_model_loads_in_plain_transformers(tmp_path):
+    e = make_engine(tmp_path / "s")
+    e.registry.add_folder("ia", fixture_dir("ia3_ff_in"))
+    # the tiny fixture folder has no tokenizer: give it one so the export is a complete model folder
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    e.tokenizer.save_pretrained(model_dir)
+    out = export_merged(ModelConfig(str(model_dir)), tmp_path / "s", "ia", tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        got = plain(input_ids()).logits
+    assert (got - refs()["ia3_ff_in"]).abs().max().item() < 1e-5
+
+
+def test_engine_folds_when_batch_is_uniform_and_unfolds_when_it_mixes(tmp_path):
+    e_auto = make_engine(tmp_path / "a", merge="auto")
+    e_never = make_engine(tmp_path / "n", merge="never")
+    for e in (e_auto, e_never):
+        e.registry.add_folder("ia", fixture_dir("ia3_default"))
+        e.registry.add_folder("bn", fixture_dir("seq_bn"))
+    base_weights = {k: v.clone() for k, v in e_auto.loaded.model.state_dict().items()}
+    a = solo(e_auto, req(e_auto, 0, "ia", "the quick brown fox", max_new_tokens=10))
+    n = solo(e_never, req(e_never, 0, "ia", "the quick brown fox", max_new_tokens=10))
+    assert a.adapter_type == "ia3_merged" and n.adapter_type == "ia3"
+    assert e_auto.slots.merged_slot is not None and e_never.slots.merged_slot is None
+    assert a.token_ids == n.token_ids
+    assert max(abs(x - y) for x, y in zip(a.logprobs, n.logprobs, strict=True)) < 1e-4
+    # a mixed batch unfolds at once, restoring the base weights exactly
+    solo(e_auto, req(e_auto, 1, "bn", "hello world", max_new_tokens=3))
+    assert e_auto.slots.merged_slot is None
+    assert all(torch.equal(v, base_weights[k]) for k, v in e_auto.loaded.model.state_dict().items())
+    merged_secs = [s.value for s in e_auto.metrics.adapter_compute.collect()[0].samples
+                   if s.labels.get("adapter_type") == "ia3_merged" and s.name.endswith("_total")]
+    assert merged_secs and merged_secs[0] > 0
