@@ -70,3 +70,23 @@ class GenerationFailedError(AdapterServerError):
     """A forward step failed for the rows of this request (for example non-finite logits)."""
 
     kind = "generation_failed"
+
+
+class RequestTimeoutError(AdapterServerError):
+    kind = "timeout"
+
+
+class NotReadyError(AdapterServerError):
+    kind = "not_ready"
+
+
+class AuthError(AdapterServerError):
+    kind = "unauthorized"
+
+    def __init__(self, message: str, status: int) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class PayloadTooLargeError(AdapterServerError):
+    kind = "payload_too_large"

@@ -130,3 +130,69 @@ def run_until_done(engine, collectors: list[Collector], max_steps: int = 2000) -
             return
         engine.step()
     raise AssertionError("requests did not finish")
+
+
+class LiveServer:
+    """The real app under uvicorn on 127.0.0.1 in a background thread; stopped by `close()`."""
+
+    def __init__(self, store: Path, **overrides) -> None:  # noqa: ANN003
+        import socket
+        import threading
+
+        import uvicorn
+
+        from server.config import Settings
+        from server.main import create_app
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        kw = dict(model=str(TINY), store=store, host="127.0.0.1", port=self.port, device="cpu",
+                  max_new_tokens_limit=64, max_batch_size=32, device_slots=8)
+        kw.update(overrides)
+        self.settings = Settings(**kw)
+        self.app = create_app(self.settings)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        import time
+
+        import httpx
+
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("server did not become healthy")
+
+    @property
+    def services(self):  # noqa: ANN201
+        return self.app.state.services
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def upload_files(folder: Path) -> list:
+    return [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in sorted(folder.iterdir()) if p.is_file()]
+
+
+def sse_events(resp) -> list:  # noqa: ANN001
+    """Parse `data:` lines of a text/event-stream body into JSON objects (and the final '[DONE]')."""
+    import json
+
+    out = []
+    for line in resp.iter_lines():
+        if line.startswith("data:"):
+            data = line[5:].strip()
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out

@@ -77,7 +77,9 @@ class Engine:
         self.cfg = cfg
         self.metrics = metrics or Metrics()
         self.timer = StepTimer(loaded.device)
-        self.runner = ModelRunner(loaded.model, cfg.max_batch_size, cfg.max_model_len)
+        model_max = getattr(loaded.model.config, "max_position_embeddings", None) or cfg.max_model_len  # type: ignore[union-attr]
+        self.max_len = min(cfg.max_model_len, int(model_max))
+        self.runner = ModelRunner(loaded.model, cfg.max_batch_size, self.max_len)
         self.slots = AdapterSlots(loaded.model, registry.cfg.device_slots, loaded.device, loaded.dtype, self.timer)
         self.eos = self._eos_ids()
         self._inbox: queue.SimpleQueue[_Seq] = queue.SimpleQueue()
@@ -123,10 +125,10 @@ class Engine:
             raise InvalidRequestError("prompt is empty after tokenisation; send at least one token")
         if max_new_tokens > self.cfg.max_new_tokens_limit:
             raise InvalidRequestError(f"max_new_tokens {max_new_tokens} is over the server limit {self.cfg.max_new_tokens_limit}")
-        room = self.cfg.max_model_len - n_prompt
+        room = self.max_len - n_prompt
         if room < 1:
             raise InvalidRequestError(
-                f"prompt has {n_prompt} tokens; the context window is {self.cfg.max_model_len}: shorten the prompt"
+                f"prompt has {n_prompt} tokens; the context window is {self.max_len}: shorten the prompt"
             )
         return min(max_new_tokens, room)
 

@@ -1,0 +1,73 @@
+"""Typed dependencies: the services built in the lifespan, and API-key checks."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from ..config import Settings
+from ..errors import AuthError, NotReadyError
+from ..metrics import Metrics
+
+
+@dataclass
+class Services:
+    settings: Settings
+    metrics: Metrics
+    registry: Any = None  # server.adapters.registry.Registry once loaded
+    generation: Any = None  # server.engine.service.GenerationService once loaded
+    engine: Any = None
+    model_name: str = ""
+    load_error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.engine.ready
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def get_ready(request: Request) -> Services:
+    s: Services = request.app.state.services
+    if not s.ready:
+        raise NotReadyError(s.load_error or "the model is still loading; retry shortly")
+    return s
+
+
+def _check_key(request: Request, expected: str | None, what: str) -> None:
+    if expected is None:
+        return
+    auth = request.headers.get("authorization", "")
+    given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    if not given:
+        raise AuthError(f"this endpoint needs the {what} API key: send 'Authorization: Bearer <key>'", 401)
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise AuthError(f"the key given is not the {what} API key", 403)
+
+
+def require_user(request: Request) -> None:
+    st: Settings = request.app.state.services.settings
+    admin = st.admin_api_key
+    if st.api_key is None:
+        return
+    auth = request.headers.get("authorization", "")
+    given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    if admin is not None and given and hmac.compare_digest(given.encode(), admin.encode()):
+        return  # the admin key may generate too
+    _check_key(request, st.api_key, "generation")
+
+
+def require_admin(request: Request) -> None:
+    st: Settings = request.app.state.services.settings
+    _check_key(request, st.admin_api_key, "admin")
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+ReadyDep = Annotated[Services, Depends(get_ready)]
+UserAuth = Depends(require_user)
+AdminAuth = Depends(require_admin)

@@ -1,0 +1,128 @@
+"""Native routes: /generate, /adapters, /health, /metrics (API.md). Handlers validate, delegate, shape."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from sse_starlette.sse import EventSourceResponse
+from starlette.datastructures import UploadFile
+
+from ..adapters.store import safe_filename, validate_id
+from ..engine.service import Generation
+from ..engine.types import GenerationResult, SamplingParams
+from ..errors import InvalidAdapterError, InvalidRequestError
+from .deps import AdminAuth, ReadyDep, ServicesDep, UserAuth
+from .schemas import AdapterInfo, AdapterList, GenerateIn, GenerateOut, Health
+from .disconnect import until_disconnected
+from .shape import result_json
+
+router = APIRouter()
+
+
+def params_of(body: GenerateIn) -> SamplingParams:
+    return SamplingParams(body.max_new_tokens, body.temperature, body.top_p, body.top_k, body.seed,
+                          tuple(body.stop), body.ignore_eos, body.logprobs)
+
+
+@router.post("/generate", response_model=GenerateOut, dependencies=[UserAuth],
+             responses={200: {"content": {"text/event-stream": {}}}})
+async def generate(body: GenerateIn, request: Request, s: ReadyDep) -> Any:
+    """Generate from the base model or one adapter; `stream: true` for server-sent events."""
+    if "max_new_tokens" not in body.model_fields_set:  # the default is capped; an explicit value is checked
+        body.max_new_tokens = min(body.max_new_tokens, s.settings.max_new_tokens_limit)
+    if body.max_new_tokens > s.settings.max_new_tokens_limit:
+        raise InvalidRequestError(
+            f"max_new_tokens {body.max_new_tokens} is over the server limit {s.settings.max_new_tokens_limit}"
+        )
+    if body.adapter_id is not None:
+        validate_id(body.adapter_id)
+    ids = await asyncio.to_thread(s.generation.encode, body.prompt)
+    g: Generation = await s.generation.start(ids, body.adapter_id, params_of(body))
+    if body.stream:
+        return EventSourceResponse(_sse(g), ping=15)
+    return await until_disconnected(request, g)
+
+
+async def _sse(g: Generation):  # noqa: ANN202
+    try:
+        async for ev in g.events():
+            if isinstance(ev, GenerationResult):
+                yield {"data": json.dumps(result_json(ev))}
+            else:
+                yield {"data": json.dumps({"token_id": ev.token_id, "text": ev.text, "logprob": ev.logprob})}
+    except Exception as e:  # headers are gone: report in-band, then end the stream
+        from .errors import status_of
+
+        kind = getattr(e, "kind", "internal_error")
+        yield {"data": json.dumps({"error": {"type": kind, "message": str(e), "status": status_of(e) if hasattr(e, "kind") else 500}})}
+    yield {"data": "[DONE]"}
+
+
+# -- adapters ---------------------------------------------------------------------------------
+@router.post("/adapters", status_code=201, response_model=AdapterInfo, dependencies=[AdminAuth])
+async def upload_adapter(request: Request, s: ReadyDep, replace: bool = False) -> dict[str, Any]:
+    """Multipart upload: `adapter_id` and one or more `files` (a saved adapter folder's files)."""
+    form = await request.form(max_files=64, max_fields=16)
+    try:
+        adapter_id = form.get("adapter_id")
+        if not isinstance(adapter_id, str):
+            raise InvalidRequestError("the form needs a text field 'adapter_id'")
+        validate_id(adapter_id)
+        uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+        if not uploads:
+            raise InvalidRequestError("the form needs one or more 'files' parts")
+        return await asyncio.to_thread(_stage_and_add, s, adapter_id, uploads, replace)
+    finally:
+        await form.close()
+
+
+def _stage_and_add(s: Any, adapter_id: str, uploads: list[UploadFile], replace: bool) -> dict[str, Any]:
+    registry = s.registry
+    staging = registry.store.staging_dir()
+    try:
+        seen: set[str] = set()
+        for up in uploads:
+            name = safe_filename(up.filename or "")
+            if name is None:
+                continue  # hidden files and path tricks are dropped, never written
+            if name in seen:
+                raise InvalidAdapterError(f"file {name!r} was sent twice", key=name)
+            seen.add(name)
+            up.file.seek(0)
+            with open(staging / name, "wb") as out:
+                shutil.copyfileobj(up.file, out, 1 << 20)
+        return registry.add(adapter_id, staging, replace)  # validates before anything is registered
+    finally:
+        registry.store.discard(staging)
+
+
+@router.get("/adapters", response_model=AdapterList, dependencies=[UserAuth])
+async def list_adapters(s: ReadyDep) -> dict[str, Any]:
+    return {"adapters": s.registry.list()}
+
+
+@router.get("/adapters/{adapter_id}", response_model=AdapterInfo, dependencies=[UserAuth])
+async def get_adapter(adapter_id: str, s: ReadyDep) -> dict[str, Any]:
+    return s.registry.info(adapter_id)
+
+
+@router.delete("/adapters/{adapter_id}", status_code=204, dependencies=[AdminAuth])
+async def delete_adapter(adapter_id: str, s: ReadyDep) -> Response:
+    await asyncio.to_thread(s.registry.delete, adapter_id)
+    return Response(status_code=204)
+
+
+# -- operations -------------------------------------------------------------------------------
+@router.get("/health", response_model=Health, responses={503: {"description": "not ready"}})
+async def health(s: ReadyDep) -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/metrics")
+async def metrics(s: ServicesDep) -> Response:
+    return Response(s.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,108 @@
+"""The async face of the engine: text in, events out. The HTTP layer uses only this.
+
+Tokenises (no torch here), submits from a worker thread (pinning an adapter may read it from disk),
+bridges the engine thread's callbacks into an asyncio queue, and cancels the request when the
+consumer goes away (client disconnect, timeout, error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ..errors import AdapterServerError, GenerationFailedError, InvalidRequestError, RequestTimeoutError
+from .types import GenerationRequest, GenerationResult, SamplingParams, TokenEvent
+
+_ids = itertools.count()
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{os.getpid():x}{next(_ids):08x}{int(time.time() * 1000) & 0xFFFFFF:06x}"
+
+
+class _Bridge:
+    """Engine-thread sink -> asyncio queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[object] = asyncio.Queue()
+
+    def __call__(self, ev: object) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+
+
+class GenerationService:
+    def __init__(self, engine: Any, model_name: str) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = model_name
+
+    def encode(self, prompt: str) -> tuple[int, ...]:
+        if not prompt:
+            raise InvalidRequestError("prompt must be a non-empty string")
+        return tuple(self.tokenizer(prompt).input_ids)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> tuple[int, ...]:
+        if not messages:
+            raise InvalidRequestError("messages must hold at least one message")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError("the base model's tokenizer has no chat template; use /v1/completions")
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+        return tuple(int(i) for i in ids)
+
+    async def start(self, prompt_ids: tuple[int, ...], adapter_id: str | None, params: SamplingParams,
+                    request_id: str | None = None) -> Generation:
+        """Submit; typed errors (unknown adapter, overload, bad lengths) are raised here, before any output."""
+        bridge = _Bridge(asyncio.get_running_loop())
+        req = GenerationRequest(request_id or new_id("gen"), prompt_ids, adapter_id, params)
+        handle = await asyncio.to_thread(self.engine.submit, req, bridge)
+        return Generation(req, handle, bridge)
+
+    async def generate(self, prompt_ids: tuple[int, ...], adapter_id: str | None, params: SamplingParams,
+                       request_id: str | None = None) -> GenerationResult:
+        g = await self.start(prompt_ids, adapter_id, params, request_id)
+        return await g.result()
+
+
+class Generation:
+    """One submitted request. Iterate `events()`; leaving early cancels it in the engine."""
+
+    def __init__(self, req: GenerationRequest, handle: Any, bridge: _Bridge) -> None:
+        self.req, self.handle, self.bridge = req, handle, bridge
+        self.done = False
+
+    def cancel(self) -> None:
+        if not self.done:
+            self.handle.cancel()
+            self.done = True
+
+    async def events(self) -> AsyncIterator[TokenEvent | GenerationResult]:
+        """TokenEvents, then one GenerationResult. A failed request raises its typed error."""
+        try:
+            while True:
+                ev = await self.bridge.queue.get()
+                if isinstance(ev, Exception):
+                    self.done = True
+                    raise ev
+                if isinstance(ev, GenerationResult):
+                    self.done = True
+                    if ev.finish_reason == "error":
+                        if ev.error == "request timed out":
+                            raise RequestTimeoutError("request did not finish within the server's timeout")
+                        raise GenerationFailedError(ev.error or "generation failed")
+                    yield ev
+                    return
+                yield ev  # type: ignore[misc]
+        finally:
+            self.cancel()
+
+    async def result(self) -> GenerationResult:
+        async for ev in self.events():
+            if isinstance(ev, GenerationResult):
+                return ev
+        raise AdapterServerError("generation ended without a result")

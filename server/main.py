@@ -1,0 +1,89 @@
+"""The composition root: settings in, model loaded, registry scanned, engine started, routers mounted."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from .api import errors as api_errors
+from .api.deps import Services
+from .api.limits import BodySizeLimit
+from .api.openai import router as openai_router
+from .api.routes import router
+from .config import Settings
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+JSON_BODY_LIMIT = 4 * 1024 * 1024
+
+
+def build(services: Services) -> None:
+    """Load everything heavy (runs in a worker thread); sets the services' fields when done."""
+    from .adapters.registry import Events, Registry
+    from .adapters.spec import BaseModelInfo
+    from .adapters.store import AdapterStore
+    from .engine.engine import Engine
+    from .engine.model_loader import load_base_model
+    from .engine.service import GenerationService
+
+    st, m = services.settings, services.metrics
+    loaded = load_base_model(st.model_cfg())
+    events = Events(cache=lambda e: m.cache.labels(e).inc(), load=lambda src, s: m.load.labels(src).observe(s),
+                    tiers=m.set_tiers)
+    registry = Registry(AdapterStore(st.store), BaseModelInfo.from_model(loaded.model), st.registry_cfg(), events)
+    registry.scan()
+    for adapter_id, why in registry.skipped.items():
+        log.error("adapter %s in the store is corrupt and was skipped: %s", adapter_id, why)
+    engine = Engine(loaded, registry, st.engine_cfg(), m)
+    engine.start()
+    services.registry, services.model_name = registry, loaded.name
+    services.generation = GenerationService(engine, loaded.name)
+    services.engine = engine
+    log.info("ready: %s on %s (%s), %d adapters in the store", loaded.name, loaded.device, loaded.dtype,
+             len(registry.list()))
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+    settings = settings or Settings()
+    services = services or Services(settings, Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async def load() -> None:
+            try:
+                await asyncio.to_thread(build, services)
+            except Exception as e:  # /health stays 503 and says why
+                log.exception("loading failed")
+                services.load_error = f"loading failed: {e}"
+
+        task = None if services.engine is not None else asyncio.create_task(load())
+        yield
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=120)
+        if services.engine is not None:
+            await asyncio.to_thread(services.engine.stop)
+
+    app = FastAPI(title="adapter-server", version="1", lifespan=lifespan,
+                  description="One frozen base model; bottleneck and (IA)3 adapters per request in shared batches.")
+    app.state.services = services
+    api_errors.install(app)
+    app.include_router(router)
+    app.include_router(openai_router)
+    upload_limit = settings.max_upload_bytes
+
+    def limit_for(scope: dict) -> int:
+        return upload_limit if scope.get("path") == "/adapters" else JSON_BODY_LIMIT
+
+    app.add_middleware(BodySizeLimit, limit_for=limit_for)
+    return app
+
+
+def run(settings: Settings) -> None:
+    import uvicorn
+
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=10)
