@@ -73,6 +73,11 @@ def embedded_folder(cache_dir: Path) -> Path:
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # the weights are dequantized float32 now; drop the GGUF quantizer so transformers will save them
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
     tmp = cache_dir / f".{EMBEDDED_NAME}.{uuid.uuid4().hex}"
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
