@@ -1,0 +1,74 @@
+"""Synthetic adapters for any base model, written in the libraries' real file layouts.
+
+For benchmarks, load tests and demos where no trained adapter exists for the base model. Their
+parity with the libraries is established on the fixtures (tests/fixtures), made by the libraries.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+BN_PRESETS = {
+    "seq_bn": dict(mh_adapter=False, output_adapter=True, reduction_factor=16, non_linearity="relu",
+                   original_ln_before=True, is_parallel=False, scaling=1.0),
+    "double_seq_bn": dict(mh_adapter=True, output_adapter=True, reduction_factor=16, non_linearity="swish",
+                          original_ln_before=False, is_parallel=False, scaling=1.0),
+    "par_bn": dict(mh_adapter=False, output_adapter=True, reduction_factor=2, non_linearity="relu",
+                   original_ln_before=False, is_parallel=True, scaling=4.0),
+}
+
+
+def write_peft_ia3(out: Path, num_layers: int, dims: dict[str, tuple[int, int]], seed: int = 0,
+                   targets: tuple[str, ...] = ("k_proj", "v_proj", "down_proj"), ff: tuple[str, ...] = ("down_proj",)) -> Path:
+    """A PEFT (IA)3 folder. dims: linear name -> (out_features, in_features)."""
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    t = {}
+    for i in range(num_layers):
+        for name in targets:
+            block = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            o, n = dims[name]
+            shape = (1, n) if name in ff else (o, 1)
+            t[f"base_model.model.model.layers.{i}.{block}.{name}.ia3_l"] = 1 + 0.1 * torch.randn(shape, generator=g)
+    save_file(t, out / "adapter_model.safetensors")
+    cfg = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": list(targets),
+           "feedforward_modules": list(ff), "fan_in_fan_out": False, "init_ia3_weights": True}
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=1))
+    return out
+
+
+def write_adapterhub_bn(out: Path, num_layers: int, hidden: int, preset: str = "seq_bn", seed: int = 0,
+                        name: str = "adapter") -> Path:
+    """An AdapterHub bottleneck folder (adapter.safetensors) for a preset of BN_PRESETS."""
+    out.mkdir(parents=True, exist_ok=True)
+    p = BN_PRESETS[preset]
+    r = max(1, int(hidden // p["reduction_factor"]))
+    g = torch.Generator().manual_seed(seed)
+    t = {}
+    places = (["attention_adapters"] if p["mh_adapter"] else []) + (["output_adapters"] if p["output_adapter"] else [])
+    for i in range(num_layers):
+        for place in places:
+            k = f"model.layers.{i}.{place}.adapters.{name}."
+            t[k + "adapter_down.0.weight"] = 0.05 * torch.randn(r, hidden, generator=g)
+            t[k + "adapter_down.0.bias"] = 0.01 * torch.randn(r, generator=g)
+            t[k + "adapter_up.weight"] = 0.05 * torch.randn(hidden, r, generator=g)
+            t[k + "adapter_up.bias"] = 0.01 * torch.randn(hidden, generator=g)
+    save_file(t, out / "adapter.safetensors")
+    cfg = {**p, "original_ln_after": True, "ln_before": False, "ln_after": False, "residual_before_ln": True,
+           "adapter_residual_before_ln": False, "use_gating": False, "phm_layer": False, "leave_out": [],
+           "stochastic_depth": 0.0, "inv_adapter": None, "init_weights": "bert", "dropout": 0.0}
+    meta = {"config": cfg, "hidden_size": hidden, "model_class": "LlamaForCausalLM", "model_type": "llama",
+            "name": name, "version": "adapters.1.3.0"}
+    (out / "adapter_config.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def linear_dims(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """linear short name -> (out, in) from layer 0 of a Llama-family model."""
+    layer = model.model.layers[0]  # type: ignore[attr-defined]
+    mods = {**dict(layer.self_attn.named_children()), **dict(layer.mlp.named_children())}
+    return {n: (m.out_features, m.in_features) for n, m in mods.items() if isinstance(m, torch.nn.Linear)}
