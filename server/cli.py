@@ -22,6 +22,22 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, dest=name, default=None, help=f"{field.description or ''} (env ADAPTER_SERVER_{name.upper()}; default {field.default})")
 
 
+def write_demo_adapters(settings: Settings, out: Path) -> None:
+    """Untrained adapters that fit the served model, for trying the API: they change outputs, not skills."""
+    from transformers import AutoConfig
+
+    from .adapters.synth import linear_dims_from_config, write_adapterhub_bn, write_peft_ia3
+    from .engine.model_loader import EMBEDDED, embedded_folder
+
+    folder = embedded_folder(settings.cache_dir) if settings.model == EMBEDDED else Path(settings.model)
+    cfg = AutoConfig.from_pretrained(folder)
+    write_peft_ia3(out / "peft-ia3", cfg.num_hidden_layers, linear_dims_from_config(cfg), seed=1)
+    for preset in ("seq_bn", "double_seq_bn", "par_bn"):
+        write_adapterhub_bn(out / f"hub-{preset.replace('_', '-')}", cfg.num_hidden_layers, cfg.hidden_size, preset,
+                            seed=2, name=preset)
+    logging.getLogger("adapter-server").info("wrote demo adapters under %s", out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adapter-server", description="Serve many adapters on one frozen base model.")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -32,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--model", default=None)
     m.add_argument("--store", default=None)
     m.add_argument("--cache-dir", dest="cache_dir", default=None)
+    d = sub.add_parser("demo-adapters", help="write demo adapters (random weights, real PEFT and AdapterHub layouts)")
+    d.add_argument("--out", required=True, type=Path, help="output folder")
+    d.add_argument("--model", default=None)
+    d.add_argument("--cache-dir", dest="cache_dir", default=None)
     args = parser.parse_args(argv)
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -44,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("adapter-server").error("%s", e)
             return 2
         logging.getLogger("adapter-server").info("merged model written to %s", out)
+        return 0
+    if args.cmd == "demo-adapters":
+        write_demo_adapters(settings, args.out)
         return 0
     from .main import run
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,8 +41,9 @@ def export_merged(model_cfg: ModelConfig, store_dir: Path, adapter_id: str, out:
     slots.merge(1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    model: Any = loaded.model
     with torch.no_grad():
-        loaded.model.save_pretrained(out)
+        model.save_pretrained(out)
     loaded.tokenizer.save_pretrained(out)
     log.info("wrote %s: %s with %s folded in", out, loaded.name, adapter_id)
     return out

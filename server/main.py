@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -44,7 +45,7 @@ def build(services: Services) -> None:
     services.generation = GenerationService(engine, loaded.name)
     services.engine = engine
     log.info("ready: %s on %s (%s), %d adapters in the store", loaded.name, loaded.device, loaded.dtype,
-             len(registry.list()))
+             len(registry.infos()))
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
@@ -75,7 +76,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(openai_router)
     upload_limit = settings.max_upload_bytes
 
-    def limit_for(scope: dict) -> int:
+    def limit_for(scope: MutableMapping[str, Any]) -> int:
         return upload_limit if scope.get("path") == "/adapters" else JSON_BODY_LIMIT
 
     app.add_middleware(BodySizeLimit, limit_for=limit_for)

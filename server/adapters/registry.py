@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -204,7 +204,7 @@ class Registry:
                 raise AdapterNotFoundError(adapter_id)
             return rec.info()
 
-    def list(self) -> list[dict]:
+    def infos(self) -> list[dict]:
         with self._lock:
             return [r.info() for _, r in sorted(self._current.items())]
 

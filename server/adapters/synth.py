@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-BN_PRESETS = {
+BN_PRESETS: dict[str, dict[str, Any]] = {
     "seq_bn": dict(mh_adapter=False, output_adapter=True, reduction_factor=16, non_linearity="relu",
                    original_ln_before=True, is_parallel=False, scaling=1.0),
     "double_seq_bn": dict(mh_adapter=True, output_adapter=True, reduction_factor=16, non_linearity="swish",
@@ -67,8 +68,17 @@ def write_adapterhub_bn(out: Path, num_layers: int, hidden: int, preset: str = "
     return out
 
 
-def linear_dims(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+def linear_dims(model: Any) -> dict[str, tuple[int, int]]:
     """linear short name -> (out, in) from layer 0 of a Llama-family model."""
-    layer = model.model.layers[0]  # type: ignore[attr-defined]
+    layer = model.model.layers[0]
     mods = {**dict(layer.self_attn.named_children()), **dict(layer.mlp.named_children())}
     return {n: (m.out_features, m.in_features) for n, m in mods.items() if isinstance(m, torch.nn.Linear)}
+
+
+def linear_dims_from_config(cfg: Any) -> dict[str, tuple[int, int]]:
+    """The same map from a Llama-family config alone, without building the model."""
+    H, inter = cfg.hidden_size, cfg.intermediate_size
+    hd = getattr(cfg, "head_dim", None) or H // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    return {"q_proj": (q, H), "k_proj": (kv, H), "v_proj": (kv, H), "o_proj": (H, q),
+            "gate_proj": (inter, H), "up_proj": (inter, H), "down_proj": (H, inter)}

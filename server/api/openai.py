@@ -49,7 +49,7 @@ def _usage(r: GenerationResult) -> dict[str, int]:
 async def models(s: ReadyDep) -> dict[str, Any]:
     now = int(time.time())
     data = [{"id": s.model_name, "object": "model", "created": now, "owned_by": "adapter-server", "root": s.model_name}]
-    for a in s.registry.list():
+    for a in s.registry.infos():
         data.append({"id": a["adapter_id"], "object": "model", "created": now, "owned_by": "adapter-server",
                      "root": s.model_name, "parent": s.model_name})
     return {"object": "list", "data": data}

@@ -15,10 +15,11 @@ from starlette.datastructures import UploadFile
 from ..adapters.store import safe_filename, validate_id
 from ..engine.service import Generation
 from ..engine.types import GenerationResult, SamplingParams
-from ..errors import InvalidAdapterError, InvalidRequestError
+from ..errors import AdapterServerError, InvalidAdapterError, InvalidRequestError
 from .deps import AdminAuth, ReadyDep, ServicesDep, UserAuth
-from .schemas import AdapterInfo, AdapterList, GenerateIn, GenerateOut, Health
 from .disconnect import until_disconnected
+from .errors import status_of
+from .schemas import AdapterInfo, AdapterList, GenerateIn, GenerateOut, Health
 from .shape import result_json
 
 router = APIRouter()
@@ -56,10 +57,9 @@ async def _sse(g: Generation):  # noqa: ANN202
             else:
                 yield {"data": json.dumps({"token_id": ev.token_id, "text": ev.text, "logprob": ev.logprob})}
     except Exception as e:  # headers are gone: report in-band, then end the stream
-        from .errors import status_of
-
-        kind = getattr(e, "kind", "internal_error")
-        yield {"data": json.dumps({"error": {"type": kind, "message": str(e), "status": status_of(e) if hasattr(e, "kind") else 500}})}
+        status = status_of(e) if isinstance(e, AdapterServerError) else 500
+        kind = e.kind if isinstance(e, AdapterServerError) else "internal_error"
+        yield {"data": json.dumps({"error": {"type": kind, "message": str(e), "status": status}})}
     yield {"data": "[DONE]"}
 
 
@@ -103,7 +103,7 @@ def _stage_and_add(s: Any, adapter_id: str, uploads: list[UploadFile], replace: 
 
 @router.get("/adapters", response_model=AdapterList, dependencies=[UserAuth])
 async def list_adapters(s: ReadyDep) -> dict[str, Any]:
-    return {"adapters": s.registry.list()}
+    return {"adapters": s.registry.infos()}
 
 
 @router.get("/adapters/{adapter_id}", response_model=AdapterInfo, dependencies=[UserAuth])

@@ -32,7 +32,7 @@ from .model_loader import LoadedModel
 from .model_runner import ModelRunner
 from .sampling import make_generator, sample
 from .textstream import TextStream
-from .types import FinishReason, GenerationRequest, GenerationResult, TokenEvent, Timings
+from .types import FinishReason, GenerationRequest, GenerationResult, Timings, TokenEvent
 
 log = logging.getLogger(__name__)
 Sink = Callable[[object], None]

@@ -13,6 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -30,7 +31,7 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
+    model: Any
     tokenizer: PreTrainedTokenizerBase
     name: str
     device: torch.device
@@ -72,7 +73,7 @@ def embedded_folder(cache_dir: Path) -> Path:
     log.info("converting the embedded GGUF %s once; later starts read %s", gguf.name, target)
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # the weights are dequantized float32 now; drop the GGUF quantizer so transformers will save them
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -102,12 +103,13 @@ def load_base_model(cfg: ModelConfig) -> LoadedModel:
     mtype = AutoConfig.from_pretrained(folder).model_type
     if mtype not in SUPPORTED_TYPES:
         raise ModelLoadError(f"model type {mtype!r} is not supported; supported: {', '.join(SUPPORTED_TYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return LoadedModel(freeze(model), tokenizer, name, device, dtype)
 
 
-def freeze(model: torch.nn.Module) -> torch.nn.Module:
+def freeze(model: Any) -> Any:
     model.eval()
     model.requires_grad_(False)
     return model

@@ -8,6 +8,7 @@ by the batch plan: every Linear of a layer, and the residual add of each sub-blo
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +18,11 @@ from .kv_cache import KVCache
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, max_rows: int, max_len: int) -> None:
+    def __init__(self, model: Any, max_rows: int, max_len: int) -> None:
         self.model = model
-        cfg = model.config  # type: ignore[attr-defined]
+        cfg = model.config
         self.cfg = cfg
-        self.inner = model.model  # type: ignore[attr-defined]
+        self.inner: Any = model.model
         self.layers = list(self.inner.layers)
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -65,7 +66,7 @@ class ModelRunner:
         masks: dict[int | None, torch.Tensor] = {}
         same_start = bool((start == start[0]).all())
         for li, layer in enumerate(self.layers):
-            attn = layer.self_attn
+            attn: Any = layer.self_attn
             x = layer.input_layernorm(h)
             q = plan.linear(li, "q_proj", attn.q_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
             k = plan.linear(li, "k_proj", attn.k_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
@@ -91,11 +92,11 @@ class ModelRunner:
             o = o.transpose(1, 2).reshape(B, T, -1)
             h = plan.residual(li, "attn", h, plan.linear(li, "o_proj", attn.o_proj, o))
             x = layer.post_attention_layernorm(h)
-            mlp = layer.mlp
+            mlp: Any = layer.mlp
             g = plan.linear(li, "gate_proj", mlp.gate_proj, x)
             u = plan.linear(li, "up_proj", mlp.up_proj, x)
             a = plan.linear(li, "down_proj", mlp.down_proj, mlp.act_fn(g) * u)
             h = plan.residual(li, "mlp", h, a)
         if not all_logits:
             h = h[torch.arange(B, device=self.device), lengths - 1]  # [B, H]
-        return self.model.lm_head(self.inner.norm(h)).float()  # type: ignore[attr-defined]
+        return self.model.lm_head(self.inner.norm(h)).float()

@@ -14,7 +14,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..errors import AdapterServerError, GenerationFailedError, InvalidRequestError, RequestTimeoutError
+from ..errors import (
+    AdapterServerError,
+    GenerationFailedError,
+    InvalidRequestError,
+    RequestTimeoutError,
+)
 from .types import GenerationRequest, GenerationResult, SamplingParams, TokenEvent
 
 _ids = itertools.count()

@@ -18,7 +18,7 @@ class TextStream:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return str(self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
     def push(self, token_id: int) -> str:
         """Add one token; return newly released text. Sets `stopped` when a stop string appears."""

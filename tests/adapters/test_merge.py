@@ -11,7 +11,17 @@ from server.config import ModelConfig
 from server.errors import NotMergeableError
 from server.export import export_merged
 from tests.engine.test_engine import req, solo
-from tests.helpers import TINY, fixture_dir, full_logits, input_ids, make_engine, parse_folder, refs, runner_and_slots, tiny_model
+from tests.helpers import (
+    TINY,
+    fixture_dir,
+    full_logits,
+    input_ids,
+    make_engine,
+    parse_folder,
+    refs,
+    runner_and_slots,
+    tiny_model,
+)
 
 IA3 = ["ia3_default", "ia3_all_out", "ia3_ff_in", "ia3_regex", "ia3_bin"]
 

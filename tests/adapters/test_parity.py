@@ -6,7 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import AH_DIR, PEFT_DIR, fixture_dir, full_logits, input_ids, parse_folder, refs, runner_and_slots, tiny_model
+from tests.helpers import (
+    AH_DIR,
+    PEFT_DIR,
+    fixture_dir,
+    full_logits,
+    input_ids,
+    parse_folder,
+    refs,
+    runner_and_slots,
+    tiny_model,
+)
 
 TOL = 1e-5
 NAMES = sorted(p.name for p in PEFT_DIR.iterdir()) + sorted(p.name for p in AH_DIR.iterdir())

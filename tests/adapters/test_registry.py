@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 
 import pytest
 
 from server.adapters.registry import Registry
-from server.adapters.store import AdapterStore
 from server.adapters.spec import BaseModelInfo
+from server.adapters.store import AdapterStore
 from server.config import RegistryConfig
 from server.errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterIdError
 from tests.helpers import fixture_dir, tiny_model
@@ -28,7 +29,7 @@ def table(r: Registry) -> list:
 
 
 def tiers(r: Registry) -> dict[str, str]:
-    return {i["adapter_id"]: i["tier"] for i in r.list()}
+    return {i["adapter_id"]: i["tier"] for i in r.infos()}
 
 
 def test_lru_slots_pins_and_waiting(tmp_path):
@@ -162,7 +163,7 @@ def test_bad_ids_are_refused_and_store_untouched(tmp_path, bad):
     r = make(tmp_path)
     with pytest.raises(InvalidAdapterIdError):
         r.add_folder(bad, fixture_dir("seq_bn"))
-    assert r.list() == []
+    assert r.infos() == []
     assert [p.name for p in (tmp_path / "store").iterdir() if not p.name.startswith(".")] == []
     assert list((tmp_path / "store" / ".staging").iterdir()) == []
 
@@ -179,15 +180,11 @@ def test_concurrent_add_replace_delete_acquire(tmp_path):
                 n = f"c{rng.randrange(3)}"
                 op = rng.random()
                 if op < 0.3:
-                    try:
+                    with contextlib.suppress(AdapterExistsError):
                         r.add_folder(n, fixture_dir(rng.choice(srcs)), replace=True)
-                    except AdapterExistsError:
-                        pass
                 elif op < 0.45:
-                    try:
+                    with contextlib.suppress(AdapterNotFoundError):
                         r.delete(n)
-                    except AdapterNotFoundError:
-                        pass
                 else:
                     try:
                         ref = r.acquire(n)
@@ -205,7 +202,7 @@ def test_concurrent_add_replace_delete_acquire(tmp_path):
         t.join()
     assert not errors, errors
     # the catalogue and the disk agree, and nothing is left pinned or half-written
-    ids = {i["adapter_id"] for i in r.list()}
+    ids = {i["adapter_id"] for i in r.infos()}
     on_disk = {p.name for p in (tmp_path / "store").iterdir() if not p.name.startswith(".")}
     assert ids == on_disk
     assert all(r.record(n).pins == 0 for n in ids)

@@ -100,6 +100,29 @@ def test_restart_keeps_uploads_and_loads_lazily(tmp_path):
         b.close()
 
 
+def shipped_promql() -> list[str]:
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    obs = Path(__file__).resolve().parents[2] / "server" / "observability"
+    rules = [r["expr"] for g in yaml.safe_load((obs / "prometheus-rules.yml").read_text())["groups"] for r in g["rules"]]
+    dash = json.loads((obs / "grafana-dashboard.json").read_text())
+    return rules + [t["expr"] for p in dash["panels"] for t in p["targets"]]
+
+
+def test_shipped_rules_pass_promtool():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("Debian's prometheus package (promtool) is not installed here")
+    from pathlib import Path
+
+    rules = Path(__file__).resolve().parents[2] / "server" / "observability" / "prometheus-rules.yml"
+    out = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_real_prometheus_scrapes_without_errors(live, tmp_path):
     prom = shutil.which("prometheus")
     if prom is None:
@@ -134,6 +157,13 @@ def test_real_prometheus_scrapes_without_errors(live, tmp_path):
         assert target["health"] == "up" and target["lastError"] == "", target
         q = httpx.get(api + "/query", params={"query": 'adapter_server_requests_total{adapter_type="bottleneck",status="ok"}'}).json()
         assert q["status"] == "success" and float(q["data"]["result"][0]["value"][1]) >= 1
+        # every PromQL we ship (README rules and dashboard panels) is valid against the real series
+        time.sleep(2.5)
+        for expr in shipped_promql():
+            r = httpx.get(api + "/query", params={"query": expr.replace("$__rate_interval", "1m")}).json()
+            assert r["status"] == "success", (expr, r)
+        share = httpx.get(api + "/query", params={"query": shipped_promql()[0]}).json()["data"]["result"]
+        assert {x["metric"]["adapter_type"] for x in share} >= {"bottleneck", "none"}
     finally:
         proc.terminate()
         proc.wait(timeout=20)

@@ -9,7 +9,14 @@ import torch
 from transformers.activations import ACT2FN
 
 from ...errors import InvalidAdapterError, UnsupportedAdapterError
-from ..spec import AdapterWeights, BaseModelInfo, BottleneckBlock, BottleneckOptions, IA3Vector, Location
+from ..spec import (
+    AdapterWeights,
+    BaseModelInfo,
+    BottleneckBlock,
+    BottleneckOptions,
+    IA3Vector,
+    Location,
+)
 from .tensors import expect_shape, load_tensors, pick_weight_file
 
 WEIGHT_FILES = ("adapter.safetensors", "pytorch_adapter.bin")

@@ -102,7 +102,8 @@ class BottleneckPlan(MethodPlan):
         if len(p.acts) == 1:
             d = p.acts[0][0](d)  # type: ignore[operator]
         else:
-            d = sum(torch.where(cm, fn(d), 0.0) for fn, cm in p.acts)  # type: ignore[operator, misc]
+            parts = [torch.where(cm, fn(d), 0.0) for fn, cm in p.acts if cm is not None]  # type: ignore[operator]
+            d = torch.stack(parts).sum(0)
         d = torch.where(p.colmask, d, 0.0)
         u = (d @ p.wu + p.ub) * p.scale  # [B, T, H]
         r = a * cra + h * crh

@@ -47,7 +47,7 @@ class IA3Method(AdapterMethod):
         super().__init__(ctx, timer)
         self.out: dict[str, _Table] = {}
         self.inp: dict[str, _Table] = {}
-        self.by_slot: dict[int, list[tuple[str, str]]] = {}  # slot -> [(module, side)]
+        self.by_slot: dict[int, list[tuple[str, str]]] = {}  # slot -> [(module, 'in'|'out')]  # slot -> [(module, side)]
         self._merged: int | None = None
         self._backup: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
@@ -60,7 +60,7 @@ class IA3Method(AdapterMethod):
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
         self.clear(slot)
-        entries = []
+        entries: list[tuple[str, str]] = []
         for v in weights.ia3:
             t = self._table(v.side, v.module)
             t.data[slot].copy_(v.scale)
