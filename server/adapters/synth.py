@@ -56,7 +56,7 @@ def write_adapterhub_bn(out: Path, num_layers: int, hidden: int, preset: str = "
             k = f"model.layers.{i}.{place}.adapters.{name}."
             t[k + "adapter_down.0.weight"] = 0.05 * torch.randn(r, hidden, generator=g)
             t[k + "adapter_down.0.bias"] = 0.01 * torch.randn(r, generator=g)
-            t[k + "adapter_up.weight"] = 0.05 * torch.randn(hidden, r, generator=g)
+            t[k + "adapter_up.weight"] = 0.01 * torch.randn(hidden, r, generator=g)
             t[k + "adapter_up.bias"] = 0.01 * torch.randn(hidden, generator=g)
     save_file(t, out / "adapter.safetensors")
     cfg = {**p, "original_ln_after": True, "ln_before": False, "ln_after": False, "residual_before_ln": True,

@@ -91,6 +91,8 @@ class Engine:
         self._queued = 0  # inbox + waiting, for the bounded queue
         self._qlock = threading.Lock()
         self._uniform_steps = 0
+        self._fold_s: float | None = None  # measured cost of one fold + unfold
+        self._ia3_step_s: float | None = None  # measured cost of the unfolded (IA)3 product per pass
         self.steps = 0
 
     def _eos_ids(self) -> set[int]:
@@ -227,23 +229,34 @@ class Engine:
         return admitted
 
     def _reconcile_merge(self, seqs: list[_Seq]) -> None:
-        """Fold the one (IA)3 adapter every row uses into the weights; unfold as soon as rows mix."""
+        """Fold the one (IA)3 adapter every row uses into the weights when it pays; unfold as soon as rows mix.
+
+        It pays when the decode steps the running rows still have, times the measured per-step cost
+        of the unfolded (IA)3 product, exceed the measured cost of folding and unfolding once.
+        """
         if self.cfg.merge_policy == "never":
             return
-        used = {s.slot for s in self._running} | {s.slot for s in seqs}
+        rows = [*self._running, *seqs]
+        used = {s.slot for s in rows}
         merged = self.slots.merged_slot
         if len(used) == 1 and self.slots.can_merge(slot := next(iter(used))):
             self._uniform_steps += 1
-            if merged != slot and self._uniform_steps >= self.cfg.merge_after_steps:
-                t0 = time.perf_counter()
-                self.slots.merge(slot)
-                self.timer.add("ia3_merged", time.perf_counter() - t0)
+            remaining = max(s.max_new - len(s.tokens) for s in rows)
+            pays = self._fold_s is None or remaining * (self._ia3_step_s or 0.0) > self._fold_s
+            if merged != slot and self._uniform_steps >= self.cfg.merge_after_steps and pays:
+                self._timed_fold(lambda: self.slots.merge(slot))
         else:
             self._uniform_steps = 0
             if merged is not None:
-                t0 = time.perf_counter()
-                self.slots.unmerge()
-                self.timer.add("ia3_merged", time.perf_counter() - t0)
+                self._timed_fold(self.slots.unmerge)
+
+    def _timed_fold(self, fn: Callable[[], None]) -> None:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        self.timer.add("ia3_merged", dt)
+        est = 2 * dt  # a fold is followed by an unfold of the same size
+        self._fold_s = est if self._fold_s is None else 0.8 * self._fold_s + 0.2 * est
 
     def _forward(self, seqs: list[_Seq], prefill: bool) -> None:
         self._reconcile_merge(seqs)
@@ -298,8 +311,12 @@ class Engine:
     def _record_step(self, seqs: list[_Seq], elapsed: float) -> None:
         m = self.metrics
         m.forward.inc(elapsed)
-        for label, secs in self.timer.collect().items():
+        spent = self.timer.collect()
+        for label, secs in spent.items():
             m.adapter_compute.labels(label).inc(secs)
+        if "ia3" in spent and len({s.slot for s in seqs}) == 1:
+            x = spent["ia3"]
+            self._ia3_step_s = x if self._ia3_step_s is None else 0.8 * self._ia3_step_s + 0.2 * x
         m.batch_size.observe(len(seqs))
         m.distinct.observe(len({s.slot for s in seqs}))
         self.steps += 1

@@ -90,8 +90,8 @@ def test_engine_folds_when_batch_is_uniform_and_unfolds_when_it_mixes(tmp_path):
         e.registry.add_folder("ia", fixture_dir("ia3_default"))
         e.registry.add_folder("bn", fixture_dir("seq_bn"))
     base_weights = {k: v.clone() for k, v in e_auto.loaded.model.state_dict().items()}
-    a = solo(e_auto, req(e_auto, 0, "ia", "the quick brown fox", max_new_tokens=10))
-    n = solo(e_never, req(e_never, 0, "ia", "the quick brown fox", max_new_tokens=10))
+    a = solo(e_auto, req(e_auto, 0, "ia", "the quick brown fox", max_new_tokens=60))
+    n = solo(e_never, req(e_never, 0, "ia", "the quick brown fox", max_new_tokens=60))
     assert a.adapter_type == "ia3_merged" and n.adapter_type == "ia3"
     assert e_auto.slots.merged_slot is not None and e_never.slots.merged_slot is None
     assert a.token_ids == n.token_ids
@@ -103,3 +103,14 @@ def test_engine_folds_when_batch_is_uniform_and_unfolds_when_it_mixes(tmp_path):
     merged_secs = [s.value for s in e_auto.metrics.adapter_compute.collect()[0].samples
                    if s.labels.get("adapter_type") == "ia3_merged" and s.name.endswith("_total")]
     assert merged_secs and merged_secs[0] > 0
+
+
+def test_auto_policy_folds_only_when_it_pays(tmp_path):
+    e = make_engine(tmp_path / "a", merge="auto")
+    e.registry.add_folder("ia", fixture_dir("ia3_default"))
+    e._fold_s, e._ia3_step_s = 1e6, 1e-4  # folding would cost more than any request could save
+    r = solo(e, req(e, 0, "ia", "the quick brown fox", max_new_tokens=30))
+    assert r.adapter_type == "ia3" and e.slots.merged_slot is None
+    e._fold_s = 1e-9  # now it pays
+    r = solo(e, req(e, 1, "ia", "the quick brown fox", max_new_tokens=30))
+    assert r.adapter_type == "ia3_merged" and e.slots.merged_slot is not None

@@ -14,6 +14,14 @@ from .base import AdapterMethod, MethodPlan, SlotContext, StepTimer
 F32 = torch.float32
 
 
+def _scale(t: torch.Tensor, by: torch.Tensor) -> None:
+    """t *= by in place, the product taken in float32 as PEFT does."""
+    if t.dtype == F32:
+        t.mul_(by)
+    else:
+        t.copy_((t.to(F32) * by).to(t.dtype))
+
+
 class _Table:
     def __init__(self, n: int, dim: int, device: torch.device) -> None:
         self.data = torch.ones(n, dim, dtype=F32, device=device)  # [S, dim]
@@ -120,11 +128,11 @@ class IA3Method(AdapterMethod):
             w = lin.weight
             l_vec = (self.out if side == "out" else self.inp)[module].data[slot]
             if side == "out":
-                w.copy_((w.to(F32) * l_vec[:, None]).to(w.dtype))
+                _scale(w, l_vec[:, None])
                 if lin.bias is not None:
-                    lin.bias.copy_((lin.bias.to(F32) * l_vec).to(lin.bias.dtype))
+                    _scale(lin.bias, l_vec)
             else:
-                w.copy_((w.to(F32) * l_vec[None, :]).to(w.dtype))
+                _scale(w, l_vec[None, :])
         self._merged = slot
 
     @torch.no_grad()
