@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,112 @@ def throughput(loaded: LoadedModel, store: Path, names: list[str], max_new: int,
         t = best(lambda e=e, adapters=adapters: run_batch(e, adapters, max_new), repeats)
         rows.append({"case": label, "seconds": t, "tokens_per_s": n_tok / t, "vs_generate": t_hf / t})
     return rows
+
+
+# -- per decode step ----------------------------------------------------------------------------
+def _decode_timer(eng: Engine, slots: list[int], ctx: int = 64) -> Callable[[], float]:
+    """A function timing one decode forward pass over len(slots) rows at context length ctx."""
+    runner, B = eng.runner, len(slots)
+    dev = runner.device
+    runner.cache.fit(ctx + 1, 0)
+    ids = torch.randint(100, 1000, (B, ctx), device=dev)
+    zeros = torch.zeros(B, dtype=torch.long, device=dev)
+    plan = eng.slots.plan(slots)
+    runner.forward(ids, zeros, torch.full((B,), ctx, device=dev), 0, plan)
+    one = torch.randint(100, 1000, (B, 1), device=dev)
+    start, ones = torch.full((B,), ctx, device=dev), torch.ones(B, dtype=torch.long, device=dev)
+    eng.timer.enabled = False  # time the pass itself, not our instrumentation
+
+    def step() -> float:
+        _sync(dev)
+        t0 = time.perf_counter()
+        runner.forward(one, start, ones, 0, eng.slots.plan(slots))
+        _sync(dev)
+        return time.perf_counter() - t0
+
+    return step
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], float], n: int) -> float:
+    for _ in range(3):
+        fn()
+    return statistics.median(fn() for _ in range(n))
+
+
+def matmul_floor(loaded: LoadedModel, B: int, n: int) -> float:
+    """Seconds of the model's own matrix products for one decode step of B rows, measured alone."""
+    model: Any = loaded.model
+    dev, dt = loaded.device, loaded.dtype
+    lins = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name]
+    lins.append(model.lm_head)
+    xs = [torch.randn(B, 1, m.in_features, device=dev, dtype=dt) for m in lins]
+
+    def run() -> float:
+        _sync(dev)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for m, x in zip(lins, xs, strict=True):
+                torch.nn.functional.linear(x, m.weight, m.bias)
+        _sync(dev)
+        return time.perf_counter() - t0
+
+    return median_time(run, n)
+
+
+def _grant(eng: Engine, name: str) -> int:
+    ref = eng.registry.acquire(name)
+    g = eng.registry.assign_slot(ref)
+    assert g is not None
+    if g.write is not None:
+        eng.slots.write(g.slot, g.write)
+    return g.slot
+
+
+def decode_overhead(loaded: LoadedModel, store: Path, names: list[str], n: int) -> dict[str, Any]:
+    """Per-decode-step cost of each adapter kind against the bare model, and of mixing adapters."""
+    eng = make_engine(loaded, store)
+    slot = {name: _grant(eng, name) for name in names}
+    kinds = {"ia3 (unmerged)": "ia3-0", "seq_bn": "seq_bn-0", "double_seq_bn": "double_seq_bn-0", "par_bn": "par_bn-0"}
+    out: dict[str, Any] = {"per_kind": [], "mixed": []}
+    for B in (1, 16):
+        base = median_time(_decode_timer(eng, [0] * B), n)
+        floor = matmul_floor(loaded, B, n)
+        row = {"batch": B, "base_s": base, "matmul_floor_s": floor, "base_over_floor": base / floor}
+        for label, name in kinds.items():
+            t = median_time(_decode_timer(eng, [slot[name]] * B), n)
+            row[label] = t / base - 1
+        eng.slots.merge(slot["ia3-0"])
+        t = median_time(_decode_timer(eng, [slot["ia3-0"]] * B), n)
+        eng.slots.unmerge()
+        row["ia3 (merged)"] = t / base - 1
+        out["per_kind"].append(row)
+    one = median_time(_decode_timer(eng, [slot["seq_bn-0"]] * 16), n)
+    order = ["seq_bn-0", "ia3-0", "double_seq_bn-0", "par_bn-0", "seq_bn-1", "ia3-1", "double_seq_bn-1", "par_bn-1"]
+    extra = _more_adapters(eng, loaded, store, 8)
+    order += extra
+    for k in (1, 4, 8, 16):
+        rows = [slot.get(order[i % k]) or _grant(eng, order[i % k]) for i in range(16)]
+        t = median_time(_decode_timer(eng, rows), n)
+        out["mixed"].append({"distinct": k, "step_s": t, "throughput_vs_one_adapter": one / t})
+    return out
+
+
+def _more_adapters(eng: Engine, loaded: LoadedModel, store: Path, k: int) -> list[str]:
+    """k more seq_bn adapters so 16 distinct ones exist."""
+    cfg = loaded.model.config
+    names = []
+    for i in range(k):
+        src = Path(tempfile.mkdtemp())
+        write_adapterhub_bn(src, cfg.num_hidden_layers, cfg.hidden_size, "seq_bn", seed=10 + i)
+        name = f"extra-seq_bn-{i}"
+        eng.registry.add_folder(name, src)
+        names.append(name)
+    return names
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -91,6 +91,7 @@ class Engine:
         self._queued = 0  # inbox + waiting, for the bounded queue
         self._qlock = threading.Lock()
         self._uniform_steps = 0
+        self._uniform_slot: int | None = None
         self._fold_s: float | None = None  # measured cost of one fold + unfold
         self._ia3_step_s: float | None = None  # measured cost of the unfolded (IA)3 product per pass
         self.steps = 0
@@ -240,15 +241,19 @@ class Engine:
         used = {s.slot for s in rows}
         merged = self.slots.merged_slot
         if len(used) == 1 and self.slots.can_merge(slot := next(iter(used))):
-            self._uniform_steps += 1
+            self._uniform_steps = self._uniform_steps + 1 if self._uniform_slot == slot else 1
+            self._uniform_slot = slot
+            if merged == slot:
+                return
             remaining = max(s.max_new - len(s.tokens) for s in rows)
             pays = self._fold_s is None or remaining * (self._ia3_step_s or 0.0) > self._fold_s
-            if merged != slot and self._uniform_steps >= self.cfg.merge_after_steps and pays:
-                self._timed_fold(lambda: self.slots.merge(slot))
+            if self._uniform_steps >= self.cfg.merge_after_steps and pays:
+                self._timed_fold(lambda: self.slots.merge(slot))  # unfolds any other adapter first
+                return
         else:
-            self._uniform_steps = 0
-            if merged is not None:
-                self._timed_fold(self.slots.unmerge)
+            self._uniform_steps, self._uniform_slot = 0, None
+        if merged is not None:  # rows of any other adapter, or of none, need the base weights
+            self._timed_fold(self.slots.unmerge)
 
     def _timed_fold(self, fn: Callable[[], None]) -> None:
         t0 = time.perf_counter()

@@ -114,3 +114,17 @@ def test_auto_policy_folds_only_when_it_pays(tmp_path):
     e._fold_s = 1e-9  # now it pays
     r = solo(e, req(e, 1, "ia", "the quick brown fox", max_new_tokens=30))
     assert r.adapter_type == "ia3_merged" and e.slots.merged_slot is not None
+
+
+def test_switching_uniform_adapter_never_runs_on_the_other_folded_in(tmp_path):
+    e = make_engine(tmp_path / "a", merge="auto")
+    ref = make_engine(tmp_path / "n", merge="never")
+    for eng in (e, ref):
+        eng.registry.add_folder("x", fixture_dir("ia3_default"))
+        eng.registry.add_folder("y", fixture_dir("ia3_ff_in"))
+    assert solo(e, req(e, 0, "x", "hello world", max_new_tokens=40)).adapter_type == "ia3_merged"
+    e._fold_s = 1e6  # y will not pay for a fold: x must be unfolded for y's rows all the same
+    got = solo(e, req(e, 1, "y", "the quick brown fox", max_new_tokens=12))
+    want = solo(ref, req(ref, 1, "y", "the quick brown fox", max_new_tokens=12))
+    assert got.adapter_type == "ia3" and got.token_ids == want.token_ids
+    assert max(abs(a - b) for a, b in zip(got.logprobs, want.logprobs, strict=True)) < 1e-4

@@ -51,30 +51,36 @@ class _Block:
 
     down_w: torch.Tensor  # [r, H]
     down_b: torch.Tensor  # [r]
-    up_wt: torch.Tensor  # [r, H]  (W_up transposed, so d @ up_wt)
-    up_b: torch.Tensor  # [H]
-    scale: torch.Tensor  # [H]
+    up_w: torch.Tensor  # [H, r]  s * W_up (the scaling folded in)
+    up_b: torch.Tensor  # [H]     s * b_up
     ln_before: tuple[torch.Tensor, torch.Tensor] | None
     ln_after: tuple[torch.Tensor, torch.Tensor] | None
 
     def nbytes(self) -> int:
-        ts = [self.down_w, self.down_b, self.up_wt, self.up_b, self.scale]
+        ts = [self.down_w, self.down_b, self.up_w, self.up_b]
         ts += [t for p in (self.ln_before, self.ln_after) if p for t in p]
         return sum(t.numel() * t.element_size() for t in ts)
 
 
 @dataclass
 class _SitePlan:
-    """Routing at one (layer, location) for one batch. Row tensors are [B, 1, X]."""
+    """Routing at one (layer, location) for one batch. Row tensors are [B, 1, X].
+
+    The scaling s is folded into the up-projection when a slot is written, so u needs no multiply.
+    Fast paths, decided once per batch composition: `z_from` when every adapter row reads the same
+    input; `plain_out` when every row (adapter or not) ends as (u + a) + h; `colmask` None when all
+    rows use the same adapter here (then `ub` is a plain [H] bias fused into the matmul).
+    """
 
     wd: torch.Tensor  # [R, H]
     bd: torch.Tensor  # [R]
-    wu: torch.Tensor  # [R, H]
-    colmask: torch.Tensor  # [B, 1, R] bool: column belongs to the row's adapter
+    wu_t: torch.Tensor  # [H, R]  (s * W_up, for F.linear)
+    colmask: torch.Tensor | None  # [B, 1, R] bool: column belongs to the row's adapter
     acts: list[tuple[object, torch.Tensor | None]]  # (fn, column mask [R] or None for all)
-    ub: torch.Tensor  # [B, 1, H]
-    scale: torch.Tensor  # [B, 1, H]
+    ub: torch.Tensor  # [H] when colmask is None, else [B, 1, H]  (s * b_up)
     coef: torch.Tensor  # [5, B, 1, 1]: cxa, cxh, cra, crh, cfh
+    z_from: str | None  # "a+h", "a", "h", or None for the per-row coefficients
+    plain_out: bool
     lnb: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (row mask [B,1,1], w [B,1,H], b [B,1,H])
     lna: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None  # (mode1, mode2 masks, w, b)
 
@@ -94,7 +100,14 @@ class BottleneckPlan(MethodPlan):
 
     def _apply(self, p: _SitePlan, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         cxa, cxh, cra, crh, cfh = p.coef
-        z = a * cxa + h * cxh  # [B, T, H]
+        if p.z_from == "a+h":
+            z = a + h  # [B, T, H]
+        elif p.z_from == "a":
+            z = a
+        elif p.z_from == "h":
+            z = h
+        else:
+            z = a * cxa + h * cxh
         if p.lnb is not None:
             m, w, b = p.lnb
             z = torch.where(m, F.layer_norm(z, (self.hidden,), eps=LN_EPS) * w + b, z)
@@ -104,8 +117,12 @@ class BottleneckPlan(MethodPlan):
         else:
             parts = [torch.where(cm, fn(d), 0.0) for fn, cm in p.acts if cm is not None]  # type: ignore[operator]
             d = torch.stack(parts).sum(0)
-        d = torch.where(p.colmask, d, 0.0)
-        u = (d @ p.wu + p.ub) * p.scale  # [B, T, H]
+        if p.colmask is None:
+            u = F.linear(d, p.wu_t, p.ub)  # [B, T, H]
+        else:
+            u = F.linear(torch.where(p.colmask, d, 0.0), p.wu_t).add_(p.ub)
+        if p.plain_out:
+            return (u + a) + h
         r = a * cra + h * crh
         if p.lna is None:
             core = u + r
@@ -140,7 +157,8 @@ class BottleneckMethod(AdapterMethod):
     @staticmethod
     def _block(b: BottleneckBlock, put) -> _Block:  # noqa: ANN001
         pair = lambda p: None if p is None else (put(p[0]), put(p[1]))  # noqa: E731
-        return _Block(put(b.down_w), put(b.down_b), put(b.up_w.t()), put(b.up_b), put(b.scale),
+        s = b.scale  # [H]: per output channel, so s * (W d + b) = (s W) d + s b
+        return _Block(put(b.down_w), put(b.down_b), put(b.up_w * s[:, None]), put(b.up_b * s),
                       pair(b.ln_before), pair(b.ln_after))
 
     def clear(self, slot: int) -> None:
@@ -167,9 +185,10 @@ class BottleneckMethod(AdapterMethod):
         # 1. the batch's adapters side by side along the bottleneck axis, and who owns each column
         wd = torch.cat([b.down_w for b in blks])  # [R, H]
         bd = torch.cat([b.down_b for b in blks])  # [R]
-        wu = torch.cat([b.up_wt for b in blks])  # [R, H]
+        wu_t = torch.cat([b.up_w for b in blks], dim=1)  # [H, R]
         owner = torch.cat([torch.full((b.down_w.shape[0],), s, device=dev) for s, b in zip(present, blks, strict=True)])
-        colmask = (slot_idx[:, None] == owner[None, :])[:, None, :]  # [B, 1, R]
+        uniform = len(present) == 1 and all(x == present[0] for x in slots)
+        colmask = None if uniform else (slot_idx[:, None] == owner[None, :])[:, None, :]  # [B, 1, R]
         # 2. activations: one function for the usual case, else one column mask per function
         by_act: dict[str, list[int]] = {}
         for s in present:
@@ -179,19 +198,21 @@ class BottleneckMethod(AdapterMethod):
         else:
             acts = [(activation(n), torch.isin(owner, torch.tensor(ss, device=dev))) for n, ss in by_act.items()]
         # 3. per-row vectors and coefficients; rows without an adapter here keep the identity defaults
-        ub, scale = torch.zeros(B, 1, H, device=dev, dtype=dt), torch.zeros(B, 1, H, device=dev, dtype=dt)
+        ub = torch.zeros(B, 1, H, device=dev, dtype=dt)
         coef = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0], device=dev, dtype=dt).view(5, 1, 1, 1).repeat(1, B, 1, 1)
         lnb_m = torch.zeros(B, 1, 1, dtype=torch.bool, device=dev)
         lnb_w, lnb_b = torch.ones(B, 1, H, device=dev, dtype=dt), torch.zeros(B, 1, H, device=dev, dtype=dt)
         lna_m1, lna_m2 = lnb_m.clone(), lnb_m.clone()
         lna_w, lna_b = lnb_w.clone(), lnb_b.clone()
         any_lnb = any_lna = False
+        inputs, outs = set(), set()
         for s, b in zip(present, blks, strict=True):
             rows = [i for i, x in enumerate(slots) if x == s]
             ub[rows, 0] = b.up_b
-            scale[rows, 0] = b.scale
             *c, mode = coefficients(self.options[s])
             coef[:, rows] = torch.tensor(c, device=dev, dtype=dt).view(5, 1, 1, 1)
+            inputs.add((c[0], c[1]))
+            outs.add((c[2], c[3], c[4]))
             if b.ln_before is not None:
                 any_lnb = True
                 lnb_m[rows], lnb_w[rows, 0], lnb_b[rows, 0] = True, b.ln_before[0], b.ln_before[1]
@@ -199,8 +220,10 @@ class BottleneckMethod(AdapterMethod):
                 any_lna = True
                 (lna_m2 if mode == 2 else lna_m1)[rows] = True
                 lna_w[rows, 0], lna_b[rows, 0] = b.ln_after[0], b.ln_after[1]
+        z_from = {(1.0, 1.0): "a+h", (1.0, 0.0): "a", (0.0, 1.0): "h"}.get(next(iter(inputs))) if len(inputs) == 1 else None
+        plain_out = outs == {(1.0, 0.0, 1.0)} and not any_lna  # every row: (u + a) + h, as rows without one
         return _SitePlan(
-            wd, bd, wu, colmask, acts, ub, scale, coef,
+            wd, bd, wu_t, colmask, acts, blks[0].up_b if uniform else ub, coef, z_from, plain_out,
             (lnb_m, lnb_w, lnb_b) if any_lnb else None,
             (lna_m1, lna_m2, lna_w, lna_b) if any_lna else None,
         )
