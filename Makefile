@@ -8,7 +8,7 @@ BIN         := $(VENV)/bin
 PY          := $(BIN)/python
 STAMP       := $(VENV)/.installed
 
-.PHONY: install serve test lint bench prometheus clean
+.PHONY: install serve test lint bench loadtest report prometheus clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +40,19 @@ lint: $(STAMP)
 	$(BIN)/ruff check server tests loadtests
 	$(BIN)/mypy server
 
+# In-process engine benchmark -> bench_results/bench.json, then BENCHMARKS.md.
 bench: $(STAMP)
 	$(PY) -m server.bench
+	$(PY) -m loadtests.report
+
+# Load tests against live servers (ours, the PEFT baseline, plain generate) -> bench_results/load/, then BENCHMARKS.md.
+loadtest: $(STAMP)
+	$(PY) -m pip install -q -r loadtests/requirements.txt
+	$(PY) -m loadtests.compare
+	$(PY) -m loadtests.report
+
+report: $(STAMP)
+	$(PY) -m loadtests.report
 
 clean:
 	rm -rf $(VENV)

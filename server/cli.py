@@ -12,7 +12,8 @@ from .errors import AdapterServerError
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("cmd", "adapter", "out")}
+    local = ("cmd", "adapter", "out", "count", "kinds", "seed")
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in local}
     return Settings(**given)
 
 
@@ -22,7 +23,8 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, dest=name, default=None, help=f"{field.description or ''} (env ADAPTER_SERVER_{name.upper()}; default {field.default})")
 
 
-def write_demo_adapters(settings: Settings, out: Path) -> None:
+def write_demo_adapters(settings: Settings, out: Path, count: int = 0, kinds: list[str] | None = None,
+                        seed: int = 0) -> None:
     """Untrained adapters that fit the served model, for trying the API: they change outputs, not skills."""
     from transformers import AutoConfig
 
@@ -31,10 +33,23 @@ def write_demo_adapters(settings: Settings, out: Path) -> None:
 
     folder = embedded_folder(settings.cache_dir) if settings.model == EMBEDDED else Path(settings.model)
     cfg = AutoConfig.from_pretrained(folder)
-    write_peft_ia3(out / "peft-ia3", cfg.num_hidden_layers, linear_dims_from_config(cfg), seed=1)
-    for preset in ("seq_bn", "double_seq_bn", "par_bn"):
-        write_adapterhub_bn(out / f"hub-{preset.replace('_', '-')}", cfg.num_hidden_layers, cfg.hidden_size, preset,
-                            seed=2, name=preset)
+    L, H, dims = cfg.num_hidden_layers, cfg.hidden_size, linear_dims_from_config(cfg)
+
+    def one(kind: str, path: Path, s: int) -> None:
+        if kind == "ia3":
+            write_peft_ia3(path, L, dims, seed=s)
+        else:
+            write_adapterhub_bn(path, L, H, kind, seed=s, name=kind)
+
+    if count:
+        kinds = kinds or ["ia3"]
+        for i in range(count):
+            kind = kinds[i % len(kinds)]
+            one(kind, out / f"{kind.replace('_', '-')}-{i}", seed + i)
+    else:
+        one("ia3", out / "peft-ia3", seed + 1)
+        for preset in ("seq_bn", "double_seq_bn", "par_bn"):
+            one(preset, out / f"hub-{preset.replace('_', '-')}", seed + 2)
     logging.getLogger("adapter-server").info("wrote demo adapters under %s", out)
 
 
@@ -52,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--out", required=True, type=Path, help="output folder")
     d.add_argument("--model", default=None)
     d.add_argument("--cache-dir", dest="cache_dir", default=None)
+    d.add_argument("--count", type=int, default=0, help="write this many, named <kind>-<i>, cycling over --kinds")
+    d.add_argument("--kinds", default="ia3,seq_bn,double_seq_bn,par_bn")
+    d.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -66,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("adapter-server").info("merged model written to %s", out)
         return 0
     if args.cmd == "demo-adapters":
-        write_demo_adapters(settings, args.out)
+        write_demo_adapters(settings, args.out, args.count, args.kinds.split(","), args.seed)
         return 0
     from .main import run
 

@@ -112,6 +112,7 @@ class Registry:
                 manifest = self.store.manifest(adapter_id)
                 if manifest.get("method") not in ("ia3", "bottleneck"):
                     raise ValueError("manifest has no valid method")
+                self.store.check_files(adapter_id, manifest)
             except Exception as e:  # a corrupt entry is reported and skipped, the rest load
                 log.error("skipping adapter %r in the store: %s", adapter_id, e)
                 self.skipped[adapter_id] = str(e)

@@ -95,6 +95,19 @@ class AdapterStore:
     def manifest(self, adapter_id: str) -> dict:
         return json.loads((self.root / adapter_id / MANIFEST).read_text())
 
+    def check_files(self, adapter_id: str, manifest: dict) -> None:
+        """Cheap start-up check: every file the manifest lists is there, safetensors headers parse."""
+        from safetensors import safe_open
+
+        d = self.root / adapter_id
+        for name in manifest.get("files", []):
+            p = d / name
+            if not p.is_file():
+                raise ValueError(f"file {name} listed in the manifest is missing")
+            if name.endswith(".safetensors"):
+                with safe_open(str(p), framework="pt") as f:
+                    f.keys()
+
     def files(self, adapter_id: str) -> dict[str, Path]:
         d = self.root / adapter_id
         if not d.is_dir():

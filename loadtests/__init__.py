@@ -1,0 +1,1 @@
+"""Load tests and comparisons, run against servers over HTTP. Never imports `server`."""

@@ -1,0 +1,134 @@
+"""Renders BENCHMARKS.md from bench_results/bench.json (make bench) and bench_results/load/compare.json
+(make loadtest), whichever exist, and copies the load-test plots to loadtests/results/."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench_results"
+PLOTS = Path(__file__).resolve().parent / "results"
+
+
+def pct(x: float) -> str:
+    return f"{x * 100:.1f}%"
+
+
+def bench_section(b: dict) -> list[str]:
+    m = b["machine"]
+    out = ["## In-process engine benchmark (`make bench`)", "",
+           f"{b['model']} on {m['device_name']} ({m['device']}, {m['dtype']}), {m['cpus']} CPUs, "
+           f"{m['torch_threads']} torch threads, torch {m['torch']}, {m['platform']}.", "",
+           "### Adapter overhead per decode step (context 64), against the bare model in the same run", ""]
+    kinds = list(b["decode"]["per_kind"][0]["overhead"])
+    out.append("| batch | bare step | matmul floor | bare / floor | " + " | ".join(kinds) + " |")
+    out.append("|---|---|---|---|" + "---|" * len(kinds))
+    for r in b["decode"]["per_kind"]:
+        out.append(f"| {r['batch']} | {r['base_s'] * 1e3:.2f} ms | {r['matmul_floor_s'] * 1e3:.2f} ms | "
+                   f"{r['base_over_floor']:.2f}x | " + " | ".join(f"{r['overhead'][k] * 100:+.1f}%" for k in kinds) + " |")
+    out += ["", "The floor is the model's own matrix products for the same batch, timed alone in the same run.", "",
+            "### Mixed batches: 16 rows, decode step, against 16 rows of one seq_bn adapter", "",
+            "| adapters in the batch | step | throughput vs one adapter |", "|---|---|---|"]
+    for r in b["decode"]["mixed"]:
+        out.append(f"| {r['adapters']} | {r['step_s'] * 1e3:.2f} ms | {pct(r['throughput_vs_one_adapter'])} |")
+    out += ["", "### Adapter cold start (median of 3)", "",
+            "| kind | upload (parse, validate, store) | upload to first token | host to device |", "|---|---|---|---|"]
+    for c in b["cold_start"]:
+        out.append(f"| {c['kind']} | {c['upload_s'] * 1e3:.1f} ms | {c['upload_to_first_token_s'] * 1e3:.1f} ms | "
+                   f"{c['host_to_device_s'] * 1e3:.2f} ms |")
+    out += ["", f"### Throughput: 16 prompts x {b['max_new_tokens']} new tokens, one batch", "",
+            "| case | seconds | output tok/s | vs transformers generate |", "|---|---|---|---|"]
+    for t in b["throughput"]:
+        out.append(f"| {t['case']} | {t['seconds']:.2f} | {t['tokens_per_s']:.1f} | {t.get('vs_generate', 1.0):.2f}x |")
+    return out + [""]
+
+
+def load_section(c: dict) -> list[str]:
+    def two(d: dict, scale: float = 1.0, fmt: str = ".2f") -> str:
+        if d["p50"] != d["p50"]:
+            return "n/a (not streamed)"
+        return f"{d['p50'] * scale:{fmt}} / {d['p99'] * scale:{fmt}}"
+
+    def row(name: str, s: dict) -> str:
+        return (f"| {name} | {s['ok']}/{s['requests']} | {s['requests_per_s']:.2f} | {s['output_tokens_per_s']:.1f} | "
+                f"{two(s['ttft_s'])} | {two(s['tpot_s'], 1e3, '.0f')} | {two(s['e2e_s'])} |")
+
+    g = c["static_generate"]
+    out = ["## Against the alternatives, over HTTP (`make loadtest`)", "",
+           "Same machine, same seeded prompts, same run. Closed loop, 16 concurrent streaming clients, 64 output "
+           "tokens each (`ignore_eos`). The PEFT server is what users write today: FastAPI around HF PEFT, "
+           "activating each request's adapter and generating one request at a time "
+           "(`loadtests/baseline_server.py`; AdapterHub cannot join it: it needs transformers 4.57).", "",
+           f"Plain transformers `generate`, static batches of 16, bare model: **{g['output_tokens_per_s']:.1f} output tok/s** "
+           f"({g['output_tokens']} tokens in {g['wall_s']:.1f} s).", "",
+           "| run | ok | req/s | output tok/s | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | end-to-end p50 / p99 (s) |",
+           "|---|---|---|---|---|---|---|",
+           row("adapter-server, bare model", c["ours_base"]),
+           row("adapter-server, 8 (IA)3 adapters, uniform", c["ours_ia3"]),
+           row("PEFT server, same 8 (IA)3 adapters", c["peft_ia3"]),
+           row("adapter-server, 500 adapters, 16 slots, Zipf(1.0)", c["many_16_slots"]),
+           row("adapter-server, same traffic, all adapters hot", c["many_all_hot"]), "",
+           f"Cache hit rate from `/metrics` during the Zipf run: 16 slots {pct(c['many_16_slots']['cache_hit_rate'])}, "
+           f"all hot {pct(c['many_all_hot']['cache_hit_rate'])}. Uploading the {c.get('many_count', 500)} adapters over HTTP took "
+           f"{c['many_upload_s']:.0f} s.", ""]
+    for name in ("ours_base_c16", "ours_8xia3_c16", "peft_8xia3_c16", "ours_many_zipf_16slots", "ours_many_zipf_all_hot"):
+        if (PLOTS / f"{name}.png").exists():
+            out.append(f"![{name}](loadtests/results/{name}.png)")
+    return out + [""]
+
+
+def targets(b: dict | None, c: dict | None) -> list[str]:
+    rows = ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+
+    def add(name: str, value: str, ok: bool) -> None:
+        rows.append(f"| {name} | {value} | {'yes' if ok else '**no**'} |")
+
+    if b:
+        for r in b["decode"]["per_kind"]:
+            o, B = r["overhead"], r["batch"]
+            add(f"(IA)3 unmerged overhead <= 2% (batch {B})", pct(o["ia3 (unmerged)"]), o["ia3 (unmerged)"] <= 0.02)
+            add(f"(IA)3 merged overhead <= 0.5% (batch {B})", pct(o["ia3 (merged)"]), o["ia3 (merged)"] <= 0.005)
+            for k, share in b.get("flops_share", {}).items():
+                add(f"{k} overhead <= 1.5x its FLOPs share {pct(share)} (batch {B})", pct(o[k]), o[k] <= 1.5 * share)
+        mix = {m["adapters"]: m["throughput_vs_one_adapter"] for m in b["decode"]["mixed"]}
+        if "seq_bn x8" in mix:
+            add("16 rows over 8 distinct adapters >= 90% of one adapter", pct(mix["seq_bn x8"]), mix["seq_bn x8"] >= 0.9)
+    if c:
+        r = c["ratios"]
+        add("16 clients, bare model >= static generate of 16", f"{r['ours_base_over_static_generate']:.2f}x",
+            r["ours_base_over_static_generate"] >= 1.0)
+        add("16 clients >= 8x the one-at-a-time PEFT server (8 (IA)3 adapters)", f"{r['ours_ia3_over_peft_server']:.2f}x",
+            r["ours_ia3_over_peft_server"] >= 8.0)
+        add("500 adapters under Zipf >= 80% of all-hot throughput", pct(r["many_zipf_over_all_hot"]),
+            r["many_zipf_over_all_hot"] >= 0.8)
+    return rows + [""]
+
+
+def main() -> None:
+    bench = RESULTS / "bench.json"
+    comp = RESULTS / "load" / "compare.json"
+    b = json.loads(bench.read_text()) if bench.exists() else None
+    c = json.loads(comp.read_text()) if comp.exists() else None
+    PLOTS.mkdir(exist_ok=True)
+    if c:
+        for png in (RESULTS / "load").glob("*.png"):
+            if not png.name.startswith("warmup"):
+                shutil.copy(png, PLOTS / png.name)
+    md = ["# Benchmarks", "",
+          "Regenerate: `make bench` (in-process engine numbers) and `make loadtest` (servers over HTTP); each rewrites "
+          "this file from `bench_results/`. Numbers below come from one run of each on the machine named.", ""]
+    md += targets(b, c)
+    if b:
+        md += bench_section(b)
+    if c:
+        md += load_section(c)
+    if (ROOT / "loadtests" / "NOTES.md").exists():
+        md += [(ROOT / "loadtests" / "NOTES.md").read_text()]
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(md))
+    print("wrote", ROOT / "BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    main()
