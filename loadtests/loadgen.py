@@ -23,8 +23,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-WORDS = ("the model serves many adapters on one frozen base while requests share every forward pass and "
-         "each row is routed by an index to its own weights so that nothing waits for anything else").split()
+WORDS = ["the", "model", "serves", "many", "adapters", "on", "one", "frozen", "base", "while", "requests", "share", "every", "forward", "pass", "and", "each", "row", "is", "routed", "by", "an", "index", "to", "its", "own", "weights", "so", "that", "nothing", "waits", "for", "anything", "else"]
 
 
 @dataclass
@@ -60,10 +59,8 @@ def plan_requests(w: Workload) -> list[dict]:
     """The seeded request list: adapter, prompt, output length, arrival offset."""
     rng = random.Random(w.seed)
     n = len(w.adapters)
-    if w.popularity == "zipf":
-        weights = [1.0 / (i + 1) ** w.zipf_s for i in range(n)]
-    else:
-        weights = [1.0] * n
+    zipf = w.popularity == "zipf"
+    weights = [1.0 / (i + 1) ** w.zipf_s if zipf else 1.0 for i in range(n)]
     out, t = [], 0.0
     for i in range(w.requests):
         adapter = rng.choices(w.adapters, weights)[0]

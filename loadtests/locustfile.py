@@ -13,7 +13,7 @@ from locust import HttpUser, between, task
 
 ADAPTERS = [None if a in ("", "none") else a for a in os.environ.get("ADAPTERS", "none").split(",")]
 WEIGHTS = [1.0 / (i + 1) for i in range(len(ADAPTERS))] if os.environ.get("ZIPF") else None
-WORDS = "the model serves many adapters on one frozen base while requests share every forward pass".split()
+WORDS = ["the", "model", "serves", "many", "adapters", "on", "one", "frozen", "base", "while", "requests", "share", "every", "forward", "pass"]
 
 
 class AdapterUser(HttpUser):
