@@ -134,7 +134,7 @@ def _decode_timer(eng: Engine, slots: list[int], ctx: int = 64) -> Callable[[], 
     """A function timing one decode forward pass over len(slots) rows at context length ctx."""
     runner, B = eng.runner, len(slots)
     dev = runner.device
-    runner.cache.fit(ctx + 1, 0)
+    runner.cache.fit(B, ctx + 1, 0, 0)
     ids = torch.randint(100, 1000, (B, ctx), device=dev)
     zeros = torch.zeros(B, dtype=torch.long, device=dev)
     plan = eng.slots.plan(slots)

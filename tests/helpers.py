@@ -55,6 +55,7 @@ def runner_and_slots(model: torch.nn.Module, num_slots: int = 8, rows: int = 8) 
 def full_logits(runner: ModelRunner, slots: AdapterSlots, ids: torch.Tensor, row_slots: list[int]) -> torch.Tensor:
     """Logits [B, T, V] of one prefill over ids with row b routed to row_slots[b]."""
     B, T = ids.shape
+    runner.cache.fit(B, T, 0, 0)
     return runner.forward(ids, torch.zeros(B, dtype=torch.long), torch.full((B,), T), 0,
                           slots.plan(row_slots), all_logits=True)
 

@@ -27,7 +27,6 @@ from ..adapters.slots import AdapterSlots
 from ..config import EngineConfig
 from ..errors import GenerationFailedError, InvalidRequestError, OverloadedError
 from ..metrics import Metrics
-from .kv_cache import KVCache
 from .model_loader import LoadedModel
 from .model_runner import ModelRunner
 from .sampling import make_generator, sample
@@ -79,6 +78,8 @@ class Engine:
         self.timer = StepTimer(loaded.device)
         model_max = getattr(loaded.model.config, "max_position_embeddings", None) or cfg.max_model_len  # type: ignore[union-attr]
         self.max_len = min(cfg.max_model_len, int(model_max))
+        if cfg.kv_cache_tokens < self.max_len:
+            raise ValueError(f"kv_cache_tokens ({cfg.kv_cache_tokens}) must hold one full context ({self.max_len})")
         self.runner = ModelRunner(loaded.model, cfg.max_batch_size, self.max_len)
         self.slots = AdapterSlots(loaded.model, registry.cfg.device_slots, loaded.device, loaded.dtype, self.timer)
         self.eos = self._eos_ids()
@@ -210,8 +211,8 @@ class Engine:
             if rows >= self.cfg.max_batch_size or (admitted and n > budget):
                 break
             need = max(reserve, n + s.max_new)
-            if rows > 0 and (rows + 1) * KVCache.cap_for(need) > self.cfg.kv_cache_tokens:
-                break
+            if rows > 0 and self.runner.cache.tokens_for(rows + 1, need) > self.cfg.kv_cache_tokens:
+                break  # the KV budget is full: wait for rows to finish
             if s.ref is not None:
                 grant = self.registry.assign_slot(s.ref)
                 if grant is None:
@@ -283,7 +284,8 @@ class Engine:
             start = torch.tensor([s.cache_len for s in seqs])
             lengths = torch.ones(B, dtype=torch.long)
             needed = int(start.max()) + 1
-        self.runner.cache.fit(needed, used=max((s.cache_len for s in self._running), default=0))
+        rows = len(self._running) + (B if prefill else 0)
+        self.runner.cache.fit(rows, needed, len(self._running), max((s.cache_len for s in self._running), default=0))
         plan = self.slots.plan([s.slot for s in seqs])
         t0 = time.perf_counter()
         try:

@@ -11,34 +11,48 @@ from __future__ import annotations
 import torch
 
 
+def pow2(n: int, floor: int) -> int:
+    out = floor
+    while out < n:
+        out *= 2
+    return out
+
+
 class KVCache:
     def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device, min_cap: int = 64) -> None:
-        self.shape = (layers, rows, kv_heads, head_dim)
-        self.max_len = max_len
-        self.min_cap = min_cap
+                 dtype: torch.dtype, device: torch.device, min_cap: int = 64, min_rows: int = 4) -> None:
+        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+        self.max_rows, self.max_len = rows, max_len
+        self.min_cap, self.min_rows = min_cap, min(min_rows, rows)
         self.dtype, self.device = dtype, device
-        self.cap = 0
+        self.rows = self.cap = 0
         self.k = self.v = torch.empty(0)
-        self._alloc(min_cap, 0)
+        self._alloc(self.min_rows, min_cap, 0, 0)
 
-    def _alloc(self, cap: int, keep: int) -> None:
-        L, R, H, D = self.shape
-        k = torch.zeros(L, R, H, cap, D, dtype=self.dtype, device=self.device)  # [L, rows, kvh, cap, hd]
+    def _alloc(self, rows: int, cap: int, keep_rows: int, keep_len: int) -> None:
+        shape = (self.layers, rows, self.kv_heads, cap, self.head_dim)  # [L, rows, kvh, cap, hd]
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         v = torch.zeros_like(k)
-        if keep:
-            k[:, :, :, :keep] = self.k[:, :, :, :keep]
-            v[:, :, :, :keep] = self.v[:, :, :, :keep]
-        self.k, self.v, self.cap = k, v, cap
+        if keep_rows and keep_len:
+            k[:, :keep_rows, :, :keep_len] = self.k[:, :keep_rows, :, :keep_len]
+            v[:, :keep_rows, :, :keep_len] = self.v[:, :keep_rows, :, :keep_len]
+        self.k, self.v, self.rows, self.cap = k, v, rows, cap
 
-    def fit(self, needed: int, used: int) -> None:
-        """Make cap a power of two >= needed (<= max_len), keeping the first `used` positions of every row."""
-        cap = self.min_cap
-        while cap < needed:
-            cap *= 2
-        cap = min(cap, max(self.max_len, needed))
-        if cap > self.cap or cap * 4 <= self.cap:
-            self._alloc(cap, min(used, cap))
+    def shape_for(self, rows: int, needed: int) -> tuple[int, int]:
+        """The (rows, cap) the cache takes for `rows` sequences whose longest needs `needed` positions."""
+        return (min(pow2(max(rows, 1), self.min_rows), self.max_rows),
+                min(pow2(needed, self.min_cap), max(self.max_len, needed)))
+
+    def tokens_for(self, rows: int, needed: int) -> int:
+        r, c = self.shape_for(rows, needed)
+        return r * c
+
+    def fit(self, rows: int, needed: int, used_rows: int, used_len: int) -> None:
+        """Grow (or shrink by 4x or more) to hold `rows` rows of `needed` positions, keeping what is in use."""
+        r, c = self.shape_for(rows, needed)
+        if r > self.rows or c > self.cap or r * 4 <= self.rows or c * 4 <= self.cap:
+            r, c = max(r, used_rows), max(c, used_len)
+            self._alloc(r, c, min(used_rows, r), min(used_len, c))
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
@@ -47,9 +61,5 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
-    @staticmethod
-    def cap_for(needed: int, min_cap: int = 64) -> int:
-        cap = min_cap
-        while cap < needed:
-            cap *= 2
-        return cap
+    def bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.k.element_size()
