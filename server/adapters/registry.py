@@ -230,10 +230,12 @@ class Registry:
             t0 = time.perf_counter()
             try:
                 weights = parse_adapter(self.store.files(adapter_id), self.base)
-            except (InvalidAdapterError, AdapterNotFoundError):
+            except (InvalidAdapterError, AdapterNotFoundError, OSError) as e:
                 with self._lock:
                     if self._current.get(adapter_id) is not rec:
                         continue  # replaced or deleted while we read: try the new state
+                if isinstance(e, OSError):
+                    raise InvalidAdapterError(f"adapter {adapter_id!r} could not be read from the store: {e}") from e
                 raise
             self.events.load("disk", time.perf_counter() - t0)
             with self._lock:
