@@ -117,12 +117,14 @@ class BottleneckPlan(MethodPlan):
         else:
             parts = [torch.where(cm, fn(d), 0.0) for fn, cm in p.acts if cm is not None]  # type: ignore[operator]
             d = torch.stack(parts).sum(0)
-        if p.colmask is None:
-            u = F.linear(d, p.wu_t, p.ub)  # [B, T, H]
-        else:
-            u = F.linear(torch.where(p.colmask, d, 0.0), p.wu_t).add_(p.ub)
-        if p.plain_out:
-            return (u + a) + h
+        if p.colmask is not None:
+            d = torch.where(p.colmask, d, 0.0)
+        if p.plain_out:  # (a + h) + d @ W_up + b_up in one GEMM with the residual as its input term
+            s = z if p.z_from == "a+h" else a + h
+            H = self.hidden
+            out = torch.addmm(s.reshape(-1, H), d.reshape(-1, d.shape[-1]), p.wu_t.t()).view_as(a)
+            return out.add_(p.ub)
+        u = F.linear(d, p.wu_t, p.ub) if p.colmask is None else F.linear(d, p.wu_t).add_(p.ub)  # [B, T, H]
         r = a * cra + h * crh
         if p.lna is None:
             core = u + r
