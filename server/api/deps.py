@@ -39,25 +39,32 @@ def get_ready(request: Request) -> Services:
     return s
 
 
+def _presented_key(request: Request) -> str:
+    """The key a client sent: `Authorization: Bearer <key>`, or `X-API-Key`."""
+    auth = request.headers.get("authorization", "")
+    return auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+
+
+def _matches(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())  # constant time
+
+
 def _check_key(request: Request, expected: str | None, what: str) -> None:
     if expected is None:
         return
-    auth = request.headers.get("authorization", "")
-    given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    given = _presented_key(request)
     if not given:
         raise AuthError(f"this endpoint needs the {what} API key: send 'Authorization: Bearer <key>'", 401)
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    if not _matches(given, expected):
         raise AuthError(f"the key given is not the {what} API key", 403)
 
 
 def require_user(request: Request) -> None:
     st: Settings = request.app.state.services.settings
-    admin = st.admin_api_key
     if st.api_key is None:
         return
-    auth = request.headers.get("authorization", "")
-    given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-    if admin is not None and given and hmac.compare_digest(given.encode(), admin.encode()):
+    given = _presented_key(request)
+    if st.admin_api_key is not None and given and _matches(given, st.admin_api_key):
         return  # the admin key may generate too
     _check_key(request, st.api_key, "generation")
 

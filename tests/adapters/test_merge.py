@@ -83,12 +83,17 @@ def test_exported_model_loads_in_plain_transformers(tmp_path):
     assert (got - refs()["ia3_ff_in"]).abs().max().item() < 1e-5
 
 
+def twin_engines(tmp_path, adapters: dict[str, str]):
+    """An engine that folds (IA)3 when it pays and one that never folds, with the same adapters."""
+    engines = make_engine(tmp_path / "a", merge="auto"), make_engine(tmp_path / "n", merge="never")
+    for e in engines:
+        for aid, src in adapters.items():
+            e.registry.add_folder(aid, fixture_dir(src))
+    return engines
+
+
 def test_engine_folds_when_batch_is_uniform_and_unfolds_when_it_mixes(tmp_path):
-    e_auto = make_engine(tmp_path / "a", merge="auto")
-    e_never = make_engine(tmp_path / "n", merge="never")
-    for e in (e_auto, e_never):
-        e.registry.add_folder("ia", fixture_dir("ia3_default"))
-        e.registry.add_folder("bn", fixture_dir("seq_bn"))
+    e_auto, e_never = twin_engines(tmp_path, {"ia": "ia3_default", "bn": "seq_bn"})
     base_weights = {k: v.clone() for k, v in e_auto.loaded.model.state_dict().items()}
     a = solo(e_auto, req(e_auto, 0, "ia", "the quick brown fox", max_new_tokens=60))
     n = solo(e_never, req(e_never, 0, "ia", "the quick brown fox", max_new_tokens=60))
@@ -117,11 +122,7 @@ def test_auto_policy_folds_only_when_it_pays(tmp_path):
 
 
 def test_switching_uniform_adapter_never_runs_on_the_other_folded_in(tmp_path):
-    e = make_engine(tmp_path / "a", merge="auto")
-    ref = make_engine(tmp_path / "n", merge="never")
-    for eng in (e, ref):
-        eng.registry.add_folder("x", fixture_dir("ia3_default"))
-        eng.registry.add_folder("y", fixture_dir("ia3_ff_in"))
+    e, ref = twin_engines(tmp_path, {"x": "ia3_default", "y": "ia3_ff_in"})
     assert solo(e, req(e, 0, "x", "hello world", max_new_tokens=40)).adapter_type == "ia3_merged"
     e._fold_s = 1e6  # y will not pay for a fold: x must be unfolded for y's rows all the same
     got = solo(e, req(e, 1, "y", "the quick brown fox", max_new_tokens=12))
