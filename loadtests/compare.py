@@ -115,6 +115,16 @@ def metric(url: str, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def cache_counts(url: str) -> tuple[float, float]:
+    """(hits, misses) of the adapter cache so far, from /metrics."""
+    return tuple(metric(url, f'adapter_server_adapter_cache_total{{event="{e}"}}') for e in ("hit", "miss"))  # type: ignore[return-value]
+
+
+def hit_rate(before: tuple[float, float], after: tuple[float, float]) -> float:
+    hits, misses = after[0] - before[0], after[1] - before[1]
+    return hits / max(1.0, hits + misses)
+
+
 def load(url: str, w: Workload, out: Path, name: str) -> dict:
     results, wall = asyncio.run(run(url, w))
     return write(out / name, name, w, results, wall)
@@ -170,16 +180,16 @@ def main(argv: list[str] | None = None) -> None:
             report["many_upload_s"] = time.perf_counter() - t0
             report["many_count"] = len(many)
             load(srv.url, replace(zipf_w, seed=6, requests=32), out, "warmup_many")
-            hit0, miss0 = metric(srv.url, 'adapter_server_adapter_cache_total{event="hit"}'), metric(srv.url, 'adapter_server_adapter_cache_total{event="miss"}')
+            before = cache_counts(srv.url)
             report["many_16_slots"] = load(srv.url, zipf_w, out, "ours_many_zipf_16slots")
-            hit1, miss1 = metric(srv.url, 'adapter_server_adapter_cache_total{event="hit"}'), metric(srv.url, 'adapter_server_adapter_cache_total{event="miss"}')
-            report["many_16_slots"]["cache_hit_rate"] = (hit1 - hit0) / max(1.0, (hit1 - hit0) + (miss1 - miss0))
+            after = cache_counts(srv.url)
+            report["many_16_slots"]["cache_hit_rate"] = hit_rate(before, after)
         with ours(store, free_port(), out / "ours_hot.log", device_slots=a.many + 12, host_capacity=a.many + 12) as srv:
             load(srv.url, zipf_w, out, "warmup_hot")  # the same traffic once: every adapter it names is now hot
-            hit0, miss0 = metric(srv.url, 'adapter_server_adapter_cache_total{event="hit"}'), metric(srv.url, 'adapter_server_adapter_cache_total{event="miss"}')
+            before = cache_counts(srv.url)
             report["many_all_hot"] = load(srv.url, zipf_w, out, "ours_many_zipf_all_hot")
-            hit1, miss1 = metric(srv.url, 'adapter_server_adapter_cache_total{event="hit"}'), metric(srv.url, 'adapter_server_adapter_cache_total{event="miss"}')
-            report["many_all_hot"]["cache_hit_rate"] = (hit1 - hit0) / max(1.0, (hit1 - hit0) + (miss1 - miss0))
+            after = cache_counts(srv.url)
+            report["many_all_hot"]["cache_hit_rate"] = hit_rate(before, after)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     s = report

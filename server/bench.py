@@ -97,10 +97,6 @@ def hf_generate(loaded: LoadedModel, max_new: int) -> float:
     return time.perf_counter() - t0
 
 
-def best(fn, repeats: int) -> float:  # noqa: ANN001
-    return min(fn() for _ in range(repeats))
-
-
 def throughput(loaded: LoadedModel, store: Path, names: list[str], max_new: int, repeats: int) -> list[dict]:
     ia3, bns = names[0], [n for n in names if not n.startswith("ia3")]
     eng = make_engine(loaded, store)

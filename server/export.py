@@ -20,22 +20,22 @@ from .errors import NotMergeableError
 log = logging.getLogger(__name__)
 
 
+def _not_mergeable(adapter_id: str, variant: object) -> NotMergeableError:
+    return NotMergeableError(f"adapter {adapter_id!r} is a {variant} bottleneck adapter: bottleneck adapters are "
+                             "non-linear and can never be folded into the base weights")
+
+
 def export_merged(model_cfg: ModelConfig, store_dir: Path, adapter_id: str, out: Path) -> Path:
     """Fold `adapter_id` from the store into the base model and save model + tokenizer to `out`."""
     store = AdapterStore(store_dir)
-    manifest = store.manifest(validate_id(adapter_id)) if (store.root / adapter_id).is_dir() else None
-    if manifest is not None and not manifest.get("mergeable", False):
-        raise NotMergeableError(
-            f"adapter {adapter_id!r} is a {manifest.get('variant')} bottleneck adapter: bottleneck adapters are "
-            "non-linear and can never be folded into the base weights"
-        )
+    validate_id(adapter_id)
+    manifest = store.manifest(adapter_id) if (store.root / adapter_id).is_dir() else None
+    if manifest is not None and not manifest.get("mergeable", False):  # refuse before loading any model
+        raise _not_mergeable(adapter_id, manifest.get("variant"))
     loaded = load_base_model(ModelConfig(model_cfg.model, "cpu", "float32", model_cfg.cache_dir))
-    weights = parse_adapter(store.files(validate_id(adapter_id)), BaseModelInfo.from_model(loaded.model))
+    weights = parse_adapter(store.files(adapter_id), BaseModelInfo.from_model(loaded.model))
     if not weights.mergeable:
-        raise NotMergeableError(
-            f"adapter {adapter_id!r} is a {weights.variant} bottleneck adapter: bottleneck adapters are "
-            "non-linear and can never be folded into the base weights"
-        )
+        raise _not_mergeable(adapter_id, weights.variant)
     slots = AdapterSlots(loaded.model, 1, loaded.device, loaded.dtype, StepTimer(loaded.device))
     slots.write(1, weights)
     slots.merge(1)

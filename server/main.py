@@ -33,8 +33,7 @@ def build(services: Services) -> None:
 
     st, m = services.settings, services.metrics
     loaded = load_base_model(st.model_cfg())
-    events = Events(cache=lambda e: m.cache.labels(e).inc(), load=lambda src, s: m.load.labels(src).observe(s),
-                    tiers=m.set_tiers)
+    events = Events.for_metrics(m)
     registry = Registry(AdapterStore(st.store), BaseModelInfo.from_model(loaded.model), st.registry_cfg(), events)
     registry.scan()
     for adapter_id, why in registry.skipped.items():

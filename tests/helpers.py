@@ -98,8 +98,7 @@ def make_engine(store_dir: Path, *, slots: int = 8, max_batch: int = 16, merge: 
     model = model or tiny_model()
     metrics = metrics or Metrics()
     rcfg = RegistryConfig(store_dir=store_dir, device_slots=slots, host_capacity=host)
-    events = Events(cache=lambda e: metrics.cache.labels(e).inc(),
-                    load=lambda src, s: metrics.load.labels(src).observe(s), tiers=metrics.set_tiers)
+    events = Events.for_metrics(metrics)
     registry = Registry(AdapterStore(store_dir), BaseModelInfo.from_model(model), rcfg, events)
     registry.scan()
     loaded = LoadedModel(model, tiny_tokenizer(), "tiny-llama", CPU, torch.float32)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..config import RegistryConfig
 from ..errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterError
+from ..metrics import Metrics
 from .formats import parse_adapter
 from .spec import AdapterWeights, BaseModelInfo
 from .store import AdapterStore, validate_id
@@ -77,6 +78,12 @@ class Events:
     cache: Callable[[str], None] = lambda event: None
     load: Callable[[str, float], None] = lambda source, seconds: None
     tiers: Callable[[dict[str, int]], None] = lambda counts: None
+
+    @staticmethod
+    def for_metrics(m: Metrics) -> Events:
+        """Record cache events, load times and tier counts in the Prometheus metrics."""
+        return Events(cache=lambda e: m.cache.labels(e).inc(), load=lambda src, s: m.load.labels(src).observe(s),
+                      tiers=m.set_tiers)
 
 
 def manifest_for(adapter_id: str, w: AdapterWeights, files: list[str]) -> dict:

@@ -45,6 +45,13 @@ def status_of(exc: E.AdapterServerError) -> int:
     return 500
 
 
+def inband_error(exc: Exception) -> dict[str, dict[str, object]]:
+    """The error body for a stream whose headers are already sent: same shape, with the status inside."""
+    if isinstance(exc, E.AdapterServerError):
+        return {"error": {"type": exc.kind, "message": str(exc), "status": status_of(exc)}}
+    return {"error": {"type": "internal_error", "message": str(exc), "status": 500}}
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(E.AdapterServerError)
     async def _domain(request: Request, exc: E.AdapterServerError) -> JSONResponse:

@@ -19,6 +19,7 @@ from ..engine.types import GenerationResult, SamplingParams
 from ..errors import AdapterNotFoundError, InvalidRequestError
 from .deps import ReadyDep, Services, UserAuth
 from .disconnect import until_disconnected
+from .errors import inband_error
 from .schemas import ChatIn, CompletionIn, _OpenAIBase
 
 router = APIRouter(prefix="/v1", dependencies=[UserAuth])
@@ -94,7 +95,7 @@ async def _events(g: Generation) -> AsyncIterator[tuple[str, Any]]:
 
 
 def _error_chunk(e: Exception) -> dict[str, str]:
-    return {"data": json.dumps({"error": {"type": getattr(e, "kind", "internal_error"), "message": str(e)}})}
+    return {"data": json.dumps(inband_error(e))}
 
 
 async def _stream_completion(g: Generation, body: CompletionIn, created: int) -> AsyncIterator[dict[str, str]]:

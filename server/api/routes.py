@@ -15,10 +15,10 @@ from starlette.datastructures import UploadFile
 from ..adapters.store import safe_filename, validate_id
 from ..engine.service import Generation
 from ..engine.types import GenerationResult, SamplingParams
-from ..errors import AdapterServerError, InvalidAdapterError, InvalidRequestError
+from ..errors import InvalidAdapterError, InvalidRequestError
 from .deps import AdminAuth, ReadyDep, ServicesDep, UserAuth
 from .disconnect import until_disconnected
-from .errors import status_of
+from .errors import inband_error
 from .schemas import AdapterInfo, AdapterList, GenerateIn, GenerateOut, Health
 from .shape import result_json
 
@@ -57,9 +57,7 @@ async def _sse(g: Generation):  # noqa: ANN202
             else:
                 yield {"data": json.dumps({"token_id": ev.token_id, "text": ev.text, "logprob": ev.logprob})}
     except Exception as e:  # headers are gone: report in-band, then end the stream
-        status = status_of(e) if isinstance(e, AdapterServerError) else 500
-        kind = e.kind if isinstance(e, AdapterServerError) else "internal_error"
-        yield {"data": json.dumps({"error": {"type": kind, "message": str(e), "status": status}})}
+        yield {"data": json.dumps(inband_error(e))}
     yield {"data": "[DONE]"}
 
 
