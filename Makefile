@@ -8,7 +8,7 @@ BIN         := $(VENV)/bin
 PY          := $(BIN)/python
 STAMP       := $(VENV)/.installed
 
-.PHONY: install serve test lint bench loadtest report prometheus clean
+.PHONY: install serve test test-gpu gpu-wheels bench bench-gpu loadtest report prometheus clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ serve: $(STAMP)
 test: $(STAMP) prometheus
 	$(BIN)/pytest -q
 
+# On a machine with CUDA: the CUDA tests (parity on CUDA, graphs against the CPU engine) and the engine tests
+# on every device. Off-line GPU machines: `make gpu-wheels` here, then run tests/gpu/device_run.sh there.
+test-gpu: $(STAMP)
+	$(BIN)/pytest -q -s tests/gpu tests/engine
+
+gpu-wheels:
+	PYTHON=$(PY) bash tests/gpu/wheels.sh
+
 # Debian's prometheus for the scrape test; best effort, the test skips with a message without it.
 prometheus:
 	@command -v prometheus >/dev/null 2>&1 || { \
@@ -44,6 +52,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m server.bench
 	$(PY) -m loadtests.report
+
+# Decode speed on a GPU: Llama-3.2-1B and 3.1-8B shapes (random weights, bf16) against HF generate and the floor.
+bench-gpu: $(STAMP)
+	$(PY) -m server.bench_gpu --out bench_results/gpu.json
 
 # Load tests against live servers (ours, the PEFT baseline, plain generate) -> bench_results/load/, then BENCHMARKS.md.
 loadtest: $(STAMP)

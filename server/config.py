@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 MergePolicy = Literal["auto", "never"]
+Graphs = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class EngineConfig:
     merge_after_steps: int = 4
     max_queue: int = 256
     request_timeout_s: float = 600.0
+    cuda_graphs: Graphs = "auto"
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     max_queue: int = Field(256, ge=1)
     request_timeout_s: float = Field(600.0, gt=0)
+    cuda_graphs: Graphs = "auto"
     api_key: str | None = None
     admin_api_key: str | None = None
     log_level: str = "info"
@@ -91,6 +94,7 @@ class Settings(BaseSettings):
             merge_policy=self.merge_policy,
             max_queue=self.max_queue,
             request_timeout_s=self.request_timeout_s,
+            cuda_graphs=self.cuda_graphs,
         )
 
     def registry_cfg(self) -> RegistryConfig:

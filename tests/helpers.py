@@ -86,8 +86,12 @@ def tiny_tokenizer(vocab_size: int = 256):
 
 
 def make_engine(store_dir: Path, *, slots: int = 8, max_batch: int = 16, merge: str = "auto", host: int = 64,
-                max_queue: int = 256, model: torch.nn.Module | None = None, metrics=None):
-    """An engine over the tiny fixture model, not started: tests drive it with engine.step()."""
+                max_queue: int = 256, model: torch.nn.Module | None = None, metrics=None,
+                device: torch.device = CPU, dtype: torch.dtype = torch.float32, graphs: str = "off"):
+    """An engine over the tiny fixture model, not started: tests drive it with engine.step().
+
+    `graphs="on"` runs decode through the fixed-shape graph step (captured on CUDA, eager on the CPU).
+    """
     from server.adapters.registry import Events, Registry
     from server.adapters.store import AdapterStore
     from server.config import EngineConfig, RegistryConfig
@@ -95,15 +99,16 @@ def make_engine(store_dir: Path, *, slots: int = 8, max_batch: int = 16, merge: 
     from server.engine.model_loader import LoadedModel
     from server.metrics import Metrics
 
-    model = model or tiny_model()
+    model = (model or tiny_model()).to(device=device, dtype=dtype)
     metrics = metrics or Metrics()
     rcfg = RegistryConfig(store_dir=store_dir, device_slots=slots, host_capacity=host)
     events = Events.for_metrics(metrics)
     registry = Registry(AdapterStore(store_dir), BaseModelInfo.from_model(model), rcfg, events)
     registry.scan()
-    loaded = LoadedModel(model, tiny_tokenizer(), "tiny-llama", CPU, torch.float32)
+    loaded = LoadedModel(model, tiny_tokenizer(), "tiny-llama", device, dtype)
     ecfg = EngineConfig(max_batch_size=max_batch, max_model_len=256, max_new_tokens_limit=200, merge_policy=merge,  # type: ignore[arg-type]
-                        merge_after_steps=2, max_queue=max_queue)
+                        merge_after_steps=2, max_queue=max_queue, cuda_graphs=graphs,  # type: ignore[arg-type]
+                        kv_cache_tokens=max(65536, 256 * max_batch))
     return Engine(loaded, registry, ecfg, metrics)
 
 

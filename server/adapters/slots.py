@@ -49,6 +49,7 @@ class AdapterSlots:
         modules = {n: m for n, m in model.named_modules() if n in base.linears}
         ctx = SlotContext(base, num_slots + 1, device, dtype, modules)  # type: ignore[arg-type]
         self.base = base
+        self.timer = timer
         self.num_slots = num_slots
         self.device = device
         self.methods: dict[str, AdapterMethod] = {n: cls(ctx, timer) for n, cls in METHODS.items()}
@@ -84,6 +85,23 @@ class AdapterSlots:
         if len(self._plans) > self._plan_cache:
             self._plans.popitem(last=False)
         return p
+
+    # -- graph replay -------------------------------------------------------------------------
+    def graph_key(self, slots: list[int]) -> tuple[tuple[str, int], ...] | None:
+        """The methods a batch needs, each with its storage layout version: batches with equal keys can
+        replay one captured graph whatever their slot mix. None when a needed method has no static plan."""
+        key = []
+        for name, m in self.methods.items():
+            if m.uses(slots):
+                if type(m).static_plan is AdapterMethod.static_plan:
+                    return None
+                key.append((name, m.layout_version))
+        return tuple(key)
+
+    def static_plan(self, slot_idx: torch.Tensor, key: tuple[tuple[str, int], ...]) -> BatchPlan:
+        """The plan for the methods of `key`, routed by the fixed buffer `slot_idx` [B]."""
+        plans = [p for name, _ in key if (p := self.methods[name].static_plan(slot_idx)) is not None]
+        return BatchPlan((), plans)
 
     # -- merging ------------------------------------------------------------------------------
     def can_merge(self, slot: int) -> bool:

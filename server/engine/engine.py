@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from collections import deque
@@ -27,9 +28,10 @@ from ..adapters.slots import AdapterSlots
 from ..config import EngineConfig
 from ..errors import GenerationFailedError, InvalidRequestError, OverloadedError
 from ..metrics import Metrics
+from .graphs import DecodeGraphs
 from .model_loader import LoadedModel
 from .model_runner import ModelRunner
-from .sampling import make_generator, sample
+from .sampling import RowSampling, sample
 from .textstream import TextStream
 from .types import FinishReason, GenerationRequest, GenerationResult, Timings, TokenEvent
 
@@ -43,7 +45,7 @@ class _Seq:
     sink: Sink
     ref: AdapterRef | None
     stream: TextStream
-    gen: torch.Generator
+    seed: int  # the request's seed, or one drawn at submit: the row's sampling stream
     max_new: int
     t_arrival: float
     deadline: float
@@ -80,8 +82,13 @@ class Engine:
         self.max_len = min(cfg.max_model_len, int(model_max))
         if cfg.kv_cache_tokens < self.max_len:
             raise ValueError(f"kv_cache_tokens ({cfg.kv_cache_tokens}) must hold one full context ({self.max_len})")
-        self.runner = ModelRunner(loaded.model, cfg.max_batch_size, self.max_len)
+        cuda = loaded.device.type == "cuda"
+        static = cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and cuda)
+        # a static cache pins a whole context per row, so the KV budget bounds the rows
+        self.max_rows = min(cfg.max_batch_size, cfg.kv_cache_tokens // self.max_len) if static else cfg.max_batch_size
+        self.runner = ModelRunner(loaded.model, self.max_rows, self.max_len, static_cache=static)
         self.slots = AdapterSlots(loaded.model, registry.cfg.device_slots, loaded.device, loaded.dtype, self.timer)
+        self.graphs = DecodeGraphs(self.runner, self.slots, capture=cuda) if static else None
         self.eos = self._eos_ids()
         self._inbox: queue.SimpleQueue[_Seq] = queue.SimpleQueue()
         self._waiting: deque[_Seq] = deque()
@@ -109,6 +116,10 @@ class Engine:
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
+        if self.graphs is not None and self.graphs.capture:
+            with torch.inference_mode():
+                secs = self.graphs.warmup()
+            log.info("captured %d decode graphs in %.1f s", len(self.graphs.graphs), secs)
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
@@ -151,8 +162,8 @@ class Engine:
                 self._queued -= 1
             raise
         now = time.perf_counter()
-        seq = _Seq(req, sink, ref, TextStream(self.tokenizer, p.stop), make_generator(p.seed, torch.device("cpu")),
-                   max_new, now, now + self.cfg.request_timeout_s)
+        seed = p.seed if p.seed is not None else random.getrandbits(63)
+        seq = _Seq(req, sink, ref, TextStream(self.tokenizer, p.stop), seed, max_new, now, now + self.cfg.request_timeout_s)
         self._inbox.put(seq)
         self._wake.set()
         return RequestHandle(seq, self)
@@ -208,7 +219,7 @@ class Engine:
         for s in list(self._waiting):
             rows = len(self._running) + len(admitted)
             n = len(s.req.prompt_ids)
-            if rows >= self.cfg.max_batch_size or (admitted and n > budget):
+            if rows >= self.max_rows or (admitted and n > budget):
                 break
             need = max(reserve, n + s.max_new)
             if rows > 0 and self.runner.cache.tokens_for(rows + 1, need) > self.cfg.kv_cache_tokens:
@@ -266,42 +277,16 @@ class Engine:
 
     def _forward(self, seqs: list[_Seq], prefill: bool) -> None:
         self._reconcile_merge(seqs)
-        dev = self.runner.device
         B = len(seqs)
-        if prefill:
-            row0 = len(self._running)
-            lens = [len(s.req.prompt_ids) for s in seqs]
-            T = max(lens)
-            ids = torch.zeros(B, T, dtype=torch.long)
-            for i, s in enumerate(seqs):
-                ids[i, : lens[i]] = torch.tensor(s.req.prompt_ids)
-            start = torch.zeros(B, dtype=torch.long)
-            lengths = torch.tensor(lens)
-            needed = max([T] + [s.cache_len + 1 for s in self._running])
-        else:
-            row0 = 0
-            ids = torch.tensor([[s.tokens[-1]] for s in seqs])
-            start = torch.tensor([s.cache_len for s in seqs])
-            lengths = torch.ones(B, dtype=torch.long)
-            needed = int(start.max()) + 1
-        rows = len(self._running) + (B if prefill else 0)
-        self.runner.cache.fit(rows, needed, len(self._running), max((s.cache_len for s in self._running), default=0))
-        plan = self.slots.plan([s.slot for s in seqs])
         t0 = time.perf_counter()
         try:
-            logits = self.runner.forward(ids.to(dev), start.to(dev), lengths.to(dev), row0, plan)
-            toks, lps = sample(logits, [s.req.params for s in seqs], [s.gen for s in seqs],
-                               any(s.req.params.logprobs for s in seqs))
-            finite = torch.isfinite(logits).all(dim=-1).tolist()
-        except Exception as e:
+            logits = self._logits(seqs, prefill)
+        except Exception as e:  # the pass is shared: every row of it fails
             log.exception("forward pass failed for %d rows", B)
             for s in seqs:
-                if prefill:
-                    self._release(s)
-                    self._send_error(s, GenerationFailedError(f"forward pass failed: {e}"))
-                else:
-                    self._finish(s, "error", error=f"forward pass failed: {e}")
+                self._fail(s, prefill, f"forward pass failed: {e}")
             return
+        toks, lps, errors = self._sample(seqs, logits)
         elapsed = time.perf_counter() - t0
         self._record_step(seqs, elapsed)
         if prefill:
@@ -310,10 +295,68 @@ class Engine:
             s.cache_len = len(s.req.prompt_ids) if prefill else s.cache_len + 1
             s.adapter_type = self.slots.adapter_type(s.slot)
         for i, s in enumerate(seqs):
-            if not finite[i]:
-                self._finish(s, "error", error="the model produced non-finite logits for this request")
+            if errors[i] is not None:
+                self._finish(s, "error", error=errors[i])
                 continue
             self._emit(s, toks[i], None if lps is None else lps[i])
+
+    def _fail(self, s: _Seq, prefill: bool, why: str) -> None:
+        if prefill:
+            self._release(s)
+            self._send_error(s, GenerationFailedError(why))
+        else:
+            self._finish(s, "error", error=why)
+
+    def _logits(self, seqs: list[_Seq], prefill: bool) -> torch.Tensor:
+        """One forward pass over the rows: prefill of new rows, or one decode step of the running ones."""
+        dev, B = self.runner.device, len(seqs)
+        slots = [s.slot for s in seqs]
+        if prefill:
+            row0 = len(self._running)
+            lens = [len(s.req.prompt_ids) for s in seqs]
+            T = max(lens)
+            ids = torch.zeros(B, T, dtype=torch.long)
+            for i, s in enumerate(seqs):
+                ids[i, : lens[i]] = torch.tensor(s.req.prompt_ids)
+            start, lengths = torch.zeros(B, dtype=torch.long), torch.tensor(lens)
+            needed, start0 = max([T] + [s.cache_len + 1 for s in self._running]), 0
+            kv_len = T
+        else:
+            row0 = 0
+            pos = [s.cache_len for s in seqs]
+            needed = max(pos) + 1
+            if self.graphs is not None and (key := self.graphs.key(slots, needed - 1)) is not None:
+                return self.graphs.run([s.tokens[-1] for s in seqs], pos, slots, key)
+            ids = torch.tensor([[s.tokens[-1]] for s in seqs])
+            start, lengths = torch.tensor(pos), torch.ones(B, dtype=torch.long)
+            start0 = pos[0] if all(p == pos[0] for p in pos) else None
+            kv_len = needed
+        rows = len(self._running) + (B if prefill else 0)
+        self.runner.cache.fit(rows, needed, len(self._running), max((s.cache_len for s in self._running), default=0))
+        plan = self.slots.plan(slots)
+        return self.runner.forward(ids.to(dev), start.to(dev), lengths.to(dev), row0, plan,
+                                   kv_len=kv_len, start0=start0)
+
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> tuple[list[int], list[float] | None, list[str | None]]:
+        """Tokens for every row in one pass. Rows with non-finite logits fail alone; if the batched pass
+        raises, each row is sampled on its own so that only the rows that fail, fail."""
+        rows = [RowSampling(s.req.params, s.seed, len(s.tokens)) for s in seqs]
+        want = any(s.req.params.logprobs for s in seqs)
+        bad = "the model produced non-finite logits for this request"
+        try:
+            toks, lps, ok = sample(logits, rows, want)
+            return toks, lps, [None if f else bad for f in ok]
+        except Exception:
+            log.exception("batched sampling failed; sampling each row alone")
+        toks, lps_out, errors = [0] * len(seqs), [0.0] * len(seqs), [None] * len(seqs)
+        for i, r in enumerate(rows):
+            try:
+                t, lp, f = sample(logits[i : i + 1], [r], want)
+                toks[i], lps_out[i] = t[0], (lp[0] if lp else 0.0)
+                errors[i] = None if f[0] else bad
+            except Exception as e:
+                errors[i] = f"sampling failed: {e}"
+        return toks, (lps_out if want else None), errors
 
     def _record_step(self, seqs: list[_Seq], elapsed: float) -> None:
         m = self.metrics

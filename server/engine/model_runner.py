@@ -18,7 +18,7 @@ from .kv_cache import KVCache
 
 
 class ModelRunner:
-    def __init__(self, model: Any, max_rows: int, max_len: int) -> None:
+    def __init__(self, model: Any, max_rows: int, max_len: int, static_cache: bool = False) -> None:
         self.model = model
         cfg = model.config
         self.cfg = cfg
@@ -30,7 +30,8 @@ class ModelRunner:
         self.windows = self._windows(cfg)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.cache = KVCache(len(self.layers), max_rows, self.n_kv, self.head_dim, max_len, self.dtype, self.device)
+        self.cache = KVCache(len(self.layers), max_rows, self.n_kv, self.head_dim, max_len, self.dtype, self.device,
+                             static=static_cache)
 
     @staticmethod
     def _windows(cfg) -> list[int | None]:  # noqa: ANN001
@@ -52,19 +53,82 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, row0: int,
-                plan: BatchPlan, all_logits: bool = False) -> torch.Tensor:
+                plan: BatchPlan, all_logits: bool = False, kv_len: int | None = None,
+                start0: int | None = None) -> torch.Tensor:
         """Run rows row0..row0+B-1 on `input_ids` [B, T] (right-padded; row b has lengths[b] real tokens
         starting at cache position start[b]). Writes their K/V. Returns logits [B, V] at each row's last
         real token, or [B, T, V] with all_logits.
+
+        `kv_len` (max of start + lengths) and `start0` (the start every row shares, if any) are what the
+        caller knows on the host; without them they are read from the tensors, a device synchronisation.
         """
         B, T = input_ids.shape
         rows = slice(row0, row0 + B)
-        Lk = int((start + lengths).max())
+        if kv_len is None:
+            kv_len = int((start + lengths).max())
+            start0 = int(start[0]) if bool((start == start[0]).all()) else None
         pos = start[:, None] + torch.arange(T, device=self.device)[None, :]  # [B, T]
-        h = self.inner.embed_tokens(input_ids)  # [B, T, H]
-        cos, sin = self.inner.rotary_emb(h, pos)
         masks: dict[int | None, torch.Tensor] = {}
-        same_start = bool((start == start[0]).all())
+        r_idx = torch.arange(row0, row0 + B, device=self.device) if start0 is None else None
+
+        def attend(li: int, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kc, vc = self.cache.k[li], self.cache.v[li]  # [rows, kvh, cap, hd]
+            if start0 is not None:
+                kc[rows, :, start0 : start0 + T] = k
+                vc[rows, :, start0 : start0 + T] = v
+            else:  # decode: one new token per row, each at its own position
+                assert T == 1
+                kc[r_idx, :, start] = k[:, :, 0]
+                vc[r_idx, :, start] = v[:, :, 0]
+            w = self.windows[li]
+            if w not in masks:
+                masks[w] = self._mask(start, lengths, T, kv_len, w)
+            return F.scaled_dot_product_attention(
+                q, kc[rows, :, :kv_len], vc[rows, :, :kv_len], attn_mask=masks[w],
+                scale=attn.scaling, enable_gqa=self.n_heads != self.n_kv,
+            )  # [B, heads, T, hd]
+
+        h = self._layers(self.inner.embed_tokens(input_ids), pos, plan, attend)
+        if not all_logits:
+            h = h[torch.arange(B, device=self.device), lengths - 1]  # [B, H]
+        return self.model.lm_head(self.inner.norm(h)).float()
+
+    @torch.inference_mode()
+    def decode_static(self, input_ids: torch.Tensor, pos: torch.Tensor, plan: BatchPlan, kv_len: int) -> torch.Tensor:
+        """One decode step of rows 0..B-1, with shapes fixed by (B, kv_len) and no host synchronisation,
+        so a CUDA graph can capture it. input_ids [B, 1], pos [B] (each row's new position, < kv_len).
+        Returns logits [B, V] float32.
+
+        Grouped-query attention without repeating K/V: the G query heads that share a K/V head are
+        laid out as G queries of one head, which all sit at the row's one position.
+        """
+        B = input_ids.shape[0]
+        kc0 = self.cache.k[0]  # [rows, kvh, cap, hd], contiguous: write K/V rows through a flat index
+        cap = kc0.shape[2]
+        heads = torch.arange(B, device=self.device)[:, None] * self.n_kv + torch.arange(self.n_kv, device=self.device)
+        flat = (heads * cap + pos[:, None]).reshape(-1)  # [B * kvh] rows of the [rows * kvh * cap, hd] view
+        j = torch.arange(kv_len, device=self.device)[None, :]  # [1, Lk]
+        masks = {w: ((j <= pos[:, None]) & (True if w is None else j > pos[:, None] - w))[:, None, None, :]
+                 for w in set(self.windows)}  # [B, 1, 1, Lk]
+        G = self.n_heads // self.n_kv
+
+        def attend(li: int, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kc, vc = self.cache.k[li], self.cache.v[li]
+            kc.view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim))
+            vc.view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim))
+            o = F.scaled_dot_product_attention(
+                q.reshape(B, self.n_kv, G, self.head_dim), kc[:B, :, :kv_len], vc[:B, :, :kv_len],
+                attn_mask=masks[self.windows[li]], scale=attn.scaling,
+            )  # [B, kvh, G, hd]
+            return o.reshape(B, self.n_heads, 1, self.head_dim)
+
+        h = self._layers(self.inner.embed_tokens(input_ids), pos[:, None], plan, attend)
+        return self.model.lm_head(self.inner.norm(h[:, 0])).float()
+
+    def _layers(self, h: torch.Tensor, pos: torch.Tensor, plan: BatchPlan, attend: Any) -> torch.Tensor:
+        """Every decoder layer over h [B, T, H]: the HF submodules in order, adapters at the hook points."""
+        B, T = h.shape[:2]
+        cos, sin = self.inner.rotary_emb(h, pos)
         for li, layer in enumerate(self.layers):
             attn: Any = layer.self_attn
             x = layer.input_layernorm(h)
@@ -72,24 +136,7 @@ class ModelRunner:
             k = plan.linear(li, "k_proj", attn.k_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
             v = plan.linear(li, "v_proj", attn.v_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
             q, k = self.rope(q, k, cos, sin)  # [B, heads, T, hd], [B, kvh, T, hd]
-            kc, vc = self.cache.k[li], self.cache.v[li]  # [rows, kvh, cap, hd]
-            if same_start:
-                s0 = int(start[0])
-                kc[rows, :, s0 : s0 + T] = k
-                vc[rows, :, s0 : s0 + T] = v
-            else:  # decode: one new token per row, each at its own position
-                assert T == 1
-                r_idx = torch.arange(row0, row0 + B, device=self.device)
-                kc[r_idx, :, start] = k[:, :, 0]
-                vc[r_idx, :, start] = v[:, :, 0]
-            w = self.windows[li]
-            if w not in masks:
-                masks[w] = self._mask(start, lengths, T, Lk, w)
-            o = F.scaled_dot_product_attention(
-                q, kc[rows, :, :Lk], vc[rows, :, :Lk], attn_mask=masks[w],
-                scale=attn.scaling, enable_gqa=self.n_heads != self.n_kv,
-            )  # [B, heads, T, hd]
-            o = o.transpose(1, 2).reshape(B, T, -1)
+            o = attend(li, attn, q, k, v).transpose(1, 2).reshape(B, T, -1)
             h = plan.residual(li, "attn", h, plan.linear(li, "o_proj", attn.o_proj, o))
             x = layer.post_attention_layernorm(h)
             mlp: Any = layer.mlp
@@ -97,6 +144,4 @@ class ModelRunner:
             u = plan.linear(li, "up_proj", mlp.up_proj, x)
             a = plan.linear(li, "down_proj", mlp.down_proj, mlp.act_fn(g) * u)
             h = plan.residual(li, "mlp", h, a)
-        if not all_logits:
-            h = h[torch.arange(B, device=self.device), lengths - 1]  # [B, H]
-        return self.model.lm_head(self.inner.norm(h)).float()
+        return h

@@ -1,44 +1,112 @@
-"""Choosing the next token for each row: greedy, or temperature / top-k / top-p with a per-request generator."""
+"""Choosing the next token of every row in one vectorised pass, on the logits' own device.
+
+Greedy rows take the argmax. Sampled rows get temperature, top-k and top-p as batched tensor ops (one
+sort for the whole batch, only when some row asks for top-p), then the exponential race: the argmax of
+p_i / E_i with E_i ~ Exp(1) independent is an exact draw from p (what vLLM does with `exponential_`).
+
+The noise is not drawn from a generator. E_i is a counter-based hash of (row seed, step, token id):
+no per-request generator state, the same numbers on the CPU and on CUDA, nothing to synchronise, and
+a seed reproduces its output whatever batch its row runs in. Rows never share a stream, so one row's
+draws cannot shift another's.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from .types import SamplingParams
 
-
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(seed)
-    return g
+M32 = 0xFFFFFFFF
+_MUL = 0x45D9F3B  # the multiplier of a well-mixing 32-bit integer hash; < 2**31 so int64 never overflows
 
 
-def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, then top-p on one row's logits [V]; masked entries become -inf."""
-    x = logits / p.temperature
-    if 0 < p.top_k < x.numel():
-        kth = torch.topk(x, p.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if p.top_p < 1.0:
-        srt, order = torch.sort(x, descending=True)
-        probs = torch.softmax(srt, dim=-1)
-        drop = (torch.cumsum(probs, dim=-1) - probs) > p.top_p  # keep the smallest prefix reaching top_p
-        x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return x
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser on int64 tensors holding values in [0, 2**32)."""
+    x = ((x >> 16) ^ x) * _MUL & M32
+    x = ((x >> 16) ^ x) * _MUL & M32
+    return (x >> 16) ^ x
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator],
-           want_logprobs: bool) -> tuple[list[int], list[float] | None]:
-    """logits [B, V] float32 -> one token per row, and log_softmax(raw logits)[token] if asked."""
-    tokens = torch.argmax(logits, dim=-1)  # [B] greedy for every row, overwritten for sampled rows
-    for i, p in enumerate(params):
-        if p.temperature > 0:
-            probs = torch.softmax(filter_logits(logits[i], p), dim=-1)
-            tokens[i] = torch.multinomial(probs, 1, generator=gens[i])[0]
-    lp = None
+def row_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """One 32-bit stream key per row from a 64-bit seed and the row's step counter. [B] int64."""
+    lo, hi = seeds & M32, (seeds >> 32) & M32
+    return mix32(lo ^ mix32(hi ^ mix32(steps & M32)))
+
+
+def exponential_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """E [B, V] float32 with E ~ Exp(1), a pure function of (key, token id)."""
+    tok = mix32(torch.arange(vocab, device=keys.device, dtype=torch.int64))
+    u = mix32(keys[:, None] ^ tok[None, :]) >> 8  # 24 uniform bits
+    uniform = (u.to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1), never 0 or 1
+    return -torch.log(uniform)
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """What sampling needs from one row: its parameters, its seed and how many tokens it has made."""
+
+    params: SamplingParams
+    seed: int
+    step: int
+
+
+def filter_logits(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, kmax: int, any_top_p: bool) -> torch.Tensor:
+    """Top-k then top-p on rows of already temperature-scaled logits [N, V]; masked entries -inf.
+
+    top_k [N] (0 = off), top_p [N] (1.0 = off); `kmax` and `any_top_p` are known on the host, so
+    choosing the path needs no synchronisation. Entries tied with the last kept value are kept.
+    """
+    N, V = x.shape
+    k = torch.where((top_k > 0) & (top_k < V), top_k, V)  # [N]
+    if not any_top_p:
+        if kmax >= V:
+            return x
+        vals = torch.topk(x, kmax, dim=-1).values  # [N, kmax]
+        thr = vals.gather(1, (k.clamp(max=kmax) - 1)[:, None])
+        thr = thr.masked_fill(k[:, None] >= V, float("-inf"))  # rows without top-k keep everything
+        return x.masked_fill(x < thr, float("-inf"))
+    srt = torch.sort(x, dim=-1, descending=True).values  # [N, V]
+    rank = torch.arange(V, device=x.device)[None, :]
+    srt = srt.masked_fill(rank >= k[:, None], float("-inf"))  # top-k first, as before top-p
+    probs = torch.softmax(srt, dim=-1)
+    drop = (torch.cumsum(probs, dim=-1) - probs) > top_p[:, None]  # keep the smallest prefix reaching top_p
+    keep = (~drop & (rank < k[:, None])).sum(dim=-1).clamp(min=1)  # [N]
+    thr = srt.gather(1, (keep - 1)[:, None])
+    return x.masked_fill(x < thr, float("-inf"))
+
+
+def sample(logits: torch.Tensor, rows: list[RowSampling], want_logprobs: bool,
+           finite: torch.Tensor | None = None) -> tuple[list[int], list[float] | None, list[bool]]:
+    """logits [B, V] float32 -> one token per row, log_softmax(raw logits)[token] where asked, and
+    whether each row's logits were all finite (rows that were not get garbage tokens: fail them).
+
+    The only host synchronisation is reading the result, in one transfer.
+    """
+    if finite is None:
+        finite = torch.isfinite(logits).all(dim=-1)
+    logits = torch.where(finite[:, None], logits, 0.0)
+    B, V = logits.shape
+    dev = logits.device
+    tokens = torch.argmax(logits, dim=-1)  # [B] greedy for every row, replaced for sampled rows
+    sampled = [i for i, r in enumerate(rows) if r.params.temperature > 0]
+    if sampled:
+        ps = [rows[i].params for i in sampled]
+        host = torch.tensor([[p.top_k, rows[i].seed & ((1 << 63) - 1), rows[i].step] for i, p in zip(sampled, ps, strict=True)],
+                            dtype=torch.int64)
+        fhost = torch.tensor([[p.temperature, p.top_p] for p in ps], dtype=torch.float32)
+        ints, floats = host.to(dev, non_blocking=True), fhost.to(dev, non_blocking=True)
+        idx = torch.tensor(sampled, device=dev) if len(sampled) < B else None
+        x = logits if idx is None else logits.index_select(0, idx)
+        kmax = max(p.top_k if 0 < p.top_k < V else V for p in ps)
+        x = filter_logits(x / floats[:, :1], ints[:, 0], floats[:, 1], kmax, any(p.top_p < 1.0 for p in ps))
+        noise = exponential_noise(row_keys(ints[:, 1], ints[:, 2]), V)
+        # argmax p / E = argmax (x - log E); x already holds -inf where filtered
+        drawn = torch.argmax(x - torch.log(noise), dim=-1)
+        tokens = drawn if idx is None else tokens.index_copy(0, idx, drawn)
+    parts = [tokens.to(torch.float64), finite.to(torch.float64)]
     if want_logprobs:
-        lp = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0].tolist()
-    return tokens.tolist(), lp
+        parts.append(torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0].to(torch.float64))
+    out = torch.stack(parts).tolist()  # one transfer
+    return [int(t) for t in out[0]], (out[2] if want_logprobs else None), [f > 0 for f in out[1]]

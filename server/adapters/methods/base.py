@@ -106,6 +106,23 @@ class AdapterMethod(ABC):
     def device_bytes(self) -> int:
         return 0
 
+    # Graph replay: a plan for any mix of slots, fixed at capture time.
+    def uses(self, slots: list[int]) -> bool:
+        """Whether any row of this batch has work for this method (a folded adapter has none)."""
+        return False
+
+    def static_plan(self, slot_idx: torch.Tensor) -> MethodPlan | None:
+        """Routing that reads `slot_idx` [B] (a fixed buffer) only inside its hooks, so one captured
+        graph serves every mix of this method's slots. None: this method has no such plan, and batches
+        that use it run eagerly.
+        """
+        return None
+
+    @property
+    def layout_version(self) -> int:
+        """Changes when the storage a static plan captured is replaced (a new table, new shapes)."""
+        return 0
+
     # Merging: only methods whose adapters are linear in the weights implement these.
     def can_merge(self, slot: int) -> bool:
         return False

@@ -168,6 +168,9 @@ class BottleneckMethod(AdapterMethod):
         for blocks in self.sites.values():
             blocks.pop(slot, None)
 
+    def uses(self, slots: list[int]) -> bool:
+        return any(s in self.options for s in slots)
+
     def device_bytes(self) -> int:
         return sum(b.nbytes() for blocks in self.sites.values() for b in blocks.values())
 

@@ -48,6 +48,26 @@ class IA3Plan(MethodPlan):
         return y
 
 
+class IA3StaticPlan(MethodPlan):
+    """Every table, gathered by the slot index inside the hook: rows without an (IA)3 adapter read row 0
+    (ones), and multiplying by 1.0 in float32 is exact, so this equals IA3Plan on any batch."""
+
+    def __init__(self, inp: dict[tuple[int, str], torch.Tensor], out: dict[tuple[int, str], torch.Tensor],
+                 slot_idx: torch.Tensor) -> None:
+        self.inp, self.out, self.slot_idx = inp, out, slot_idx
+
+    def linear(self, layer: int, name: str, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        tin, tout = self.inp.get((layer, name)), self.out.get((layer, name))
+        if tin is None and tout is None:
+            return None
+        if tin is not None:
+            x = (x.to(F32) * tin.index_select(0, self.slot_idx)[:, None, :]).to(x.dtype)
+        y = module(x)
+        if tout is not None:
+            y = (y.to(F32) * tout.index_select(0, self.slot_idx)[:, None, :]).to(y.dtype)
+        return y
+
+
 class IA3Method(AdapterMethod):
     name = "ia3"
 
@@ -58,12 +78,14 @@ class IA3Method(AdapterMethod):
         self.by_slot: dict[int, list[tuple[str, str]]] = {}  # slot -> [(module, 'in'|'out')]  # slot -> [(module, side)]
         self._merged: int | None = None
         self._backup: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._layout = 0
 
     def _table(self, side: str, module: str) -> _Table:
         tables = self.out if side == "out" else self.inp
         if module not in tables:
             out_f, in_f = self.ctx.base.linears[module]
             tables[module] = _Table(self.ctx.num_slots, out_f if side == "out" else in_f, self.ctx.device)
+            self._layout += 1
         return tables[module]
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
@@ -96,6 +118,18 @@ class IA3Method(AdapterMethod):
             vout = tout.data.index_select(0, slot_idx)[:, None, :] if tout and tout.slots & used else None
             vecs[self.ctx.base.split(module)] = (vin, vout)
         return IA3Plan(vecs, self.timer)
+
+    def uses(self, slots: list[int]) -> bool:
+        return any(s in self.by_slot and s != self._merged for s in slots)
+
+    def static_plan(self, slot_idx: torch.Tensor) -> MethodPlan | None:
+        split = self.ctx.base.split
+        return IA3StaticPlan({split(m): t.data for m, t in self.inp.items()},
+                             {split(m): t.data for m, t in self.out.items()}, slot_idx)
+
+    @property
+    def layout_version(self) -> int:
+        return self._layout
 
     def device_bytes(self) -> int:
         return sum(t.data.numel() * 4 for t in [*self.out.values(), *self.inp.values()])

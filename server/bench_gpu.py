@@ -1,0 +1,242 @@
+"""GPU benchmark (`make bench-gpu`, on a machine with CUDA): decode speed of random-initialised models of
+real shapes in bfloat16, against HF `generate` and against the weight-read floor.
+
+For each model: decode tokens/s at each batch size through the engine, with CUDA graphs and eagerly;
+HF `generate` on the same static batch (same dtype, sdpa), its decode rate taken as the difference of a
+long and a one-token run; the floor, the bytes of weights one step reads over the measured
+device-to-device copy bandwidth. Then adapter cost at one batch size: (IA)3 and a bottleneck, one
+adapter and 8 mixed, against the bare model; graph capture time and GPU memory. Prints a table and
+writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapters.registry import Registry
+from .adapters.spec import BaseModelInfo
+from .adapters.store import AdapterStore
+from .adapters.synth import linear_dims, write_adapterhub_bn, write_peft_ia3
+from .config import EngineConfig, RegistryConfig
+from .engine.engine import Engine
+from .engine.model_loader import LoadedModel, freeze
+from .engine.types import GenerationRequest, GenerationResult, SamplingParams
+from .metrics import Metrics
+
+LLAMA = {  # the public configs' shapes; weights are random
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,  # a smoke test
+                 num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=True),
+}
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+log = logging.getLogger(__name__)
+
+
+def build_model(name: str, dtype: torch.dtype = torch.bfloat16) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**LLAMA[name], rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with DEV:
+        model = LlamaForCausalLM(cfg).to(dtype)
+    for p in model.parameters():  # small weights, so activations stay in range through every layer
+        p.data.normal_(0, 0.02) if p.dim() > 1 else p.data.fill_(1.0)
+    return freeze(model)
+
+
+def word_tokenizer(vocab: int) -> Any:
+    """A word-level tokenizer over `vocab` ids (t0 t1 ...), so the engine can detokenise any id."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t2", unk_token="t0", pad_token="t0")
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a device-to-device copy, counting bytes read and written (best of 20)."""
+    n = (1 << 30) if DEV.type == "cuda" else (1 << 26)
+    a = torch.randint(0, 255, (n,), dtype=torch.uint8, device=DEV)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for i in range(23):
+        sync()
+        t0 = time.perf_counter()
+        b.copy_(a)
+        sync()
+        if i >= 3:
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n / best
+
+
+def step_bytes(model: Any) -> int:
+    """Bytes of weights one decode step reads: every layer, the final norm, the LM head (not the embedding table)."""
+    inner = model.model
+    total = sum(p.numel() * p.element_size() for p in inner.layers.parameters())
+    total += sum(p.numel() * p.element_size() for p in inner.norm.parameters())
+    return total + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+
+
+def engine_for(loaded: LoadedModel, store: Path, graphs: str, max_batch: int, max_len: int) -> Engine:
+    reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model), RegistryConfig(store, 16, 64))
+    reg.scan()
+    cfg = EngineConfig(max_batch_size=max_batch, max_model_len=max_len, kv_cache_tokens=max_batch * max_len,
+                       max_new_tokens_limit=max_len, prefill_token_budget=max_batch * max_len,
+                       merge_policy="never", cuda_graphs=graphs)  # type: ignore[arg-type]
+    return Engine(loaded, reg, cfg, Metrics())
+
+
+def decode_rate(eng: Engine, adapters: list[str | None], prompt: int, new: int, vocab: int) -> float:
+    """Decode tokens/s of one static batch: every row admitted and prefilled, then timed steps only."""
+    done: list[object] = []
+    g = torch.Generator().manual_seed(1)
+    for i, a in enumerate(adapters):
+        ids = tuple(torch.randint(3, vocab, (prompt,), generator=g).tolist())
+        eng.submit(GenerationRequest(f"r{i}", ids, a, SamplingParams(max_new_tokens=new, ignore_eos=True)),
+                   lambda ev: done.append(ev) if isinstance(ev, (GenerationResult, Exception)) else None)
+    eng.step()  # admit, prefill, first decode step
+    sync()
+    t0, steps = time.perf_counter(), 0
+    while len(done) < len(adapters):
+        eng.step()
+        steps += 1
+    dt = time.perf_counter() - t0
+    bad = [d for d in done if not isinstance(d, GenerationResult) or d.finish_reason != "length"]
+    if bad:
+        raise RuntimeError(f"benchmark requests failed: {bad[:2]}")
+    return len(adapters) * (steps - 1) / dt  # the last step only finishes rows
+
+
+def hf_rate(model: Any, B: int, prompt: int, new: int, vocab: int) -> float:
+    ids = torch.randint(3, vocab, (B, prompt), device=DEV)
+    mask = torch.ones_like(ids)
+
+    def gen(n: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)
+        sync()
+        return time.perf_counter() - t0
+
+    gen(2)
+    return B * (new - 1) / (gen(new) - gen(1))
+
+
+def synth_adapters(loaded: LoadedModel, store: Path) -> dict[str, list[str]]:
+    cfg = loaded.model.config
+    L, H, dims = cfg.num_hidden_layers, cfg.hidden_size, linear_dims(loaded.model)
+    reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model), RegistryConfig(store, 16, 64))
+    out: dict[str, list[str]] = {"ia3": [], "seq_bn": []}
+    for i in range(8):
+        for kind in out:
+            src = Path(tempfile.mkdtemp())
+            if kind == "ia3":
+                write_peft_ia3(src, L, dims, seed=i)
+            else:
+                write_adapterhub_bn(src, L, H, kind, seed=i)
+            reg.add_folder(f"{kind}-{i}", src)
+            out[kind].append(f"{kind}-{i}")
+    return out
+
+
+def bench_model(name: str, batches: list[int], prompt: int, new: int, adapter_batch: int, bw: float) -> dict:
+    if DEV.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model = build_model(name, torch.bfloat16 if DEV.type == "cuda" else torch.float32)
+    vocab = model.config.vocab_size
+    loaded = LoadedModel(model, word_tokenizer(vocab), name, DEV, next(model.parameters()).dtype)
+    nbytes = step_bytes(model)
+    floor_s = nbytes / bw
+    res: dict[str, Any] = {"model": name, "weight_bytes_per_step": nbytes, "floor_step_ms": floor_s * 1e3, "rows": []}
+    max_len, max_batch = prompt + new + 8, max(batches)
+    store = Path(tempfile.mkdtemp())
+    names = synth_adapters(loaded, store)
+    engines = {g: engine_for(loaded, store, g, max_batch, max_len) for g in ("on", "off")}
+    graphs = engines["on"].graphs
+    assert graphs is not None
+    with torch.inference_mode():
+        res["capture_s"] = graphs.warmup()
+    res["graphs_captured"] = len(graphs.graphs)
+    for B in batches:
+        row: dict[str, Any] = {"batch": B}
+        decode_rate(engines["on"], [None] * B, prompt, 4, vocab)  # warm
+        row["graphs_tok_s"] = decode_rate(engines["on"], [None] * B, prompt, new, vocab)
+        row["eager_tok_s"] = decode_rate(engines["off"], [None] * B, prompt, new, vocab)
+        row["hf_generate_tok_s"] = hf_rate(model, B, prompt, new, vocab)
+        row["floor_tok_s"] = B / floor_s
+        row["graphs_vs_floor"] = row["graphs_tok_s"] / row["floor_tok_s"]
+        row["graphs_vs_hf"] = row["graphs_tok_s"] / row["hf_generate_tok_s"]
+        res["rows"].append(row)
+        log.info("%s %s", name, row)
+    B = adapter_batch
+    cases = {
+        "bare": [None] * B,
+        "ia3 x1": [names["ia3"][0]] * B,
+        "ia3 x8 mixed": [names["ia3"][i % 8] for i in range(B)],
+        "seq_bn x1": [names["seq_bn"][0]] * B,
+        "seq_bn x8 mixed": [names["seq_bn"][i % 8] for i in range(B)],
+        "ia3+seq_bn 8 mixed": [(names["ia3"][:4] + names["seq_bn"][:4])[i % 8] for i in range(B)],
+    }
+    ad: dict[str, Any] = {}
+    for mode, eng in engines.items():
+        for label, rows in cases.items():
+            decode_rate(eng, rows, prompt, 4, vocab)  # warm: resident, graphs captured
+            ad[f"{label} ({'graphs' if mode == 'on' else 'eager'})"] = decode_rate(eng, rows, prompt, new, vocab)
+    res["adapters_batch"] = B
+    res["adapters_tok_s"] = ad
+    res["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if DEV.type == "cuda" else None
+    res["graph_replays"], res["graph_eager_steps"] = graphs.replays, graphs.eager_steps
+    del engines, model, loaded
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b")
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--adapter-batch", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=Path("bench_results/gpu.json"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
+    torch.set_grad_enabled(False)
+    bw = copy_bandwidth()
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", "torch": torch.__version__,
+                           "date": time.strftime("%Y-%m-%d"), "copy_bandwidth_gb_s": bw / 1e9, "models": []}
+    import transformers
+
+    out["transformers"] = transformers.__version__
+    for name in args.models.split(","):
+        out["models"].append(bench_model(name, [int(b) for b in args.batches.split(",")], args.prompt, args.new,
+                                         args.adapter_batch, bw))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
