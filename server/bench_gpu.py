@@ -95,12 +95,12 @@ def step_bytes(model: Any) -> int:
     return total + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
 
 
-def engine_for(loaded: LoadedModel, store: Path, graphs: str, max_batch: int, max_len: int) -> Engine:
+def engine_for(loaded: LoadedModel, store: Path, graphs: str, max_batch: int, max_len: int, fuse: bool = True) -> Engine:
     reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model), RegistryConfig(store, 16, 64))
     reg.scan()
     cfg = EngineConfig(max_batch_size=max_batch, max_model_len=max_len, kv_cache_tokens=max_batch * max_len,
                        max_new_tokens_limit=max_len, prefill_token_budget=max_batch * max_len,
-                       merge_policy="never", cuda_graphs=graphs)  # type: ignore[arg-type]
+                       merge_policy="never", cuda_graphs=graphs, compile_kernels=fuse)  # type: ignore[arg-type]
     return Engine(loaded, reg, cfg, Metrics())
 
 
@@ -142,6 +142,28 @@ def hf_rate(model: Any, B: int, prompt: int, new: int, vocab: int) -> float:
     return B * (new - 1) / (gen(new) - gen(1))
 
 
+def kernel_profile(eng: Engine, B: int, kv_len: int, top: int = 12) -> dict:
+    """Where one decode step's GPU time goes: the fixed-shape step run eagerly under the profiler (a
+    replayed graph launches the same kernels). Kernel count, summed kernel time, the largest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = eng.graphs
+    assert g is not None
+    key = (g.bucket(B), g.kv_bucket(kv_len), ())
+    for _ in range(2):
+        g._step(key)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        g._step(key)
+        sync()
+    rows = [(e.key, e.count, e.device_time_total) for e in prof.key_averages()]
+    rows = [r for r in rows if r[2] > 0]
+    total = sum(r[2] for r in rows)
+    rows.sort(key=lambda r: -r[2])
+    return {"kernels": sum(r[1] for r in rows), "kernel_time_ms": total / 1e3,
+            "top": [{"name": n[:80], "count": c, "ms": t / 1e3} for n, c, t in rows[:top]]}
+
+
 def synth_adapters(loaded: LoadedModel, store: Path) -> dict[str, list[str]]:
     cfg = loaded.model.config
     L, H, dims = cfg.num_hidden_layers, cfg.hidden_size, linear_dims(loaded.model)
@@ -171,18 +193,38 @@ def bench_model(name: str, batches: list[int], prompt: int, new: int, adapter_ba
     max_len, max_batch = prompt + new + 8, max(batches)
     store = Path(tempfile.mkdtemp())
     names = synth_adapters(loaded, store)
-    engines = {g: engine_for(loaded, store, g, max_batch, max_len) for g in ("on", "off")}
+    engines = {"on": engine_for(loaded, store, "on", max_batch, max_len),
+               "nofuse": engine_for(loaded, store, "on", max_batch, max_len, fuse=False),
+               "off": engine_for(loaded, store, "off", max_batch, max_len)}
     graphs = engines["on"].graphs
     assert graphs is not None
     with torch.inference_mode():
-        res["capture_s"] = graphs.warmup()
+        nofuse = engines["nofuse"].graphs
+        assert nofuse is not None
+        res["capture_s"] = nofuse.warmup()
+        try:
+            res["capture_and_compile_s"] = graphs.warmup()
+        except Exception as e:  # keep measuring what works; say why
+            log.exception("graphs with compiled kernels failed")
+            res["fused_failed"] = f"{type(e).__name__}: {e}"[:500]
+            engines["on"] = engines["nofuse"]
+            graphs = nofuse
     res["graphs_captured"] = len(graphs.graphs)
+    fused = engines["on"].runner.fused
+    res["compile_errors"] = fused.errors() if fused is not None else "not enabled"
     for B in batches:
         row: dict[str, Any] = {"batch": B}
-        decode_rate(engines["on"], [None] * B, prompt, 4, vocab)  # warm
-        row["graphs_tok_s"] = decode_rate(engines["on"], [None] * B, prompt, new, vocab)
-        row["eager_tok_s"] = decode_rate(engines["off"], [None] * B, prompt, new, vocab)
-        row["hf_generate_tok_s"] = hf_rate(model, B, prompt, new, vocab)
+        for eng in engines.values():
+            decode_rate(eng, [None] * B, prompt, 4, vocab)  # warm
+        runs: dict[str, list[float]] = {"graphs_tok_s": [], "graphs_unfused_tok_s": [], "eager_tok_s": [],
+                                        "hf_generate_tok_s": []}
+        for _ in range(2):  # interleaved, best of two
+            runs["graphs_tok_s"].append(decode_rate(engines["on"], [None] * B, prompt, new, vocab))
+            runs["graphs_unfused_tok_s"].append(decode_rate(engines["nofuse"], [None] * B, prompt, new, vocab))
+            runs["eager_tok_s"].append(decode_rate(engines["off"], [None] * B, prompt, new, vocab))
+            runs["hf_generate_tok_s"].append(hf_rate(model, B, prompt, new, vocab))
+        row.update({k: max(v) for k, v in runs.items()})
+        row["graphs_step_ms"] = B / row["graphs_tok_s"] * 1e3
         row["floor_tok_s"] = B / floor_s
         row["graphs_vs_floor"] = row["graphs_tok_s"] / row["floor_tok_s"]
         row["graphs_vs_hf"] = row["graphs_tok_s"] / row["hf_generate_tok_s"]
@@ -197,8 +239,13 @@ def bench_model(name: str, batches: list[int], prompt: int, new: int, adapter_ba
         "seq_bn x8 mixed": [names["seq_bn"][i % 8] for i in range(B)],
         "ia3+seq_bn 8 mixed": [(names["ia3"][:4] + names["seq_bn"][:4])[i % 8] for i in range(B)],
     }
+    if DEV.type == "cuda":
+        res["profile_b1"] = kernel_profile(engines["on"], 1, prompt + new)
+        res["profile_b1_unfused"] = kernel_profile(engines["nofuse"], 1, prompt + new)
+        res["profile_b16"] = kernel_profile(engines["on"], 16, prompt + new)
     ad: dict[str, Any] = {}
-    for mode, eng in engines.items():
+    for mode in ("on", "off"):
+        eng = engines[mode]
         for label, rows in cases.items():
             decode_rate(eng, rows, prompt, 4, vocab)  # warm: resident, graphs captured
             ad[f"{label} ({'graphs' if mode == 'on' else 'eager'})"] = decode_rate(eng, rows, prompt, new, vocab)

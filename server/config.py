@@ -35,6 +35,7 @@ class EngineConfig:
     max_queue: int = 256
     request_timeout_s: float = 600.0
     cuda_graphs: Graphs = "auto"
+    compile_kernels: bool = True  # CUDA graphs only: fuse the decode step's elementwise chains
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1)
     request_timeout_s: float = Field(600.0, gt=0)
     cuda_graphs: Graphs = "auto"
+    compile_kernels: bool = True
     api_key: str | None = None
     admin_api_key: str | None = None
     log_level: str = "info"
@@ -95,6 +97,7 @@ class Settings(BaseSettings):
             max_queue=self.max_queue,
             request_timeout_s=self.request_timeout_s,
             cuda_graphs=self.cuda_graphs,
+            compile_kernels=self.compile_kernels,
         )
 
     def registry_cfg(self) -> RegistryConfig:

@@ -86,7 +86,8 @@ class Engine:
         static = cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and cuda)
         # a static cache pins a whole context per row, so the KV budget bounds the rows
         self.max_rows = min(cfg.max_batch_size, cfg.kv_cache_tokens // self.max_len) if static else cfg.max_batch_size
-        self.runner = ModelRunner(loaded.model, self.max_rows, self.max_len, static_cache=static)
+        self.runner = ModelRunner(loaded.model, self.max_rows, self.max_len, static_cache=static,
+                                  compile_kernels=static and cuda and cfg.compile_kernels)
         self.slots = AdapterSlots(loaded.model, registry.cfg.device_slots, loaded.device, loaded.dtype, self.timer)
         self.graphs = DecodeGraphs(self.runner, self.slots, capture=cuda) if static else None
         self.eos = self._eos_ids()
@@ -103,6 +104,7 @@ class Engine:
         self._fold_s: float | None = None  # measured cost of one fold + unfold
         self._ia3_step_s: float | None = None  # measured cost of the unfolded (IA)3 product per pass
         self.steps = 0
+        self.decode_steps = 0
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -289,6 +291,7 @@ class Engine:
         toks, lps, errors = self._sample(seqs, logits)
         elapsed = time.perf_counter() - t0
         self._record_step(seqs, elapsed)
+        self.decode_steps += not prefill
         if prefill:
             self._running.extend(seqs)
         for s in seqs:  # every row's length first: finishing a row moves another row's cache

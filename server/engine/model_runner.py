@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters.slots import BatchPlan
+from .fused import FusedOps
 from .kv_cache import KVCache
 
 
 class ModelRunner:
-    def __init__(self, model: Any, max_rows: int, max_len: int, static_cache: bool = False) -> None:
+    def __init__(self, model: Any, max_rows: int, max_len: int, static_cache: bool = False,
+                 compile_kernels: bool = False) -> None:
         self.model = model
         cfg = model.config
         self.cfg = cfg
@@ -32,6 +34,8 @@ class ModelRunner:
         self.device, self.dtype = p.device, p.dtype
         self.cache = KVCache(len(self.layers), max_rows, self.n_kv, self.head_dim, max_len, self.dtype, self.device,
                              static=static_cache)
+        fused = FusedOps(model) if compile_kernels else None
+        self.fused = fused if fused is not None and fused.enabled else None  # decode_static only
 
     @staticmethod
     def _windows(cfg) -> list[int | None]:  # noqa: ANN001
@@ -122,26 +126,37 @@ class ModelRunner:
             )  # [B, kvh, G, hd]
             return o.reshape(B, self.n_heads, 1, self.head_dim)
 
-        h = self._layers(self.inner.embed_tokens(input_ids), pos[:, None], plan, attend)
-        return self.model.lm_head(self.inner.norm(h[:, 0])).float()
+        f = self.fused
+        h = self._layers(self.inner.embed_tokens(input_ids), pos[:, None], plan, attend, f)
+        h = h[:, 0]
+        h = self.inner.norm(h) if f is None else f.rms_norm(h, self.inner.norm.weight, self.inner.norm.variance_epsilon)
+        return self.model.lm_head(h).float()
 
-    def _layers(self, h: torch.Tensor, pos: torch.Tensor, plan: BatchPlan, attend: Any) -> torch.Tensor:
-        """Every decoder layer over h [B, T, H]: the HF submodules in order, adapters at the hook points."""
+    def _layers(self, h: torch.Tensor, pos: torch.Tensor, plan: BatchPlan, attend: Any,
+                fused: FusedOps | None = None) -> torch.Tensor:
+        """Every decoder layer over h [B, T, H]: the HF submodules in order, adapters at the hook points.
+        With `fused`, the norms, rotary embedding and SiLU-and-multiply run as compiled equivalents."""
         B, T = h.shape[:2]
         cos, sin = self.inner.rotary_emb(h, pos)
+        if fused is None:
+            norm = lambda m, x: m(x)  # noqa: E731
+            rope, act_mul = self.rope, None
+        else:
+            norm = lambda m, x: fused.rms_norm(x, m.weight, m.variance_epsilon)  # noqa: E731
+            rope, act_mul = fused.rope, fused.silu_mul
         for li, layer in enumerate(self.layers):
             attn: Any = layer.self_attn
-            x = layer.input_layernorm(h)
+            x = norm(layer.input_layernorm, h)
             q = plan.linear(li, "q_proj", attn.q_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
             k = plan.linear(li, "k_proj", attn.k_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
             v = plan.linear(li, "v_proj", attn.v_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
-            q, k = self.rope(q, k, cos, sin)  # [B, heads, T, hd], [B, kvh, T, hd]
+            q, k = rope(q, k, cos, sin)  # [B, heads, T, hd], [B, kvh, T, hd]
             o = attend(li, attn, q, k, v).transpose(1, 2).reshape(B, T, -1)
             h = plan.residual(li, "attn", h, plan.linear(li, "o_proj", attn.o_proj, o))
-            x = layer.post_attention_layernorm(h)
+            x = norm(layer.post_attention_layernorm, h)
             mlp: Any = layer.mlp
             g = plan.linear(li, "gate_proj", mlp.gate_proj, x)
             u = plan.linear(li, "up_proj", mlp.up_proj, x)
-            a = plan.linear(li, "down_proj", mlp.down_proj, mlp.act_fn(g) * u)
+            a = plan.linear(li, "down_proj", mlp.down_proj, mlp.act_fn(g) * u if act_mul is None else act_mul(g, u))
             h = plan.residual(li, "mlp", h, a)
         return h

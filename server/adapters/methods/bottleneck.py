@@ -136,6 +136,89 @@ class BottleneckPlan(MethodPlan):
         return core + h * cfh
 
 
+IDENTITY = (1.0, 0.0, 1.0, 0.0, 1.0)  # cxa, cxh, cra, crh, cfh of a row without an adapter: a + h
+
+
+class _StaticSite:
+    """One (layer, location) laid out for every slot at once, for graph replay: each slot's block
+    zero-padded to a common width R. A slot without an adapter here has zero weights and identity
+    coefficients: u = f(0) @ 0 + 0 = 0, so it gives a + h exactly; padded columns meet zero columns of
+    the up-projection, so they add exactly 0."""
+
+    def __init__(self, S: int, R: int, H: int, lnb: bool, lna: bool, dev: torch.device, dt: torch.dtype) -> None:
+        self.R, self.has_lnb, self.has_lna = R, lnb, lna
+        self.wd, self.bd = torch.zeros(S, R, H, device=dev, dtype=dt), torch.zeros(S, R, device=dev, dtype=dt)
+        self.wu, self.ub = torch.zeros(S, H, R, device=dev, dtype=dt), torch.zeros(S, H, device=dev, dtype=dt)
+        self.coef = torch.tensor(IDENTITY, device=dev, dtype=dt).repeat(S, 1)  # [S, 5]
+        self.act = torch.zeros(S, dtype=torch.long, device=dev)
+        self.ln = torch.zeros(S, 3, dtype=torch.bool, device=dev)  # before, after mode 1, after mode 2
+        self.lnw = torch.ones(S, 2, H, device=dev, dtype=dt)  # before, after
+        self.lnb = torch.zeros(S, 2, H, device=dev, dtype=dt)
+
+    def put(self, slot: int, b: _Block | None, opts: BottleneckOptions | None, act: int) -> None:
+        for t in (self.wd, self.bd, self.wu, self.ub, self.ln, self.lnb):
+            t[slot] = 0
+        self.lnw[slot] = 1
+        if b is None or opts is None:
+            self.coef[slot] = torch.tensor(IDENTITY, dtype=self.coef.dtype)
+            self.act[slot] = 0
+            return
+        r = b.down_w.shape[0]
+        self.wd[slot, :r], self.bd[slot, :r] = b.down_w, b.down_b
+        self.wu[slot, :, :r], self.ub[slot] = b.up_w, b.up_b
+        *c, mode = coefficients(opts)
+        self.coef[slot] = torch.tensor(c, dtype=self.coef.dtype)
+        self.act[slot] = act
+        if b.ln_before is not None:
+            self.ln[slot, 0] = True
+            self.lnw[slot, 0], self.lnb[slot, 0] = b.ln_before
+        if b.ln_after is not None:
+            self.ln[slot, mode] = True
+            self.lnw[slot, 1], self.lnb[slot, 1] = b.ln_after
+
+    def fits(self, b: _Block) -> bool:
+        return b.down_w.shape[0] <= self.R and (b.ln_before is None or self.has_lnb) and (b.ln_after is None or self.has_lna)
+
+
+class BottleneckStaticPlan(MethodPlan):
+    """The general formula of the module docstring for any slot mix, every per-row weight gathered by
+    the slot buffer inside the hook (batched products over the rows' own padded blocks)."""
+
+    def __init__(self, sites: dict[tuple[int, Location], _StaticSite], acts: list[object], slot_idx: torch.Tensor,
+                 hidden: int) -> None:
+        self.sites, self.acts, self.slot_idx, self.hidden = sites, acts, slot_idx, hidden
+
+    def residual(self, layer: int, loc: Location, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
+        st = self.sites.get((layer, loc))
+        if st is None:
+            return None
+        i, H = self.slot_idx, self.hidden
+        cxa, cxh, cra, crh, cfh = st.coef.index_select(0, i).t()[:, :, None, None]  # each [B, 1, 1]
+        ln = st.ln.index_select(0, i)[:, None, None, :]  # [B, 1, 1, 3]
+        lnw, lnb = st.lnw.index_select(0, i)[:, :, None, :], st.lnb.index_select(0, i)[:, :, None, :]  # [B, 2, 1, H]
+        z = a * cxa + h * cxh
+        if st.has_lnb:
+            z = torch.where(ln[..., 0], F.layer_norm(z, (H,), eps=LN_EPS) * lnw[:, 0] + lnb[:, 0], z)
+        d = torch.baddbmm(st.bd.index_select(0, i)[:, None, :], z, st.wd.index_select(0, i).transpose(1, 2))  # [B, T, R]
+        if len(self.acts) == 1:
+            d = self.acts[0](d)  # type: ignore[operator]
+        else:
+            ai = st.act.index_select(0, i)[:, None, None]
+            out = self.acts[0](d)  # type: ignore[operator]
+            for k, fn in enumerate(self.acts[1:], start=1):
+                out = torch.where(ai == k, fn(d), out)  # type: ignore[operator]
+            d = out
+        u = torch.baddbmm(st.ub.index_select(0, i)[:, None, :], d, st.wu.index_select(0, i).transpose(1, 2))  # [B, T, H]
+        r = a * cra + h * crh
+        if st.has_lna:
+            m1, m2 = ln[..., 1], ln[..., 2]
+            x = F.layer_norm(torch.where(m2, u + r, u), (H,), eps=LN_EPS) * lnw[:, 1] + lnb[:, 1]
+            core = torch.where(m2, x, torch.where(m1, x + r, u + r))
+        else:
+            core = u + r
+        return core + h * cfh
+
+
 class BottleneckMethod(AdapterMethod):
     name = "bottleneck"
 
@@ -143,6 +226,10 @@ class BottleneckMethod(AdapterMethod):
         super().__init__(ctx, timer)
         self.sites: dict[tuple[int, Location], dict[int, _Block]] = {}
         self.options: dict[int, BottleneckOptions] = {}
+        # graph replay only: built on the first static plan, then kept in step with writes
+        self._static: dict[tuple[int, Location], _StaticSite] | None = None
+        self._act_names: list[str] = []
+        self._layout = 0
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
         assert weights.bn_options is not None
@@ -155,6 +242,7 @@ class BottleneckMethod(AdapterMethod):
         for b in weights.bn_blocks:
             self.sites.setdefault((b.layer, b.location), {})[slot] = self._block(b, put)
         self.options[slot] = weights.bn_options
+        self._static_put(slot)
 
     @staticmethod
     def _block(b: BottleneckBlock, put) -> _Block:  # noqa: ANN001
@@ -164,12 +252,62 @@ class BottleneckMethod(AdapterMethod):
                       pair(b.ln_before), pair(b.ln_after))
 
     def clear(self, slot: int) -> None:
-        self.options.pop(slot, None)
+        had = self.options.pop(slot, None) is not None
         for blocks in self.sites.values():
             blocks.pop(slot, None)
+        if had:
+            self._static_put(slot)
+
+    # -- graph replay ---------------------------------------------------------------------------
+    def _static_put(self, slot: int) -> None:
+        """Mirror one slot into the static layout in place; a block that does not fit (wider, a new
+        site, a new activation or layer norm) drops the layout, to be rebuilt at the next static plan."""
+        if self._static is None:
+            return
+        opts = self.options.get(slot)
+        if opts is not None and opts.non_linearity not in self._act_names:
+            self._static = None
+            return
+        for key, blocks in self.sites.items():
+            b, st = blocks.get(slot), self._static.get(key)
+            if b is not None and (st is None or not st.fits(b)):
+                self._static = None
+                return
+        act = self._act_names.index(opts.non_linearity) if opts is not None else 0
+        for key, st in self._static.items():
+            st.put(slot, self.sites.get(key, {}).get(slot), opts, act)
+
+    def _build_static(self) -> dict[tuple[int, Location], _StaticSite]:
+        S, H, dev, dt = self.ctx.num_slots, self.ctx.base.hidden_size, self.ctx.device, self.ctx.dtype
+        self._act_names = sorted({o.non_linearity for o in self.options.values()}) or ["relu"]
+        out = {}
+        for key, blocks in self.sites.items():
+            if not blocks:
+                continue
+            R = max(b.down_w.shape[0] for b in blocks.values())
+            st = _StaticSite(S, R, H, any(b.ln_before is not None for b in blocks.values()),
+                             any(b.ln_after is not None for b in blocks.values()), dev, dt)
+            for slot, b in blocks.items():
+                opts = self.options[slot]
+                st.put(slot, b, opts, self._act_names.index(opts.non_linearity))
+            out[key] = st
+        self._layout += 1
+        return out
 
     def uses(self, slots: list[int]) -> bool:
         return any(s in self.options for s in slots)
+
+    def static_plan(self, slot_idx: torch.Tensor) -> MethodPlan | None:
+        if self._static is None:
+            self._static = self._build_static()
+        acts = [activation(n) for n in self._act_names]
+        return BottleneckStaticPlan(self._static, acts, slot_idx, self.ctx.base.hidden_size)
+
+    @property
+    def layout_version(self) -> int:
+        if self._static is None:  # the next static plan rebuilds: that is a new layout
+            return self._layout + 1
+        return self._layout
 
     def device_bytes(self) -> int:
         return sum(b.nbytes() for blocks in self.sites.values() for b in blocks.values())
