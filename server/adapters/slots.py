@@ -32,6 +32,9 @@ class BatchPlan:
                 return y
         return module(x)
 
+    def acts_on(self, layer: int, name: str) -> bool:
+        return any(p.acts_on(layer, name) for p in self.plans)
+
     def residual(self, layer: int, loc: Location, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         for p in self.plans:
             y = p.residual(layer, loc, h, a)

@@ -87,7 +87,8 @@ class Engine:
         # a static cache pins a whole context per row, so the KV budget bounds the rows
         self.max_rows = min(cfg.max_batch_size, cfg.kv_cache_tokens // self.max_len) if static else cfg.max_batch_size
         self.runner = ModelRunner(loaded.model, self.max_rows, self.max_len, static_cache=static,
-                                  compile_kernels=static and cuda and cfg.compile_kernels)
+                                  compile_kernels=static and cuda and cfg.compile_kernels,
+                                  pack=static and cfg.compile_kernels)
         self.slots = AdapterSlots(loaded.model, registry.cfg.device_slots, loaded.device, loaded.dtype, self.timer)
         self.graphs = DecodeGraphs(self.runner, self.slots, capture=cuda) if static else None
         self.eos = self._eos_ids()

@@ -73,3 +73,41 @@ class FusedOps:
 
     def errors(self) -> dict[str, str]:
         return {f.fn.__name__: f.error for f in (self.rms_norm, self.rope, self.silu_mul) if f.error}
+
+
+class Packed:
+    """One layer's sibling projections as one weight: q, k, v and gate, up. The HF Linear weights become
+    views of the packed tensor, so there is no second copy, and a fold into a Linear's weight (an (IA)3
+    merge) is seen by the packed product too."""
+
+    def __init__(self, linears: list[Any]) -> None:
+        ws = [m.weight for m in linears]
+        self.sizes = [w.shape[0] for w in ws]
+        self.weight = torch.cat([w.detach() for w in ws])
+        has_bias = [m.bias is not None for m in linears]
+        self.bias = torch.cat([m.bias.detach() for m in linears]) if all(has_bias) else None
+        at = 0
+        for m, n in zip(linears, self.sizes, strict=True):
+            m.weight.data = self.weight[at : at + n]
+            if self.bias is not None:
+                m.bias.data = self.bias[at : at + n]
+            at += n
+
+    @staticmethod
+    def possible(linears: list[Any]) -> bool:
+        ws = [m.weight for m in linears]
+        same_bias = len({m.bias is None for m in linears}) == 1
+        return same_bias and len({(w.shape[1], w.dtype, w.device) for w in ws}) == 1
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+
+
+def pack_layers(layers: list[Any]) -> list[dict[str, Packed]]:
+    """Pack q/k/v and gate/up of every layer where the shapes allow it."""
+    out = []
+    for layer in layers:
+        a, m = layer.self_attn, layer.mlp
+        groups = {"qkv": [a.q_proj, a.k_proj, a.v_proj], "gate_up": [m.gate_proj, m.up_proj]}
+        out.append({k: Packed(v) for k, v in groups.items() if Packed.possible(v)})
+    return out

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters.slots import BatchPlan
-from .fused import FusedOps
+from .fused import FusedOps, pack_layers
 from .kv_cache import KVCache
 
 
 class ModelRunner:
     def __init__(self, model: Any, max_rows: int, max_len: int, static_cache: bool = False,
-                 compile_kernels: bool = False) -> None:
+                 compile_kernels: bool = False, pack: bool = False) -> None:
         self.model = model
         cfg = model.config
         self.cfg = cfg
@@ -36,6 +36,7 @@ class ModelRunner:
                              static=static_cache)
         fused = FusedOps(model) if compile_kernels else None
         self.fused = fused if fused is not None and fused.enabled else None  # decode_static only
+        self.packed = pack_layers(self.layers) if pack else None  # decode_static only
 
     @staticmethod
     def _windows(cfg) -> list[int | None]:  # noqa: ANN001
@@ -127,15 +128,16 @@ class ModelRunner:
             return o.reshape(B, self.n_heads, 1, self.head_dim)
 
         f = self.fused
-        h = self._layers(self.inner.embed_tokens(input_ids), pos[:, None], plan, attend, f)
+        h = self._layers(self.inner.embed_tokens(input_ids), pos[:, None], plan, attend, f, self.packed)
         h = h[:, 0]
         h = self.inner.norm(h) if f is None else f.rms_norm(h, self.inner.norm.weight, self.inner.norm.variance_epsilon)
         return self.model.lm_head(h).float()
 
     def _layers(self, h: torch.Tensor, pos: torch.Tensor, plan: BatchPlan, attend: Any,
-                fused: FusedOps | None = None) -> torch.Tensor:
+                fused: FusedOps | None = None, packed: list[dict[str, Any]] | None = None) -> torch.Tensor:
         """Every decoder layer over h [B, T, H]: the HF submodules in order, adapters at the hook points.
-        With `fused`, the norms, rotary embedding and SiLU-and-multiply run as compiled equivalents."""
+        With `fused`, the norms, rotary embedding and SiLU-and-multiply run as compiled equivalents; with
+        `packed`, sibling projections no adapter of the batch touches run as one product."""
         B, T = h.shape[:2]
         cos, sin = self.inner.rotary_emb(h, pos)
         if fused is None:
@@ -147,16 +149,22 @@ class ModelRunner:
         for li, layer in enumerate(self.layers):
             attn: Any = layer.self_attn
             x = norm(layer.input_layernorm, h)
-            q = plan.linear(li, "q_proj", attn.q_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
-            k = plan.linear(li, "k_proj", attn.k_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
-            v = plan.linear(li, "v_proj", attn.v_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
+            pk = packed[li] if packed is not None else {}
+            if "qkv" in pk and not any(plan.acts_on(li, n) for n in ("q_proj", "k_proj", "v_proj")):
+                q, k, v = pk["qkv"](x)
+            else:
+                q, k, v = (plan.linear(li, n, getattr(attn, n), x) for n in ("q_proj", "k_proj", "v_proj"))
+            q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
             q, k = rope(q, k, cos, sin)  # [B, heads, T, hd], [B, kvh, T, hd]
             o = attend(li, attn, q, k, v).transpose(1, 2).reshape(B, T, -1)
             h = plan.residual(li, "attn", h, plan.linear(li, "o_proj", attn.o_proj, o))
             x = norm(layer.post_attention_layernorm, h)
             mlp: Any = layer.mlp
-            g = plan.linear(li, "gate_proj", mlp.gate_proj, x)
-            u = plan.linear(li, "up_proj", mlp.up_proj, x)
+            if "gate_up" in pk and not any(plan.acts_on(li, n) for n in ("gate_proj", "up_proj")):
+                g, u = pk["gate_up"](x)
+            else:
+                g = plan.linear(li, "gate_proj", mlp.gate_proj, x)
+                u = plan.linear(li, "up_proj", mlp.up_proj, x)
             a = plan.linear(li, "down_proj", mlp.down_proj, mlp.act_fn(g) * u if act_mul is None else act_mul(g, u))
             h = plan.residual(li, "mlp", h, a)
         return h

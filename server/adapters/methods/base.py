@@ -69,6 +69,10 @@ class MethodPlan:
     def linear(self, layer: int, name: str, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    def acts_on(self, layer: int, name: str) -> bool:
+        """Whether `linear` has work at this Linear (if not, the runner may fuse it with its siblings)."""
+        return False
+
     def residual(self, layer: int, loc: Location, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
         return None
 

@@ -148,7 +148,8 @@ class _StaticSite:
     def __init__(self, S: int, R: int, H: int, lnb: bool, lna: bool, dev: torch.device, dt: torch.dtype) -> None:
         self.R, self.has_lnb, self.has_lna = R, lnb, lna
         self.wd, self.bd = torch.zeros(S, R, H, device=dev, dtype=dt), torch.zeros(S, R, device=dev, dtype=dt)
-        self.wu, self.ub = torch.zeros(S, H, R, device=dev, dtype=dt), torch.zeros(S, H, device=dev, dtype=dt)
+        self.wu = torch.zeros(H, S, R, device=dev, dtype=dt)  # [H, S*R] as one matrix for the all-slots product
+        self.ub = torch.zeros(S, H, device=dev, dtype=dt)
         self.coef = torch.tensor(IDENTITY, device=dev, dtype=dt).repeat(S, 1)  # [S, 5]
         self.act = torch.zeros(S, dtype=torch.long, device=dev)
         self.ln = torch.zeros(S, 3, dtype=torch.bool, device=dev)  # before, after mode 1, after mode 2
@@ -156,8 +157,9 @@ class _StaticSite:
         self.lnb = torch.zeros(S, 2, H, device=dev, dtype=dt)
 
     def put(self, slot: int, b: _Block | None, opts: BottleneckOptions | None, act: int) -> None:
-        for t in (self.wd, self.bd, self.wu, self.ub, self.ln, self.lnb):
+        for t in (self.wd, self.bd, self.ub, self.ln, self.lnb):
             t[slot] = 0
+        self.wu[:, slot] = 0
         self.lnw[slot] = 1
         if b is None or opts is None:
             self.coef[slot] = torch.tensor(IDENTITY, dtype=self.coef.dtype)
@@ -165,7 +167,7 @@ class _StaticSite:
             return
         r = b.down_w.shape[0]
         self.wd[slot, :r], self.bd[slot, :r] = b.down_w, b.down_b
-        self.wu[slot, :, :r], self.ub[slot] = b.up_w, b.up_b
+        self.wu[:, slot, :r], self.ub[slot] = b.up_w, b.up_b
         *c, mode = coefficients(opts)
         self.coef[slot] = torch.tensor(c, dtype=self.coef.dtype)
         self.act[slot] = act
@@ -181,8 +183,11 @@ class _StaticSite:
 
 
 class BottleneckStaticPlan(MethodPlan):
-    """The general formula of the module docstring for any slot mix, every per-row weight gathered by
-    the slot buffer inside the hook (batched products over the rows' own padded blocks)."""
+    """The general formula of the module docstring for any slot mix, every per-row weight chosen by the
+    slot buffer inside the hook. Two ways to do the two products, fixed per captured batch size:
+    small batches gather each row's own padded block and take batched products (reading B blocks);
+    larger ones take one product against every slot's block side by side and keep each row's own
+    columns (reading every slot once, whatever B), as the eager plan does with the batch's adapters."""
 
     def __init__(self, sites: dict[tuple[int, Location], _StaticSite], acts: list[object], slot_idx: torch.Tensor,
                  hidden: int) -> None:
@@ -199,7 +204,13 @@ class BottleneckStaticPlan(MethodPlan):
         z = a * cxa + h * cxh
         if st.has_lnb:
             z = torch.where(ln[..., 0], F.layer_norm(z, (H,), eps=LN_EPS) * lnw[:, 0] + lnb[:, 0], z)
-        d = torch.baddbmm(st.bd.index_select(0, i)[:, None, :], z, st.wd.index_select(0, i).transpose(1, 2))  # [B, T, R]
+        S, R = st.wd.shape[:2]
+        B, T = z.shape[:2]
+        all_slots = 3 * B >= S
+        if all_slots:
+            d = F.linear(z, st.wd.view(S * R, H), st.bd.view(S * R))  # [B, T, S*R]
+        else:
+            d = torch.baddbmm(st.bd.index_select(0, i)[:, None, :], z, st.wd.index_select(0, i).transpose(1, 2))  # [B, T, R]
         if len(self.acts) == 1:
             d = self.acts[0](d)  # type: ignore[operator]
         else:
@@ -208,7 +219,13 @@ class BottleneckStaticPlan(MethodPlan):
             for k, fn in enumerate(self.acts[1:], start=1):
                 out = torch.where(ai == k, fn(d), out)  # type: ignore[operator]
             d = out
-        u = torch.baddbmm(st.ub.index_select(0, i)[:, None, :], d, st.wu.index_select(0, i).transpose(1, 2))  # [B, T, H]
+        ub = st.ub.index_select(0, i)[:, None, :]
+        if all_slots:
+            own = (torch.arange(S, device=i.device)[None, :] == i[:, None])[:, None, :, None]  # [B, 1, S, 1]
+            d = torch.where(own, d.view(B, T, S, R), 0.0).view(B, T, S * R)
+            u = F.linear(d, st.wu.view(H, S * R)) + ub  # [B, T, H]
+        else:
+            u = torch.baddbmm(ub, d, st.wu.index_select(1, i).permute(1, 2, 0))  # [B, T, H]
         r = a * cra + h * crh
         if st.has_lna:
             m1, m2 = ln[..., 1], ln[..., 2]

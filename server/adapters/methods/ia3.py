@@ -33,6 +33,9 @@ class IA3Plan(MethodPlan):
         self.vecs = vecs  # (layer, linear name) -> (in [B,1,in] | None, out [B,1,out] | None)
         self.timer = timer
 
+    def acts_on(self, layer: int, name: str) -> bool:
+        return (layer, name) in self.vecs
+
     def linear(self, layer: int, name: str, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         v = self.vecs.get((layer, name))
         if v is None:
@@ -55,6 +58,9 @@ class IA3StaticPlan(MethodPlan):
     def __init__(self, inp: dict[tuple[int, str], torch.Tensor], out: dict[tuple[int, str], torch.Tensor],
                  slot_idx: torch.Tensor) -> None:
         self.inp, self.out, self.slot_idx = inp, out, slot_idx
+
+    def acts_on(self, layer: int, name: str) -> bool:
+        return (layer, name) in self.inp or (layer, name) in self.out
 
     def linear(self, layer: int, name: str, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         tin, tout = self.inp.get((layer, name)), self.out.get((layer, name))
