@@ -1,5 +1,7 @@
 """Renders BENCHMARKS.md from bench_results/bench.json (make bench) and bench_results/load/compare.json
-(make loadtest), whichever exist, and copies the load-test plots to loadtests/results/."""
+(make loadtest), whichever exist, and copies the load-test plots to loadtests/results/. The GPU
+section comes from loadtests/results/gpu-*.json (written by `make bench-gpu` on a GPU machine and
+committed, since CI and this machine have none) and loadtests/GPU_NOTES.md."""
 
 from __future__ import annotations
 
@@ -79,6 +81,42 @@ def load_section(c: dict) -> list[str]:
     return out + [""]
 
 
+def gpu_section(g: dict, source: str) -> list[str]:
+    """Tables of one `server.bench_gpu` run."""
+    md = [f"## GPU: decode on {g['device']} (`make bench-gpu`)", "",
+          f"torch {g['torch']}, transformers {g['transformers']}, {g['date']}. Random weights in the shapes of the "
+          f"public configs, bfloat16. Device-to-device copy: {g['copy_bandwidth_gb_s']:.0f} GB/s (read + write). "
+          f"Raw numbers: `{source}`. Command: `python -m server.bench_gpu` (prompt 128, 64 new tokens; "
+          "decode steps only; best of two interleaved runs).", ""]
+    for m in g["models"]:
+        md += [f"### {m['model']}: {m['weight_bytes_per_step'] / 1e9:.2f} GB of weights per step, floor "
+               f"{m['floor_step_ms']:.2f} ms", "",
+               "| batch | graphs (ours) tok/s | step ms | of floor | graphs, unfused | eager (ours) | HF `generate` | vs HF |",
+               "|---|---|---|---|---|---|---|---|"]
+        for r in m["rows"]:
+            md.append(f"| {r['batch']} | {r['graphs_tok_s']:.0f} | {r['graphs_step_ms']:.2f} | {pct(r['graphs_vs_floor'])} "
+                      f"| {r['graphs_unfused_tok_s']:.0f} | {r['eager_tok_s']:.0f} | {r['hf_generate_tok_s']:.0f} "
+                      f"| {r['graphs_vs_hf']:.2f}x |")
+        ad = m["adapters_tok_s"]
+        bare = ad["bare (graphs)"]
+        md += ["", f"Adapters at batch {m['adapters_batch']} (tok/s; step-time overhead against the bare model):", "",
+               "| rows | graphs | overhead | eager |", "|---|---|---|---|"]
+        for k, v in ad.items():
+            if k.endswith("(graphs)"):
+                label = k[: -len(" (graphs)")]
+                md.append(f"| {label} | {v:.0f} | {pct(bare / v - 1)} | {ad.get(label + ' (eager)', float('nan')):.0f} |")
+        prof = m.get("profile_b1")
+        md += ["", f"Graph capture at start-up: {m['graphs_captured']} graphs in {m['capture_s']:.1f} s "
+               f"({m['capture_and_compile_s']:.1f} s with the fused kernels, compile included); peak GPU memory "
+               f"{m['peak_memory_gib']:.1f} GiB (weights, three engines' KV caches, the graphs)."]
+        if prof:
+            unf = m["profile_b1_unfused"]
+            md += [f"Kernels in one batch-1 step: {prof['kernels']} taking {prof['kernel_time_ms']:.2f} ms "
+                   f"(unfused: {unf['kernels']}, {unf['kernel_time_ms']:.2f} ms)."]
+        md.append("")
+    return md
+
+
 def targets(b: dict | None, c: dict | None) -> list[str]:
     rows = ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
 
@@ -118,12 +156,17 @@ def main() -> None:
                 shutil.copy(png, PLOTS / png.name)
     md = ["# Benchmarks", "",
           "Regenerate: `make bench` (in-process engine numbers) and `make loadtest` (servers over HTTP); each rewrites "
-          "this file from `bench_results/`. Numbers below come from one run of each on the machine named.", ""]
+          "this file from `bench_results/`. Numbers below come from one run of each on the machine named. The GPU "
+          "section comes from `loadtests/results/gpu-*.json`, written by `make bench-gpu` on a GPU machine (see README, GPU).", ""]
     md += targets(b, c)
     if b:
         md += bench_section(b)
     if c:
         md += load_section(c)
+    for f in sorted(PLOTS.glob("gpu-*.json")):
+        md += gpu_section(json.loads(f.read_text()), str(f.relative_to(ROOT)))
+    if (ROOT / "loadtests" / "GPU_NOTES.md").exists():
+        md += [(ROOT / "loadtests" / "GPU_NOTES.md").read_text()]
     if (ROOT / "loadtests" / "NOTES.md").exists():
         md += [(ROOT / "loadtests" / "NOTES.md").read_text()]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(md))
