@@ -31,7 +31,7 @@ from .engine.model_loader import LoadedModel, freeze
 from .engine.types import GenerationRequest, GenerationResult, SamplingParams
 from .metrics import Metrics
 
-LLAMA = {  # the public configs' shapes; weights are random
+LLAMA: dict[str, dict[str, Any]] = {  # the public configs' shapes; weights are random
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -51,11 +51,12 @@ log = logging.getLogger(__name__)
 def build_model(name: str, dtype: torch.dtype = torch.bfloat16) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**LLAMA[name], rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                      attn_implementation="sdpa")
+    kw: dict[str, Any] = {**LLAMA[name], "max_position_embeddings": 8192, "rms_norm_eps": 1e-5}
+    cfg = LlamaConfig(**kw)  # attention: sdpa, transformers' default
     torch.manual_seed(0)
     with DEV:
-        model = LlamaForCausalLM(cfg).to(dtype)
+        model: Any = LlamaForCausalLM(cfg)
+        model = model.to(dtype)
     for p in model.parameters():  # small weights, so activations stay in range through every layer
         p.data.normal_(0, 0.02) if p.dim() > 1 else p.data.fill_(1.0)
     return freeze(model)
@@ -231,7 +232,7 @@ def bench_model(name: str, batches: list[int], prompt: int, new: int, adapter_ba
         res["rows"].append(row)
         log.info("%s %s", name, row)
     B = adapter_batch
-    cases = {
+    cases: dict[str, list[str | None]] = {
         "bare": [None] * B,
         "ia3 x1": [names["ia3"][0]] * B,
         "ia3 x8 mixed": [names["ia3"][i % 8] for i in range(B)],

@@ -315,6 +315,7 @@ class Engine:
         """One forward pass over the rows: prefill of new rows, or one decode step of the running ones."""
         dev, B = self.runner.device, len(seqs)
         slots = [s.slot for s in seqs]
+        start0: int | None
         if prefill:
             row0 = len(self._running)
             lens = [len(s.req.prompt_ids) for s in seqs]
@@ -352,7 +353,8 @@ class Engine:
             return toks, lps, [None if f else bad for f in ok]
         except Exception:
             log.exception("batched sampling failed; sampling each row alone")
-        toks, lps_out, errors = [0] * len(seqs), [0.0] * len(seqs), [None] * len(seqs)
+        toks, lps_out = [0] * len(seqs), [0.0] * len(seqs)
+        errors: list[str | None] = [None] * len(seqs)
         for i, r in enumerate(rows):
             try:
                 t, lp, f = sample(logits[i : i + 1], [r], want)
