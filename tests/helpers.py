@@ -87,7 +87,8 @@ def tiny_tokenizer(vocab_size: int = 256):
 
 def make_engine(store_dir: Path, *, slots: int = 8, max_batch: int = 16, merge: str = "auto", host: int = 64,
                 max_queue: int = 256, model: torch.nn.Module | None = None, metrics=None,
-                device: torch.device = CPU, dtype: torch.dtype = torch.float32, graphs: str = "off"):
+                device: torch.device = CPU, dtype: torch.dtype = torch.float32, graphs: str = "off",
+                budget: int = 4096):
     """An engine over the tiny fixture model, not started: tests drive it with engine.step().
 
     `graphs="on"` runs decode through the fixed-shape graph step (captured on CUDA, eager on the CPU).
@@ -108,7 +109,7 @@ def make_engine(store_dir: Path, *, slots: int = 8, max_batch: int = 16, merge: 
     loaded = LoadedModel(model, tiny_tokenizer(), "tiny-llama", device, dtype)
     ecfg = EngineConfig(max_batch_size=max_batch, max_model_len=256, max_new_tokens_limit=200, merge_policy=merge,  # type: ignore[arg-type]
                         merge_after_steps=2, max_queue=max_queue, cuda_graphs=graphs,  # type: ignore[arg-type]
-                        kv_cache_tokens=max(65536, 256 * max_batch))
+                        kv_cache_tokens=max(65536, 256 * max_batch), prefill_token_budget=budget)
     return Engine(loaded, registry, ecfg, metrics)
 
 

@@ -2,7 +2,9 @@
 
 Iteration-level continuous batching (Orca style): each iteration admits waiting requests that fit
 (free rows, KV budget, a free device slot for their adapter), prefills them in one forward pass,
-then runs one decode step over every running row. A finished row leaves at once and its cache row
+then runs one decode step over every running row. A prompt longer than the per-iteration prefill
+budget is prefilled in chunks of that size, one chunk per iteration, in the cache row just past the
+running rows, so the running rows keep decoding meanwhile (nothing else is admitted until it is done). A finished row leaves at once and its cache row
 is refilled by the last one. Requests for different adapters, and for none, share every pass.
 
 Callers talk to the engine only through `submit` (thread-safe) and the sink they pass, which the
@@ -95,6 +97,7 @@ class Engine:
         self._inbox: queue.SimpleQueue[_Seq] = queue.SimpleQueue()
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []  # index == KV cache row
+        self._prefilling: _Seq | None = None  # a long prompt part-way through chunked prefill, in row len(_running)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -183,19 +186,22 @@ class Engine:
             if not worked:
                 self._wake.wait(0.05)
                 self._wake.clear()
-        for s in [*self._running, *self._waiting]:
+        for s in [*self._running, *self._waiting, *([self._prefilling] if self._prefilling else [])]:
             self._finish(s, "cancelled", error="server shutting down")
 
     def step(self) -> bool:
         """One iteration; False when there was nothing to do."""
         self._drain()
-        admitted = self._admit()
+        admitted = self._admit() if self._prefilling is None else []
         if admitted:
             self._forward(admitted, prefill=True)
+        chunked = self._prefilling is not None
+        if chunked:
+            self._prefill_chunk()
         if self._running:
             self._forward(list(self._running), prefill=False)
         self.metrics.queue_depth.set(len(self._waiting))
-        return bool(admitted or self._running)
+        return bool(admitted or chunked or self._running)
 
     def _drain(self) -> None:
         while True:
@@ -208,7 +214,8 @@ class Engine:
             self._waiting.remove(s)
             self._dequeued()
             self._finish(s, "cancelled" if s.cancelled else "error", error=None if s.cancelled else "request timed out")
-        for s in [s for s in self._running if s.cancelled or now > s.deadline]:
+        live = [*self._running, *([self._prefilling] if self._prefilling else [])]
+        for s in [s for s in live if s.cancelled or now > s.deadline]:
             self._finish(s, "cancelled" if s.cancelled else "error", error=None if s.cancelled else "request timed out")
 
     def _dequeued(self) -> None:
@@ -223,7 +230,7 @@ class Engine:
             rows = len(self._running) + len(admitted)
             n = len(s.req.prompt_ids)
             if rows >= self.max_rows or (admitted and n > budget):
-                break
+                break  # a prompt over the budget goes alone, in chunks, from the next iteration
             need = max(reserve, n + s.max_new)
             if rows > 0 and self.runner.cache.tokens_for(rows + 1, need) > self.cfg.kv_cache_tokens:
                 break  # the KV budget is full: wait for rows to finish
@@ -239,10 +246,56 @@ class Engine:
             self._waiting.remove(s)
             self._dequeued()
             s.t_admit = time.perf_counter()
+            if n > budget:  # first in line and over the budget: prefill it in chunks
+                self._prefilling = s
+                break
             admitted.append(s)
             budget -= n
             reserve = need
         return admitted
+
+    def _used(self) -> tuple[int, int]:
+        """Cache rows in use (running, then the one being prefilled in chunks) and the longest row's length."""
+        rows = [*self._running, *([self._prefilling] if self._prefilling else [])]
+        return len(rows), max((r.cache_len for r in rows), default=0)
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the long prompt, in its row; after the last chunk it samples and joins the running rows."""
+        s = self._prefilling
+        assert s is not None
+        prompt, c0 = s.req.prompt_ids, s.cache_len
+        T = min(self.cfg.prefill_token_budget, len(prompt) - c0)
+        last = c0 + T == len(prompt)
+        row = len(self._running)
+        self._reconcile_merge([s])
+        t0 = time.perf_counter()
+        try:
+            used_rows, used_len = self._used()
+            needed = max([c0 + T] + [r.cache_len + 1 for r in self._running])
+            self.runner.cache.fit(used_rows, needed, used_rows, used_len)
+            dev = self.runner.device
+            logits = self.runner.forward(torch.tensor([prompt[c0 : c0 + T]], device=dev),
+                                         torch.tensor([c0], device=dev), torch.tensor([T], device=dev), row,
+                                         self.slots.plan([s.slot]), kv_len=c0 + T, start0=c0)
+        except Exception as e:
+            log.exception("chunked prefill failed")
+            self._prefilling = None
+            self._release(s)
+            self._send_error(s, GenerationFailedError(f"forward pass failed: {e}"))
+            return
+        s.cache_len = c0 + T
+        s.adapter_type = self.slots.adapter_type(s.slot)
+        if not last:
+            self._record_step([s], time.perf_counter() - t0)
+            return
+        toks, lps, errors = self._sample([s], logits)
+        self._record_step([s], time.perf_counter() - t0)
+        self._prefilling = None
+        self._running.append(s)  # its row is already len(_running)
+        if errors[0] is not None:
+            self._finish(s, "error", error=errors[0])
+        else:
+            self._emit(s, toks[0], None if lps is None else lps[0])
 
     def _reconcile_merge(self, seqs: list[_Seq]) -> None:
         """Fold the one (IA)3 adapter every row uses into the weights when it pays; unfold as soon as rows mix.
@@ -336,8 +389,8 @@ class Engine:
             start, lengths = torch.tensor(pos), torch.ones(B, dtype=torch.long)
             start0 = pos[0] if all(p == pos[0] for p in pos) else None
             kv_len = needed
-        rows = len(self._running) + (B if prefill else 0)
-        self.runner.cache.fit(rows, needed, len(self._running), max((s.cache_len for s in self._running), default=0))
+        used_rows, used_len = self._used()
+        self.runner.cache.fit(used_rows + (B if prefill else 0), needed, used_rows, used_len)
         plan = self.slots.plan(slots)
         return self.runner.forward(ids.to(dev), start.to(dev), lengths.to(dev), row0, plan,
                                    kv_len=kv_len, start0=start0)
@@ -406,6 +459,8 @@ class Engine:
         s.sink(err)
 
     def _finish(self, s: _Seq, reason: FinishReason, error: str | None = None) -> None:
+        if s is self._prefilling:
+            self._prefilling = None  # its row is past the running rows: nothing to move
         if s in self._running:
             i, last = self._running.index(s), len(self._running) - 1
             if i != last:
@@ -413,6 +468,8 @@ class Engine:
                 self.runner.cache.move_row(last, i, moved.cache_len)
                 self._running[i] = moved
             self._running.pop()
+            if self._prefilling is not None:  # keep it right after the running rows
+                self.runner.cache.move_row(last + 1, last, self._prefilling.cache_len)
         self._release(s)
         now = time.perf_counter()
         first = s.t_first or now

@@ -4,8 +4,10 @@ An eager decode step launches a few thousand small kernels; on a GPU the step is
 overhead, not by reading the weights. Here a decode step of fixed shape is captured once and replayed:
 
 - shapes are fixed by a batch bucket (rows, padded up) and a KV length bucket (a power of two that
-  covers every row's position); rows past the real batch are padding: token 0 at position 0 of a free
-  cache row, which no running row reads and the next prefill of that row overwrites;
+  covers every row's position); rows past the real batch are padding: token 0 written at the last
+  position of a cache row past the running ones. No row ever reads a position it has not written
+  itself first (a row writes position p in the step that reads up to p), so even the row of a prompt
+  part-way through chunked prefill is safe;
 - inputs live in one static buffer [3, rows]: token ids, positions, adapter slots, filled by one copy;
 - the KV cache is static (it never moves) and adapter slot tables are written in place, so a replay
   sees the current weights of every slot; adapters are routed by the slot buffer inside the graph, so
@@ -91,6 +93,7 @@ class DecodeGraphs:
         n, B = len(tokens), key[0]
         host = self._host
         host[:, :B] = 0
+        host[1, n:B] = self.max_len - 1  # padding writes only the last position of free rows (see the docstring)
         host[0, :n] = torch.tensor(tokens)
         host[1, :n] = torch.tensor(positions)
         host[2, :n] = torch.tensor(slots)
@@ -137,12 +140,13 @@ class DecodeGraphs:
 
     def warmup(self, kv_lens: list[int] | None = None) -> float:
         """Capture the bare model's graphs for every batch bucket (and the given KV buckets, by default
-        all of them) before serving. Returns the seconds spent. Rows are zero: it writes only padding."""
+        all of them) before serving. Returns the seconds spent. Every row is padding: only free rows are written."""
         if not self.capture:
             return 0.0
         t0 = time.perf_counter()
         lens = kv_lens or self.kv_buckets()
         self.inputs.zero_()
+        self.inputs[1] = self.max_len - 1
         for B in reversed(self.buckets):  # largest first: the pool then fits every smaller graph
             for kv in lens:
                 if (B, kv, ()) not in self.graphs:
