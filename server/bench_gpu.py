@@ -182,7 +182,50 @@ def synth_adapters(loaded: LoadedModel, store: Path) -> dict[str, list[str]]:
     return out
 
 
-def bench_model(name: str, batches: list[int], prompt: int, new: int, adapter_batch: int, bw: float) -> dict:
+def zipf_case(loaded: LoadedModel, n_adapters: int, n_requests: int, slots: int, max_batch: int, prompt: int,
+              new: int, s: float = 1.0) -> dict:
+    """Many (IA)3 adapters under Zipf(s) popularity, all requests queued at once, through the graphs
+    engine with `slots` device slots: tokens/s, slot loads, distinct adapters per step."""
+    cfg = loaded.model.config
+    store = Path(tempfile.mkdtemp())
+    reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model),
+                   RegistryConfig(store, slots, n_adapters + 8))
+    src = Path(tempfile.mkdtemp())
+    for i in range(n_adapters):
+        write_peft_ia3(src / str(i), cfg.num_hidden_layers, linear_dims(loaded.model), seed=i)
+        reg.add_folder(f"z{i}", src / str(i))
+    reg.scan()
+    max_len = prompt + new + 8
+    ecfg = EngineConfig(max_batch_size=max_batch, max_model_len=max_len, kv_cache_tokens=max_batch * max_len,
+                        max_new_tokens_limit=max_len, prefill_token_budget=max_batch * prompt, merge_policy="never",
+                        cuda_graphs="on", max_queue=n_requests + 1)
+    eng = Engine(loaded, reg, ecfg, Metrics())
+    g = torch.Generator().manual_seed(3)
+    weights = torch.tensor([1.0 / (r + 1) ** s for r in range(n_adapters)])
+    picks = torch.multinomial(weights, n_requests, replacement=True, generator=g).tolist()
+    done: list[object] = []
+    vocab = cfg.vocab_size
+    for i, a in enumerate(picks):
+        ids = tuple(torch.randint(3, vocab, (prompt,), generator=g).tolist())
+        eng.submit(GenerationRequest(f"z{i}", ids, f"z{a}", SamplingParams(max_new_tokens=new, ignore_eos=True)),
+                   lambda ev: done.append(ev) if isinstance(ev, (GenerationResult, Exception)) else None)
+    sync()
+    t0 = time.perf_counter()
+    while len(done) < n_requests:
+        eng.step()
+    dt = time.perf_counter() - t0
+    ok = sum(isinstance(d, GenerationResult) and d.finish_reason == "length" for d in done)
+    loads = next(x.value for x in list(eng.metrics.load.collect())[0].samples if x.name.endswith("_count"))
+    distinct = list(eng.metrics.distinct.collect())[0].samples
+    d_sum = next(x.value for x in distinct if x.name.endswith("_sum"))
+    d_cnt = next(x.value for x in distinct if x.name.endswith("_count"))
+    return {"slots": slots, "adapters": n_adapters, "requests": n_requests, "ok": ok, "seconds": dt,
+            "tok_s": ok * new / dt, "slot_loads": loads, "loads_per_1000_requests": 1000 * loads / n_requests,
+            "distinct_per_pass": d_sum / max(d_cnt, 1), "distinct_used": len(set(picks))}
+
+
+def bench_model(name: str, batches: list[int], prompt: int, new: int, adapter_batch: int, bw: float,
+                zipf: tuple[int, int] | None = None) -> dict:
     if DEV.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model = build_model(name, torch.bfloat16 if DEV.type == "cuda" else torch.float32)
@@ -252,6 +295,12 @@ def bench_model(name: str, batches: list[int], prompt: int, new: int, adapter_ba
             ad[f"{label} ({'graphs' if mode == 'on' else 'eager'})"] = decode_rate(eng, rows, prompt, new, vocab)
     res["adapters_batch"] = B
     res["adapters_tok_s"] = ad
+    if zipf is not None:
+        n_ad, n_req = zipf
+        hot = zipf_case(loaded, n_ad, n_req, n_ad, 64, prompt // 2, 32)
+        cold = zipf_case(loaded, n_ad, n_req, 16, 64, prompt // 2, 32)
+        res["zipf"] = {"all_hot": hot, "slots_16": cold, "ratio": cold["tok_s"] / hot["tok_s"]}
+        log.info("%s zipf %s", name, res["zipf"])
     res["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if DEV.type == "cuda" else None
     res["graph_replays"], res["graph_eager_steps"] = graphs.replays, graphs.eager_steps
     del engines, model, loaded
@@ -267,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--adapter-batch", type=int, default=16)
+    ap.add_argument("--zipf", default="500,1024", help="adapters,requests for the Zipf case on the first model ('' skips)")
     ap.add_argument("--out", type=Path, default=Path("bench_results/gpu.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
@@ -277,9 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     out["transformers"] = transformers.__version__
-    for name in args.models.split(","):
+    for k, name in enumerate(args.models.split(",")):
+        zipf = tuple(int(x) for x in args.zipf.split(",")) if args.zipf and k == 0 else None
         out["models"].append(bench_model(name, [int(b) for b in args.batches.split(",")], args.prompt, args.new,
-                                         args.adapter_batch, bw))
+                                         args.adapter_batch, bw, zipf))  # type: ignore[arg-type]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))  # noqa: T201

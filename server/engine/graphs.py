@@ -153,7 +153,3 @@ class DecodeGraphs:
                     self._capture((B, kv, ()))
         torch.cuda.synchronize()
         return time.perf_counter() - t0
-
-    def invalidate(self) -> None:
-        """Drop every graph (after the model's tensors were replaced, not merely written in place)."""
-        self.graphs.clear()
