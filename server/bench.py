@@ -42,9 +42,9 @@ PROMPTS = [
 
 
 def make_engine(loaded: LoadedModel, store: Path, slots: int = 16, merge: str = "auto") -> Engine:
-    reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model), RegistryConfig(store, slots, 64))
+    reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model), RegistryConfig(store, 64))
     reg.scan()
-    cfg = EngineConfig(max_batch_size=32, max_model_len=1024, merge_policy=merge)  # type: ignore[arg-type]
+    cfg = EngineConfig(max_batch_size=32, max_model_len=1024, merge_policy=merge, device_slots=slots)  # type: ignore[arg-type]
     return Engine(loaded, reg, cfg, Metrics())
 
 
@@ -53,7 +53,7 @@ def synth_store(loaded: LoadedModel, root: Path) -> list[str]:
     cfg = loaded.model.config  # type: ignore[attr-defined]
     L, H, dims = cfg.num_hidden_layers, cfg.hidden_size, linear_dims(loaded.model)
     store = AdapterStore(root)
-    reg = Registry(store, BaseModelInfo.from_model(loaded.model), RegistryConfig(root, 16, 64))
+    reg = Registry(store, BaseModelInfo.from_model(loaded.model), RegistryConfig(root, 64))
     names = []
     for i in range(2):
         for kind in ("ia3", "seq_bn", "double_seq_bn", "par_bn"):
@@ -194,11 +194,9 @@ def matmul_floor(loaded: LoadedModel, B: int, n: int) -> float:
 
 def _grant(eng: Engine, name: str) -> int:
     ref = eng.registry.acquire(name)
-    g = eng.registry.assign_slot(ref)
+    g = eng.adapters.grant((ref.adapter_id, ref.version), lambda: eng.registry.weights(ref))
     assert g is not None
-    if g.write is not None:
-        eng.slots.write(g.slot, g.write)
-    return g.slot
+    return g[0]
 
 
 def decode_overhead(loaded: LoadedModel, store: Path, names: list[str], n: int) -> dict[str, Any]:
@@ -271,7 +269,7 @@ def cold_start(loaded: LoadedModel, reps: int = 3) -> list[dict[str, Any]]:
             rec = eng.registry.record("cold")
             assert rec is not None and rec.weights is not None
             t3 = time.perf_counter()
-            eng.slots.write(5, rec.weights)
+            eng.slots.write(5, rec.weights)  # the raw host-to-device copy, outside the slot table
             _sync(loaded.device)
             swap.append(time.perf_counter() - t3)
             up.append(t1 - t0)

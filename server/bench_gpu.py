@@ -97,7 +97,7 @@ def step_bytes(model: Any) -> int:
 
 
 def engine_for(loaded: LoadedModel, store: Path, graphs: str, max_batch: int, max_len: int, fuse: bool = True) -> Engine:
-    reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model), RegistryConfig(store, 16, 64))
+    reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model), RegistryConfig(store, 64))
     reg.scan()
     cfg = EngineConfig(max_batch_size=max_batch, max_model_len=max_len, kv_cache_tokens=max_batch * max_len,
                        max_new_tokens_limit=max_len, prefill_token_budget=max_batch * max_len,
@@ -168,7 +168,7 @@ def kernel_profile(eng: Engine, B: int, kv_len: int, top: int = 12) -> dict:
 def synth_adapters(loaded: LoadedModel, store: Path) -> dict[str, list[str]]:
     cfg = loaded.model.config
     L, H, dims = cfg.num_hidden_layers, cfg.hidden_size, linear_dims(loaded.model)
-    reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model), RegistryConfig(store, 16, 64))
+    reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model), RegistryConfig(store, 64))
     out: dict[str, list[str]] = {"ia3": [], "seq_bn": []}
     for i in range(8):
         for kind in out:
@@ -189,7 +189,7 @@ def zipf_case(loaded: LoadedModel, n_adapters: int, n_requests: int, slots: int,
     cfg = loaded.model.config
     store = Path(tempfile.mkdtemp())
     reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model),
-                   RegistryConfig(store, slots, n_adapters + 8))
+                   RegistryConfig(store, n_adapters + 8))
     src = Path(tempfile.mkdtemp())
     for i in range(n_adapters):
         write_peft_ia3(src / str(i), cfg.num_hidden_layers, linear_dims(loaded.model), seed=i)
@@ -198,7 +198,7 @@ def zipf_case(loaded: LoadedModel, n_adapters: int, n_requests: int, slots: int,
     max_len = prompt + new + 8
     ecfg = EngineConfig(max_batch_size=max_batch, max_model_len=max_len, kv_cache_tokens=max_batch * max_len,
                         max_new_tokens_limit=max_len, prefill_token_budget=max_batch * prompt, merge_policy="never",
-                        cuda_graphs="on", max_queue=n_requests + 1)
+                        cuda_graphs="on", max_queue=n_requests + 1, device_slots=slots)
     eng = Engine(loaded, reg, ecfg, Metrics())
     g = torch.Generator().manual_seed(3)
     weights = torch.tensor([1.0 / (r + 1) ** s for r in range(n_adapters)])

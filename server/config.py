@@ -36,12 +36,12 @@ class EngineConfig:
     request_timeout_s: float = 600.0
     cuda_graphs: Graphs = "auto"
     compile_kernels: bool = True  # CUDA graphs only: fuse the decode step's elementwise chains
+    device_slots: int = 16  # adapters resident on the device at once
 
 
 @dataclass(frozen=True)
 class RegistryConfig:
     store_dir: Path = Path("adapters_store")
-    device_slots: int = 16
     host_capacity: int = 64
     max_upload_bytes: int = 256 * 1024 * 1024
 
@@ -98,7 +98,8 @@ class Settings(BaseSettings):
             request_timeout_s=self.request_timeout_s,
             cuda_graphs=self.cuda_graphs,
             compile_kernels=self.compile_kernels,
+            device_slots=self.device_slots,
         )
 
     def registry_cfg(self) -> RegistryConfig:
-        return RegistryConfig(self.store, self.device_slots, self.host_capacity, self.max_upload_bytes)
+        return RegistryConfig(self.store, self.host_capacity, self.max_upload_bytes)

@@ -102,14 +102,15 @@ def make_engine(store_dir: Path, *, slots: int = 8, max_batch: int = 16, merge: 
 
     model = (model or tiny_model()).to(device=device, dtype=dtype)
     metrics = metrics or Metrics()
-    rcfg = RegistryConfig(store_dir=store_dir, device_slots=slots, host_capacity=host)
+    rcfg = RegistryConfig(store_dir=store_dir, host_capacity=host)
     events = Events.for_metrics(metrics)
     registry = Registry(AdapterStore(store_dir), BaseModelInfo.from_model(model), rcfg, events)
     registry.scan()
     loaded = LoadedModel(model, tiny_tokenizer(), "tiny-llama", device, dtype)
     ecfg = EngineConfig(max_batch_size=max_batch, max_model_len=256, max_new_tokens_limit=200, merge_policy=merge,  # type: ignore[arg-type]
                         merge_after_steps=2, max_queue=max_queue, cuda_graphs=graphs,  # type: ignore[arg-type]
-                        kv_cache_tokens=max(65536, 256 * max_batch), prefill_token_budget=budget)
+                        kv_cache_tokens=max(65536, 256 * max_batch), prefill_token_budget=budget,
+                        device_slots=slots)
     return Engine(loaded, registry, ecfg, metrics)
 
 

@@ -2,9 +2,12 @@
 
 Each upload is a new version of its id; a request pins the version it started with (pins count
 queued and running requests), so a replace or delete never changes what a running request computes,
-and a pinned version is never evicted from any tier. Device slots are assigned here; writing their
-contents is left to the engine thread, which owns the device. Thread-safe: one lock, and no disk
-read or parse ever happens under it.
+and a pinned version keeps its host copy. The device tier is not kept here: the engine thread's
+AdapterManager owns the slot table, hears of replaced and deleted versions through `Events.retire`
+(a message to the engine), and publishes which versions are resident for `info` and the tier counts.
+
+Thread-safe. `_lock` guards the in-memory catalogue and is never held across disk I/O, so the engine
+never waits on a disk; `_admin` serialises uploads and deletes, which do disk I/O, against each other.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ class AdapterRecord:
     version: int
     manifest: dict
     weights: AdapterWeights | None = None  # host tier
-    slot: int | None = None  # device tier
     pins: int = 0
     current: bool = True  # False once replaced or deleted: lives only while pinned
 
@@ -44,13 +46,12 @@ class AdapterRecord:
     def key(self) -> Key:
         return (self.adapter_id, self.version)
 
-    @property
-    def tier(self) -> str:
-        return "device" if self.slot is not None else "host" if self.weights is not None else "disk"
+    def tier(self, resident: frozenset[Key]) -> str:
+        return "device" if self.key in resident else "host" if self.weights is not None else "disk"
 
-    def info(self) -> dict:
+    def info(self, resident: frozenset[Key]) -> dict:
         keys = ("method", "format", "variant", "num_parameters", "size_bytes", "mergeable", "created_at")
-        return {"adapter_id": self.adapter_id, **{k: self.manifest.get(k) for k in keys}, "tier": self.tier}
+        return {"adapter_id": self.adapter_id, **{k: self.manifest.get(k) for k in keys}, "tier": self.tier(resident)}
 
 
 @dataclass(frozen=True)
@@ -63,21 +64,14 @@ class AdapterRef:
 
 
 @dataclass
-class SlotGrant:
-    """The engine's answer from `assign_slot`: the slot, and the weights to write there if not yet written."""
-
-    slot: int
-    write: AdapterWeights | None
-    evicted: Key | None = None
-
-
-@dataclass
 class Events:
-    """Callbacks for metrics: cache hit/miss/evict and load seconds by source."""
+    """Callbacks: cache hit/miss/evict and load seconds by source (metrics), tier counts (metrics), and
+    `retire`, a version replaced or deleted (the engine forwards it to its AdapterManager)."""
 
     cache: Callable[[str], None] = lambda event: None
     load: Callable[[str, float], None] = lambda source, seconds: None
     tiers: Callable[[dict[str, int]], None] = lambda counts: None
+    retire: Callable[[Key], None] = lambda key: None
 
     @staticmethod
     def for_metrics(m: Metrics) -> Events:
@@ -101,11 +95,11 @@ class Registry:
         self.cfg = cfg
         self.events = events or Events()
         self._lock = threading.RLock()
+        self._admin = threading.Lock()
         self._current: dict[str, AdapterRecord] = {}
         self._records: dict[Key, AdapterRecord] = {}
         self._host: OrderedDict[Key, None] = OrderedDict()  # LRU, oldest first
-        self._slots: list[Key | None] = [None] * (cfg.device_slots + 1)  # index 0 unused: "no adapter"
-        self._slot_lru: OrderedDict[int, None] = OrderedDict()
+        self._resident: frozenset[Key] = frozenset()  # published by the engine's AdapterManager
         self._next_version = 1
         self.skipped: dict[str, str] = {}  # adapters found corrupt at start -> why
 
@@ -147,19 +141,21 @@ class Registry:
             t0 = time.perf_counter()
             weights = parse_adapter(files, self.base)
             manifest = manifest_for(adapter_id, weights, list(files))
-            with self._lock:
-                if not replace and adapter_id in self._current:
+            with self._admin:  # one upload or delete at a time; the catalogue lock only for the swap
+                if not replace and self.exists(adapter_id):
                     raise AdapterExistsError(adapter_id)
                 self.store.commit(adapter_id, staging, manifest)
-                rec = AdapterRecord(adapter_id, self._bump(), manifest, weights=weights)
-                self._install(rec)
-                self._host_touch(rec)
+                with self._lock:
+                    rec = AdapterRecord(adapter_id, self._bump(), manifest, weights=weights)
+                    self._install(rec)
+                    self._host_touch(rec)
             self.events.load("disk", time.perf_counter() - t0)
         finally:
             if staging.exists():
                 self.store.discard(staging)
         self._report_tiers()
-        return rec.info()
+        with self._lock:
+            return rec.info(self._resident)
 
     def add_folder(self, adapter_id: str, folder: Path, replace: bool = False) -> dict:
         """Copy a saved adapter folder into the store (the CLI and tests use this)."""
@@ -170,13 +166,14 @@ class Registry:
         return self.add(adapter_id, staging, replace)
 
     def delete(self, adapter_id: str) -> None:
-        with self._lock:
-            rec = self._current.get(adapter_id)
-            if rec is None:
-                raise AdapterNotFoundError(adapter_id)
+        with self._admin:
+            with self._lock:
+                rec = self._current.get(adapter_id)
+                if rec is None:
+                    raise AdapterNotFoundError(adapter_id)
+                del self._current[adapter_id]  # no new request pins it from here on
+                self._retire(rec)
             self.store.delete(adapter_id)
-            del self._current[adapter_id]
-            self._retire(rec)
         self._report_tiers()
 
     def _install(self, rec: AdapterRecord) -> None:
@@ -189,6 +186,7 @@ class Registry:
     def _retire(self, rec: AdapterRecord) -> None:
         """A replaced or deleted version: dropped now if unpinned, else when its last request ends."""
         rec.current = False
+        self.events.retire(rec.key)
         if rec.pins == 0:
             self._drop(rec)
 
@@ -196,10 +194,6 @@ class Registry:
         self._records.pop(rec.key, None)
         self._host.pop(rec.key, None)
         rec.weights = None
-        if rec.slot is not None:
-            self._slots[rec.slot] = None
-            self._slot_lru.pop(rec.slot, None)
-            rec.slot = None
 
     def exists(self, adapter_id: str) -> bool:
         with self._lock:
@@ -210,11 +204,11 @@ class Registry:
             rec = self._current.get(adapter_id)
             if rec is None:
                 raise AdapterNotFoundError(adapter_id)
-            return rec.info()
+            return rec.info(self._resident)
 
     def infos(self) -> list[dict]:
         with self._lock:
-            return [r.info() for _, r in sorted(self._current.items())]
+            return [r.info(self._resident) for _, r in sorted(self._current.items())]
 
     # -- requests -----------------------------------------------------------------------------
     def acquire(self, adapter_id: str) -> AdapterRef:
@@ -227,11 +221,10 @@ class Registry:
                 rec = self._current.get(adapter_id)
                 if rec is None:
                     raise AdapterNotFoundError(adapter_id)
-                if rec.weights is not None or rec.slot is not None:  # resident: no disk read needed
+                if rec.weights is not None:  # in host memory (a pinned version keeps its host copy)
                     rec.pins += 1
-                    if rec.weights is not None:
-                        self._host_touch(rec)
-                    self.events.cache("hit" if rec.slot is not None else "miss")
+                    self._host_touch(rec)
+                    self.events.cache("hit" if rec.key in self._resident else "miss")
                     return AdapterRef(rec.adapter_id, rec.version, rec.manifest["method"])
                 version = rec.version
             t0 = time.perf_counter()
@@ -263,45 +256,22 @@ class Registry:
             else:
                 self._host_evict()
 
-    # -- device slots (engine thread) ---------------------------------------------------------
-    def assign_slot(self, ref: AdapterRef) -> SlotGrant | None:
-        """A device slot for a pinned version: its own if resident, else a free or LRU-unpinned one.
-        None when every slot is pinned by other requests: the request waits."""
+    def on_retire(self, fn: Callable[[Key], None]) -> None:
+        """Who hears of replaced and deleted versions: the engine, which owns the device slots."""
+        self.events.retire = fn
+
+    def weights(self, ref: AdapterRef) -> AdapterWeights:
+        """The host copy of a pinned version, for the engine to write into a device slot."""
         with self._lock:
-            rec = self._records[(ref.adapter_id, ref.version)]
-            if rec.slot is not None:
-                self._slot_lru.move_to_end(rec.slot)
-                return SlotGrant(rec.slot, None)
-            slot, evicted = self._free_slot()
-            if slot is None:
-                return None
-            assert rec.weights is not None, "a pinned version keeps its host copy"
-            self._slots[slot] = rec.key
-            self._slot_lru[slot] = None
-            rec.slot = slot
-            if evicted is not None:
-                self.events.cache("evict")
+            w = self._records[(ref.adapter_id, ref.version)].weights
+            assert w is not None, "a pinned version keeps its host copy"
+            return w
+
+    def set_resident(self, keys: frozenset[Key]) -> None:
+        """The engine's AdapterManager publishes which versions are on the device (for info and tiers)."""
+        with self._lock:
+            self._resident = keys
         self._report_tiers()
-        return SlotGrant(slot, rec.weights, evicted)
-
-    def _free_slot(self) -> tuple[int | None, Key | None]:
-        for s in range(1, len(self._slots)):
-            if self._slots[s] is None:
-                return s, None
-        for s in self._slot_lru:  # least recently used first
-            key = self._slots[s]
-            rec = self._records.get(key) if key else None
-            if rec is not None and rec.pins == 0:
-                rec.slot = None
-                self._slots[s] = None
-                del self._slot_lru[s]
-                return s, key
-        return None, None
-
-    def slot_of(self, ref: AdapterRef) -> int | None:
-        with self._lock:
-            rec = self._records.get((ref.adapter_id, ref.version))
-            return None if rec is None else rec.slot
 
     # -- host tier ----------------------------------------------------------------------------
     def _host_touch(self, rec: AdapterRecord) -> None:
@@ -322,16 +292,11 @@ class Registry:
                 over -= 1
 
     # -- introspection ------------------------------------------------------------------------
-    def slot_table(self) -> list[Key | None]:
-        """slot -> (adapter_id, version) or None; index 0 is the no-adapter slot."""
-        with self._lock:
-            return list(self._slots)
-
     def tier_counts(self) -> dict[str, int]:
         with self._lock:
             counts = {"device": 0, "host": 0, "disk": 0}
             for rec in self._current.values():
-                counts[rec.tier] += 1
+                counts[rec.tier(self._resident)] += 1
             return counts
 
     def record(self, adapter_id: str) -> AdapterRecord | None:

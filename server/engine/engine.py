@@ -21,9 +21,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
+from ..adapters.manager import AdapterManager, Key
 from ..adapters.methods import StepTimer
 from ..adapters.registry import AdapterRef, Registry
 from ..adapters.slots import AdapterSlots
@@ -61,6 +63,13 @@ class _Seq:
     adapter_type: str = "none"
 
 
+@dataclass(frozen=True)
+class _Retire:
+    """Message from the registry: this version was replaced or deleted."""
+
+    key: Key
+
+
 class RequestHandle:
     def __init__(self, seq: _Seq, engine: Engine) -> None:
         self._seq, self._engine = seq, engine
@@ -91,10 +100,12 @@ class Engine:
         self.runner = ModelRunner(loaded.model, self.max_rows, self.max_len, static_cache=static,
                                   compile_kernels=static and cuda and cfg.compile_kernels,
                                   pack=static and cfg.compile_kernels)
-        self.slots = AdapterSlots(loaded.model, registry.cfg.device_slots, loaded.device, loaded.dtype, self.timer)
+        self.slots = AdapterSlots(loaded.model, cfg.device_slots, loaded.device, loaded.dtype, self.timer)
+        self.adapters = AdapterManager(self.slots, on_change=self._resident_changed)
         self.graphs = DecodeGraphs(self.runner, self.slots, capture=cuda) if static else None
         self.eos = self._eos_ids()
-        self._inbox: queue.SimpleQueue[_Seq] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Seq | _Retire] = queue.SimpleQueue()
+        registry.on_retire(self._retired)
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []  # index == KV cache row
         self._prefilling: _Seq | None = None  # a long prompt part-way through chunked prefill, in row len(_running)
@@ -203,12 +214,25 @@ class Engine:
         self.metrics.queue_depth.set(len(self._waiting))
         return bool(admitted or chunked or self._running)
 
+    def _retired(self, key: Key) -> None:
+        """Any thread: the registry replaced or deleted a version; the engine thread clears its slot."""
+        self._inbox.put(_Retire(key))
+        self._wake.set()
+
+    def _resident_changed(self, keys: frozenset[Key]) -> None:
+        self.registry.set_resident(keys)
+        self.metrics.adapter_device_bytes.set(self.adapters.device_bytes())
+
     def _drain(self) -> None:
         while True:
             try:
-                self._waiting.append(self._inbox.get_nowait())
+                item = self._inbox.get_nowait()
             except queue.Empty:
                 break
+            if isinstance(item, _Retire):
+                self.adapters.retire(item.key)
+            else:
+                self._waiting.append(item)
         now = time.perf_counter()
         for s in [s for s in self._waiting if s.cancelled or now > s.deadline]:
             self._waiting.remove(s)
@@ -235,14 +259,13 @@ class Engine:
             if rows > 0 and self.runner.cache.tokens_for(rows + 1, need) > self.cfg.kv_cache_tokens:
                 break  # the KV budget is full: wait for rows to finish
             if s.ref is not None:
-                grant = self.registry.assign_slot(s.ref)
+                t0 = time.perf_counter()
+                grant = self.adapters.grant((s.ref.adapter_id, s.ref.version), partial(self.registry.weights, s.ref))
                 if grant is None:
-                    continue  # every slot is pinned by other requests: this one waits its turn
-                if grant.write is not None:
-                    t0 = time.perf_counter()
-                    self.slots.write(grant.slot, grant.write)
+                    continue  # every slot is used by running rows: this one waits its turn
+                s.slot, written = grant
+                if written:
                     self.metrics.load.labels("host").observe(time.perf_counter() - t0)
-                s.slot = grant.slot
             self._waiting.remove(s)
             self._dequeued()
             s.t_admit = time.perf_counter()
@@ -450,6 +473,9 @@ class Engine:
 
     # -- leaving ------------------------------------------------------------------------------
     def _release(self, s: _Seq) -> None:
+        if s.slot:
+            self.adapters.release(s.slot)
+            s.slot = 0
         if s.ref is not None:
             self.registry.release(s.ref)
             s.ref = None
@@ -490,5 +516,4 @@ class Engine:
             if len(s.tokens) > 1:
                 m.tpot.labels(t).observe((now - first) / (len(s.tokens) - 1))
         m.kv_bytes.set(self.runner.cache.nbytes())
-        m.adapter_device_bytes.set(self.slots.device_bytes())
         s.sink(result)

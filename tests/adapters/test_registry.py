@@ -7,137 +7,200 @@ import random
 import threading
 
 import pytest
+import torch
 
+from server.adapters.manager import AdapterManager
+from server.adapters.methods import StepTimer
 from server.adapters.registry import Registry
+from server.adapters.slots import AdapterSlots
 from server.adapters.spec import BaseModelInfo
 from server.adapters.store import AdapterStore
 from server.config import RegistryConfig
 from server.errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterIdError
 from tests.helpers import fixture_dir, tiny_model
 
-BASE = BaseModelInfo.from_model(tiny_model())
+MODEL = tiny_model()
+BASE = BaseModelInfo.from_model(MODEL)
+CPU = torch.device("cpu")
 
 
-def make(tmp_path, slots: int = 2, host: int = 8) -> Registry:
-    r = Registry(AdapterStore(tmp_path / "store"), BASE, RegistryConfig(tmp_path / "store", slots, host))
+def make(tmp_path, host: int = 8) -> Registry:
+    r = Registry(AdapterStore(tmp_path / "store"), BASE, RegistryConfig(tmp_path / "store", host))
     r.scan()
     return r
 
 
-def table(r: Registry) -> list:
-    return [None if k is None else k[0] for k in r.slot_table()]
+class Device:
+    """The registry wired to an AdapterManager as the engine wires them (retire messages delivered at
+    once), with the whole device state checked after every operation."""
+
+    def __init__(self, tmp_path, slots: int = 2, host: int = 8) -> None:
+        self.r = make(tmp_path, host)
+        self.slots = AdapterSlots(MODEL, slots, CPU, torch.float32, StepTimer(CPU))
+        self.m = AdapterManager(self.slots, on_change=self.r.set_resident)
+        self.r.on_retire(self.m.retire)
+        self.weights: dict = {}  # key -> the weights written for it, to rebuild the expected storage
+
+    def grant(self, ref):
+        key = (ref.adapter_id, ref.version)
+        self.weights[key] = self.r.weights(ref)
+        g = self.m.grant(key, lambda: self.r.weights(ref))
+        self.check()
+        return g
+
+    def release(self, ref, slot: int | None) -> None:
+        if slot:
+            self.m.release(slot)
+        self.r.release(ref)
+        self.check()
+
+    def table(self) -> list:
+        return [None if k is None else k[0] for k in self.m.table()]
+
+    def check(self) -> None:
+        """The slot table, each method's slot storage and device_bytes agree: the storage holds exactly
+        the table's adapters (rebuilt from scratch for comparison), and tiers say so."""
+        t = self.m.table()
+        assert t[0] is None
+        assert set(self.slots.slot_method) == {s for s, k in enumerate(t) if k is not None}
+        fresh = AdapterSlots(MODEL, self.slots.num_slots, CPU, torch.float32, StepTimer(CPU))
+        for s, k in enumerate(t):
+            if k is not None:
+                fresh.write(s, self.weights[k])
+        assert self.m.device_bytes() == fresh.device_bytes()
+        resident = {k[0] for k in t if k is not None}
+        for info in self.r.infos():
+            if any(k is not None and k == (info["adapter_id"], self.r.record(info["adapter_id"]).version) for k in t):
+                assert info["tier"] == "device"
+            else:
+                assert info["tier"] != "device" or info["adapter_id"] in resident
 
 
 def tiers(r: Registry) -> dict[str, str]:
     return {i["adapter_id"]: i["tier"] for i in r.infos()}
 
 
-def test_lru_slots_pins_and_waiting(tmp_path):
-    r = make(tmp_path, slots=2)
+def test_lru_slots_rows_and_waiting(tmp_path):
+    d = Device(tmp_path, slots=2)
+    r = d.r
     for name, src in [("a", "ia3_default"), ("b", "seq_bn"), ("c", "par_bn")]:
         r.add_folder(name, fixture_dir(src))
-    assert table(r) == [None, None, None]
+    assert d.table() == [None, None, None]
     assert tiers(r) == {"a": "host", "b": "host", "c": "host"}
 
     ra = r.acquire("a")
-    g = r.assign_slot(ra)
-    assert g.slot == 1 and g.write is not None and g.evicted is None
-    assert table(r) == [None, "a", None]
-    assert r.assign_slot(ra).write is None  # resident: nothing to write
+    assert d.grant(ra) == (1, True)
+    assert d.table() == [None, "a", None]
+    assert d.grant(ra) == (1, False)  # resident: nothing to write (a second row of a)
+    d.m.release(1)
 
     rb = r.acquire("b")
-    assert r.assign_slot(rb).slot == 2
-    assert table(r) == [None, "a", "b"]
-
+    assert d.grant(rb) == (2, True)
     rc = r.acquire("c")
-    assert r.assign_slot(rc) is None  # every slot pinned: c waits, nothing evicted
-    assert table(r) == [None, "a", "b"]
+    assert d.grant(rc) is None  # every slot used by a running row: c waits, nothing evicted
+    assert d.table() == [None, "a", "b"]
 
-    r.release(ra)  # a unpinned: the LRU candidate
-    g = r.assign_slot(rc)
-    assert g.slot == 1 and g.evicted == ("a", 1)
-    assert table(r) == [None, "c", "b"]
+    d.release(ra, 1)  # a's row left: the LRU candidate
+    assert d.grant(rc) == (1, True)
+    assert d.table() == [None, "c", "b"] and d.m.evictions == 1
     assert tiers(r) == {"a": "host", "b": "device", "c": "device"}
 
-    r.release(rb)
-    r.release(rc)
+    d.release(rb, 2)
+    d.release(rc, 1)
     ra = r.acquire("a")
-    g = r.assign_slot(ra)  # b is least recently used now
-    assert g.slot == 2 and g.evicted[0] == "b"
-    assert table(r) == [None, "c", "a"]
-    r.release(ra)
+    assert d.grant(ra) == (2, True)  # b is least recently granted now
+    assert d.table() == [None, "c", "a"]
+    d.release(ra, 2)
 
 
-def test_pinned_adapter_is_never_evicted_under_random_traffic(tmp_path):
-    r = make(tmp_path, slots=3)
+def test_a_slot_in_use_is_never_evicted_under_random_traffic(tmp_path):
+    d = Device(tmp_path, slots=3)
+    r = d.r
     names = [f"x{i}" for i in range(6)]
     for i, n in enumerate(names):
         r.add_folder(n, fixture_dir(["ia3_default", "seq_bn", "par_bn"][i % 3]))
     rng = random.Random(0)
-    held: list = []
-    for _ in range(400):
+    held: list = []  # (ref, slot) of admitted rows
+    for _ in range(300):
         if held and rng.random() < 0.45:
-            ref = held.pop(rng.randrange(len(held)))
-            r.release(ref)
+            ref, slot = held.pop(rng.randrange(len(held)))
+            d.release(ref, slot)
         else:
             ref = r.acquire(rng.choice(names))
-            before = {k for k in r.slot_table() if k}
-            pinned_resident = {(h.adapter_id, h.version) for h in held if r.slot_of(h) is not None}
-            g = r.assign_slot(ref)
-            after = {k for k in r.slot_table() if k}
-            assert pinned_resident <= after, "a pinned adapter lost its slot"
+            in_use = {d.m.table()[s] for _, s in held}
+            g = d.grant(ref)
+            assert in_use <= set(d.m.table()), "a slot used by a running row was evicted"
             if g is None:
-                assert len(before) == 3
-            held.append(ref)
-        # invariants of the slot table
-        t = r.slot_table()
-        assert t[0] is None
-        for s, key in enumerate(t[1:], start=1):
-            if key is not None:
-                assert r.record(key[0]).slot == s
-    for ref in held:
-        r.release(ref)
+                assert len(in_use) == 3
+                r.release(ref)
+            else:
+                held.append((ref, g[0]))
+    for ref, slot in held:
+        d.release(ref, slot)
     assert all(r.record(n).pins == 0 for n in names)
+    assert all(d.m.rows(s) == 0 for s in range(4))
 
 
-def test_replace_keeps_the_running_version_until_released(tmp_path):
-    r = make(tmp_path)
+def test_replace_of_a_resident_adapter_keeps_the_running_version_until_released(tmp_path):
+    d = Device(tmp_path)
+    r = d.r
     r.add_folder("m", fixture_dir("seq_bn"))
     old = r.acquire("m")
-    r.assign_slot(old)
+    slot_old = d.grant(old)[0]
     with pytest.raises(AdapterExistsError):
         r.add_folder("m", fixture_dir("par_bn"))
     info = r.add_folder("m", fixture_dir("par_bn"), replace=True)
     assert info["variant"] == "par_bn"
-    assert table(r) == [None, "m", None]  # the old version keeps its slot while pinned
-    assert r.slot_table()[1] == ("m", old.version)
+    d.check()
+    assert d.m.table() == [None, ("m", old.version), None]  # the running version keeps its slot
     new = r.acquire("m")
     assert new.version > old.version
-    g = r.assign_slot(new)
-    assert g.slot == 2 and g.write.variant == "par_bn"
-    r.release(old)
-    assert r.slot_table() == [None, None, ("m", new.version)]
-    r.release(new)
+    assert d.grant(new) == (2, True) and d.slots.methods["bottleneck"].options[2].parallel
+    d.release(old, slot_old)  # the old version's last row: its slot is cleared
+    assert d.m.table() == [None, None, ("m", new.version)]
+    d.release(new, 2)
+    assert d.m.table() == [None, None, ("m", new.version)]  # current: stays resident, evictable
 
 
-def test_delete_running_adapter_finishes_then_404(tmp_path):
-    r = make(tmp_path)
+def test_replace_of_an_idle_resident_adapter_clears_its_slot_at_once(tmp_path):
+    d = Device(tmp_path)
+    r = d.r
+    r.add_folder("m", fixture_dir("ia3_default"))
+    ref = r.acquire("m")
+    d.release(ref, d.grant(ref)[0])
+    assert d.table() == [None, "m", None] and d.m.device_bytes() > 0
+    r.add_folder("m", fixture_dir("seq_bn"), replace=True)
+    d.check()
+    assert d.table() == [None, None, None] and d.m.device_bytes() == 0
+
+
+def test_delete_of_a_resident_adapter(tmp_path):
+    d = Device(tmp_path)
+    r = d.r
     r.add_folder("d", fixture_dir("ia3_default"))
+    r.add_folder("e", fixture_dir("seq_bn"))
     ref = r.acquire("d")
-    r.assign_slot(ref)
-    r.delete("d")
+    slot = d.grant(ref)[0]
+    idle = r.acquire("e")
+    d.release(idle, d.grant(idle)[0])
+    bytes_before = d.m.device_bytes()
+    r.delete("e")  # resident and idle: cleared at once
+    d.check()
+    assert d.table() == [None, "d", None] and d.m.device_bytes() < bytes_before
+    r.delete("d")  # resident and running: finishes, then cleared
+    d.check()
     with pytest.raises(AdapterNotFoundError):
         r.acquire("d")
     with pytest.raises(AdapterNotFoundError):
         r.delete("d")
-    assert r.slot_of(ref) == 1  # still usable by the running request
-    r.release(ref)
-    assert r.slot_table() == [None, None, None]
+    assert d.table() == [None, "d", None]  # still usable by the running row
+    d.release(ref, slot)
+    assert d.table() == [None, None, None] and d.m.device_bytes() == 0
     assert not (tmp_path / "store" / "d").exists()
 
 
 def test_host_tier_lru_and_lazy_reload(tmp_path):
-    r = make(tmp_path, slots=1, host=2)
+    r = make(tmp_path, host=2)
     for n, src in [("a", "ia3_default"), ("b", "seq_bn"), ("c", "par_bn")]:
         r.add_folder(n, fixture_dir(src))
     assert tiers(r) == {"a": "disk", "b": "host", "c": "host"}
@@ -169,7 +232,7 @@ def test_bad_ids_are_refused_and_store_untouched(tmp_path, bad):
 
 
 def test_concurrent_add_replace_delete_acquire(tmp_path):
-    r = make(tmp_path, slots=2)
+    r = make(tmp_path)
     srcs = ["ia3_default", "seq_bn", "par_bn", "double_seq_bn"]
     errors: list[BaseException] = []
 
@@ -190,7 +253,6 @@ def test_concurrent_add_replace_delete_acquire(tmp_path):
                         ref = r.acquire(n)
                     except AdapterNotFoundError:
                         continue
-                    r.assign_slot(ref)
                     r.release(ref)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
@@ -207,7 +269,3 @@ def test_concurrent_add_replace_delete_acquire(tmp_path):
     assert ids == on_disk
     assert all(r.record(n).pins == 0 for n in ids)
     assert list((tmp_path / "store" / ".staging").iterdir()) == []
-    for s, key in enumerate(r.slot_table()[1:], start=1):
-        if key is not None:
-            rec = r.record(key[0])
-            assert rec is not None and rec.version == key[1] and rec.slot == s

@@ -172,3 +172,35 @@ def test_metrics_families_present_and_moving(client):
     assert lines["adapter_server_forward_seconds_total"] > lines['adapter_server_adapter_compute_seconds_total{adapter_type="bottleneck"}']
     assert lines['adapter_server_adapters{tier="device"}'] >= 1
     assert lines['adapter_server_adapter_load_seconds_count{source="disk"}'] >= 4
+
+
+def test_device_bytes_follow_a_delete_and_a_replace(tmp_path):
+    """The device slot table has one owner: deleting or replacing a resident adapter frees its device
+    memory in the metric at once (it used to stay at the adapter's size forever)."""
+    s = LiveServer(tmp_path / "store")
+    try:
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            def device_bytes() -> float:
+                for ln in c.get("/metrics").text.splitlines():
+                    if ln.startswith("adapter_server_adapter_device_bytes "):
+                        return float(ln.split()[1])
+                raise AssertionError("no device bytes metric")
+
+            assert device_bytes() == 0
+            for aid, src in [("x", "seq_bn"), ("y", "ia3_default")]:
+                assert c.post("/adapters", data={"adapter_id": aid}, files=upload_files(fixture_dir(src))).status_code == 201
+                assert gen(c, adapter_id=aid).status_code == 200
+            both = device_bytes()
+            assert both > 0 and c.get("/adapters/x").json()["tier"] == "device"
+            assert c.delete("/adapters/x").status_code == 204
+            gen(c)  # any step lets the engine thread read its inbox
+            only_y = device_bytes()
+            assert 0 < only_y < both
+            r = c.post("/adapters?replace=true", data={"adapter_id": "y"}, files=upload_files(fixture_dir("par_bn")))
+            assert r.status_code == 201 and r.json()["tier"] == "host"
+            gen(c)
+            assert device_bytes() == 0
+            assert gen(c, adapter_id="y").status_code == 200 and device_bytes() > 0
+            assert sum(1 for k in s.services.engine.adapters.table() if k) == 1
+    finally:
+        s.close()

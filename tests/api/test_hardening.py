@@ -234,7 +234,7 @@ def test_kv_and_adapter_memory_stay_within_limits(tmp_path):
             w.result()
         assert all(r.status_code == 200 for r in rs), [r.text for r in rs if r.status_code != 200]
         assert peak["kv"] <= 2048, peak  # token slots held by the KV cache never exceeded the budget
-        assert sum(1 for k in s.services.registry.slot_table() if k) <= 2
+        assert sum(1 for k in s.services.engine.adapters.table() if k) <= 2
     finally:
         s.close()
 

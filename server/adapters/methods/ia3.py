@@ -138,7 +138,8 @@ class IA3Method(AdapterMethod):
         return self._layout
 
     def device_bytes(self) -> int:
-        return sum(t.data.numel() * 4 for t in [*self.out.values(), *self.inp.values()])
+        """The resident adapters' rows of the tables (the tables themselves hold a row for every slot)."""
+        return sum(len(t.slots) * t.data.shape[1] * 4 for t in [*self.out.values(), *self.inp.values()])
 
     # -- folding into the base weights -------------------------------------------------------
     def can_merge(self, slot: int) -> bool:
