@@ -1,13 +1,15 @@
 """Every Prometheus metric (prefix adapter_server_, base units, bounded labels) and its record helpers.
 
-Labels are closed sets: adapter_type in none|ia3|ia3_merged|bottleneck, never an adapter id or prompt.
+Labels are closed sets: adapter_type from adapters.families (none, each method, each mergeable method
+folded), never an adapter id or prompt.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-ADAPTER_TYPES = ("none", "ia3", "ia3_merged", "bottleneck")
+from .adapters.families import ADAPTER_TYPES
+
 LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)

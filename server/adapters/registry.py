@@ -25,6 +25,7 @@ from pathlib import Path
 from ..config import RegistryConfig
 from ..errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterError
 from ..metrics import Metrics
+from .families import METHODS
 from .formats import parse_adapter
 from .spec import AdapterWeights, BaseModelInfo
 from .store import AdapterStore, validate_id
@@ -111,7 +112,7 @@ class Registry:
             try:
                 validate_id(adapter_id)
                 manifest = self.store.manifest(adapter_id)
-                if manifest.get("method") not in ("ia3", "bottleneck"):
+                if manifest.get("method") not in METHODS:
                     raise ValueError("manifest has no valid method")
                 self.store.check_files(adapter_id, manifest)
             except Exception as e:  # a corrupt entry is reported and skipped, the rest load
@@ -231,6 +232,7 @@ class Registry:
             try:
                 weights = parse_adapter(self.store.files(adapter_id), self.base)
             except (InvalidAdapterError, AdapterNotFoundError, OSError) as e:
+                self._admin_settled()
                 with self._lock:
                     if self._current.get(adapter_id) is not rec:
                         continue  # replaced or deleted while we read: try the new state
@@ -238,12 +240,19 @@ class Registry:
                     raise InvalidAdapterError(f"adapter {adapter_id!r} could not be read from the store: {e}") from e
                 raise
             self.events.load("disk", time.perf_counter() - t0)
+            self._admin_settled()
             with self._lock:
                 cur = self._current.get(adapter_id)
                 if cur is not None and cur.version == version and cur.weights is None:
                     cur.weights = weights
                     self._host_touch(cur)
             self._report_tiers()
+
+    def _admin_settled(self) -> None:
+        """Wait for an upload or delete in progress (its files may have changed under a read); after it
+        the catalogue says which version the files were. Request threads only: the engine never waits here."""
+        with self._admin:
+            pass
 
     def release(self, ref: AdapterRef) -> None:
         with self._lock:

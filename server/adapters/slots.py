@@ -7,15 +7,13 @@ exist. Writing a slot is the only way adapters reach the model; the model itself
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Literal
 
 import torch
 
+from .families import label
 from .methods import METHODS, AdapterMethod, MethodPlan, StepTimer
 from .methods.base import SlotContext
 from .spec import AdapterWeights, BaseModelInfo, Location
-
-AdapterType = Literal["none", "ia3", "ia3_merged", "bottleneck"]
 
 
 class BatchPlan:
@@ -26,21 +24,29 @@ class BatchPlan:
         self.plans = plans
 
     def linear(self, layer: int, name: str, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Every method's input changes in order, the base product, then every method's output changes in
+        order (see the methods package for the rule)."""
+        xi = x
         for p in self.plans:
-            y = p.linear(layer, name, module, x)
-            if y is not None:
-                return y
-        return module(x)
+            if (t := p.linear_in(layer, name, xi)) is not None:
+                xi = t
+        y = module(xi)
+        for p in self.plans:
+            if (t := p.linear_out(layer, name, x, y)) is not None:
+                y = t
+        return y
 
     def acts_on(self, layer: int, name: str) -> bool:
         return any(p.acts_on(layer, name) for p in self.plans)
 
     def residual(self, layer: int, loc: Location, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """One method's sub-block output, or, where several act at this site, each row's own method's."""
+        out: torch.Tensor | None = None
         for p in self.plans:
             y = p.residual(layer, loc, h, a)
             if y is not None:
-                return y
-        return h + a  # what the plain decoder layer computes
+                out = y if out is None else torch.where(p.residual_rows(layer, loc), y, out)
+        return h + a if out is None else out  # h + a: what the plain decoder layer computes
 
 
 class AdapterSlots:
@@ -128,13 +134,12 @@ class AdapterSlots:
                 m.unmerge()
                 self._plans.clear()
 
-    def adapter_type(self, slot: int) -> AdapterType:
-        m = self.slot_method.get(slot)
-        if m is None:
-            return "none"
-        if m == "ia3":
-            return "ia3_merged" if self.merged_slot == slot else "ia3"
-        return "bottleneck"
+    def adapter_type(self, slot: int) -> str:
+        """The metric label of rows on `slot` now (a folded adapter reports its merged label)."""
+        return label(self.slot_method.get(slot), merged=slot != 0 and self.merged_slot == slot)
+
+    def method_of(self, slot: int) -> str | None:
+        return self.slot_method.get(slot)
 
     def device_bytes(self) -> int:
         return sum(m.device_bytes() for m in self.methods.values())

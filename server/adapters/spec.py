@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 import torch
 
-Method = Literal["ia3", "bottleneck"]
+from .families import MERGEABLE, Method
+
 Format = Literal["peft", "adapterhub"]
 Location = Literal["attn", "mlp"]
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -99,7 +100,7 @@ class AdapterWeights:
 
     @property
     def mergeable(self) -> bool:
-        return self.method == "ia3"
+        return self.method in MERGEABLE
 
     def tensors(self) -> list[torch.Tensor]:
         out = [v.scale for v in self.ia3]

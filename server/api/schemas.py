@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..adapters.families import Method
+
 
 class ErrorBody(BaseModel):
     type: str
@@ -69,7 +71,7 @@ class TokenOut(BaseModel):
 
 class AdapterInfo(BaseModel):
     adapter_id: str
-    method: Literal["ia3", "bottleneck"]
+    method: Method
     format: Literal["peft", "adapterhub"]
     variant: str
     num_parameters: int

@@ -8,7 +8,8 @@ running rows, so the running rows keep decoding meanwhile (nothing else is admit
 is refilled by the last one. Requests for different adapters, and for none, share every pass.
 
 Callers talk to the engine only through `submit` (thread-safe) and the sink they pass, which the
-engine thread calls with TokenEvent, then one GenerationResult (or an exception).
+engine thread calls with TokenEvents, then either one GenerationResult (finished or cancelled) or one
+typed AdapterServerError (timeout, failed step, shutdown): failures travel one way, as exceptions.
 """
 
 from __future__ import annotations
@@ -25,12 +26,20 @@ from functools import partial
 
 import torch
 
+from ..adapters.families import label
 from ..adapters.manager import AdapterManager, Key
 from ..adapters.methods import StepTimer
 from ..adapters.registry import AdapterRef, Registry
 from ..adapters.slots import AdapterSlots
 from ..config import EngineConfig
-from ..errors import GenerationFailedError, InvalidRequestError, OverloadedError
+from ..errors import (
+    AdapterServerError,
+    GenerationFailedError,
+    InvalidRequestError,
+    NotReadyError,
+    OverloadedError,
+    RequestTimeoutError,
+)
 from ..metrics import Metrics
 from .graphs import DecodeGraphs
 from .model_loader import LoadedModel
@@ -60,7 +69,7 @@ class _Seq:
     t_admit: float = 0.0
     t_first: float = 0.0
     cancelled: bool = False
-    adapter_type: str = "none"
+    adapter_type: str = "none"  # the metric label, known at submit from the pinned adapter
 
 
 @dataclass(frozen=True)
@@ -117,7 +126,7 @@ class Engine:
         self._uniform_steps = 0
         self._uniform_slot: int | None = None
         self._fold_s: float | None = None  # measured cost of one fold + unfold
-        self._ia3_step_s: float | None = None  # measured cost of the unfolded (IA)3 product per pass
+        self._unfolded_step_s: float | None = None  # measured cost of a mergeable adapter's unfolded product per pass
         self.steps = 0
         self.decode_steps = 0
 
@@ -180,7 +189,8 @@ class Engine:
             raise
         now = time.perf_counter()
         seed = p.seed if p.seed is not None else random.getrandbits(63)
-        seq = _Seq(req, sink, ref, TextStream(self.tokenizer, p.stop), seed, max_new, now, now + self.cfg.request_timeout_s)
+        seq = _Seq(req, sink, ref, TextStream(self.tokenizer, p.stop), seed, max_new, now, now + self.cfg.request_timeout_s,
+                   adapter_type=label(ref.method if ref else None))
         self._inbox.put(seq)
         self._wake.set()
         return RequestHandle(seq, self)
@@ -198,7 +208,7 @@ class Engine:
                 self._wake.wait(0.05)
                 self._wake.clear()
         for s in [*self._running, *self._waiting, *([self._prefilling] if self._prefilling else [])]:
-            self._finish(s, "cancelled", error="server shutting down")
+            self._fail(s, NotReadyError("the server is shutting down; retry on another replica or later"))
 
     def step(self) -> bool:
         """One iteration; False when there was nothing to do."""
@@ -237,10 +247,16 @@ class Engine:
         for s in [s for s in self._waiting if s.cancelled or now > s.deadline]:
             self._waiting.remove(s)
             self._dequeued()
-            self._finish(s, "cancelled" if s.cancelled else "error", error=None if s.cancelled else "request timed out")
+            self._end_early(s)
         live = [*self._running, *([self._prefilling] if self._prefilling else [])]
         for s in [s for s in live if s.cancelled or now > s.deadline]:
-            self._finish(s, "cancelled" if s.cancelled else "error", error=None if s.cancelled else "request timed out")
+            self._end_early(s)
+
+    def _end_early(self, s: _Seq) -> None:
+        if s.cancelled:
+            self._finish(s, "cancelled")
+        else:
+            self._fail(s, RequestTimeoutError("request did not finish within the server's timeout"))
 
     def _dequeued(self) -> None:
         with self._qlock:
@@ -302,9 +318,7 @@ class Engine:
                                          self.slots.plan([s.slot]), kv_len=c0 + T, start0=c0)
         except Exception as e:
             log.exception("chunked prefill failed")
-            self._prefilling = None
-            self._release(s)
-            self._send_error(s, GenerationFailedError(f"forward pass failed: {e}"))
+            self._fail(s, GenerationFailedError(f"forward pass failed: {e}"))
             return
         s.cache_len = c0 + T
         s.adapter_type = self.slots.adapter_type(s.slot)
@@ -316,7 +330,7 @@ class Engine:
         self._prefilling = None
         self._running.append(s)  # its row is already len(_running)
         if errors[0] is not None:
-            self._finish(s, "error", error=errors[0])
+            self._fail(s, errors[0])
         else:
             self._emit(s, toks[0], None if lps is None else lps[0])
 
@@ -337,20 +351,21 @@ class Engine:
             if merged == slot:
                 return
             remaining = max(s.max_new - len(s.tokens) for s in rows)
-            pays = self._fold_s is None or remaining * (self._ia3_step_s or 0.0) > self._fold_s
+            pays = self._fold_s is None or remaining * (self._unfolded_step_s or 0.0) > self._fold_s
             if self._uniform_steps >= self.cfg.merge_after_steps and pays:
-                self._timed_fold(lambda: self.slots.merge(slot))  # unfolds any other adapter first
+                self._timed_fold(lambda: self.slots.merge(slot), slot)  # unfolds any other adapter first
                 return
         else:
             self._uniform_steps, self._uniform_slot = 0, None
         if merged is not None:  # rows of any other adapter, or of none, need the base weights
-            self._timed_fold(self.slots.unmerge)
+            self._timed_fold(self.slots.unmerge, merged)
 
-    def _timed_fold(self, fn: Callable[[], None]) -> None:
+    def _timed_fold(self, fn: Callable[[], None], slot: int) -> None:
+        """Run a fold or unfold of `slot`; its time counts as adapter compute under the folded label."""
         t0 = time.perf_counter()
         fn()
         dt = time.perf_counter() - t0
-        self.timer.add("ia3_merged", dt)
+        self.timer.add(label(self.slots.method_of(slot), merged=True), dt)
         est = 2 * dt  # a fold is followed by an unfold of the same size
         self._fold_s = est if self._fold_s is None else 0.8 * self._fold_s + 0.2 * est
 
@@ -363,7 +378,7 @@ class Engine:
         except Exception as e:  # the pass is shared: every row of it fails
             log.exception("forward pass failed for %d rows", B)
             for s in seqs:
-                self._fail(s, prefill, f"forward pass failed: {e}")
+                self._fail(s, GenerationFailedError(f"forward pass failed: {e}"))
             return
         toks, lps, errors = self._sample(seqs, logits)
         elapsed = time.perf_counter() - t0
@@ -375,17 +390,10 @@ class Engine:
             s.cache_len = len(s.req.prompt_ids) if prefill else s.cache_len + 1
             s.adapter_type = self.slots.adapter_type(s.slot)
         for i, s in enumerate(seqs):
-            if errors[i] is not None:
-                self._finish(s, "error", error=errors[i])
+            if (err := errors[i]) is not None:
+                self._fail(s, err)
                 continue
             self._emit(s, toks[i], None if lps is None else lps[i])
-
-    def _fail(self, s: _Seq, prefill: bool, why: str) -> None:
-        if prefill:
-            self._release(s)
-            self._send_error(s, GenerationFailedError(why))
-        else:
-            self._finish(s, "error", error=why)
 
     def _logits(self, seqs: list[_Seq], prefill: bool) -> torch.Tensor:
         """One forward pass over the rows: prefill of new rows, or one decode step of the running ones."""
@@ -418,37 +426,42 @@ class Engine:
         return self.runner.forward(ids.to(dev), start.to(dev), lengths.to(dev), row0, plan,
                                    kv_len=kv_len, start0=start0)
 
-    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> tuple[list[int], list[float] | None, list[str | None]]:
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor
+                ) -> tuple[list[int], list[float] | None, list[AdapterServerError | None]]:
         """Tokens for every row in one pass. Rows with non-finite logits fail alone; if the batched pass
         raises, each row is sampled on its own so that only the rows that fail, fail."""
         rows = [RowSampling(s.req.params, s.seed, len(s.tokens)) for s in seqs]
         want = any(s.req.params.logprobs for s in seqs)
-        bad = "the model produced non-finite logits for this request"
+        def bad() -> AdapterServerError:
+            return GenerationFailedError("the model produced non-finite logits for this request")
+
         try:
             toks, lps, ok = sample(logits, rows, want)
-            return toks, lps, [None if f else bad for f in ok]
+            return toks, lps, [None if f else bad() for f in ok]
         except Exception:
             log.exception("batched sampling failed; sampling each row alone")
         toks, lps_out = [0] * len(seqs), [0.0] * len(seqs)
-        errors: list[str | None] = [None] * len(seqs)
+        errors: list[AdapterServerError | None] = [None] * len(seqs)
         for i, r in enumerate(rows):
             try:
                 t, lp, f = sample(logits[i : i + 1], [r], want)
                 toks[i], lps_out[i] = t[0], (lp[0] if lp else 0.0)
-                errors[i] = None if f[0] else bad
+                errors[i] = None if f[0] else bad()
             except Exception as e:
-                errors[i] = f"sampling failed: {e}"
+                errors[i] = GenerationFailedError(f"sampling failed: {e}")
         return toks, (lps_out if want else None), errors
 
     def _record_step(self, seqs: list[_Seq], elapsed: float) -> None:
         m = self.metrics
         m.forward.inc(elapsed)
         spent = self.timer.collect()
-        for label, secs in spent.items():
-            m.adapter_compute.labels(label).inc(secs)
-        if "ia3" in spent and len({s.slot for s in seqs}) == 1:
-            x = spent["ia3"]
-            self._ia3_step_s = x if self._ia3_step_s is None else 0.8 * self._ia3_step_s + 0.2 * x
+        for name, secs in spent.items():
+            m.adapter_compute.labels(name).inc(secs)
+        slots = {s.slot for s in seqs}
+        if len(slots) == 1 and self.slots.can_merge(slot := next(iter(slots))):  # one unfolded mergeable adapter
+            x = spent.get(label(self.slots.method_of(slot)))
+            if x is not None:
+                self._unfolded_step_s = x if self._unfolded_step_s is None else 0.8 * self._unfolded_step_s + 0.2 * x
         m.batch_size.observe(len(seqs))
         m.distinct.observe(len({s.slot for s in seqs}))
         self.steps += 1
@@ -480,11 +493,15 @@ class Engine:
             self.registry.release(s.ref)
             s.ref = None
 
-    def _send_error(self, s: _Seq, err: Exception) -> None:
+    def _fail(self, s: _Seq, err: AdapterServerError) -> None:
+        """The request ends with a typed error: it leaves its row, is counted, and its sink gets the error."""
+        self._leave(s)
         self.metrics.requests.labels(s.adapter_type, "error").inc()
+        self.metrics.kv_bytes.set(self.runner.cache.nbytes())
         s.sink(err)
 
-    def _finish(self, s: _Seq, reason: FinishReason, error: str | None = None) -> None:
+    def _leave(self, s: _Seq) -> None:
+        """Free whatever the request holds: its cache row (packing the rows), its slot row, its pin."""
         if s is self._prefilling:
             self._prefilling = None  # its row is past the running rows: nothing to move
         if s in self._running:
@@ -497,6 +514,10 @@ class Engine:
             if self._prefilling is not None:  # keep it right after the running rows
                 self.runner.cache.move_row(last + 1, last, self._prefilling.cache_len)
         self._release(s)
+
+    def _finish(self, s: _Seq, reason: FinishReason) -> None:
+        """The request ends normally (stop, length) or by its own cancel: one GenerationResult."""
+        self._leave(s)
         now = time.perf_counter()
         first = s.t_first or now
         result = GenerationResult(
@@ -504,10 +525,10 @@ class Engine:
             token_ids=tuple(s.tokens), finish_reason=reason, prompt_tokens=len(s.req.prompt_ids),
             logprobs=tuple(s.logprobs) if s.req.params.logprobs else None,
             timings=Timings((s.t_admit or now) - s.t_arrival, first - s.t_arrival, now - s.t_arrival),
-            adapter_type=s.adapter_type, error=error,
+            adapter_type=s.adapter_type,
         )
         m, t = self.metrics, s.adapter_type
-        status = "ok" if reason in ("stop", "length") else reason if reason == "cancelled" else "error"
+        status = "cancelled" if reason == "cancelled" else "ok"
         m.requests.labels(t, status).inc()
         if status == "ok":
             m.duration.labels(t).observe(result.timings.total_seconds)

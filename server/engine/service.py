@@ -14,12 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..errors import (
-    AdapterServerError,
-    GenerationFailedError,
-    InvalidRequestError,
-    RequestTimeoutError,
-)
+from ..errors import AdapterServerError, InvalidRequestError
 from .types import GenerationRequest, GenerationResult, SamplingParams, TokenEvent
 
 _ids = itertools.count()
@@ -87,7 +82,7 @@ class Generation:
             self.done = True
 
     async def events(self) -> AsyncIterator[TokenEvent | GenerationResult]:
-        """TokenEvents, then one GenerationResult. A failed request raises its typed error."""
+        """TokenEvents, then one GenerationResult. A failed request raises the typed error the engine sent."""
         try:
             while True:
                 ev = await self.bridge.queue.get()
@@ -96,10 +91,6 @@ class Generation:
                     raise ev
                 if isinstance(ev, GenerationResult):
                     self.done = True
-                    if ev.finish_reason == "error":
-                        if ev.error == "request timed out":
-                            raise RequestTimeoutError("request did not finish within the server's timeout")
-                        raise GenerationFailedError(ev.error or "generation failed")
                     yield ev
                     return
                 yield ev  # type: ignore[misc]

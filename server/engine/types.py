@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+FinishReason = Literal["stop", "length", "cancelled"]  # failures are exceptions, never a result
 
 
 @dataclass(frozen=True)
@@ -53,4 +53,3 @@ class GenerationResult:
     logprobs: tuple[float, ...] | None
     timings: Timings
     adapter_type: str
-    error: str | None = None

@@ -114,3 +114,18 @@ def test_cancel_frees_the_row(engine):
     run_until_done(engine, [c])
     assert c.result.finish_reason == "cancelled"
     assert engine._running == [] and engine.registry.record("seq_bn").pins == 0
+
+
+def test_requests_are_counted_under_their_adapter_type_whatever_their_fate(engine):
+    """The adapter type is known at submit: a request cancelled before it ever ran still counts under it."""
+    def count(t: str, status: str) -> float:
+        return engine.metrics.requests.labels(t, status)._value.get()
+
+    c = Collector()
+    h = engine.submit(req(engine, 0, "seq_bn", PROMPTS[0]), c)
+    h.cancel()
+    engine.step()
+    assert c.result.finish_reason == "cancelled" and c.result.adapter_type == "bottleneck"
+    assert count("bottleneck", "cancelled") == 1 and count("none", "cancelled") == 0
+    done = solo(engine, req(engine, 1, "ia3_default", PROMPTS[1]))
+    assert done.adapter_type in ("ia3", "ia3_merged") and count(done.adapter_type, "ok") == 1

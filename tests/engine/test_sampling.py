@@ -95,7 +95,8 @@ def test_a_row_whose_sampling_raises_fails_alone(tmp_path, monkeypatch):
     """If the batched pass raises, rows are sampled one by one: only the row that raises fails, and its
     greedy neighbours keep their solo tokens."""
     import server.engine.engine as engine_mod
-    from server.engine.types import GenerationRequest, GenerationResult
+    from server.engine.types import GenerationRequest
+    from server.errors import GenerationFailedError
     from tests.helpers import Collector, make_engine, run_until_done
 
     e = make_engine(tmp_path / "s")
@@ -120,6 +121,6 @@ def test_a_row_whose_sampling_raises_fails_alone(tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine_mod, "sample", flaky)
     out = run([greedy, poisoned, greedy])
-    assert isinstance(out[1], GenerationResult) and out[1].finish_reason == "error" and "boom" in out[1].error
+    assert isinstance(out[1], GenerationFailedError) and "boom" in str(out[1])
     for r in (out[0], out[2]):
         assert r.finish_reason == "length" and r.token_ids == solo.token_ids

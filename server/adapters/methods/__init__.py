@@ -1,4 +1,14 @@
-"""Adapter methods: each owns its device slot storage and builds a per-batch plan. One file per method."""
+"""Adapter methods: each owns its device slot storage and builds a per-batch plan. One file per method.
+
+How methods compose in one batch (`slots.BatchPlan`), in the order of METHODS:
+- at every Linear, each method may change the input (`linear_in`: input scales), then the base product
+  runs once on the result, then each method may change the output (`linear_out`: output scales, then
+  additive terms computed from the original input). So (IA)3, LoRA and DoRA on one Linear all apply;
+- at every sub-block's residual add, each method may compute the sub-block's output (`residual`);
+  where several do, each row takes its own method's (`residual_rows`);
+- on rows it does not serve, every hook is exactly the identity, so a row's result does not depend on
+  which other methods share its batch.
+"""
 
 from __future__ import annotations
 

@@ -64,17 +64,29 @@ class StepTimer:
 
 
 class MethodPlan:
-    """Per-batch routing of one method. Hooks return None where the method has nothing to do."""
+    """Per-batch routing of one method. Hooks return None where the method has nothing to do; on rows
+    it does not serve, a hook must be the identity exactly (scale 1, add 0, residual h + a)."""
 
-    def linear(self, layer: int, name: str, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    def linear_in(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The Linear's input as this method changes it (an input scale), before the base product."""
+        return None
+
+    def linear_out(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """The Linear's output as this method changes it: output scales and additive terms, which may
+        read the Linear's original input `x`."""
         return None
 
     def acts_on(self, layer: int, name: str) -> bool:
-        """Whether `linear` has work at this Linear (if not, the runner may fuse it with its siblings)."""
+        """Whether either Linear hook has work here (if not, the runner may fuse it with its siblings)."""
         return False
 
     def residual(self, layer: int, loc: Location, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
+        """The sub-block's output (h + a for a plain decoder layer) as this method computes it."""
         return None
+
+    def residual_rows(self, layer: int, loc: Location) -> torch.Tensor:
+        """[B, 1, 1] bool: the rows this method's `residual` serves here (used when two methods act at one site)."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)

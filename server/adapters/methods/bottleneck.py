@@ -83,6 +83,7 @@ class _SitePlan:
     plain_out: bool
     lnb: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (row mask [B,1,1], w [B,1,H], b [B,1,H])
     lna: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None  # (mode1, mode2 masks, w, b)
+    rows: torch.Tensor  # [B, 1, 1] bool: rows with an adapter at this site
 
 
 class BottleneckPlan(MethodPlan):
@@ -97,6 +98,9 @@ class BottleneckPlan(MethodPlan):
             return None
         with self.timer.span("bottleneck"):
             return self._apply(p, h, a)
+
+    def residual_rows(self, layer: int, loc: Location) -> torch.Tensor:
+        return self.sites[(layer, loc)].rows
 
     def _apply(self, p: _SitePlan, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         cxa, cxh, cra, crh, cfh = p.coef
@@ -152,12 +156,13 @@ class _StaticSite:
         self.ub = torch.zeros(S, H, device=dev, dtype=dt)
         self.coef = torch.tensor(IDENTITY, device=dev, dtype=dt).repeat(S, 1)  # [S, 5]
         self.act = torch.zeros(S, dtype=torch.long, device=dev)
+        self.has = torch.zeros(S, dtype=torch.bool, device=dev)  # slot has a block here
         self.ln = torch.zeros(S, 3, dtype=torch.bool, device=dev)  # before, after mode 1, after mode 2
         self.lnw = torch.ones(S, 2, H, device=dev, dtype=dt)  # before, after
         self.lnb = torch.zeros(S, 2, H, device=dev, dtype=dt)
 
     def put(self, slot: int, b: _Block | None, opts: BottleneckOptions | None, act: int) -> None:
-        for t in (self.wd, self.bd, self.ub, self.ln, self.lnb):
+        for t in (self.wd, self.bd, self.ub, self.ln, self.lnb, self.has):
             t[slot] = 0
         self.wu[:, slot] = 0
         self.lnw[slot] = 1
@@ -166,6 +171,7 @@ class _StaticSite:
             self.act[slot] = 0
             return
         r = b.down_w.shape[0]
+        self.has[slot] = True
         self.wd[slot, :r], self.bd[slot, :r] = b.down_w, b.down_b
         self.wu[:, slot, :r], self.ub[slot] = b.up_w, b.up_b
         *c, mode = coefficients(opts)
@@ -192,6 +198,9 @@ class BottleneckStaticPlan(MethodPlan):
     def __init__(self, sites: dict[tuple[int, Location], _StaticSite], acts: list[object], slot_idx: torch.Tensor,
                  hidden: int) -> None:
         self.sites, self.acts, self.slot_idx, self.hidden = sites, acts, slot_idx, hidden
+
+    def residual_rows(self, layer: int, loc: Location) -> torch.Tensor:
+        return self.sites[(layer, loc)].has.index_select(0, self.slot_idx)[:, None, None]
 
     def residual(self, layer: int, loc: Location, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
         st = self.sites.get((layer, loc))
@@ -386,4 +395,5 @@ class BottleneckMethod(AdapterMethod):
             wd, bd, wu_t, colmask, acts, blks[0].up_b if uniform else ub, coef, z_from, plain_out,
             (lnb_m, lnb_w, lnb_b) if any_lnb else None,
             (lna_m1, lna_m2, lna_w, lna_b) if any_lna else None,
+            torch.isin(slot_idx, torch.tensor(present, device=dev))[:, None, None],
         )

@@ -36,19 +36,19 @@ class IA3Plan(MethodPlan):
     def acts_on(self, layer: int, name: str) -> bool:
         return (layer, name) in self.vecs
 
-    def linear(self, layer: int, name: str, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    def linear_in(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor | None:
         v = self.vecs.get((layer, name))
-        if v is None:
+        if v is None or v[0] is None:
             return None
-        vin, vout = v
-        if vin is not None:  # feedforward: y = W (x * l) + b, product in float32 as PEFT does
-            with self.timer.span("ia3"):
-                x = (x.to(F32) * vin).to(x.dtype)
-        y = module(x)
-        if vout is not None:  # y = (W x + b) * l
-            with self.timer.span("ia3"):
-                y = (y.to(F32) * vout).to(y.dtype)
-        return y
+        with self.timer.span("ia3"):  # feedforward: y = W (x * l) + b, product in float32 as PEFT does
+            return (x.to(F32) * v[0]).to(x.dtype)
+
+    def linear_out(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        v = self.vecs.get((layer, name))
+        if v is None or v[1] is None:
+            return None
+        with self.timer.span("ia3"):  # y = (W x + b) * l
+            return (y.to(F32) * v[1]).to(y.dtype)
 
 
 class IA3StaticPlan(MethodPlan):
@@ -62,16 +62,13 @@ class IA3StaticPlan(MethodPlan):
     def acts_on(self, layer: int, name: str) -> bool:
         return (layer, name) in self.inp or (layer, name) in self.out
 
-    def linear(self, layer: int, name: str, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        tin, tout = self.inp.get((layer, name)), self.out.get((layer, name))
-        if tin is None and tout is None:
-            return None
-        if tin is not None:
-            x = (x.to(F32) * tin.index_select(0, self.slot_idx)[:, None, :]).to(x.dtype)
-        y = module(x)
-        if tout is not None:
-            y = (y.to(F32) * tout.index_select(0, self.slot_idx)[:, None, :]).to(y.dtype)
-        return y
+    def linear_in(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        t = self.inp.get((layer, name))
+        return None if t is None else (x.to(F32) * t.index_select(0, self.slot_idx)[:, None, :]).to(x.dtype)
+
+    def linear_out(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        t = self.out.get((layer, name))
+        return None if t is None else (y.to(F32) * t.index_select(0, self.slot_idx)[:, None, :]).to(y.dtype)
 
 
 class IA3Method(AdapterMethod):
