@@ -24,7 +24,7 @@ import torch
 from .adapters.registry import Registry
 from .adapters.spec import BaseModelInfo
 from .adapters.store import AdapterStore
-from .adapters.synth import linear_dims, write_adapterhub_bn, write_peft_ia3
+from .adapters.synth import write_demo
 from .config import EngineConfig, ModelConfig, RegistryConfig
 from .engine.engine import Engine
 from .engine.model_loader import LoadedModel, load_base_model
@@ -42,7 +42,7 @@ PROMPTS = [
 
 
 def make_engine(loaded: LoadedModel, store: Path, slots: int = 16, merge: str = "auto") -> Engine:
-    reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model), RegistryConfig(store, 64))
+    reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model), RegistryConfig(64))
     reg.scan()
     cfg = EngineConfig(max_batch_size=32, max_model_len=1024, merge_policy=merge, device_slots=slots)  # type: ignore[arg-type]
     return Engine(loaded, reg, cfg, Metrics())
@@ -51,18 +51,14 @@ def make_engine(loaded: LoadedModel, store: Path, slots: int = 16, merge: str = 
 def synth_store(loaded: LoadedModel, root: Path) -> list[str]:
     """8 adapters over the real model: (IA)3 and the three bottleneck presets, two of each."""
     cfg = loaded.model.config  # type: ignore[attr-defined]
-    L, H, dims = cfg.num_hidden_layers, cfg.hidden_size, linear_dims(loaded.model)
     store = AdapterStore(root)
-    reg = Registry(store, BaseModelInfo.from_model(loaded.model), RegistryConfig(root, 64))
+    reg = Registry(store, BaseModelInfo.from_model(loaded.model), RegistryConfig(64))
     names = []
     for i in range(2):
         for kind in ("ia3", "seq_bn", "double_seq_bn", "par_bn"):
             name = f"{kind}-{i}"
             src = Path(tempfile.mkdtemp())
-            if kind == "ia3":
-                write_peft_ia3(src, L, dims, seed=i)
-            else:
-                write_adapterhub_bn(src, L, H, kind, seed=i)
+            write_demo(kind, src, cfg, seed=i)
             reg.add_folder(name, src)
             names.append(name)
     return names
@@ -253,10 +249,7 @@ def cold_start(loaded: LoadedModel, reps: int = 3) -> list[dict[str, Any]]:
         for r in range(reps):
             root = Path(tempfile.mkdtemp())
             src = root / "src"
-            if kind == "ia3":
-                write_peft_ia3(src, cfg.num_hidden_layers, linear_dims(loaded.model), seed=r)
-            else:
-                write_adapterhub_bn(src, cfg.num_hidden_layers, cfg.hidden_size, kind, seed=r)
+            write_demo(kind, src, cfg, seed=r)
             eng = make_engine(loaded, root / "store")
             t0 = time.perf_counter()
             eng.registry.add_folder("cold", src)
@@ -285,7 +278,7 @@ def _more_adapters(eng: Engine, loaded: LoadedModel, k: int) -> list[str]:
     names = []
     for i in range(k):
         src = Path(tempfile.mkdtemp())
-        write_adapterhub_bn(src, cfg.num_hidden_layers, cfg.hidden_size, "seq_bn", seed=10 + i)
+        write_demo("seq_bn", src, cfg, seed=10 + i)
         name = f"extra-seq_bn-{i}"
         eng.registry.add_folder(name, src)
         names.append(name)

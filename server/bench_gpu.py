@@ -24,7 +24,7 @@ import torch
 from .adapters.registry import Registry
 from .adapters.spec import BaseModelInfo
 from .adapters.store import AdapterStore
-from .adapters.synth import linear_dims, write_adapterhub_bn, write_peft_ia3
+from .adapters.synth import write_demo
 from .config import EngineConfig, RegistryConfig
 from .engine.engine import Engine
 from .engine.model_loader import LoadedModel, freeze
@@ -97,7 +97,7 @@ def step_bytes(model: Any) -> int:
 
 
 def engine_for(loaded: LoadedModel, store: Path, graphs: str, max_batch: int, max_len: int, fuse: bool = True) -> Engine:
-    reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model), RegistryConfig(store, 64))
+    reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model), RegistryConfig(64))
     reg.scan()
     cfg = EngineConfig(max_batch_size=max_batch, max_model_len=max_len, kv_cache_tokens=max_batch * max_len,
                        max_new_tokens_limit=max_len, prefill_token_budget=max_batch * max_len,
@@ -167,16 +167,12 @@ def kernel_profile(eng: Engine, B: int, kv_len: int, top: int = 12) -> dict:
 
 def synth_adapters(loaded: LoadedModel, store: Path) -> dict[str, list[str]]:
     cfg = loaded.model.config
-    L, H, dims = cfg.num_hidden_layers, cfg.hidden_size, linear_dims(loaded.model)
-    reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model), RegistryConfig(store, 64))
+    reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model), RegistryConfig(64))
     out: dict[str, list[str]] = {"ia3": [], "seq_bn": []}
     for i in range(8):
         for kind in out:
             src = Path(tempfile.mkdtemp())
-            if kind == "ia3":
-                write_peft_ia3(src, L, dims, seed=i)
-            else:
-                write_adapterhub_bn(src, L, H, kind, seed=i)
+            write_demo(kind, src, cfg, seed=i)
             reg.add_folder(f"{kind}-{i}", src)
             out[kind].append(f"{kind}-{i}")
     return out
@@ -189,10 +185,10 @@ def zipf_case(loaded: LoadedModel, n_adapters: int, n_requests: int, slots: int,
     cfg = loaded.model.config
     store = Path(tempfile.mkdtemp())
     reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model),
-                   RegistryConfig(store, n_adapters + 8))
+                   RegistryConfig(n_adapters + 8))
     src = Path(tempfile.mkdtemp())
     for i in range(n_adapters):
-        write_peft_ia3(src / str(i), cfg.num_hidden_layers, linear_dims(loaded.model), seed=i)
+        write_demo("ia3", src / str(i), cfg, seed=i)
         reg.add_folder(f"z{i}", src / str(i))
     reg.scan()
     max_len = prompt + new + 8

@@ -28,18 +28,14 @@ def write_demo_adapters(settings: Settings, out: Path, count: int = 0, kinds: li
     """Untrained adapters that fit the served model, for trying the API: they change outputs, not skills."""
     from transformers import AutoConfig
 
-    from .adapters.synth import linear_dims_from_config, write_adapterhub_bn, write_peft_ia3
+    from .adapters.synth import write_demo
     from .engine.model_loader import EMBEDDED, embedded_folder
 
     folder = embedded_folder(settings.cache_dir) if settings.model == EMBEDDED else Path(settings.model)
     cfg = AutoConfig.from_pretrained(folder)
-    L, H, dims = cfg.num_hidden_layers, cfg.hidden_size, linear_dims_from_config(cfg)
 
     def one(kind: str, path: Path, s: int) -> None:
-        if kind == "ia3":
-            write_peft_ia3(path, L, dims, seed=s)
-        else:
-            write_adapterhub_bn(path, L, H, kind, seed=s, name=kind)
+        write_demo(kind, path, cfg, seed=s)
 
     if count:
         kinds = kinds or ["ia3"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -41,36 +41,39 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    store_dir: Path = Path("adapters_store")
-    host_capacity: int = 64
-    max_upload_bytes: int = 256 * 1024 * 1024
+    host_capacity: int = 64  # parsed adapters kept in host memory
+
+
+_M, _E, _R = ModelConfig, EngineConfig, RegistryConfig  # the one source of every default below
 
 
 class Settings(BaseSettings):
-    """Every flag of `adapter-server serve`; each also reads ADAPTER_SERVER_<FLAG>."""
+    """Every flag of `adapter-server serve`; each also reads ADAPTER_SERVER_<FLAG>. Defaults come from
+    the frozen configs above; Settings adds only the bounds and the flags of the HTTP edge."""
 
     model_config = SettingsConfigDict(env_prefix="ADAPTER_SERVER_", extra="ignore")
 
-    model: str = "smollm2"
+    model: str = _M.model
     store: Path = Path("adapters_store")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    device: Device = "auto"
-    dtype: DType = "auto"
-    cache_dir: Path = Path(".cache/models")
-    max_batch_size: int = Field(32, ge=1, le=1024)
-    max_model_len: int = Field(2048, ge=16)
-    max_new_tokens_limit: int = Field(1024, ge=1)
-    prefill_token_budget: int = Field(4096, ge=16)
-    kv_cache_tokens: int = Field(65536, ge=64)
-    merge_policy: MergePolicy = "auto"
-    device_slots: int = Field(16, ge=1, le=4096)
-    host_capacity: int = Field(64, ge=1)
+    device: Device = _M.device
+    dtype: DType = _M.dtype
+    cache_dir: Path = _M.cache_dir
+    max_batch_size: int = Field(_E.max_batch_size, ge=1, le=1024)
+    max_model_len: int = Field(_E.max_model_len, ge=16)
+    max_new_tokens_limit: int = Field(_E.max_new_tokens_limit, ge=1)
+    prefill_token_budget: int = Field(_E.prefill_token_budget, ge=16)
+    kv_cache_tokens: int = Field(_E.kv_cache_tokens, ge=64)
+    merge_policy: MergePolicy = _E.merge_policy
+    merge_after_steps: int = Field(_E.merge_after_steps, ge=1)
+    device_slots: int = Field(_E.device_slots, ge=1, le=4096)
+    host_capacity: int = Field(_R.host_capacity, ge=1)
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024)
-    max_queue: int = Field(256, ge=1)
-    request_timeout_s: float = Field(600.0, gt=0)
-    cuda_graphs: Graphs = "auto"
-    compile_kernels: bool = True
+    max_queue: int = Field(_E.max_queue, ge=1)
+    request_timeout_s: float = Field(_E.request_timeout_s, gt=0)
+    cuda_graphs: Graphs = _E.cuda_graphs
+    compile_kernels: bool = _E.compile_kernels
     api_key: str | None = None
     admin_api_key: str | None = None
     log_level: str = "info"
@@ -87,19 +90,7 @@ class Settings(BaseSettings):
         return ModelConfig(self.model, self.device, self.dtype, self.cache_dir)
 
     def engine_cfg(self) -> EngineConfig:
-        return EngineConfig(
-            max_batch_size=self.max_batch_size,
-            max_model_len=self.max_model_len,
-            max_new_tokens_limit=self.max_new_tokens_limit,
-            prefill_token_budget=self.prefill_token_budget,
-            kv_cache_tokens=self.kv_cache_tokens,
-            merge_policy=self.merge_policy,
-            max_queue=self.max_queue,
-            request_timeout_s=self.request_timeout_s,
-            cuda_graphs=self.cuda_graphs,
-            compile_kernels=self.compile_kernels,
-            device_slots=self.device_slots,
-        )
+        return EngineConfig(**{f.name: getattr(self, f.name) for f in fields(EngineConfig)})
 
     def registry_cfg(self) -> RegistryConfig:
-        return RegistryConfig(self.store, self.host_capacity, self.max_upload_bytes)
+        return RegistryConfig(self.host_capacity)

@@ -12,7 +12,7 @@ from .adapters.formats import parse_adapter
 from .adapters.methods import StepTimer
 from .adapters.slots import AdapterSlots
 from .adapters.spec import BaseModelInfo
-from .adapters.store import AdapterStore, validate_id
+from .adapters.store import AdapterStore
 from .config import ModelConfig
 from .engine.model_loader import load_base_model
 from .errors import NotMergeableError
@@ -21,15 +21,14 @@ log = logging.getLogger(__name__)
 
 
 def _not_mergeable(adapter_id: str, variant: object) -> NotMergeableError:
-    return NotMergeableError(f"adapter {adapter_id!r} is a {variant} bottleneck adapter: bottleneck adapters are "
-                             "non-linear and can never be folded into the base weights")
+    return NotMergeableError(f"adapter {adapter_id!r} ({variant}) is non-linear in the base weights and can never "
+                             "be folded into them")
 
 
 def export_merged(model_cfg: ModelConfig, store_dir: Path, adapter_id: str, out: Path) -> Path:
     """Fold `adapter_id` from the store into the base model and save model + tokenizer to `out`."""
     store = AdapterStore(store_dir)
-    validate_id(adapter_id)
-    manifest = store.manifest(adapter_id) if (store.root / adapter_id).is_dir() else None
+    manifest = store.manifest(adapter_id) if store.folder(adapter_id).is_dir() else None
     if manifest is not None and not manifest.get("mergeable", False):  # refuse before loading any model
         raise _not_mergeable(adapter_id, manifest.get("variant"))
     loaded = load_base_model(ModelConfig(model_cfg.model, "cpu", "float32", model_cfg.cache_dir))

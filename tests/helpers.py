@@ -102,7 +102,7 @@ def make_engine(store_dir: Path, *, slots: int = 8, max_batch: int = 16, merge: 
 
     model = (model or tiny_model()).to(device=device, dtype=dtype)
     metrics = metrics or Metrics()
-    rcfg = RegistryConfig(store_dir=store_dir, host_capacity=host)
+    rcfg = RegistryConfig(host_capacity=host)
     events = Events.for_metrics(metrics)
     registry = Registry(AdapterStore(store_dir), BaseModelInfo.from_model(model), rcfg, events)
     registry.scan()

@@ -28,7 +28,7 @@ from ..metrics import Metrics
 from .families import METHODS
 from .formats import parse_adapter
 from .spec import AdapterWeights, BaseModelInfo
-from .store import AdapterStore, validate_id
+from .store import AdapterStore
 
 log = logging.getLogger(__name__)
 Key = tuple[str, int]  # (adapter_id, version)
@@ -110,8 +110,7 @@ class Registry:
         self.store.recover()
         for adapter_id in self.store.ids():
             try:
-                validate_id(adapter_id)
-                manifest = self.store.manifest(adapter_id)
+                manifest = self.store.manifest(adapter_id)  # validates the id
                 if manifest.get("method") not in METHODS:
                     raise ValueError("manifest has no valid method")
                 self.store.check_files(adapter_id, manifest)
@@ -135,7 +134,6 @@ class Registry:
         Nothing is registered and the store is unchanged unless every check passes.
         """
         try:
-            validate_id(adapter_id)
             if not replace and self.exists(adapter_id):
                 raise AdapterExistsError(adapter_id)
             files = {p.name: p for p in staging.iterdir() if p.is_file()}
@@ -171,7 +169,7 @@ class Registry:
             with self._lock:
                 rec = self._current.get(adapter_id)
                 if rec is None:
-                    raise AdapterNotFoundError(adapter_id)
+                    raise self._missing(adapter_id)
                 del self._current[adapter_id]  # no new request pins it from here on
                 self._retire(rec)
             self.store.delete(adapter_id)
@@ -196,6 +194,11 @@ class Registry:
         self._host.pop(rec.key, None)
         rec.weights = None
 
+    def _missing(self, adapter_id: str) -> Exception:
+        """Why an id is not in the catalogue: malformed (400, the store's rule), or unknown (404)."""
+        self.store.folder(adapter_id)  # raises InvalidAdapterIdError for a malformed id
+        return AdapterNotFoundError(adapter_id)
+
     def exists(self, adapter_id: str) -> bool:
         with self._lock:
             return adapter_id in self._current
@@ -204,7 +207,7 @@ class Registry:
         with self._lock:
             rec = self._current.get(adapter_id)
             if rec is None:
-                raise AdapterNotFoundError(adapter_id)
+                raise self._missing(adapter_id)
             return rec.info(self._resident)
 
     def infos(self) -> list[dict]:
@@ -221,7 +224,7 @@ class Registry:
             with self._lock:
                 rec = self._current.get(adapter_id)
                 if rec is None:
-                    raise AdapterNotFoundError(adapter_id)
+                    raise self._missing(adapter_id)
                 if rec.weights is not None:  # in host memory (a pinned version keeps its host copy)
                     rec.pins += 1
                     self._host_touch(rec)

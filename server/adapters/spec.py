@@ -97,6 +97,7 @@ class AdapterWeights:
     bn_blocks: list[BottleneckBlock] = field(default_factory=list)
     # (IA)3 written by AdapterHub scales the output of down_proj: same math, other place.
     config: dict = field(default_factory=dict)
+    extra_parameters: int = 0  # trained parameters held outside `tensors()` (a learned or channel scaling)
 
     @property
     def mergeable(self) -> bool:
@@ -113,12 +114,7 @@ class AdapterWeights:
 
     @property
     def num_parameters(self) -> int:
-        n = sum(t.numel() for t in self.tensors())
-        # a learned or channel scaling is a parameter too; a float scaling is not
-        scaling = self.config.get("scaling", 1.0) if self.method == "bottleneck" else None
-        if scaling in ("learned", "channel"):
-            n += sum(1 if scaling == "learned" else b.scale.numel() for b in self.bn_blocks)
-        return n
+        return sum(t.numel() for t in self.tensors()) + self.extra_parameters
 
     @property
     def size_bytes(self) -> int:

@@ -66,13 +66,16 @@ class AdapterStore:
     def discard(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
+    def folder(self, adapter_id: str) -> Path:
+        """The adapter's folder: the one place an id becomes a path, so the one place ids are validated."""
+        return self.root / validate_id(adapter_id)
+
     def commit(self, adapter_id: str, staging: Path, manifest: dict) -> None:
         """Make `staging` the adapter's folder, atomically; an existing one is replaced."""
-        validate_id(adapter_id)
+        target = self.folder(adapter_id)
         tmp = staging / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, staging / MANIFEST)
-        target = self.root / adapter_id
         if target.exists():
             old = self.root / TRASH / f"{adapter_id}@{uuid.uuid4().hex}"
             os.rename(target, old)
@@ -82,7 +85,7 @@ class AdapterStore:
             os.rename(staging, target)
 
     def delete(self, adapter_id: str) -> None:
-        target = self.root / validate_id(adapter_id)
+        target = self.folder(adapter_id)
         if not target.is_dir():
             raise AdapterNotFoundError(adapter_id)
         gone = self.root / TRASH / f"{adapter_id}@deleted-{uuid.uuid4().hex}"
@@ -93,13 +96,13 @@ class AdapterStore:
         return sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
     def manifest(self, adapter_id: str) -> dict:
-        return json.loads((self.root / adapter_id / MANIFEST).read_text())
+        return json.loads((self.folder(adapter_id) / MANIFEST).read_text())
 
     def check_files(self, adapter_id: str, manifest: dict) -> None:
         """Cheap start-up check: every file the manifest lists is there, safetensors headers parse."""
         from safetensors import safe_open
 
-        d = self.root / adapter_id
+        d = self.folder(adapter_id)
         for name in manifest.get("files", []):
             p = d / name
             if not p.is_file():
@@ -109,7 +112,7 @@ class AdapterStore:
                     f.keys()
 
     def files(self, adapter_id: str) -> dict[str, Path]:
-        d = self.root / adapter_id
+        d = self.folder(adapter_id)
         if not d.is_dir():
             raise AdapterNotFoundError(adapter_id)
         return {p.name: p for p in d.iterdir() if p.is_file() and p.name != MANIFEST}

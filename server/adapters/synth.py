@@ -68,6 +68,14 @@ def write_adapterhub_bn(out: Path, num_layers: int, hidden: int, preset: str = "
     return out
 
 
+def write_demo(kind: str, out: Path, cfg: Any, seed: int = 0) -> Path:
+    """An untrained adapter of `kind` ("ia3", or a preset of BN_PRESETS) for a model of config `cfg`, in
+    its library's own layout: PEFT for (IA)3, AdapterHub for the bottlenecks."""
+    if kind == "ia3":
+        return write_peft_ia3(out, cfg.num_hidden_layers, linear_dims_from_config(cfg), seed=seed)
+    return write_adapterhub_bn(out, cfg.num_hidden_layers, cfg.hidden_size, kind, seed=seed, name=kind)
+
+
 def linear_dims(model: Any) -> dict[str, tuple[int, int]]:
     """linear short name -> (out, in) from layer 0 of a Llama-family model."""
     layer = model.model.layers[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
@@ -12,14 +12,21 @@ from ..config import Settings
 from ..errors import AuthError, NotReadyError
 from ..metrics import Metrics
 
+if TYPE_CHECKING:  # types only: the HTTP layer never imports torch
+    from ..adapters.registry import Registry
+    from ..engine.engine import Engine
+    from ..engine.service import GenerationService
+
 
 @dataclass
 class Services:
+    """What the lifespan builds, filled in once the model has loaded."""
+
     settings: Settings
     metrics: Metrics
-    registry: Any = None  # server.adapters.registry.Registry once loaded
-    generation: Any = None  # server.engine.service.GenerationService once loaded
-    engine: Any = None
+    registry: Registry | None = None
+    generation: GenerationService | None = None
+    engine: Engine | None = None
     model_name: str = ""
     load_error: str | None = None
 
@@ -28,15 +35,26 @@ class Services:
         return self.engine is not None and self.engine.ready
 
 
+@dataclass(frozen=True)
+class Ready:
+    """What a handler that needs the model gets: every service there, none optional."""
+
+    settings: Settings
+    metrics: Metrics
+    registry: Registry
+    generation: GenerationService
+    model_name: str
+
+
 def get_services(request: Request) -> Services:
     return request.app.state.services
 
 
-def get_ready(request: Request) -> Services:
+def get_ready(request: Request) -> Ready:
     s: Services = request.app.state.services
-    if not s.ready:
+    if not s.ready or s.registry is None or s.generation is None:
         raise NotReadyError(s.load_error or "the model is still loading; retry shortly")
-    return s
+    return Ready(s.settings, s.metrics, s.registry, s.generation, s.model_name)
 
 
 def _presented_key(request: Request) -> str:
@@ -75,6 +93,6 @@ def require_admin(request: Request) -> None:
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
-ReadyDep = Annotated[Services, Depends(get_ready)]
+ReadyDep = Annotated[Ready, Depends(get_ready)]
 UserAuth = Depends(require_user)
 AdminAuth = Depends(require_admin)

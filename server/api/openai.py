@@ -17,7 +17,7 @@ from sse_starlette.sse import EventSourceResponse
 from ..engine.service import Generation, new_id
 from ..engine.types import GenerationResult, SamplingParams
 from ..errors import AdapterNotFoundError, InvalidRequestError
-from .deps import ReadyDep, Services, UserAuth
+from .deps import Ready, ReadyDep, UserAuth
 from .disconnect import until_disconnected
 from .errors import inband_error
 from .schemas import ChatIn, CompletionIn, _OpenAIBase
@@ -25,7 +25,7 @@ from .schemas import ChatIn, CompletionIn, _OpenAIBase
 router = APIRouter(prefix="/v1", dependencies=[UserAuth])
 
 
-def _adapter_for(s: Services, model: str) -> str | None:
+def _adapter_for(s: Ready, model: str) -> str | None:
     if model == s.model_name:
         return None
     if not s.registry.exists(model):
@@ -33,12 +33,11 @@ def _adapter_for(s: Services, model: str) -> str | None:
     return model
 
 
-def _params(s: Services, body: _OpenAIBase, logprobs: bool, default_max: int) -> SamplingParams:
-    max_new = body.max_completion_tokens or body.max_tokens or default_max
-    if max_new > s.settings.max_new_tokens_limit:
-        raise InvalidRequestError(f"max_tokens {max_new} is over the server limit {s.settings.max_new_tokens_limit}")
-    return SamplingParams(max_new, body.temperature, body.top_p, body.top_k, body.seed, body.stops(),
-                          body.ignore_eos, logprobs)
+def _params(body: _OpenAIBase, logprobs: bool, default_max: int | None) -> SamplingParams:
+    """`default_max`: OpenAI's default when the client sets no limit (16 for completions; None, the server
+    limit, for chat). The engine checks the lengths."""
+    return SamplingParams(body.max_completion_tokens or body.max_tokens, default_max, body.temperature, body.top_p,
+                          body.top_k, body.seed, body.stops(), body.ignore_eos, logprobs)
 
 
 def _usage(r: GenerationResult) -> dict[str, int]:
@@ -62,7 +61,7 @@ async def completions(body: CompletionIn, request: Request, s: ReadyDep) -> Any:
         raise InvalidRequestError("echo is not supported")
     adapter = _adapter_for(s, body.model)
     ids = await asyncio.to_thread(s.generation.encode, body.text())
-    g = await s.generation.start(ids, adapter, _params(s, body, bool(body.logprobs), 16), new_id("cmpl"))
+    g = await s.generation.start(ids, adapter, _params(body, bool(body.logprobs), 16), new_id("cmpl"))
     created = int(time.time())
     if body.stream:
         return EventSourceResponse(_stream_completion(g, body, created), ping=15)
@@ -119,7 +118,7 @@ async def _stream_completion(g: Generation, body: CompletionIn, created: int) ->
 async def chat(body: ChatIn, request: Request, s: ReadyDep) -> Any:
     adapter = _adapter_for(s, body.model)
     ids = await asyncio.to_thread(s.generation.encode_chat, [m.plain() for m in body.messages])
-    g = await s.generation.start(ids, adapter, _params(s, body, body.logprobs, s.settings.max_new_tokens_limit),
+    g = await s.generation.start(ids, adapter, _params(body, body.logprobs, None),
                                  new_id("chatcmpl"))
     created = int(time.time())
     if body.stream:

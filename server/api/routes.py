@@ -12,11 +12,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette.sse import EventSourceResponse
 from starlette.datastructures import UploadFile
 
-from ..adapters.store import safe_filename, validate_id
+from ..adapters.store import safe_filename
 from ..engine.service import Generation
 from ..engine.types import GenerationResult, SamplingParams
 from ..errors import InvalidAdapterError, InvalidRequestError
-from .deps import AdminAuth, ReadyDep, ServicesDep, UserAuth
+from .deps import AdminAuth, Ready, ReadyDep, ServicesDep, UserAuth
 from .disconnect import until_disconnected
 from .errors import inband_error
 from .schemas import AdapterInfo, AdapterList, GenerateIn, GenerateOut, Health
@@ -26,22 +26,16 @@ router = APIRouter()
 
 
 def params_of(body: GenerateIn) -> SamplingParams:
-    return SamplingParams(body.max_new_tokens, body.temperature, body.top_p, body.top_k, body.seed,
-                          tuple(body.stop), body.ignore_eos, body.logprobs)
+    """The engine checks lengths: an explicit max_new_tokens over the limit is refused, the default capped."""
+    asked = body.max_new_tokens if "max_new_tokens" in body.model_fields_set else None
+    return SamplingParams(asked, GenerateIn.model_fields["max_new_tokens"].default, body.temperature, body.top_p,
+                          body.top_k, body.seed, tuple(body.stop), body.ignore_eos, body.logprobs)
 
 
 @router.post("/generate", response_model=GenerateOut, dependencies=[UserAuth],
              responses={200: {"content": {"text/event-stream": {}}}})
 async def generate(body: GenerateIn, request: Request, s: ReadyDep) -> Any:
     """Generate from the base model or one adapter; `stream: true` for server-sent events."""
-    if "max_new_tokens" not in body.model_fields_set:  # the default is capped; an explicit value is checked
-        body.max_new_tokens = min(body.max_new_tokens, s.settings.max_new_tokens_limit)
-    if body.max_new_tokens > s.settings.max_new_tokens_limit:
-        raise InvalidRequestError(
-            f"max_new_tokens {body.max_new_tokens} is over the server limit {s.settings.max_new_tokens_limit}"
-        )
-    if body.adapter_id is not None:
-        validate_id(body.adapter_id)
     ids = await asyncio.to_thread(s.generation.encode, body.prompt)
     g: Generation = await s.generation.start(ids, body.adapter_id, params_of(body))
     if body.stream:
@@ -70,7 +64,6 @@ async def upload_adapter(request: Request, s: ReadyDep, replace: bool = False) -
         adapter_id = form.get("adapter_id")
         if not isinstance(adapter_id, str):
             raise InvalidRequestError("the form needs a text field 'adapter_id'")
-        validate_id(adapter_id)
         uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
         if not uploads:
             raise InvalidRequestError("the form needs one or more 'files' parts")
@@ -79,7 +72,7 @@ async def upload_adapter(request: Request, s: ReadyDep, replace: bool = False) -
         await form.close()
 
 
-def _stage_and_add(s: Any, adapter_id: str, uploads: list[UploadFile], replace: bool) -> dict[str, Any]:
+def _stage_and_add(s: Ready, adapter_id: str, uploads: list[UploadFile], replace: bool) -> dict[str, Any]:
     registry = s.registry
     staging = registry.store.staging_dir()
     try:

@@ -14,10 +14,6 @@ class ErrorBody(BaseModel):
     message: str
 
 
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
 class GenerateIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -61,12 +57,6 @@ class GenerateOut(BaseModel):
     usage: Usage
     logprobs: list[float] | None
     timings: TimingsOut
-
-
-class TokenOut(BaseModel):
-    token_id: int
-    text: str
-    logprob: float | None
 
 
 class AdapterInfo(BaseModel):

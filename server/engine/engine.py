@@ -46,7 +46,14 @@ from .model_loader import LoadedModel
 from .model_runner import ModelRunner
 from .sampling import RowSampling, sample
 from .textstream import TextStream
-from .types import FinishReason, GenerationRequest, GenerationResult, Timings, TokenEvent
+from .types import (
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    Timings,
+    TokenEvent,
+)
 
 log = logging.getLogger(__name__)
 Sink = Callable[[object], None]
@@ -160,23 +167,29 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     # -- submission (any thread) --------------------------------------------------------------
-    def check(self, n_prompt: int, max_new_tokens: int) -> int:
-        """Validate lengths; the number of tokens the request may generate."""
+    def check(self, n_prompt: int, p: SamplingParams) -> int:
+        """The one authority on lengths: validate them; the number of tokens the request may generate."""
+        limit = self.cfg.max_new_tokens_limit
         if n_prompt == 0:
             raise InvalidRequestError("prompt is empty after tokenisation; send at least one token")
-        if max_new_tokens > self.cfg.max_new_tokens_limit:
-            raise InvalidRequestError(f"max_new_tokens {max_new_tokens} is over the server limit {self.cfg.max_new_tokens_limit}")
+        if p.max_new_tokens is None:
+            asked = min(p.default_new_tokens or limit, limit)  # a default is capped, never refused
+        elif p.max_new_tokens > limit:
+            raise InvalidRequestError(
+                f"max_new_tokens (max_tokens in the OpenAI API) {p.max_new_tokens} is over the server limit {limit}")
+        else:
+            asked = p.max_new_tokens
         room = self.max_len - n_prompt
         if room < 1:
             raise InvalidRequestError(
                 f"prompt has {n_prompt} tokens; the context window is {self.max_len}: shorten the prompt"
             )
-        return min(max_new_tokens, room)
+        return min(asked, room)
 
     def submit(self, req: GenerationRequest, sink: Sink) -> RequestHandle:
         """Queue a request. Pins its adapter (may read it from disk: call from a worker thread)."""
         p = req.params
-        max_new = self.check(len(req.prompt_ids), p.max_new_tokens)
+        max_new = self.check(len(req.prompt_ids), p)
         with self._qlock:
             if self._queued >= self.cfg.max_queue:
                 raise OverloadedError(f"{self._queued} requests are queued (limit {self.cfg.max_queue}); retry later")

@@ -12,10 +12,13 @@ import itertools
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterServerError, InvalidRequestError
 from .types import GenerationRequest, GenerationResult, SamplingParams, TokenEvent
+
+if TYPE_CHECKING:  # types only: this module, and the HTTP layer above it, never import torch
+    from .engine import Engine, RequestHandle
 
 _ids = itertools.count()
 
@@ -36,14 +39,12 @@ class _Bridge:
 
 
 class GenerationService:
-    def __init__(self, engine: Any, model_name: str) -> None:
+    def __init__(self, engine: Engine, model_name: str) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
 
     def encode(self, prompt: str) -> tuple[int, ...]:
-        if not prompt:
-            raise InvalidRequestError("prompt must be a non-empty string")
         return tuple(self.tokenizer(prompt).input_ids)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> tuple[int, ...]:
@@ -51,8 +52,8 @@ class GenerationService:
             raise InvalidRequestError("messages must hold at least one message")
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError("the base model's tokenizer has no chat template; use /v1/completions")
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+        out: Any = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out  # a BatchEncoding or a list
         return tuple(int(i) for i in ids)
 
     async def start(self, prompt_ids: tuple[int, ...], adapter_id: str | None, params: SamplingParams,
@@ -63,16 +64,11 @@ class GenerationService:
         handle = await asyncio.to_thread(self.engine.submit, req, bridge)
         return Generation(req, handle, bridge)
 
-    async def generate(self, prompt_ids: tuple[int, ...], adapter_id: str | None, params: SamplingParams,
-                       request_id: str | None = None) -> GenerationResult:
-        g = await self.start(prompt_ids, adapter_id, params, request_id)
-        return await g.result()
-
 
 class Generation:
     """One submitted request. Iterate `events()`; leaving early cancels it in the engine."""
 
-    def __init__(self, req: GenerationRequest, handle: Any, bridge: _Bridge) -> None:
+    def __init__(self, req: GenerationRequest, handle: RequestHandle, bridge: _Bridge) -> None:
         self.req, self.handle, self.bridge = req, handle, bridge
         self.done = False
 

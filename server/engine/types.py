@@ -10,7 +10,8 @@ FinishReason = Literal["stop", "length", "cancelled"]  # failures are exceptions
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 128
+    max_new_tokens: int | None = None  # what the client asked for; None: it did not ask
+    default_new_tokens: int | None = None  # the API's own default then (capped by the server limit); None: the limit
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0

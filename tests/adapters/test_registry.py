@@ -25,7 +25,7 @@ CPU = torch.device("cpu")
 
 
 def make(tmp_path, host: int = 8) -> Registry:
-    r = Registry(AdapterStore(tmp_path / "store"), BASE, RegistryConfig(tmp_path / "store", host))
+    r = Registry(AdapterStore(tmp_path / "store"), BASE, RegistryConfig(host))
     r.scan()
     return r
 
@@ -269,3 +269,18 @@ def test_concurrent_add_replace_delete_acquire(tmp_path):
     assert ids == on_disk
     assert all(r.record(n).pins == 0 for n in ids)
     assert list((tmp_path / "store" / ".staging").iterdir()) == []
+
+
+def test_one_id_check_per_upload(tmp_path, monkeypatch):
+    """The id rule has one authority, the store's id-to-path function: one check per upload."""
+    import server.adapters.store as store_mod
+
+    calls = []
+    real = store_mod.validate_id
+    monkeypatch.setattr(store_mod, "validate_id", lambda i: (calls.append(i), real(i))[1])
+    r = make(tmp_path)
+    r.add_folder("ok", fixture_dir("seq_bn"))
+    assert calls == ["ok"]
+    with pytest.raises(InvalidAdapterIdError):
+        r.add_folder("../up", fixture_dir("seq_bn"))
+    assert [p.name for p in (tmp_path / "store").iterdir() if not p.name.startswith(".")] == ["ok"]

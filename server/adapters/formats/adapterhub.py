@@ -170,7 +170,10 @@ def _parse_bottleneck(meta: dict, files: dict[str, Path], base: BaseModelInfo) -
         variant = "scaled_par_bn" if scaling == "learned" else "par_bn"
     else:
         variant = "double_seq_bn" if allowed["attn"] and allowed["mlp"] else "seq_bn"
-    return AdapterWeights("bottleneck", "adapterhub", variant, bn_options=opts, bn_blocks=blocks, config=c)
+    # a learned or channel scaling is a trained parameter too (expanded into each block's scale); a float is not
+    extra = sum(1 if scaling == "learned" else H for _ in blocks) if scaling in ("learned", "channel") else 0
+    return AdapterWeights("bottleneck", "adapterhub", variant, bn_options=opts, bn_blocks=blocks, config=c,
+                          extra_parameters=extra)
 
 
 def _parse_ia3(meta: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
