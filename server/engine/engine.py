@@ -1,15 +1,17 @@
 """The one loop that owns the model, the KV cache and the adapter slots.
 
 Iteration-level continuous batching (Orca style): each iteration admits waiting requests that fit
-(free rows, KV budget, a free device slot for their adapter), prefills them in one forward pass,
-then runs one decode step over every running row. A prompt longer than the per-iteration prefill
-budget is prefilled in chunks of that size, one chunk per iteration, in the cache row just past the
-running rows, so the running rows keep decoding meanwhile (nothing else is admitted until it is done). A finished row leaves at once and its cache row
-is refilled by the last one. Requests for different adapters, and for none, share every pass.
+(`scheduler.py`), prefills them in one forward pass, then runs one decode step over every running
+row (`passes.py`). A prompt longer than the per-iteration prefill budget is prefilled a chunk per
+iteration in the cache row just past the running rows, so the running rows keep decoding meanwhile
+(nothing else is admitted until it is done). A finished row leaves at once and its cache row is
+refilled by the last one. Requests for different adapters, and for none, share every pass; a linear
+adapter that every row uses is folded into the weights when it pays (`merge.py`).
 
 Callers talk to the engine only through `submit` (thread-safe) and the sink they pass, which the
 engine thread calls with TokenEvents, then either one GenerationResult (finished or cancelled) or one
 typed AdapterServerError (timeout, failed step, shutdown): failures travel one way, as exceptions.
+The registry's news (a version replaced or deleted) arrives through the same inbox as requests.
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -29,7 +29,7 @@ import torch
 from ..adapters.families import label
 from ..adapters.manager import AdapterManager, Key
 from ..adapters.methods import StepTimer
-from ..adapters.registry import AdapterRef, Registry
+from ..adapters.registry import Registry
 from ..adapters.slots import AdapterSlots
 from ..config import EngineConfig
 from ..errors import (
@@ -42,9 +42,13 @@ from ..errors import (
 )
 from ..metrics import Metrics
 from .graphs import DecodeGraphs
+from .merge import MergePolicy
 from .model_loader import LoadedModel
 from .model_runner import ModelRunner
-from .sampling import RowSampling, sample
+from .passes import Passes
+from .sampling import RowSampling, sample_rows
+from .scheduler import Scheduler
+from .sequence import RequestHandle, Retire, Seq, Sink
 from .textstream import TextStream
 from .types import (
     FinishReason,
@@ -56,45 +60,6 @@ from .types import (
 )
 
 log = logging.getLogger(__name__)
-Sink = Callable[[object], None]
-
-
-@dataclass(eq=False)
-class _Seq:
-    req: GenerationRequest
-    sink: Sink
-    ref: AdapterRef | None
-    stream: TextStream
-    seed: int  # the request's seed, or one drawn at submit: the row's sampling stream
-    max_new: int
-    t_arrival: float
-    deadline: float
-    slot: int = 0
-    cache_len: int = 0
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    t_admit: float = 0.0
-    t_first: float = 0.0
-    cancelled: bool = False
-    adapter_type: str = "none"  # the metric label, known at submit from the pinned adapter
-
-
-@dataclass(frozen=True)
-class _Retire:
-    """Message from the registry: this version was replaced or deleted."""
-
-    key: Key
-
-
-class RequestHandle:
-    def __init__(self, seq: _Seq, engine: Engine) -> None:
-        self._seq, self._engine = seq, engine
-        self.request_id = seq.req.request_id
-
-    def cancel(self) -> None:
-        """Stop generating; the row is freed at the next step."""
-        self._seq.cancelled = True
-        self._engine._wake.set()
 
 
 class Engine:
@@ -119,21 +84,21 @@ class Engine:
         self.slots = AdapterSlots(loaded.model, cfg.device_slots, loaded.device, loaded.dtype, self.timer)
         self.adapters = AdapterManager(self.slots, on_change=self._resident_changed)
         self.graphs = DecodeGraphs(self.runner, self.slots, capture=cuda) if static else None
+        self.passes = Passes(self.runner, self.slots, self.graphs)
+        self.scheduler = Scheduler(self.max_rows, cfg.prefill_token_budget, cfg.kv_cache_tokens,
+                                   self.runner.cache.tokens_for)
+        self.merge = MergePolicy(self.slots, self.timer, cfg.merge_policy != "never", cfg.merge_after_steps)
         self.eos = self._eos_ids()
-        self._inbox: queue.SimpleQueue[_Seq | _Retire] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Seq | Retire] = queue.SimpleQueue()
         registry.on_retire(self._retired)
-        self._waiting: deque[_Seq] = deque()
-        self._running: list[_Seq] = []  # index == KV cache row
-        self._prefilling: _Seq | None = None  # a long prompt part-way through chunked prefill, in row len(_running)
+        self._waiting: deque[Seq] = deque()
+        self._running: list[Seq] = []  # index == KV cache row
+        self._prefilling: Seq | None = None  # a long prompt part-way through chunked prefill, in row len(_running)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._queued = 0  # inbox + waiting, for the bounded queue
         self._qlock = threading.Lock()
-        self._uniform_steps = 0
-        self._uniform_slot: int | None = None
-        self._fold_s: float | None = None  # measured cost of one fold + unfold
-        self._unfolded_step_s: float | None = None  # measured cost of a mergeable adapter's unfolded product per pass
         self.steps = 0
         self.decode_steps = 0
 
@@ -197,16 +162,24 @@ class Engine:
         try:
             ref = self.registry.acquire(req.adapter_id) if req.adapter_id is not None else None
         except BaseException:
-            with self._qlock:
-                self._queued -= 1
+            self._dequeued()
             raise
         now = time.perf_counter()
         seed = p.seed if p.seed is not None else random.getrandbits(63)
-        seq = _Seq(req, sink, ref, TextStream(self.tokenizer, p.stop), seed, max_new, now, now + self.cfg.request_timeout_s,
-                   adapter_type=label(ref.method if ref else None))
+        seq = Seq(req, sink, ref, TextStream(self.tokenizer, p.stop), seed, max_new, now,
+                  now + self.cfg.request_timeout_s, label(ref.method if ref else None))
         self._inbox.put(seq)
         self._wake.set()
-        return RequestHandle(seq, self)
+        return RequestHandle(seq, self._wake.set)
+
+    def _retired(self, key: Key) -> None:
+        """Any thread: the registry replaced or deleted a version; the engine thread clears its slot."""
+        self._inbox.put(Retire(key))
+        self._wake.set()
+
+    def _dequeued(self) -> None:
+        with self._qlock:
+            self._queued -= 1
 
     # -- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -220,39 +193,40 @@ class Engine:
             if not worked:
                 self._wake.wait(0.05)
                 self._wake.clear()
-        for s in [*self._running, *self._waiting, *([self._prefilling] if self._prefilling else [])]:
+        for s in [*self._running, *self._waiting, *self._chunking()]:
             self._fail(s, NotReadyError("the server is shutting down; retry on another replica or later"))
 
     def step(self) -> bool:
         """One iteration; False when there was nothing to do."""
         self._drain()
-        admitted = self._admit() if self._prefilling is None else []
-        if admitted:
-            self._forward(admitted, prefill=True)
+        joined: list[Seq] = []
+        if self._prefilling is None:
+            adm = self.scheduler.admit(self._waiting, self._running, self._grant)
+            for s in [*adm.joined, *([adm.chunked] if adm.chunked else [])]:
+                self._dequeued()
+                s.t_admit = time.perf_counter()
+            joined, self._prefilling = adm.joined, adm.chunked
+        if joined:
+            self._pass(joined, "prefill")
         chunked = self._prefilling is not None
-        if chunked:
-            self._prefill_chunk()
+        if self._prefilling is not None:
+            self._pass([self._prefilling], "chunk")
         if self._running:
-            self._forward(list(self._running), prefill=False)
+            self._pass(list(self._running), "decode")
         self.metrics.queue_depth.set(len(self._waiting))
-        return bool(admitted or chunked or self._running)
+        return bool(joined or chunked or self._running)
 
-    def _retired(self, key: Key) -> None:
-        """Any thread: the registry replaced or deleted a version; the engine thread clears its slot."""
-        self._inbox.put(_Retire(key))
-        self._wake.set()
-
-    def _resident_changed(self, keys: frozenset[Key]) -> None:
-        self.registry.set_resident(keys)
-        self.metrics.adapter_device_bytes.set(self.adapters.device_bytes())
+    def _chunking(self) -> list[Seq]:
+        return [self._prefilling] if self._prefilling is not None else []
 
     def _drain(self) -> None:
+        """Take what the inbox holds; end requests that were cancelled or ran out of time."""
         while True:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, _Retire):
+            if isinstance(item, Retire):
                 self.adapters.retire(item.key)
             else:
                 self._waiting.append(item)
@@ -261,225 +235,94 @@ class Engine:
             self._waiting.remove(s)
             self._dequeued()
             self._end_early(s)
-        live = [*self._running, *([self._prefilling] if self._prefilling else [])]
-        for s in [s for s in live if s.cancelled or now > s.deadline]:
+        for s in [s for s in [*self._running, *self._chunking()] if s.cancelled or now > s.deadline]:
             self._end_early(s)
 
-    def _end_early(self, s: _Seq) -> None:
+    def _end_early(self, s: Seq) -> None:
         if s.cancelled:
             self._finish(s, "cancelled")
         else:
             self._fail(s, RequestTimeoutError("request did not finish within the server's timeout"))
 
-    def _dequeued(self) -> None:
-        with self._qlock:
-            self._queued -= 1
+    def _grant(self, s: Seq) -> bool:
+        """A device slot for an admitted request's adapter (none needed without one)."""
+        if s.ref is None:
+            return True
+        t0 = time.perf_counter()
+        grant = self.adapters.grant((s.ref.adapter_id, s.ref.version), partial(self.registry.weights, s.ref))
+        if grant is None:
+            return False
+        s.slot, written = grant
+        if written:
+            self.metrics.load.labels("host").observe(time.perf_counter() - t0)
+        return True
 
-    def _admit(self) -> list[_Seq]:
-        admitted: list[_Seq] = []
-        budget = self.cfg.prefill_token_budget
-        reserve = max((s.cache_len + s.max_new - len(s.tokens) for s in self._running), default=0)
-        for s in list(self._waiting):
-            rows = len(self._running) + len(admitted)
-            n = len(s.req.prompt_ids)
-            if rows >= self.max_rows or (admitted and n > budget):
-                break  # a prompt over the budget goes alone, in chunks, from the next iteration
-            need = max(reserve, n + s.max_new)
-            if rows > 0 and self.runner.cache.tokens_for(rows + 1, need) > self.cfg.kv_cache_tokens:
-                break  # the KV budget is full: wait for rows to finish
-            if s.ref is not None:
-                t0 = time.perf_counter()
-                grant = self.adapters.grant((s.ref.adapter_id, s.ref.version), partial(self.registry.weights, s.ref))
-                if grant is None:
-                    continue  # every slot is used by running rows: this one waits its turn
-                s.slot, written = grant
-                if written:
-                    self.metrics.load.labels("host").observe(time.perf_counter() - t0)
-            self._waiting.remove(s)
-            self._dequeued()
-            s.t_admit = time.perf_counter()
-            if n > budget:  # first in line and over the budget: prefill it in chunks
-                self._prefilling = s
-                break
-            admitted.append(s)
-            budget -= n
-            reserve = need
-        return admitted
+    def _resident_changed(self, keys: frozenset[Key]) -> None:
+        self.registry.set_resident(keys)
+        self.metrics.adapter_device_bytes.set(self.adapters.device_bytes())
 
     def _used(self) -> tuple[int, int]:
-        """Cache rows in use (running, then the one being prefilled in chunks) and the longest row's length."""
-        rows = [*self._running, *([self._prefilling] if self._prefilling else [])]
+        """Cache rows in use (running, then the one prefilled in chunks) and the longest row's length."""
+        rows = [*self._running, *self._chunking()]
         return len(rows), max((r.cache_len for r in rows), default=0)
 
-    def _prefill_chunk(self) -> None:
-        """The next chunk of the long prompt, in its row; after the last chunk it samples and joins the running rows."""
-        s = self._prefilling
-        assert s is not None
-        prompt, c0 = s.req.prompt_ids, s.cache_len
-        T = min(self.cfg.prefill_token_budget, len(prompt) - c0)
-        last = c0 + T == len(prompt)
-        row = len(self._running)
-        self._reconcile_merge([s])
+    # -- one forward pass ---------------------------------------------------------------------
+    def _pass(self, seqs: list[Seq], kind: str) -> None:
+        """Run one pass over `seqs` ("prefill", "chunk" or "decode"), then sample and emit for its rows.
+        A failed pass fails every row in it; a failed row fails alone."""
+        self.merge.reconcile([*self._running, *seqs] if kind != "decode" else seqs)
         t0 = time.perf_counter()
+        size = 0
         try:
-            used_rows, used_len = self._used()
-            needed = max([c0 + T] + [r.cache_len + 1 for r in self._running])
-            self.runner.cache.fit(used_rows, needed, used_rows, used_len)
-            dev = self.runner.device
-            logits = self.runner.forward(torch.tensor([prompt[c0 : c0 + T]], device=dev),
-                                         torch.tensor([c0], device=dev), torch.tensor([T], device=dev), row,
-                                         self.slots.plan([s.slot]), kv_len=c0 + T, start0=c0)
+            if kind == "prefill":
+                logits = self.passes.prefill(seqs, self._running, self._used())
+            elif kind == "chunk":
+                s = seqs[0]
+                size = min(self.cfg.prefill_token_budget, s.prompt_len - s.cache_len)
+                logits = self.passes.chunk(s, size, self._running, self._used())
+            else:
+                logits = self.passes.decode(seqs, self._used())
         except Exception as e:
-            log.exception("chunked prefill failed")
-            self._fail(s, GenerationFailedError(f"forward pass failed: {e}"))
-            return
-        s.cache_len = c0 + T
-        s.adapter_type = self.slots.adapter_type(s.slot)
-        if not last:
-            self._record_step([s], time.perf_counter() - t0)
-            return
-        toks, lps, errors = self._sample([s], logits)
-        self._record_step([s], time.perf_counter() - t0)
-        self._prefilling = None
-        self._running.append(s)  # its row is already len(_running)
-        if errors[0] is not None:
-            self._fail(s, errors[0])
-        else:
-            self._emit(s, toks[0], None if lps is None else lps[0])
-
-    def _reconcile_merge(self, seqs: list[_Seq]) -> None:
-        """Fold the one (IA)3 adapter every row uses into the weights when it pays; unfold as soon as rows mix.
-
-        It pays when the decode steps the running rows still have, times the measured per-step cost
-        of the unfolded (IA)3 product, exceed the measured cost of folding and unfolding once.
-        """
-        if self.cfg.merge_policy == "never":
-            return
-        rows = [*self._running, *seqs]
-        used = {s.slot for s in rows}
-        merged = self.slots.merged_slot
-        if len(used) == 1 and self.slots.can_merge(slot := next(iter(used))):
-            self._uniform_steps = self._uniform_steps + 1 if self._uniform_slot == slot else 1
-            self._uniform_slot = slot
-            if merged == slot:
-                return
-            remaining = max(s.max_new - len(s.tokens) for s in rows)
-            pays = self._fold_s is None or remaining * (self._unfolded_step_s or 0.0) > self._fold_s
-            if self._uniform_steps >= self.cfg.merge_after_steps and pays:
-                self._timed_fold(lambda: self.slots.merge(slot), slot)  # unfolds any other adapter first
-                return
-        else:
-            self._uniform_steps, self._uniform_slot = 0, None
-        if merged is not None:  # rows of any other adapter, or of none, need the base weights
-            self._timed_fold(self.slots.unmerge, merged)
-
-    def _timed_fold(self, fn: Callable[[], None], slot: int) -> None:
-        """Run a fold or unfold of `slot`; its time counts as adapter compute under the folded label."""
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        self.timer.add(label(self.slots.method_of(slot), merged=True), dt)
-        est = 2 * dt  # a fold is followed by an unfold of the same size
-        self._fold_s = est if self._fold_s is None else 0.8 * self._fold_s + 0.2 * est
-
-    def _forward(self, seqs: list[_Seq], prefill: bool) -> None:
-        self._reconcile_merge(seqs)
-        B = len(seqs)
-        t0 = time.perf_counter()
-        try:
-            logits = self._logits(seqs, prefill)
-        except Exception as e:  # the pass is shared: every row of it fails
-            log.exception("forward pass failed for %d rows", B)
+            log.exception("%s pass failed for %d rows", kind, len(seqs))
             for s in seqs:
                 self._fail(s, GenerationFailedError(f"forward pass failed: {e}"))
             return
-        toks, lps, errors = self._sample(seqs, logits)
-        elapsed = time.perf_counter() - t0
-        self._record_step(seqs, elapsed)
-        self.decode_steps += not prefill
-        if prefill:
+        if kind == "chunk" and seqs[0].cache_len + size < seqs[0].prompt_len:
+            seqs[0].cache_len += size  # not the last chunk: nothing to sample yet
+            self._record_step(seqs, time.perf_counter() - t0)
+            return
+        rows = [RowSampling(s.req.params, s.seed, len(s.tokens)) for s in seqs]
+        toks, lps, errors = sample_rows(logits, rows, any(s.req.params.logprobs for s in seqs))
+        self._record_step(seqs, time.perf_counter() - t0)
+        if kind == "decode":
+            self.decode_steps += 1
+        elif kind == "chunk":
+            self._prefilling = None
+            self._running.append(seqs[0])  # its row is already len(_running)
+        else:
             self._running.extend(seqs)
         for s in seqs:  # every row's length first: finishing a row moves another row's cache
-            s.cache_len = len(s.req.prompt_ids) if prefill else s.cache_len + 1
+            s.cache_len = s.cache_len + 1 if kind == "decode" else s.prompt_len
             s.adapter_type = self.slots.adapter_type(s.slot)
         for i, s in enumerate(seqs):
             if (err := errors[i]) is not None:
                 self._fail(s, err)
-                continue
-            self._emit(s, toks[i], None if lps is None else lps[i])
+            else:
+                self._emit(s, toks[i], None if lps is None else lps[i])
 
-    def _logits(self, seqs: list[_Seq], prefill: bool) -> torch.Tensor:
-        """One forward pass over the rows: prefill of new rows, or one decode step of the running ones."""
-        dev, B = self.runner.device, len(seqs)
-        slots = [s.slot for s in seqs]
-        start0: int | None
-        if prefill:
-            row0 = len(self._running)
-            lens = [len(s.req.prompt_ids) for s in seqs]
-            T = max(lens)
-            ids = torch.zeros(B, T, dtype=torch.long)
-            for i, s in enumerate(seqs):
-                ids[i, : lens[i]] = torch.tensor(s.req.prompt_ids)
-            start, lengths = torch.zeros(B, dtype=torch.long), torch.tensor(lens)
-            needed, start0 = max([T] + [s.cache_len + 1 for s in self._running]), 0
-            kv_len = T
-        else:
-            row0 = 0
-            pos = [s.cache_len for s in seqs]
-            needed = max(pos) + 1
-            if self.graphs is not None and (key := self.graphs.key(slots, needed - 1)) is not None:
-                return self.graphs.run([s.tokens[-1] for s in seqs], pos, slots, key)
-            ids = torch.tensor([[s.tokens[-1]] for s in seqs])
-            start, lengths = torch.tensor(pos), torch.ones(B, dtype=torch.long)
-            start0 = pos[0] if all(p == pos[0] for p in pos) else None
-            kv_len = needed
-        used_rows, used_len = self._used()
-        self.runner.cache.fit(used_rows + (B if prefill else 0), needed, used_rows, used_len)
-        plan = self.slots.plan(slots)
-        return self.runner.forward(ids.to(dev), start.to(dev), lengths.to(dev), row0, plan,
-                                   kv_len=kv_len, start0=start0)
-
-    def _sample(self, seqs: list[_Seq], logits: torch.Tensor
-                ) -> tuple[list[int], list[float] | None, list[AdapterServerError | None]]:
-        """Tokens for every row in one pass. Rows with non-finite logits fail alone; if the batched pass
-        raises, each row is sampled on its own so that only the rows that fail, fail."""
-        rows = [RowSampling(s.req.params, s.seed, len(s.tokens)) for s in seqs]
-        want = any(s.req.params.logprobs for s in seqs)
-        def bad() -> AdapterServerError:
-            return GenerationFailedError("the model produced non-finite logits for this request")
-
-        try:
-            toks, lps, ok = sample(logits, rows, want)
-            return toks, lps, [None if f else bad() for f in ok]
-        except Exception:
-            log.exception("batched sampling failed; sampling each row alone")
-        toks, lps_out = [0] * len(seqs), [0.0] * len(seqs)
-        errors: list[AdapterServerError | None] = [None] * len(seqs)
-        for i, r in enumerate(rows):
-            try:
-                t, lp, f = sample(logits[i : i + 1], [r], want)
-                toks[i], lps_out[i] = t[0], (lp[0] if lp else 0.0)
-                errors[i] = None if f[0] else bad()
-            except Exception as e:
-                errors[i] = GenerationFailedError(f"sampling failed: {e}")
-        return toks, (lps_out if want else None), errors
-
-    def _record_step(self, seqs: list[_Seq], elapsed: float) -> None:
+    def _record_step(self, seqs: list[Seq], elapsed: float) -> None:
         m = self.metrics
         m.forward.inc(elapsed)
         spent = self.timer.collect()
         for name, secs in spent.items():
             m.adapter_compute.labels(name).inc(secs)
         slots = {s.slot for s in seqs}
-        if len(slots) == 1 and self.slots.can_merge(slot := next(iter(slots))):  # one unfolded mergeable adapter
-            x = spent.get(label(self.slots.method_of(slot)))
-            if x is not None:
-                self._unfolded_step_s = x if self._unfolded_step_s is None else 0.8 * self._unfolded_step_s + 0.2 * x
+        self.merge.observe(slots, spent)
         m.batch_size.observe(len(seqs))
-        m.distinct.observe(len({s.slot for s in seqs}))
+        m.distinct.observe(len(slots))
         self.steps += 1
 
-    def _emit(self, s: _Seq, tok: int, lp: float | None) -> None:
+    def _emit(self, s: Seq, tok: int, lp: float | None) -> None:
         now = time.perf_counter()
         if not s.tokens:
             s.t_first = now
@@ -498,22 +341,7 @@ class Engine:
             self._finish(s, reason)
 
     # -- leaving ------------------------------------------------------------------------------
-    def _release(self, s: _Seq) -> None:
-        if s.slot:
-            self.adapters.release(s.slot)
-            s.slot = 0
-        if s.ref is not None:
-            self.registry.release(s.ref)
-            s.ref = None
-
-    def _fail(self, s: _Seq, err: AdapterServerError) -> None:
-        """The request ends with a typed error: it leaves its row, is counted, and its sink gets the error."""
-        self._leave(s)
-        self.metrics.requests.labels(s.adapter_type, "error").inc()
-        self.metrics.kv_bytes.set(self.runner.cache.nbytes())
-        s.sink(err)
-
-    def _leave(self, s: _Seq) -> None:
+    def _leave(self, s: Seq) -> None:
         """Free whatever the request holds: its cache row (packing the rows), its slot row, its pin."""
         if s is self._prefilling:
             self._prefilling = None  # its row is past the running rows: nothing to move
@@ -526,16 +354,28 @@ class Engine:
             self._running.pop()
             if self._prefilling is not None:  # keep it right after the running rows
                 self.runner.cache.move_row(last + 1, last, self._prefilling.cache_len)
-        self._release(s)
+        if s.slot:
+            self.adapters.release(s.slot)
+            s.slot = 0
+        if s.ref is not None:
+            self.registry.release(s.ref)
+            s.ref = None
+        self.metrics.kv_bytes.set(self.runner.cache.nbytes())
 
-    def _finish(self, s: _Seq, reason: FinishReason) -> None:
+    def _fail(self, s: Seq, err: AdapterServerError) -> None:
+        """The request ends with a typed error: it leaves its row, is counted, and its sink gets the error."""
+        self._leave(s)
+        self.metrics.requests.labels(s.adapter_type, "error").inc()
+        s.sink(err)
+
+    def _finish(self, s: Seq, reason: FinishReason) -> None:
         """The request ends normally (stop, length) or by its own cancel: one GenerationResult."""
         self._leave(s)
         now = time.perf_counter()
         first = s.t_first or now
         result = GenerationResult(
             request_id=s.req.request_id, adapter_id=s.req.adapter_id, text=s.stream.text,
-            token_ids=tuple(s.tokens), finish_reason=reason, prompt_tokens=len(s.req.prompt_ids),
+            token_ids=tuple(s.tokens), finish_reason=reason, prompt_tokens=s.prompt_len,
             logprobs=tuple(s.logprobs) if s.req.params.logprobs else None,
             timings=Timings((s.t_admit or now) - s.t_arrival, first - s.t_arrival, now - s.t_arrival),
             adapter_type=s.adapter_type,
@@ -549,5 +389,4 @@ class Engine:
             m.tokens.labels(t).inc(len(s.tokens))
             if len(s.tokens) > 1:
                 m.tpot.labels(t).observe((now - first) / (len(s.tokens) - 1))
-        m.kv_bytes.set(self.runner.cache.nbytes())
         s.sink(result)

@@ -12,11 +12,15 @@ draws cannot shift another's.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
+from ..errors import AdapterServerError, GenerationFailedError
 from .types import SamplingParams
+
+log = logging.getLogger(__name__)
 
 M32 = 0xFFFFFFFF
 _MUL = 0x45D9F3B  # the multiplier of a well-mixing 32-bit integer hash; < 2**31 so int64 never overflows
@@ -110,3 +114,27 @@ def sample(logits: torch.Tensor, rows: list[RowSampling], want_logprobs: bool,
         parts.append(torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0].to(torch.float64))
     out = torch.stack(parts).tolist()  # one transfer
     return [int(t) for t in out[0]], (out[2] if want_logprobs else None), [f > 0 for f in out[1]]
+
+
+def sample_rows(logits: torch.Tensor, rows: list[RowSampling], want_logprobs: bool
+                ) -> tuple[list[int], list[float] | None, list[AdapterServerError | None]]:
+    """`sample`, with each row's failure its own: a row with non-finite logits gets an error; if the
+    batched pass raises, every row is sampled alone so that only the rows that fail, fail."""
+    def bad() -> AdapterServerError:
+        return GenerationFailedError("the model produced non-finite logits for this request")
+
+    try:
+        toks, lps, ok = sample(logits, rows, want_logprobs)
+        return toks, lps, [None if f else bad() for f in ok]
+    except Exception:
+        log.exception("batched sampling failed; sampling each row alone")
+    toks, lps_out = [0] * len(rows), [0.0] * len(rows)
+    errors: list[AdapterServerError | None] = [None] * len(rows)
+    for i, r in enumerate(rows):
+        try:
+            t, lp, f = sample(logits[i : i + 1], [r], want_logprobs)
+            toks[i], lps_out[i] = t[0], (lp[0] if lp else 0.0)
+            errors[i] = None if f[0] else bad()
+        except Exception as e:
+            errors[i] = GenerationFailedError(f"sampling failed: {e}")
+    return toks, (lps_out if want_logprobs else None), errors

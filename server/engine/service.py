@@ -18,7 +18,8 @@ from ..errors import AdapterServerError, InvalidRequestError
 from .types import GenerationRequest, GenerationResult, SamplingParams, TokenEvent
 
 if TYPE_CHECKING:  # types only: this module, and the HTTP layer above it, never import torch
-    from .engine import Engine, RequestHandle
+    from .engine import Engine
+    from .sequence import RequestHandle
 
 _ids = itertools.count()
 

@@ -113,10 +113,10 @@ def test_engine_folds_when_batch_is_uniform_and_unfolds_when_it_mixes(tmp_path):
 def test_auto_policy_folds_only_when_it_pays(tmp_path):
     e = make_engine(tmp_path / "a", merge="auto")
     e.registry.add_folder("ia", fixture_dir("ia3_default"))
-    e._fold_s, e._ia3_step_s = 1e6, 1e-4  # folding would cost more than any request could save
+    e.merge._fold_s, e.merge._unfolded_s = 1e6, 1e-4  # folding would cost more than any request could save
     r = solo(e, req(e, 0, "ia", "the quick brown fox", max_new_tokens=30))
     assert r.adapter_type == "ia3" and e.slots.merged_slot is None
-    e._fold_s = 1e-9  # now it pays
+    e.merge._fold_s = 1e-9  # now it pays
     r = solo(e, req(e, 1, "ia", "the quick brown fox", max_new_tokens=30))
     assert r.adapter_type == "ia3_merged" and e.slots.merged_slot is not None
 
@@ -124,7 +124,7 @@ def test_auto_policy_folds_only_when_it_pays(tmp_path):
 def test_switching_uniform_adapter_never_runs_on_the_other_folded_in(tmp_path):
     e, ref = twin_engines(tmp_path, {"x": "ia3_default", "y": "ia3_ff_in"})
     assert solo(e, req(e, 0, "x", "hello world", max_new_tokens=40)).adapter_type == "ia3_merged"
-    e._fold_s = 1e6  # y will not pay for a fold: x must be unfolded for y's rows all the same
+    e.merge._fold_s = 1e6  # y will not pay for a fold: x must be unfolded for y's rows all the same
     got = solo(e, req(e, 1, "y", "the quick brown fox", max_new_tokens=12))
     want = solo(ref, req(ref, 1, "y", "the quick brown fox", max_new_tokens=12))
     assert got.adapter_type == "ia3" and got.token_ids == want.token_ids

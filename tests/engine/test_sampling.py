@@ -94,7 +94,7 @@ def test_noise_is_unit_exponential_and_keyed():
 def test_a_row_whose_sampling_raises_fails_alone(tmp_path, monkeypatch):
     """If the batched pass raises, rows are sampled one by one: only the row that raises fails, and its
     greedy neighbours keep their solo tokens."""
-    import server.engine.engine as engine_mod
+    import server.engine.sampling as sampling_mod
     from server.engine.types import GenerationRequest
     from server.errors import GenerationFailedError
     from tests.helpers import Collector, make_engine, run_until_done
@@ -112,14 +112,14 @@ def test_a_row_whose_sampling_raises_fails_alone(tmp_path, monkeypatch):
     greedy = SamplingParams(max_new_tokens=6, ignore_eos=True)
     poisoned = SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=1.0, seed=1234)
     solo = run([greedy])[0]
-    real = engine_mod.sample
+    real = sampling_mod.sample
 
     def flaky(logits, rows, want, finite=None):  # noqa: ANN001, ANN202
         if any(r.seed == 1234 for r in rows):
             raise RuntimeError("boom")
         return real(logits, rows, want, finite)
 
-    monkeypatch.setattr(engine_mod, "sample", flaky)
+    monkeypatch.setattr(sampling_mod, "sample", flaky)
     out = run([greedy, poisoned, greedy])
     assert isinstance(out[1], GenerationFailedError) and "boom" in str(out[1])
     for r in (out[0], out[2]):

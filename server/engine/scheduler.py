@@ -1,0 +1,54 @@
+"""Admission: which waiting requests join the batch this iteration. Pure policy, no torch.
+
+A request joins when a row is free, its prompt fits the iteration's prefill budget (the first in line
+always does: over the budget, it is prefilled in chunks, alone), the KV cache can hold every row's
+longest reach, and its adapter gets a device slot. Order is first come, first served, except that a
+request whose adapter finds every slot busy is passed over for this iteration.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .sequence import Seq
+
+
+@dataclass(frozen=True)
+class Admission:
+    joined: list[Seq]  # prefilled together this iteration
+    chunked: Seq | None  # first in line and over the budget: prefilled a chunk per iteration
+
+
+class Scheduler:
+    def __init__(self, max_rows: int, prefill_budget: int, kv_budget: int,
+                 kv_tokens_for: Callable[[int, int], int]) -> None:
+        self.max_rows = max_rows
+        self.prefill_budget = prefill_budget
+        self.kv_budget = kv_budget
+        self.kv_tokens_for = kv_tokens_for  # (rows, longest reach) -> token slots the cache would hold
+
+    def admit(self, waiting: deque[Seq], running: list[Seq], grant: Callable[[Seq], bool]) -> Admission:
+        """Take admitted requests out of `waiting`. `grant` gives a request its device slot (True) or
+        says every slot is busy (False)."""
+        joined: list[Seq] = []
+        budget = self.prefill_budget
+        reserve = max((s.still_needs for s in running), default=0)
+        for s in list(waiting):
+            rows = len(running) + len(joined)
+            n = s.prompt_len
+            if rows >= self.max_rows or (joined and n > budget):
+                break  # a prompt over the budget goes alone, in chunks, from the next iteration
+            need = max(reserve, n + s.max_new)
+            if rows > 0 and self.kv_tokens_for(rows + 1, need) > self.kv_budget:
+                break  # the KV budget is full: wait for rows to finish
+            if not grant(s):
+                continue  # every slot is used by running rows: this one waits its turn
+            waiting.remove(s)
+            if n > budget:
+                return Admission(joined, s)
+            joined.append(s)
+            budget -= n
+            reserve = need
+        return Admission(joined, None)

@@ -1,0 +1,65 @@
+"""One request's state inside the engine, and the handle its caller holds. Plain data, no torch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .types import GenerationRequest
+
+if TYPE_CHECKING:  # types only: this module, and the scheduler that uses it, never import torch
+    from ..adapters.manager import Key
+    from ..adapters.registry import AdapterRef
+    from .textstream import TextStream
+
+Sink = Callable[[object], None]
+
+
+@dataclass(eq=False)
+class Seq:
+    req: GenerationRequest
+    sink: Sink
+    ref: AdapterRef | None
+    stream: TextStream
+    seed: int  # the request's seed, or one drawn at submit: the row's sampling stream
+    max_new: int
+    t_arrival: float
+    deadline: float
+    adapter_type: str  # the metric label, known at submit from the pinned adapter
+    slot: int = 0  # the device slot granted at admission (0: no adapter, or not admitted yet)
+    cache_len: int = 0  # positions of its KV cache row written so far
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    t_admit: float = 0.0
+    t_first: float = 0.0
+    cancelled: bool = False
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.req.prompt_ids)
+
+    @property
+    def still_needs(self) -> int:
+        """KV positions its row may still reach: what it holds plus what it may still generate."""
+        return self.cache_len + self.max_new - len(self.tokens)
+
+
+@dataclass(frozen=True)
+class Retire:
+    """Message to the engine: the registry replaced or deleted this version."""
+
+    key: Key
+
+
+class RequestHandle:
+    """What `Engine.submit` returns: the request's id and a way to cancel it."""
+
+    def __init__(self, seq: Seq, wake: Callable[[], None]) -> None:
+        self._seq, self._wake = seq, wake
+        self.request_id = seq.req.request_id
+
+    def cancel(self) -> None:
+        """Stop generating; the row is freed at the next step."""
+        self._seq.cancelled = True
+        self._wake()

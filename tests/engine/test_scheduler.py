@@ -1,0 +1,64 @@
+"""Admission policy on its own: pure data in, the admitted requests out (no model, no torch)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Seq
+from server.engine.types import GenerationRequest
+
+
+def seq(i: int, n: int, new: int = 10, adapter: str | None = None) -> Seq:
+    return Seq(GenerationRequest(f"r{i}", tuple(range(1, n + 1)), adapter), sink=lambda ev: None, ref=None,
+               stream=None, seed=0, max_new=new, t_arrival=0.0, deadline=1e9, adapter_type="none")  # type: ignore[arg-type]
+
+
+def sched(rows: int = 4, budget: int = 100, kv: int = 10_000) -> Scheduler:
+    return Scheduler(rows, budget, kv, lambda r, need: r * need)
+
+
+def test_first_come_first_served_within_rows_and_budget():
+    waiting = deque([seq(0, 40), seq(1, 40), seq(2, 40), seq(3, 5)])
+    adm = sched(budget=100).admit(waiting, [], lambda s: True)
+    assert [s.req.request_id for s in adm.joined] == ["r0", "r1"] and adm.chunked is None
+    assert [s.req.request_id for s in waiting] == ["r2", "r3"]  # r2 does not fit the budget: r3 waits behind it
+
+
+def test_rows_limit():
+    running = [seq(9, 5), seq(8, 5), seq(7, 5)]
+    waiting = deque([seq(0, 5), seq(1, 5)])
+    adm = sched(rows=4).admit(waiting, running, lambda s: True)
+    assert [s.req.request_id for s in adm.joined] == ["r0"] and len(waiting) == 1
+
+
+def test_a_prompt_over_the_budget_is_chunked_when_first_in_line_only():
+    waiting = deque([seq(0, 10), seq(1, 300)])
+    adm = sched(budget=100).admit(waiting, [], lambda s: True)
+    assert [s.req.request_id for s in adm.joined] == ["r0"] and adm.chunked is None  # r1 goes alone, later
+    adm = sched(budget=100).admit(waiting, [], lambda s: True)
+    assert adm.joined == [] and adm.chunked is not None and adm.chunked.req.request_id == "r1" and not waiting
+
+
+def test_kv_budget_counts_every_rows_longest_reach():
+    running = [seq(9, 50, new=50)]
+    running[0].cache_len = 60  # reaches 60 + 50 - 0 = 110
+    waiting = deque([seq(0, 10, new=10)])
+    assert sched(kv=219).admit(waiting, running, lambda s: True).joined == []  # 2 rows x 110 > 219
+    assert len(sched(kv=220).admit(waiting, running, lambda s: True).joined) == 1
+
+
+def test_a_request_whose_adapter_finds_every_slot_busy_is_passed_over():
+    waiting = deque([seq(0, 5, adapter="busy"), seq(1, 5), seq(2, 5, adapter="busy")])
+    adm = sched().admit(waiting, [], lambda s: s.req.adapter_id != "busy")
+    assert [s.req.request_id for s in adm.joined] == ["r1"]
+    assert [s.req.request_id for s in waiting] == ["r0", "r2"]  # they keep their places
+
+
+def test_the_scheduler_and_the_http_layer_never_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, server.engine.scheduler, server.api.routes, server.api.openai; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
