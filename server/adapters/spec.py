@@ -6,7 +6,7 @@ Tensors here live on the host in float32; methods copy them into device slots.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -14,7 +14,6 @@ from .families import MERGEABLE, Method
 
 Format = Literal["peft", "adapterhub"]
 Location = Literal["attn", "mlp"]
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -45,44 +44,10 @@ class BaseModelInfo:
         return int(parts[i + 1]), parts[-1]
 
 
-@dataclass(frozen=True)
-class IA3Vector:
-    """One scaled Linear: `out` scales its output (bias included), `in` scales its input."""
+class MethodWeights(Protocol):
+    """A method's own weights type (defined in its module under methods/): what it writes into a slot."""
 
-    module: str
-    side: Literal["in", "out"]
-    scale: torch.Tensor  # [out] or [in], float32
-
-
-@dataclass(frozen=True)
-class BottleneckOptions:
-    """The AdapterHub flags that change where the bottleneck reads and what the sub-block returns."""
-
-    parallel: bool
-    original_ln_before: bool
-    original_ln_after: bool
-    residual_before_ln: bool
-    adapter_residual_before_ln: bool
-    non_linearity: str
-
-
-@dataclass(frozen=True)
-class BottleneckBlock:
-    """The adapter at one (layer, location): B(z) = s * (W_up f(W_down LN?(z) + b_down) + b_up)."""
-
-    layer: int
-    location: Location
-    down_w: torch.Tensor  # [r, H]
-    down_b: torch.Tensor  # [r]
-    up_w: torch.Tensor  # [H, r]
-    up_b: torch.Tensor  # [H]
-    scale: torch.Tensor  # [H]  (a float, a learned scalar or a channel vector, expanded)
-    ln_before: tuple[torch.Tensor, torch.Tensor] | None = None  # (weight [H], bias [H])
-    ln_after: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def width(self) -> int:
-        return int(self.down_w.shape[0])
+    def tensors(self) -> list[torch.Tensor]: ...
 
 
 @dataclass
@@ -92,10 +57,7 @@ class AdapterWeights:
     method: Method
     format: Format
     variant: str
-    ia3: list[IA3Vector] = field(default_factory=list)
-    bn_options: BottleneckOptions | None = None
-    bn_blocks: list[BottleneckBlock] = field(default_factory=list)
-    # (IA)3 written by AdapterHub scales the output of down_proj: same math, other place.
+    payload: MethodWeights  # the method's own weights type: IA3Weights, BottleneckWeights
     config: dict = field(default_factory=dict)
     extra_parameters: int = 0  # trained parameters held outside `tensors()` (a learned or channel scaling)
 
@@ -103,18 +65,9 @@ class AdapterWeights:
     def mergeable(self) -> bool:
         return self.method in MERGEABLE
 
-    def tensors(self) -> list[torch.Tensor]:
-        out = [v.scale for v in self.ia3]
-        for b in self.bn_blocks:
-            out += [b.down_w, b.down_b, b.up_w, b.up_b]
-            for pair in (b.ln_before, b.ln_after):
-                if pair is not None:
-                    out += list(pair)
-        return out
-
     @property
     def num_parameters(self) -> int:
-        return sum(t.numel() for t in self.tensors()) + self.extra_parameters
+        return sum(t.numel() for t in self.payload.tensors()) + self.extra_parameters
 
     @property
     def size_bytes(self) -> int:

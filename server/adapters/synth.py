@@ -76,13 +76,6 @@ def write_demo(kind: str, out: Path, cfg: Any, seed: int = 0) -> Path:
     return write_adapterhub_bn(out, cfg.num_hidden_layers, cfg.hidden_size, kind, seed=seed, name=kind)
 
 
-def linear_dims(model: Any) -> dict[str, tuple[int, int]]:
-    """linear short name -> (out, in) from layer 0 of a Llama-family model."""
-    layer = model.model.layers[0]
-    mods = {**dict(layer.self_attn.named_children()), **dict(layer.mlp.named_children())}
-    return {n: (m.out_features, m.in_features) for n, m in mods.items() if isinstance(m, torch.nn.Linear)}
-
-
 def linear_dims_from_config(cfg: Any) -> dict[str, tuple[int, int]]:
     """The same map from a Llama-family config alone, without building the model."""
     H, inter = cfg.hidden_size, cfg.intermediate_size

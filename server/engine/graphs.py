@@ -59,7 +59,6 @@ class DecodeGraphs:
         self._host = torch.zeros(3, self.rows, dtype=torch.long, pin_memory=capture)
         self.graphs: dict[GraphKey, tuple[Any, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
-        self.capture_seconds = 0.0
         self.replays = self.eager_steps = 0
 
     def bucket(self, rows: int) -> int:
@@ -129,7 +128,6 @@ class DecodeGraphs:
             timer.enabled = was
         self.graphs[key] = (graph, out)
         dt = time.perf_counter() - t0
-        self.capture_seconds += dt
         log.debug("captured decode graph %s in %.3f s", key, dt)
         return graph, out
 

@@ -41,10 +41,10 @@ def edit_tensors(d, fn, fname):
 def test_summary_fields():
     w = parse_folder(fixture_dir("seq_bn_leave_out_rf"), MODEL)
     assert w.method == "bottleneck" and w.variant == "seq_bn"
-    assert {b.layer for b in w.bn_blocks} == {0, 2}  # layer 1 left out
-    assert {b.layer: b.width for b in w.bn_blocks} == {0: 8, 2: 2}  # per-layer reduction factors
+    assert {b.layer for b in w.payload.blocks} == {0, 2}  # layer 1 left out
+    assert {b.layer: b.width for b in w.payload.blocks} == {0: 8, 2: 2}  # per-layer reduction factors
     w = parse_folder(fixture_dir("ia3_default"), MODEL)
-    assert {(v.module.split(".")[-1], v.side) for v in w.ia3} == {("k_proj", "out"), ("v_proj", "out"), ("down_proj", "in")}
+    assert {(v.module.split(".")[-1], v.side) for v in w.payload.vectors} == {("k_proj", "out"), ("v_proj", "out"), ("down_proj", "in")}
     assert w.num_parameters == 3 * (32 + 32 + 128)
 
 

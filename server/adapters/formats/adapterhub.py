@@ -9,14 +9,9 @@ import torch
 from transformers.activations import ACT2FN
 
 from ...errors import InvalidAdapterError, UnsupportedAdapterError
-from ..spec import (
-    AdapterWeights,
-    BaseModelInfo,
-    BottleneckBlock,
-    BottleneckOptions,
-    IA3Vector,
-    Location,
-)
+from ..methods.bottleneck import BottleneckBlock, BottleneckOptions, BottleneckWeights
+from ..methods.ia3 import IA3Vector, IA3Weights
+from ..spec import AdapterWeights, BaseModelInfo, Location
 from .tensors import expect_shape, load_tensors, pick_weight_file
 
 WEIGHT_FILES = ("adapter.safetensors", "pytorch_adapter.bin")
@@ -24,10 +19,6 @@ LOCATIONS: dict[str, Location] = {"attention_adapters": "attn", "output_adapters
 BN_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(attention_adapters|output_adapters)\.adapters\.([^.]+)\.(.+)$")
 IA3_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.loras\.([^.]+)\.(lora_A|lora_B)$")
 ACTIVATIONS = set(ACT2FN) | {"leakyrelu"}
-
-
-def activation_names() -> set[str]:
-    return ACTIVATIONS
 
 
 def _refuse(c: dict) -> None:
@@ -172,7 +163,7 @@ def _parse_bottleneck(meta: dict, files: dict[str, Path], base: BaseModelInfo) -
         variant = "double_seq_bn" if allowed["attn"] and allowed["mlp"] else "seq_bn"
     # a learned or channel scaling is a trained parameter too (expanded into each block's scale); a float is not
     extra = sum(1 if scaling == "learned" else H for _ in blocks) if scaling in ("learned", "channel") else 0
-    return AdapterWeights("bottleneck", "adapterhub", variant, bn_options=opts, bn_blocks=blocks, config=c,
+    return AdapterWeights("bottleneck", "adapterhub", variant, BottleneckWeights(opts, blocks), config=c,
                           extra_parameters=extra)
 
 
@@ -200,4 +191,4 @@ def _parse_ia3(meta: dict, files: dict[str, Path], base: BaseModelInfo) -> Adapt
         vectors.append(IA3Vector(module, "out", t.flatten() * alpha))
     if not vectors:
         raise InvalidAdapterError("weight file holds no lora_B tensors", key=WEIGHT_FILES[1])
-    return AdapterWeights("ia3", "adapterhub", "ia3", ia3=vectors, config=c)
+    return AdapterWeights("ia3", "adapterhub", "ia3", IA3Weights(vectors), config=c)

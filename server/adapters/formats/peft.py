@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 from ...errors import InvalidAdapterError, UnsupportedAdapterError
-from ..spec import AdapterWeights, BaseModelInfo, IA3Vector
+from ..methods.ia3 import IA3Vector, IA3Weights
+from ..spec import AdapterWeights, BaseModelInfo
 from .tensors import load_tensors, pick_weight_file
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -71,4 +72,4 @@ def parse(cfg: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeig
             raise InvalidAdapterError(
                 f"shape {shape} does not fit {kind} of this module, expected {expected}", key=key
             )
-    return AdapterWeights(method="ia3", format="peft", variant="ia3", ia3=vectors, config=cfg)
+    return AdapterWeights(method="ia3", format="peft", variant="ia3", payload=IA3Weights(vectors), config=cfg)

@@ -12,10 +12,12 @@ How methods compose in one batch (`slots.BatchPlan`), in the order of METHODS:
 
 from __future__ import annotations
 
+from .. import families
 from .base import AdapterMethod, MethodPlan, StepTimer
 from .bottleneck import BottleneckMethod
 from .ia3 import IA3Method
 
-METHODS: dict[str, type[AdapterMethod]] = {"ia3": IA3Method, "bottleneck": BottleneckMethod}
+METHODS: dict[str, type[AdapterMethod]] = {m.name: m for m in (IA3Method, BottleneckMethod)}
+assert tuple(METHODS) == families.METHODS, "families.METHODS lists the methods, in this order"
 
 __all__ = ["METHODS", "AdapterMethod", "MethodPlan", "StepTimer"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..families import Method
 from ..spec import AdapterWeights, BaseModelInfo, Location
 
 
@@ -101,9 +102,14 @@ class SlotContext:
 
 
 class AdapterMethod(ABC):
-    """One adapter method's slot storage. `write` overwrites a slot; `clear` resets it to identity."""
+    """One adapter method's slot storage. `write` overwrites a slot; `clear` resets it to identity.
 
-    name: str = ""
+    Each method names itself (`name`, its entry in `families`), which is also the label its compute
+    time and its requests are counted under; a method that can be folded into the weights says so
+    with `can_merge` and reports `<name>_merged` while folded.
+    """
+
+    name: Method
 
     def __init__(self, ctx: SlotContext, timer: StepTimer) -> None:
         self.ctx = ctx

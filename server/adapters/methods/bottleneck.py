@@ -24,9 +24,60 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import get_activation
 
-from ..spec import AdapterWeights, BottleneckBlock, BottleneckOptions, Location
+from ..families import Method
+from ..spec import AdapterWeights, Location
 from .base import AdapterMethod, MethodPlan, SlotContext, StepTimer
 
+
+@dataclass(frozen=True)
+class BottleneckOptions:
+    """The AdapterHub flags that change where the bottleneck reads and what the sub-block returns."""
+
+    parallel: bool
+    original_ln_before: bool
+    original_ln_after: bool
+    residual_before_ln: bool
+    adapter_residual_before_ln: bool
+    non_linearity: str
+
+
+@dataclass(frozen=True)
+class BottleneckBlock:
+    """The adapter at one (layer, location): B(z) = s * (W_up f(W_down LN?(z) + b_down) + b_up)."""
+
+    layer: int
+    location: Location
+    down_w: torch.Tensor  # [r, H]
+    down_b: torch.Tensor  # [r]
+    up_w: torch.Tensor  # [H, r]
+    up_b: torch.Tensor  # [H]
+    scale: torch.Tensor  # [H]  (a float, a learned scalar or a channel vector, expanded)
+    ln_before: tuple[torch.Tensor, torch.Tensor] | None = None  # (weight [H], bias [H])
+    ln_after: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def width(self) -> int:
+        return int(self.down_w.shape[0])
+
+
+@dataclass(frozen=True)
+class BottleneckWeights:
+    """A bottleneck adapter: its placement options and one block per (layer, location)."""
+
+    options: BottleneckOptions
+    blocks: list[BottleneckBlock]
+
+    def tensors(self) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for b in self.blocks:
+            out += [b.down_w, b.down_b, b.up_w, b.up_b]
+            for pair in (b.ln_before, b.ln_after):
+                if pair is not None:
+                    out += list(pair)
+        return out
+
+
+NAME: Method = "bottleneck"
 LN_EPS = 1e-5  # the adapter's own nn.LayerNorm, not the model's RMSNorm
 
 
@@ -96,7 +147,7 @@ class BottleneckPlan(MethodPlan):
         p = self.sites.get((layer, loc))
         if p is None:
             return None
-        with self.timer.span("bottleneck"):
+        with self.timer.span(NAME):
             return self._apply(p, h, a)
 
     def residual_rows(self, layer: int, loc: Location) -> torch.Tensor:
@@ -246,7 +297,7 @@ class BottleneckStaticPlan(MethodPlan):
 
 
 class BottleneckMethod(AdapterMethod):
-    name = "bottleneck"
+    name = NAME
 
     def __init__(self, ctx: SlotContext, timer: StepTimer) -> None:
         super().__init__(ctx, timer)
@@ -258,16 +309,17 @@ class BottleneckMethod(AdapterMethod):
         self._layout = 0
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
-        assert weights.bn_options is not None
+        w = weights.payload
+        assert isinstance(w, BottleneckWeights)
         self.clear(slot)
         dev, dt = self.ctx.device, self.ctx.dtype
 
         def put(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=dev, dtype=dt).contiguous()
 
-        for b in weights.bn_blocks:
+        for b in w.blocks:
             self.sites.setdefault((b.layer, b.location), {})[slot] = self._block(b, put)
-        self.options[slot] = weights.bn_options
+        self.options[slot] = w.options
         self._static_put(slot)
 
     @staticmethod

@@ -6,12 +6,36 @@ of float32 vectors, row 0 all ones. A batch gathers one row per request: x * tab
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 
+from ..families import Method
 from ..spec import AdapterWeights
 from .base import AdapterMethod, MethodPlan, SlotContext, StepTimer
 
 F32 = torch.float32
+NAME: Method = "ia3"
+
+
+@dataclass(frozen=True)
+class IA3Vector:
+    """One scaled Linear: `out` scales its output (bias included), `in` scales its input."""
+
+    module: str
+    side: Literal["in", "out"]
+    scale: torch.Tensor  # [out] or [in], float32
+
+
+@dataclass(frozen=True)
+class IA3Weights:
+    """An (IA)3 adapter: one vector per scaled Linear (PEFT's, or AdapterHub's "scale" on down_proj)."""
+
+    vectors: list[IA3Vector]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [v.scale for v in self.vectors]
 
 
 def _scale(t: torch.Tensor, by: torch.Tensor) -> None:
@@ -40,14 +64,14 @@ class IA3Plan(MethodPlan):
         v = self.vecs.get((layer, name))
         if v is None or v[0] is None:
             return None
-        with self.timer.span("ia3"):  # feedforward: y = W (x * l) + b, product in float32 as PEFT does
+        with self.timer.span(NAME):  # feedforward: y = W (x * l) + b, product in float32 as PEFT does
             return (x.to(F32) * v[0]).to(x.dtype)
 
     def linear_out(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         v = self.vecs.get((layer, name))
         if v is None or v[1] is None:
             return None
-        with self.timer.span("ia3"):  # y = (W x + b) * l
+        with self.timer.span(NAME):  # y = (W x + b) * l
             return (y.to(F32) * v[1]).to(y.dtype)
 
 
@@ -72,7 +96,7 @@ class IA3StaticPlan(MethodPlan):
 
 
 class IA3Method(AdapterMethod):
-    name = "ia3"
+    name = NAME
 
     def __init__(self, ctx: SlotContext, timer: StepTimer) -> None:
         super().__init__(ctx, timer)
@@ -94,7 +118,8 @@ class IA3Method(AdapterMethod):
     def write(self, slot: int, weights: AdapterWeights) -> None:
         self.clear(slot)
         entries: list[tuple[str, str]] = []
-        for v in weights.ia3:
+        assert isinstance(weights.payload, IA3Weights)
+        for v in weights.payload.vectors:
             t = self._table(v.side, v.module)
             t.data[slot].copy_(v.scale)
             t.slots.add(slot)
