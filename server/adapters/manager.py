@@ -13,14 +13,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
+from .registry import Key
 from .slots import AdapterSlots
 from .spec import AdapterWeights
 
-Key = tuple[str, int]  # (adapter_id, version)
-
 
 class AdapterManager:
-    def __init__(self, slots: AdapterSlots, on_change: Callable[[frozenset[Key]], None] | None = None) -> None:
+    def __init__(self, slots: AdapterSlots, on_change: Callable[[frozenset[Key]], None] | None = None,
+                 on_evict: Callable[[], None] | None = None) -> None:
         self.slots = slots
         n = slots.num_slots
         self._table: list[Key | None] = [None] * (n + 1)  # index 0: "no adapter"
@@ -28,7 +28,8 @@ class AdapterManager:
         self._lru: OrderedDict[int, None] = OrderedDict()  # resident slots, least recently granted first
         self._rows = [0] * (n + 1)  # admitted rows using each slot
         self._retired: set[Key] = set()  # versions replaced or deleted: cleared once no row uses them
-        self._on_change = on_change or (lambda keys: None)
+        self._on_change = on_change or (lambda keys: None)  # residency changed (registry tiers, metrics)
+        self._on_evict = on_evict or (lambda: None)  # an idle adapter made room for another (metrics)
         self.loads = self.evictions = 0
 
     # -- engine-thread operations -------------------------------------------------------------
@@ -76,6 +77,7 @@ class AdapterManager:
             if self._rows[s] == 0:
                 self._clear(s)
                 self.evictions += 1
+                self._on_evict()
                 return s
         return None
 

@@ -27,9 +27,9 @@ from functools import partial
 import torch
 
 from ..adapters.families import label
-from ..adapters.manager import AdapterManager, Key
+from ..adapters.manager import AdapterManager
 from ..adapters.methods import StepTimer
-from ..adapters.registry import Registry
+from ..adapters.registry import Key, Registry
 from ..adapters.slots import AdapterSlots
 from ..config import EngineConfig
 from ..errors import (
@@ -82,7 +82,8 @@ class Engine:
                                   compile_kernels=static and cuda and cfg.compile_kernels,
                                   pack=static and cfg.compile_kernels)
         self.slots = AdapterSlots(loaded.model, cfg.device_slots, loaded.device, loaded.dtype, self.timer)
-        self.adapters = AdapterManager(self.slots, on_change=self._resident_changed)
+        self.adapters = AdapterManager(self.slots, on_change=self._resident_changed,
+                                       on_evict=self.metrics.cache.labels("evict").inc)
         self.graphs = DecodeGraphs(self.runner, self.slots, capture=cuda) if static else None
         self.passes = Passes(self.runner, self.slots, self.graphs)
         self.scheduler = Scheduler(self.max_rows, cfg.prefill_token_budget, cfg.kv_cache_tokens,

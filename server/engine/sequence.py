@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING
 from .types import GenerationRequest
 
 if TYPE_CHECKING:  # types only: this module, and the scheduler that uses it, never import torch
-    from ..adapters.manager import Key
-    from ..adapters.registry import AdapterRef
+    from ..adapters.registry import AdapterRef, Key
     from .textstream import TextStream
 
 Sink = Callable[[object], None]

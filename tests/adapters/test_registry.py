@@ -284,3 +284,32 @@ def test_one_id_check_per_upload(tmp_path, monkeypatch):
     with pytest.raises(InvalidAdapterIdError):
         r.add_folder("../up", fixture_dir("seq_bn"))
     assert [p.name for p in (tmp_path / "store").iterdir() if not p.name.startswith(".")] == ["ok"]
+
+
+def test_engine_side_calls_never_wait_on_an_upload_doing_disk_io(tmp_path, monkeypatch):
+    """Uploads and deletes hold only the admin lock across disk I/O; what the engine thread calls
+    (weights, release, set_resident) takes the catalogue lock alone, so it never waits on a disk."""
+    import time
+
+    d = Device(tmp_path)
+    r = d.r
+    r.add_folder("a", fixture_dir("ia3_default"))
+    ref = r.acquire("a")
+    slow_started = threading.Event()
+    real_commit = r.store.commit
+
+    def slow_commit(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        slow_started.set()
+        time.sleep(1.5)
+        return real_commit(*args, **kw)
+
+    monkeypatch.setattr(r.store, "commit", slow_commit)
+    t = threading.Thread(target=r.add_folder, args=("b", fixture_dir("seq_bn")))
+    t.start()
+    assert slow_started.wait(10)
+    t0 = time.perf_counter()
+    slot = d.grant(ref)[0]  # reads the host copy through the registry
+    d.release(ref, slot)
+    assert time.perf_counter() - t0 < 0.5  # did not wait for the upload's disk I/O
+    t.join()
+    assert r.exists("b")

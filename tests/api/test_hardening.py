@@ -235,6 +235,7 @@ def test_kv_and_adapter_memory_stay_within_limits(tmp_path):
         assert all(r.status_code == 200 for r in rs), [r.text for r in rs if r.status_code != 200]
         assert peak["kv"] <= 2048, peak  # token slots held by the KV cache never exceeded the budget
         assert sum(1 for k in s.services.engine.adapters.table() if k) <= 2
+        assert s.services.metrics.cache.labels("evict")._value.get() >= 1  # 4 adapters took turns in 2 slots
     finally:
         s.close()
 
