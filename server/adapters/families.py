@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-Method = Literal["ia3", "bottleneck"]
-METHODS: tuple[Method, ...] = ("ia3", "bottleneck")
+Method = Literal["ia3", "bottleneck", "lora"]
+METHODS: tuple[Method, ...] = ("ia3", "bottleneck", "lora")
 MERGEABLE: frozenset[str] = frozenset({"ia3"})  # linear in the weights: can be folded in exactly
 
 

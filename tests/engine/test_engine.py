@@ -8,7 +8,8 @@ import torch
 from server.engine.types import GenerationRequest, GenerationResult, SamplingParams
 from tests.helpers import Collector, fixture_dir, make_engine, run_until_done
 
-ADAPTERS = ["ia3_default", "ia3_ff_in", "seq_bn", "double_seq_bn", "par_bn", "seq_bn_ln", "par_bn_mh"]
+ADAPTERS = ["ia3_default", "ia3_ff_in", "seq_bn", "double_seq_bn", "par_bn", "seq_bn_ln", "par_bn_mh",
+            "lora_qv", "lora_patterns", "lora_bias"]
 PROMPTS = ["the quick brown fox", "hello world", "adapters serve many tasks on one", "numbers 0123"]
 
 
@@ -129,3 +130,18 @@ def test_requests_are_counted_under_their_adapter_type_whatever_their_fate(engin
     assert count("bottleneck", "cancelled") == 1 and count("none", "cancelled") == 0
     done = solo(engine, req(engine, 1, "ia3_default", PROMPTS[1]))
     assert done.adapter_type in ("ia3", "ia3_merged") and count(done.adapter_type, "ok") == 1
+
+
+def test_lora_greedy_matches_peft_generate(engine):
+    """PEFT's own generate on the saved LoRA adapter, greedy, against ours in a shared engine."""
+    from peft import PeftModel
+
+    from tests.helpers import tiny_model
+
+    r = req(engine, 0, "lora_patterns", PROMPTS[2], max_new_tokens=16)
+    ours = solo(engine, r)
+    pm = PeftModel.from_pretrained(tiny_model(), str(fixture_dir("lora_patterns"))).eval()
+    ids = torch.tensor([r.prompt_ids])
+    ref = pm.generate(input_ids=ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    assert list(ours.token_ids) == ref[0, ids.shape[1]:].tolist()
+    assert ours.adapter_type == "lora"

@@ -117,3 +117,21 @@ def test_slot_rewrites_reach_the_graph_step(tmp_path, device):
         return out
 
     assert run("on", "b") == run("off", "a")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batches_with_a_family_without_a_static_plan_decode_eagerly_and_exactly(tmp_path, device):
+    """LoRA has no graph plan yet: its batches take the eager step over the same static cache."""
+    def build(graphs: str, name: str):
+        e = make_engine(tmp_path / name, slots=3, device=torch.device(device), graphs=graphs)
+        for a in ("lora_qv", "ia3_default", "seq_bn"):
+            e.registry.add_folder(a, fixture_dir(a))
+        return e
+
+    cases = [("lora_qv", PROMPTS[0]), (None, PROMPTS[1]), ("ia3_default", PROMPTS[2]), ("seq_bn", PROMPTS[3])]
+    ref = run_mixed(build("off", "a"), cases)
+    e = build("on", "b")
+    got = run_mixed(e, cases)
+    assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+    g = e.graphs
+    assert g is not None and (g.replays if g.capture else g.eager_steps) < e.decode_steps

@@ -1,14 +1,18 @@
-"""HF PEFT (IA)3: adapter_config.json + adapter_model.safetensors|.bin (ADAPTERS.md section 1)."""
+"""HF PEFT (IA)3 and LoRA: adapter_config.json + adapter_model.safetensors|.bin (ADAPTERS.md sections 1, 6)."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
+import torch
+
 from ...errors import InvalidAdapterError, UnsupportedAdapterError
 from ..methods.ia3 import IA3Vector, IA3Weights
+from ..methods.lora import LoRAModule, LoRAWeights
 from ..spec import AdapterWeights, BaseModelInfo
-from .tensors import load_tensors, pick_weight_file
+from .tensors import expect_shape, load_tensors, pick_weight_file
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
@@ -42,8 +46,10 @@ def _check_spec(cfg: dict, field: str) -> str | list[str] | None:
 
 def parse(cfg: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
     ptype = cfg.get("peft_type")
+    if ptype == "LORA":
+        return parse_lora(cfg, files, base)
     if ptype != "IA3":
-        raise UnsupportedAdapterError(f"peft_type {ptype!r} is not served; only IA3 is", key="peft_type")
+        raise UnsupportedAdapterError(f"peft_type {ptype!r} is not served; IA3 and LORA are", key="peft_type")
     targets = _check_spec(cfg, "target_modules")
     ff = _check_spec(cfg, "feedforward_modules")
     tensors = load_tensors(pick_weight_file(files, WEIGHT_FILES))
@@ -73,3 +79,93 @@ def parse(cfg: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeig
                 f"shape {shape} does not fit {kind} of this module, expected {expected}", key=key
             )
     return AdapterWeights(method="ia3", format="peft", variant="ia3", payload=IA3Weights(vectors), config=cfg)
+
+
+# LoRA options whose meaning we do not reproduce (ADAPTERS.md section 6): refused, naming the field.
+LORA_REFUSED = {
+    "use_dora": "DoRA is not served yet",
+    "modules_to_save": "modules_to_save replaces whole modules (for example lm_head)",
+    "trainable_token_indices": "trainable tokens replace embedding rows",
+    "layer_replication": "layer replication changes the model's layers",
+    "alora_invocation_tokens": "activated LoRA is not served",
+    "use_bdlora": "block-diagonal LoRA is not served",
+    "arrow_config": "Arrow routing is not served",
+    "target_parameters": "LoRA on raw parameters is not served",
+    "use_qalora": "QA-LoRA is not served",
+    "megatron_config": "Megatron-parallel LoRA is not served",
+}
+LORA_INITS = (True, False, "gaussian", "orthogonal", "eva")  # inits that leave the base weights as they are
+LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias)$")
+
+
+def _refuse_lora_options(cfg: dict) -> None:
+    for field, why in LORA_REFUSED.items():
+        if cfg.get(field) not in (None, False, [], {}):
+            raise UnsupportedAdapterError(f"{field} is set: {why}", key=field)
+    init = cfg.get("init_lora_weights", True)
+    if init not in LORA_INITS:
+        raise UnsupportedAdapterError(
+            f"init_lora_weights {init!r} rewrites the base weights at load; save the adapter converted "
+            "(path_initial_model_for_weight_conversion) to serve it as plain LoRA", key="init_lora_weights")
+    if cfg.get("bias", "none") != "none":
+        raise UnsupportedAdapterError("bias other than 'none' trains the base model's biases", key="bias")
+    if cfg.get("fan_in_fan_out"):
+        raise UnsupportedAdapterError("fan_in_fan_out is for Conv1D models, not this one", key="fan_in_fan_out")
+
+
+def _alpha(cfg: dict, module: str) -> float:
+    """The first alpha_pattern key, in file order, that matches the module path; else lora_alpha."""
+    for key, value in (cfg.get("alpha_pattern") or {}).items():
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", module)
+        except re.error as e:
+            raise InvalidAdapterError(f"alpha_pattern key {key!r} is not a valid regex: {e}", key="alpha_pattern") from e
+        if hit:
+            return float(value)
+    alpha = cfg.get("lora_alpha", 8)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise InvalidAdapterError("lora_alpha must be a number", key="lora_alpha")
+    return float(alpha)
+
+
+def parse_lora(cfg: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
+    """Modules and ranks come from the tensors (they already reflect target_modules, rank_pattern and
+    layers_to_transform); alpha from alpha_pattern / lora_alpha; scaling alpha / r or alpha / sqrt(r)."""
+    _refuse_lora_options(cfg)
+    tensors = load_tensors(pick_weight_file(files, WEIGHT_FILES))
+    if not tensors:
+        raise InvalidAdapterError("weight file holds no tensors", key=WEIGHT_FILES[0])
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = LORA_KEY.match(key)
+        if m is None:
+            why = ("embedding and lm_head targets are not served" if "embed" in key or "lm_head" in key
+                   else "not a PEFT LoRA tensor name (base_model.model.<module>.lora_A.weight / lora_B.weight / lora_B.bias)")
+            raise UnsupportedAdapterError(why, key=key) if "embed" in key or "lm_head" in key else InvalidAdapterError(why, key=key)
+        module, part = m.group(1), m.group(2)
+        if module not in base.linears:
+            raise UnsupportedAdapterError("LoRA is served on the Linears of the decoder layers only", key=key)
+        parts.setdefault(module, {})[part] = t
+    if any("lora_B.bias" in p for p in parts.values()) and not cfg.get("lora_bias"):
+        raise InvalidAdapterError("a lora_B.bias tensor without lora_bias in the config", key="lora_bias")
+    rslora = bool(cfg.get("use_rslora", False))
+    modules = []
+    for module, p in sorted(parts.items()):
+        key = PREFIX + module
+        if "lora_A.weight" not in p or "lora_B.weight" not in p:
+            raise InvalidAdapterError("a LoRA module needs both lora_A.weight and lora_B.weight", key=key + ".lora_A.weight")
+        out_f, in_f = base.linears[module]
+        A, B = p["lora_A.weight"], p["lora_B.weight"]
+        r = A.shape[0]
+        if A.dim() != 2 or r < 1:
+            raise InvalidAdapterError(f"shape {tuple(A.shape)} is not (r, {in_f})", key=key + ".lora_A.weight")
+        expect_shape(key + ".lora_A.weight", A, (r, in_f))
+        expect_shape(key + ".lora_B.weight", B, (out_f, r))
+        bias = p.get("lora_B.bias")
+        if bias is not None:
+            expect_shape(key + ".lora_B.bias", bias, (out_f,))
+        alpha = _alpha(cfg, module)
+        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        modules.append(LoRAModule(module, A.clone(), B.clone(), None if bias is None else bias.clone(), scale))
+    variant = "rslora" if rslora else "lora"
+    return AdapterWeights(method="lora", format="peft", variant=variant, payload=LoRAWeights(modules), config=cfg)
