@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-Method = Literal["ia3", "bottleneck", "lora"]
-METHODS: tuple[Method, ...] = ("ia3", "bottleneck", "lora")
+Method = Literal["ia3", "bottleneck", "lora", "dora"]
+METHODS: tuple[Method, ...] = ("ia3", "bottleneck", "lora", "dora")
 MERGEABLE: frozenset[str] = frozenset({"ia3"})  # linear in the weights: can be folded in exactly
 
 

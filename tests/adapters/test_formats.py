@@ -61,7 +61,7 @@ CASES = [
     ("ia3_default", lambda d: (d / "adapter_model.safetensors").unlink(), InvalidAdapterError, "missing weight file"),
     ("ia3_default", lambda d: edit_config(d, lambda c: c.update(peft_type="PREFIX_TUNING")), UnsupportedAdapterError, "peft_type"),
     ("ia3_default", lambda d: edit_config(d, lambda c: c.update(peft_type="LORA")), InvalidAdapterError, "ia3_l"),
-    ("lora_qv", lambda d: edit_config(d, lambda c: c.update(use_dora=True)), UnsupportedAdapterError, "use_dora"),
+    ("lora_qv", lambda d: edit_config(d, lambda c: c.update(use_dora=True)), InvalidAdapterError, "use_dora"),
     ("lora_qv", lambda d: edit_config(d, lambda c: c.update(modules_to_save=["lm_head"])), UnsupportedAdapterError, "modules_to_save"),
     ("lora_qv", lambda d: edit_config(d, lambda c: c.update(trainable_token_indices=[3, 4])), UnsupportedAdapterError, "trainable_token_indices"),
     ("lora_qv", lambda d: edit_config(d, lambda c: c.update(init_lora_weights="pissa")), UnsupportedAdapterError, "init_lora_weights"),

@@ -83,7 +83,6 @@ def parse(cfg: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeig
 
 # LoRA options whose meaning we do not reproduce (ADAPTERS.md section 6): refused, naming the field.
 LORA_REFUSED = {
-    "use_dora": "DoRA is not served yet",
     "modules_to_save": "modules_to_save replaces whole modules (for example lm_head)",
     "trainable_token_indices": "trainable tokens replace embedding rows",
     "layer_replication": "layer replication changes the model's layers",
@@ -95,7 +94,7 @@ LORA_REFUSED = {
     "megatron_config": "Megatron-parallel LoRA is not served",
 }
 LORA_INITS = (True, False, "gaussian", "orthogonal", "eva")  # inits that leave the base weights as they are
-LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias)$")
+LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)$")
 
 
 def _refuse_lora_options(cfg: dict) -> None:
@@ -148,7 +147,9 @@ def parse_lora(cfg: dict, files: dict[str, Path], base: BaseModelInfo) -> Adapte
         parts.setdefault(module, {})[part] = t
     if any("lora_B.bias" in p for p in parts.values()) and not cfg.get("lora_bias"):
         raise InvalidAdapterError("a lora_B.bias tensor without lora_bias in the config", key="lora_bias")
-    rslora = bool(cfg.get("use_rslora", False))
+    rslora, dora = bool(cfg.get("use_rslora", False)), bool(cfg.get("use_dora", False))
+    if dora != any("lora_magnitude_vector" in p for p in parts.values()):
+        raise InvalidAdapterError("use_dora and the lora_magnitude_vector tensors disagree", key="use_dora")
     modules = []
     for module, p in sorted(parts.items()):
         key = PREFIX + module
@@ -164,8 +165,15 @@ def parse_lora(cfg: dict, files: dict[str, Path], base: BaseModelInfo) -> Adapte
         bias = p.get("lora_B.bias")
         if bias is not None:
             expect_shape(key + ".lora_B.bias", bias, (out_f,))
+        magnitude = p.get("lora_magnitude_vector")
+        if dora:
+            if magnitude is None:
+                raise InvalidAdapterError("a DoRA module needs its lora_magnitude_vector", key=key + ".lora_magnitude_vector")
+            expect_shape(key + ".lora_magnitude_vector", magnitude, (out_f,))
         alpha = _alpha(cfg, module)
         scale = alpha / math.sqrt(r) if rslora else alpha / r
-        modules.append(LoRAModule(module, A.clone(), B.clone(), None if bias is None else bias.clone(), scale))
-    variant = "rslora" if rslora else "lora"
-    return AdapterWeights(method="lora", format="peft", variant=variant, payload=LoRAWeights(modules), config=cfg)
+        modules.append(LoRAModule(module, A.clone(), B.clone(), None if bias is None else bias.clone(), scale,
+                                  None if magnitude is None else magnitude.clone()))
+    variant = ("rs" if rslora else "") + ("dora" if dora else "lora")
+    return AdapterWeights(method="dora" if dora else "lora", format="peft", variant=variant,
+                          payload=LoRAWeights(modules), config=cfg)

@@ -16,9 +16,9 @@ from .. import families
 from .base import AdapterMethod, MethodPlan, StepTimer
 from .bottleneck import BottleneckMethod
 from .ia3 import IA3Method
-from .lora import LoRAMethod
+from .lora import DoRAMethod, LoRAMethod
 
-METHODS: dict[str, type[AdapterMethod]] = {m.name: m for m in (IA3Method, BottleneckMethod, LoRAMethod)}
+METHODS: dict[str, type[AdapterMethod]] = {m.name: m for m in (IA3Method, BottleneckMethod, LoRAMethod, DoRAMethod)}
 assert tuple(METHODS) == families.METHODS, "families.METHODS lists the methods, in this order"
 
 __all__ = ["METHODS", "AdapterMethod", "MethodPlan", "StepTimer"]
