@@ -16,7 +16,8 @@ from tests.helpers import Collector, fixture_dir, make_engine, run_until_done
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ADAPTERS = ["ia3_default", "ia3_ff_in", "seq_bn", "par_bn", "double_seq_bn", "seq_bn_ln", "par_bn_mh", "seq_bn_tanh_float",
-            "seq_bn_sigmoid_noorig", "par_bn_ln_after", "seq_bn_ln_arbln", "hub_ia3"]
+            "seq_bn_sigmoid_noorig", "par_bn_ln_after", "seq_bn_ln_arbln", "hub_ia3",
+            "lora_qv", "lora_bias", "lora_patterns", "dora_qv", "dora_rslora_all"]
 PROMPTS = ["the quick brown fox", "hello world", "adapters serve many tasks on one", "numbers 0123"]
 
 
@@ -105,7 +106,8 @@ def test_static_cache_bounds_rows_by_the_kv_budget(tmp_path):
 def test_slot_rewrites_reach_the_graph_step(tmp_path, device):
     """Two device slots, five adapters in turn: slots are evicted and rewritten in place (or the static
     layout rebuilt when a block no longer fits), and every request still equals its dynamic twin."""
-    order = ["seq_bn", "ia3_default", "par_bn_mh", "seq_bn_ln", "seq_bn", "double_seq_bn", "hub_ia3", "par_bn"]
+    order = ["seq_bn", "ia3_default", "par_bn_mh", "seq_bn_ln", "seq_bn", "double_seq_bn", "hub_ia3", "par_bn",
+             "lora_qv", "dora_qv", "lora_all_linear", "lora_patterns", "lora_qv"]
 
     def run(graphs: str, name: str) -> list[tuple[int, ...]]:
         e = make_engine(tmp_path / name, slots=2, device=torch.device(device), graphs=graphs)
@@ -120,8 +122,14 @@ def test_slot_rewrites_reach_the_graph_step(tmp_path, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_batches_with_a_family_without_a_static_plan_decode_eagerly_and_exactly(tmp_path, device):
-    """LoRA has no graph plan yet: its batches take the eager step over the same static cache."""
+def test_batches_with_a_family_without_a_static_plan_decode_eagerly_and_exactly(tmp_path, device, monkeypatch):
+    """A method without a graph plan (LoRA made so here): its batches take the eager step over the
+    same static cache, and every row is still exact."""
+    from server.adapters.methods import AdapterMethod
+    from server.adapters.methods.lora import LoRAMethod
+
+    monkeypatch.setattr(LoRAMethod, "static_plan", AdapterMethod.static_plan)
+
     def build(graphs: str, name: str):
         e = make_engine(tmp_path / name, slots=3, device=torch.device(device), graphs=graphs)
         for a in ("lora_qv", "ia3_default", "seq_bn"):

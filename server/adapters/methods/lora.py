@@ -14,7 +14,9 @@ DoRA (PEFT `use_dora`) is the same plus a per-output-row magnitude scale g = m /
 computed once when the slot is written: y = W x + b + (g - 1) (W x) + g s B (A x), in PEFT's order of
 operations. Rows of plain LoRA, or of no adapter, have g = 1, where those extra terms are exactly 0.
 
-Graph replay has no static plan for LoRA yet: batches with LoRA rows decode eagerly on CUDA.
+For graph replay, a static layout mirrors every slot zero-padded to a common rank per module (built
+on first use, written in place after): small batches gather each row's own block, larger ones take one
+product over every slot side by side and keep each row's own columns.
 """
 
 from __future__ import annotations
@@ -102,12 +104,65 @@ class LoRAPlan(MethodPlan):
             return (y32 + (p.g - 1) * wx + p.g * delta).to(y.dtype)
 
 
+class _StaticModule:
+    """One module laid out for every slot at once: zero-padded to rank R, s folded into B and b."""
+
+    def __init__(self, S: int, R: int, out: int, inp: int, dev: torch.device, base_bias: torch.Tensor | None) -> None:
+        self.R = R
+        self.A = torch.zeros(S, R, inp, device=dev, dtype=F32)
+        self.sB = torch.zeros(out, S, R, device=dev, dtype=F32)  # [out, S*R] as one matrix
+        self.sb = torch.zeros(S, out, device=dev, dtype=F32)
+        self.g = torch.ones(S, out, device=dev, dtype=F32)
+        self.base_bias = base_bias
+
+    def put(self, slot: int, w: _Slot | None) -> None:
+        self.A[slot], self.sB[:, slot], self.sb[slot], self.g[slot] = 0, 0, 0, 1
+        if w is None:
+            return
+        r = w.A.shape[0]
+        self.A[slot, :r], self.sB[:, slot, :r] = w.A, w.sB
+        if w.sb is not None:
+            self.sb[slot] = w.sb
+        if w.g is not None:
+            self.g[slot] = w.g
+
+
+class LoRAStaticPlan(MethodPlan):
+    def __init__(self, mods: dict[tuple[int, str], _StaticModule], slot_idx: torch.Tensor, timer: StepTimer) -> None:
+        self.mods, self.slot_idx, self.timer = mods, slot_idx, timer
+
+    def acts_on(self, layer: int, name: str) -> bool:
+        return (layer, name) in self.mods
+
+    def linear_out(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        st = self.mods.get((layer, name))
+        if st is None:
+            return None
+        i = self.slot_idx
+        S, R, inp = st.A.shape
+        B, T = x.shape[:2]
+        x32 = x.to(F32)
+        if 3 * B >= S:  # one product over every slot's block, each row keeps its own columns
+            d = F.linear(x32, st.A.view(S * R, inp)).view(B, T, S, R)
+            own = (torch.arange(S, device=i.device)[None, :] == i[:, None])[:, None, :, None]  # [B, 1, S, 1]
+            delta = F.linear(torch.where(own, d, 0.0).view(B, T, S * R), st.sB.view(-1, S * R))
+        else:  # each row's own block, gathered
+            d = torch.bmm(x32, st.A.index_select(0, i).transpose(1, 2))  # [B, T, R]
+            delta = torch.bmm(d, st.sB.index_select(1, i).permute(1, 2, 0))  # [B, T, out]
+        delta = delta + st.sb.index_select(0, i)[:, None, :]
+        g = st.g.index_select(0, i)[:, None, :]
+        wx = y.to(F32) if st.base_bias is None else y.to(F32) - st.base_bias
+        return (y.to(F32) + (g - 1) * wx + g * delta).to(y.dtype)
+
+
 class LoRAMethod(AdapterMethod):
     name = NAME
 
     def __init__(self, ctx: SlotContext, timer: StepTimer) -> None:
         super().__init__(ctx, timer)
         self.mods: dict[str, dict[int, _Slot]] = {}  # module -> slot -> weights
+        self._static: dict[str, _StaticModule] | None = None  # graph replay only, built on first use
+        self._layout = 0
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
         w = weights.payload
@@ -117,6 +172,7 @@ class LoRAMethod(AdapterMethod):
         for m in w.modules:
             sb = None if m.bias is None else (m.bias * m.scale).to(dev)
             self.mods.setdefault(m.module, {})[slot] = _Slot(m.A.to(dev), (m.B * m.scale).to(dev), sb, self._g(m))
+        self._static_put(slot)
 
     def _g(self, m: LoRAModule) -> torch.Tensor | None:
         """DoRA's per-row scale, from the base weight as it is now (never folded: see `can_merge`)."""
@@ -128,8 +184,51 @@ class LoRAMethod(AdapterMethod):
         return m.magnitude.to(dev) / norm
 
     def clear(self, slot: int) -> None:
+        had = False
         for slots in self.mods.values():
-            slots.pop(slot, None)
+            had |= slots.pop(slot, None) is not None
+        if had:
+            self._static_put(slot)
+
+    # -- graph replay ---------------------------------------------------------------------------
+    def _static_put(self, slot: int) -> None:
+        """Mirror one slot into the static layout in place; a block that does not fit (a new module, a
+        higher rank) drops the layout, to be rebuilt at the next static plan."""
+        if self._static is None:
+            return
+        for module, per in self.mods.items():
+            w, st = per.get(slot), self._static.get(module)
+            if w is not None and (st is None or w.A.shape[0] > st.R):
+                self._static = None
+                return
+        for module, st in self._static.items():
+            st.put(slot, self.mods.get(module, {}).get(slot))
+
+    def _build_static(self) -> dict[str, _StaticModule]:
+        out = {}
+        for module, per in self.mods.items():
+            if not per:
+                continue
+            lin = self.ctx.modules[module]
+            bias = None if lin.bias is None else lin.bias.detach().to(F32)
+            out_f, in_f = self.ctx.base.linears[module]
+            st = _StaticModule(self.ctx.num_slots, max(w.A.shape[0] for w in per.values()), out_f, in_f,
+                               self.ctx.device, bias)
+            for slot, w in per.items():
+                st.put(slot, w)
+            out[module] = st
+        self._layout += 1
+        return out
+
+    def static_plan(self, slot_idx: torch.Tensor) -> MethodPlan | None:
+        if self._static is None:
+            self._static = self._build_static()
+        split = self.ctx.base.split
+        return LoRAStaticPlan({split(m): st for m, st in self._static.items()}, slot_idx, self.timer)
+
+    @property
+    def layout_version(self) -> int:
+        return self._layout + 1 if self._static is None else self._layout
 
     def uses(self, slots: list[int]) -> bool:
         return any(s in per for per in self.mods.values() for s in slots)
