@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adapter-server", description="Serve many adapters on one frozen base model.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _serve_flags(sub.add_parser("serve", help="start the HTTP server"))
-    m = sub.add_parser("merge", help="export a standalone HF model folder with an (IA)3 adapter folded in")
+    m = sub.add_parser("merge", help="export a standalone HF model folder with an (IA)3, LoRA or DoRA adapter folded in")
     m.add_argument("--adapter", required=True, help="adapter id in the store")
     m.add_argument("--out", required=True, type=Path, help="output folder")
     m.add_argument("--model", default=None)

@@ -7,7 +7,7 @@ from typing import Literal
 
 Method = Literal["ia3", "bottleneck", "lora", "dora"]
 METHODS: tuple[Method, ...] = ("ia3", "bottleneck", "lora", "dora")
-MERGEABLE: frozenset[str] = frozenset({"ia3"})  # linear in the weights: can be folded in exactly
+MERGEABLE: frozenset[str] = frozenset({"ia3", "lora", "dora"})  # linear in the weights: can be folded in
 
 
 def label(method: str | None, merged: bool = False) -> str:

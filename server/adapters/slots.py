@@ -70,6 +70,7 @@ class AdapterSlots:
         """Overwrite `slot` with an adapter (1 <= slot <= num_slots)."""
         if not 1 <= slot <= self.num_slots:
             raise ValueError(f"slot {slot} out of range 1..{self.num_slots}")
+        self.unmerge()  # a method may read the base weights as it writes (DoRA's norms): never a folded one
         self.clear(slot)
         self.methods[weights.method].write(slot, weights)
         self.slot_method[slot] = weights.method
@@ -125,6 +126,9 @@ class AdapterSlots:
         return None
 
     def merge(self, slot: int) -> None:
+        """Fold `slot`'s adapter into the base weights, after undoing any other fold."""
+        if self.merged_slot not in (None, slot):
+            self.unmerge()
         self.methods[self.slot_method[slot]].merge(slot)
         self._plans.clear()
 

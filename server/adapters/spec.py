@@ -63,7 +63,8 @@ class AdapterWeights:
 
     @property
     def mergeable(self) -> bool:
-        return self.method in MERGEABLE
+        """Its method folds into the weights, and this adapter has nothing the fold cannot hold."""
+        return self.method in MERGEABLE and bool(getattr(self.payload, "mergeable", True))
 
     @property
     def num_parameters(self) -> int:

@@ -24,9 +24,10 @@ from tests.helpers import (
 )
 
 IA3 = ["ia3_default", "ia3_all_out", "ia3_ff_in", "ia3_regex", "ia3_bin"]
+LORA = ["lora_qv", "lora_all_linear", "lora_rslora", "lora_patterns", "dora_qv", "dora_rslora_all"]
 
 
-@pytest.mark.parametrize("name", IA3)
+@pytest.mark.parametrize("name", IA3 + LORA)
 def test_merged_equals_unmerged_and_unmerge_is_bit_exact(name):
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -34,7 +35,8 @@ def test_merged_equals_unmerged_and_unmerge_is_bit_exact(name):
     slots.write(2, parse_folder(fixture_dir(name), model))
     unmerged = full_logits(runner, slots, input_ids(), [2, 2])
     slots.merge(2)
-    assert slots.merged_slot == 2 and slots.adapter_type(2) == "ia3_merged"
+    method = slots.method_of(2)
+    assert slots.merged_slot == 2 and slots.adapter_type(2) == f"{method}_merged"
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, "merging must change some weights"
     merged = full_logits(runner, slots, input_ids(), [2, 2])
@@ -56,6 +58,37 @@ def test_merge_twice_then_switch_adapter_restores_exactly():
     assert (full_logits(runner, slots, input_ids(), [2, 2]) - refs()["ia3_all_out"]).abs().max().item() < 1e-5
     slots.unmerge()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_lora_with_a_lora_bias_is_not_mergeable_on_bias_free_linears():
+    model = tiny_model()
+    assert not parse_folder(fixture_dir("lora_bias"), model).mergeable
+    assert parse_folder(fixture_dir("lora_qv"), model).mergeable
+
+
+def test_a_slot_write_never_sees_folded_weights():
+    """DoRA reads the base weight when its slot is written: any fold is undone first."""
+    model = tiny_model()
+    runner, slots = runner_and_slots(model)
+    slots.write(1, parse_folder(fixture_dir("lora_all_linear"), model))
+    slots.merge(1)
+    slots.write(2, parse_folder(fixture_dir("dora_qv"), model))
+    assert slots.merged_slot is None
+    assert (full_logits(runner, slots, input_ids(), [2, 2]) - refs()["dora_qv"]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["lora_patterns", "dora_qv"])
+def test_exported_lora_and_dora_load_in_plain_transformers(tmp_path, name):
+    e = make_engine(tmp_path / "s")
+    e.registry.add_folder("a", fixture_dir(name))
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    e.tokenizer.save_pretrained(model_dir)
+    out = export_merged(ModelConfig(str(model_dir)), tmp_path / "s", "a", tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        got = plain(input_ids()).logits
+    assert (got - refs()[name]).abs().max().item() < 1e-4
 
 
 def test_bottleneck_is_not_mergeable(tmp_path):

@@ -144,4 +144,4 @@ def test_lora_greedy_matches_peft_generate(engine):
     ids = torch.tensor([r.prompt_ids])
     ref = pm.generate(input_ids=ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
     assert list(ours.token_ids) == ref[0, ids.shape[1]:].tolist()
-    assert ours.adapter_type == "lora"
+    assert ours.adapter_type in ("lora", "lora_merged")  # folded when the batch is uniform and it pays

@@ -54,6 +54,11 @@ class LoRAModule:
 class LoRAWeights:
     modules: list[LoRAModule]
 
+    @property
+    def mergeable(self) -> bool:
+        """A LoRA bias would need a bias in the base Linear to fold into: Llama's have none."""
+        return all(m.bias is None for m in self.modules)
+
     def tensors(self) -> list[torch.Tensor]:
         return [t for m in self.modules for t in (m.A, m.B, m.bias, m.magnitude) if t is not None]
 
@@ -80,8 +85,8 @@ class _ModulePlan:
 
 
 class LoRAPlan(MethodPlan):
-    def __init__(self, mods: dict[tuple[int, str], _ModulePlan], timer: StepTimer) -> None:
-        self.mods, self.timer = mods, timer
+    def __init__(self, mods: dict[tuple[int, str], _ModulePlan], timer: StepTimer, label: str) -> None:
+        self.mods, self.timer, self.label = mods, timer, label
 
     def acts_on(self, layer: int, name: str) -> bool:
         return (layer, name) in self.mods
@@ -90,7 +95,7 @@ class LoRAPlan(MethodPlan):
         p = self.mods.get((layer, name))
         if p is None:
             return None
-        with self.timer.span(NAME):
+        with self.timer.span(self.label):
             d = F.linear(x.to(F32), p.A)  # [B, T, R]
             if p.colmask is not None:
                 d = torch.where(p.colmask, d, 0.0)
@@ -163,6 +168,8 @@ class LoRAMethod(AdapterMethod):
         self.mods: dict[str, dict[int, _Slot]] = {}  # module -> slot -> weights
         self._static: dict[str, _StaticModule] | None = None  # graph replay only, built on first use
         self._layout = 0
+        self._merged: int | None = None
+        self._backup: dict[str, torch.Tensor] = {}  # module -> base weight, while a slot is folded in
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
         w = weights.payload
@@ -184,6 +191,8 @@ class LoRAMethod(AdapterMethod):
         return m.magnitude.to(dev) / norm
 
     def clear(self, slot: int) -> None:
+        if self._merged == slot:
+            self.unmerge()
         had = False
         for slots in self.mods.values():
             had |= slots.pop(slot, None) is not None
@@ -231,7 +240,7 @@ class LoRAMethod(AdapterMethod):
         return self._layout + 1 if self._static is None else self._layout
 
     def uses(self, slots: list[int]) -> bool:
-        return any(s in per for per in self.mods.values() for s in slots)
+        return any(s in per and s != self._merged for per in self.mods.values() for s in slots)
 
     def device_bytes(self) -> int:
         return sum(w.nbytes() for per in self.mods.values() for w in per.values())
@@ -239,10 +248,10 @@ class LoRAMethod(AdapterMethod):
     def plan(self, slots: list[int], slot_idx: torch.Tensor) -> MethodPlan | None:
         mods = {}
         for module, per in self.mods.items():
-            present = sorted({s for s in slots if s in per})
+            present = sorted({s for s in slots if s in per and s != self._merged})
             if present:
                 mods[self.ctx.base.split(module)] = self._module(module, slots, slot_idx, present, per)
-        return LoRAPlan(mods, self.timer) if mods else None
+        return LoRAPlan(mods, self.timer, self.name) if mods else None
 
     def _module(self, module: str, slots: list[int], slot_idx: torch.Tensor, present: list[int],
                 per: dict[int, _Slot]) -> _ModulePlan:
@@ -268,6 +277,43 @@ class LoRAMethod(AdapterMethod):
                     g[[i for i, x in enumerate(slots) if x == s], 0] = w.g
         base_bias = self.ctx.modules[module].bias
         return _ModulePlan(A, sB, colmask, bias, g, None if g is None or base_bias is None else base_bias.detach().to(F32))
+
+    # -- folding into the base weights -------------------------------------------------------
+    def can_merge(self, slot: int) -> bool:
+        ws = [per[slot] for per in self.mods.values() if slot in per]
+        return bool(ws) and all(w.sb is None for w in ws)
+
+    @property
+    def merged_slot(self) -> int | None:
+        return self._merged
+
+    @torch.no_grad()
+    def merge(self, slot: int) -> None:
+        """W' = W + s B A (DoRA: g (W + s B A), rows scaled), computed in float32 and cast as PEFT's merge
+        does. The base weights are copied first and restored bit for bit by `unmerge`."""
+        if self._merged == slot:
+            return
+        self.unmerge()
+        for module, per in self.mods.items():
+            w = per.get(slot)
+            if w is None:
+                continue
+            weight = self.ctx.modules[module].weight
+            self._backup[module] = weight.detach().clone()
+            new = weight.to(F32) + w.sB @ w.A
+            if w.g is not None:
+                new = w.g[:, None] * new
+            weight.copy_(new.to(weight.dtype))
+        self._merged = slot
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self._merged is None:
+            return
+        for module, base in self._backup.items():
+            self.ctx.modules[module].weight.copy_(base)
+        self._backup.clear()  # a full copy of every folded Linear: not kept past the fold
+        self._merged = None
 
 
 class DoRAMethod(LoRAMethod):
