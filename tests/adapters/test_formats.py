@@ -78,6 +78,11 @@ CASES = [
     ("ia3_default", lambda d: edit_tensors(d, lambda t: t.update({"base_model.model.model.layers.0.mlp.down_proj.ia3_l": torch.ones(64, 1)}), "adapter_model.safetensors"), InvalidAdapterError, "down_proj"),
     ("ia3_default", lambda d: edit_tensors(d, lambda t: t.update({"base_model.model.model.layers.0.self_attn.k_proj.ia3_l": torch.full((32, 1), float("nan"))}), "adapter_model.safetensors"), InvalidAdapterError, "NaN"),
     ("seq_bn", lambda d: edit_config(d, lambda c: c["config"].update(phm_layer=True)), UnsupportedAdapterError, "phm_layer"),
+    ("hub_lora_qv", lambda d: edit_config(d, lambda c: c["config"].update(use_gating=True)), UnsupportedAdapterError, "use_gating"),
+    ("hub_lora_qv", lambda d: edit_config(d, lambda c: c["config"].update(use_dora=True)), UnsupportedAdapterError, "use_dora"),
+    ("hub_lora_qv", lambda d: edit_config(d, lambda c: c["config"].update(vera_d=0.1)), UnsupportedAdapterError, "vera_d"),
+    ("hub_lora_qv", lambda d: edit_config(d, lambda c: c["config"].update(attn_matrices=["q"])), InvalidAdapterError, "v_proj"),
+    ("hub_lora_qv", lambda d: edit_config(d, lambda c: c["config"].update(r=5)), InvalidAdapterError, "lora_A"),
     ("seq_bn", lambda d: edit_config(d, lambda c: c["config"].update(use_gating=True)), UnsupportedAdapterError, "use_gating"),
     ("seq_bn", lambda d: edit_config(d, lambda c: c["config"].update(residual_before_ln="post_add")), UnsupportedAdapterError, "post_add"),
     ("seq_bn", lambda d: edit_config(d, lambda c: c["config"].update(stochastic_depth=0.1)), UnsupportedAdapterError, "stochastic_depth"),
@@ -124,3 +129,11 @@ def test_pickle_that_runs_code_is_refused_and_never_runs(tmp_path):
     with pytest.raises(InvalidAdapterError, match="pytorch_adapter.bin"):
         parse_folder(d, MODEL)
     assert not os.path.exists(marker)
+
+
+def test_adapterhub_lora_before_1_1_keeps_the_scaling_it_was_trained_with(tmp_path):
+    """adapters < 1.1.0 used scaling 1.0 whenever r != alpha; the library loads such files that way."""
+    d = copy(tmp_path, "hub_lora_qv")
+    assert {m.scale for m in parse_folder(d, MODEL).payload.modules} == {2.0}  # alpha 8 / r 4
+    edit_config(d, lambda c: c.update(version="adapters.1.0.1"))
+    assert {m.scale for m in parse_folder(d, MODEL).payload.modules} == {1.0}

@@ -1,4 +1,5 @@
-"""AdapterHub `adapters` checkpoints: bottleneck (seq_bn, double_seq_bn, par_bn, ...) and (IA)3 (ADAPTERS.md 2, 3)."""
+"""AdapterHub `adapters` checkpoints: bottleneck (seq_bn, double_seq_bn, par_bn, ...), (IA)3 and LoRA
+(ADAPTERS.md 2, 3, 7)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from transformers.activations import ACT2FN
 from ...errors import InvalidAdapterError, UnsupportedAdapterError
 from ..methods.bottleneck import BottleneckBlock, BottleneckOptions, BottleneckWeights
 from ..methods.ia3 import IA3Vector, IA3Weights
+from ..methods.lora import LoRAModule, LoRAWeights
 from ..spec import AdapterWeights, BaseModelInfo, Location
 from .tensors import expect_shape, load_tensors, pick_weight_file
 
@@ -52,6 +54,8 @@ def parse(meta: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWei
     arch = c.get("architecture")
     if arch == "lora" and c.get("composition_mode") == "scale":
         return _parse_ia3(meta, files, base)
+    if arch == "lora" and c.get("composition_mode", "add") == "add":
+        return _parse_lora(meta, files, base)
     if arch is not None:
         raise UnsupportedAdapterError(f"AdapterHub architecture {arch!r} is not served", key="config.architecture")
     return _parse_bottleneck(meta, files, base)
@@ -192,3 +196,65 @@ def _parse_ia3(meta: dict, files: dict[str, Path], base: BaseModelInfo) -> Adapt
     if not vectors:
         raise InvalidAdapterError("weight file holds no lora_B tensors", key=WEIGHT_FILES[1])
     return AdapterWeights("ia3", "adapterhub", "ia3", IA3Weights(vectors), config=c)
+
+
+# AdapterHub's LoRA placement on Llama (ADAPTERS.md section 7): which Linears each flag wraps
+HUB_LORA_PLACES = {"selfattn_lora": ("self_attn", ("q", "k", "v")), "intermediate_lora": ("mlp", ("down",)),
+                   "output_lora": ("mlp", ("up",))}
+
+
+def _version_below(version: object, major: int, minor: int, patch: int) -> bool:
+    m = re.match(r"^adapters\.(\d+)\.(\d+)\.(\d+)", str(version or ""))
+    return m is not None and tuple(int(x) for x in m.groups()) < (major, minor, patch)
+
+
+def _parse_lora(meta: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
+    """AdapterHub LoRA ("add"): y = W x + ((x A^T) B^T) * alpha / r on the Linears its flags wrap."""
+    c = meta["config"]
+    for field in ("use_gating", "use_dora"):
+        if c.get(field):
+            why = ("the gate averages over the tokens of each forward call, so a token's output depends on "
+                   "how its prompt is chunked" if field == "use_gating" else "DoRA through AdapterHub is not served")
+            raise UnsupportedAdapterError(why, key=f"config.{field}")
+    if c.get("vera_d") is not None or c.get("vera_b") is not None:
+        raise UnsupportedAdapterError("VeRA through AdapterHub is not served", key="config.vera_d")
+    r, alpha = c.get("r", 8), c.get("alpha", 8)
+    if not isinstance(r, int) or r < 1 or isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise InvalidAdapterError("r must be a positive integer and alpha a number", key="config.r")
+    # adapters before 1.1.0 trained with scaling 1.0 whenever r != alpha; the library loads them so
+    scale = 1.0 if (_version_below(meta.get("version"), 1, 1, 0) and r != alpha) else float(alpha) / r
+    leave_out = _leave_out(c, base.num_layers)
+    wrapped: set[tuple[str, str]] = set()
+    attn = c.get("attn_matrices", ["q", "v"])
+    for flag, (block, names) in HUB_LORA_PLACES.items():
+        if _bool(c, flag, flag == "selfattn_lora"):
+            wrapped |= {(block, f"{n}_proj") for n in (names if flag != "selfattn_lora" else [a for a in attn if a in names])}
+    name = meta.get("name")
+    tensors = load_tensors(pick_weight_file(files, WEIGHT_FILES))
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = IA3_KEY.match(key)
+        if m is None:
+            raise InvalidAdapterError("not an AdapterHub LoRA tensor name (...loras.<name>.lora_A / lora_B)", key=key)
+        layer, block, lin, aname, which = int(m.group(1)), m.group(2), m.group(3), m.group(4), m.group(5)
+        if name is not None and aname != name:
+            raise InvalidAdapterError(f"tensor belongs to adapter {aname!r}, the config names {name!r}", key=key)
+        if (block, lin) not in wrapped or layer in leave_out:
+            raise InvalidAdapterError("this Linear is not wrapped by the config's flags (selfattn_lora, "
+                                      "attn_matrices, intermediate_lora, output_lora, leave_out)", key=key)
+        module = f"model.layers.{layer}.{block}.{lin}"
+        if module not in base.linears:
+            raise InvalidAdapterError("the base model has no Linear module of that name in its layers", key=key)
+        parts.setdefault(module, {})[which] = t
+    modules = []
+    for module, pr in sorted(parts.items()):
+        out_f, in_f = base.linears[module]
+        key = module + ".loras." + str(name)
+        if "lora_A" not in pr or "lora_B" not in pr:
+            raise InvalidAdapterError("a LoRA module needs both lora_A and lora_B", key=key)
+        expect_shape(key + ".lora_A", pr["lora_A"], (r, in_f))
+        expect_shape(key + ".lora_B", pr["lora_B"], (out_f, r))
+        modules.append(LoRAModule(module, pr["lora_A"].clone(), pr["lora_B"].clone(), None, scale))
+    if not modules:
+        raise InvalidAdapterError("weight file holds no LoRA tensors", key=WEIGHT_FILES[1])
+    return AdapterWeights("lora", "adapterhub", "lora", LoRAWeights(modules), config=c)
