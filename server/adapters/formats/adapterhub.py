@@ -25,8 +25,11 @@ ACTIVATIONS = set(ACT2FN) | {"leakyrelu"}
 
 def _refuse(c: dict) -> None:
     """Options the library offers that we refuse rather than serve wrongly."""
-    if c.get("phm_layer"):
-        raise UnsupportedAdapterError("Compacter (phm_layer) adapters are not served", key="config.phm_layer")
+    if c.get("phm_layer"):  # Compacter: the PHM options whose exact meaning was checked (ADAPTERS.md 10)
+        for field, ok in (("factorized_phm_rule", False), ("shared_phm_rule", True), ("shared_W_phm", False),
+                          ("factorized_phm_W", True), ("phm_bias", True), ("learn_phm", True)):
+            if c.get(field, ok) != ok:
+                raise UnsupportedAdapterError(f"Compacter with {field}={c.get(field)!r} is not served", key=f"config.{field}")
     if c.get("use_gating"):
         raise UnsupportedAdapterError("gated bottleneck adapters (use_gating) are not served", key="config.use_gating")
     if c.get("inv_adapter"):
@@ -103,6 +106,11 @@ def _parse_bottleneck(meta: dict, files: dict[str, Path], base: BaseModelInfo) -
     allowed = {"attn": _bool(c, "mh_adapter", False), "mlp": _bool(c, "output_adapter", True)}
     H = base.hidden_size
     tensors = load_tensors(pick_weight_file(files, WEIGHT_FILES))
+    k = 1 if ln_before else 0
+    phm = _bool(c, "phm_layer", False)
+    phm_params = 0
+    if phm:
+        tensors, phm_params = _dense_from_phm(tensors, c, str(name), H, k)
 
     # 1. group tensors by (layer, location), checking names against the config and the base model
     groups: dict[tuple[int, Location], dict[str, torch.Tensor]] = {}
@@ -125,7 +133,6 @@ def _parse_bottleneck(meta: dict, files: dict[str, Path], base: BaseModelInfo) -
         raise InvalidAdapterError("weight file holds no bottleneck tensors", key=WEIGHT_FILES[1])
 
     # 2. one block per (layer, location)
-    k = 1 if ln_before else 0
     blocks: list[BottleneckBlock] = []
     for (layer, loc), p in sorted(groups.items()):
         prefix = f"model.layers.{layer}.{'attention_adapters' if loc == 'attn' else 'output_adapters'}.adapters.{name}."
@@ -161,12 +168,17 @@ def _parse_bottleneck(meta: dict, files: dict[str, Path], base: BaseModelInfo) -
                 raise InvalidAdapterError("unexpected tensor for this adapter config", key=prefix + param)
         blocks.append(BottleneckBlock(layer, loc, down_w, down_b, up_w, up_b, scale, lnb, lna))
 
-    if opts.parallel:
+    if phm:
+        variant = "compacter" if allowed["attn"] and allowed["mlp"] else "compacter++"
+    elif opts.parallel:
         variant = "scaled_par_bn" if scaling == "learned" else "par_bn"
     else:
         variant = "double_seq_bn" if allowed["attn"] and allowed["mlp"] else "seq_bn"
     # a learned or channel scaling is a trained parameter too (expanded into each block's scale); a float is not
     extra = sum(1 if scaling == "learned" else H for _ in blocks) if scaling in ("learned", "channel") else 0
+    if phm:  # the trained parameters are the PHM factors, not the dense weights rebuilt from them
+        dense = sum(t.numel() for b in blocks for t in (b.down_w, b.down_b, b.up_w, b.up_b))
+        extra += phm_params - dense
     return AdapterWeights("bottleneck", "adapterhub", variant, BottleneckWeights(opts, blocks), config=c,
                           extra_parameters=extra)
 
@@ -258,3 +270,52 @@ def _parse_lora(meta: dict, files: dict[str, Path], base: BaseModelInfo) -> Adap
     if not modules:
         raise InvalidAdapterError("weight file holds no LoRA tensors", key=WEIGHT_FILES[1])
     return AdapterWeights("lora", "adapterhub", "lora", LoRAWeights(modules), config=c)
+
+
+PHM_PARTS = ("W_left", "W_right", "b")
+
+
+def _phm_dense(rule: torch.Tensor, w_left: torch.Tensor, w_right: torch.Tensor) -> torch.Tensor:
+    """The Linear weight (out, in) a PHM layer computes: W = bmm(W_left, W_right) (n, in/n, out/n),
+    Hm = sum_k kron(rule[k], W[k]) (in, out), weight = Hm^T."""
+    W = torch.bmm(w_left, w_right)
+    Hm = sum(torch.kron(rule[i], W[i]) for i in range(rule.shape[0]))
+    return Hm.t().contiguous()  # type: ignore[union-attr]
+
+
+def _dense_from_phm(tensors: dict[str, torch.Tensor], c: dict, name: str, H: int, k: int
+                    ) -> tuple[dict[str, torch.Tensor], int]:
+    """Compacter's PHM layers rebuilt, once at load, into the dense bottleneck tensors they compute
+    (ADAPTERS.md section 10); also returns the number of trained PHM parameters."""
+    n = c.get("phm_dim", 4)
+    rule_key = f"model.shared_parameters.{name}.phm_rule"
+    rule = tensors.pop(rule_key, None)
+    if rule is None:
+        raise InvalidAdapterError("a Compacter adapter saves its shared phm_rule", key=rule_key)
+    expect_shape(rule_key, rule, (n, n, n))
+    count = rule.numel()
+    out: dict[str, torch.Tensor] = {}
+    layers: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (prefix, layer name) -> parts
+    for key, t in tensors.items():
+        m = BN_KEY.match(key)
+        part = key.rsplit(".", 1)[-1]
+        layer_name = m.group(4).rsplit(".", 1)[0] if m else ""
+        if m and part in PHM_PARTS and layer_name in (f"adapter_down.{k}", "adapter_up"):
+            layers.setdefault((key[: -len(m.group(4))], layer_name), {})[part] = t
+            count += t.numel()
+        else:
+            out[key] = t  # layer norms, scaling: as for any bottleneck
+    for (prefix, layer_name), parts in layers.items():
+        for part in PHM_PARTS:
+            if part not in parts:
+                raise InvalidAdapterError("missing PHM tensor", key=f"{prefix}{layer_name}.{part}")
+        wl, wr = parts["W_left"], parts["W_right"]
+        if wl.dim() != 3 or wr.dim() != 3 or wl.shape[0] != n or wr.shape[0] != n or wl.shape[2] != wr.shape[1]:
+            raise InvalidAdapterError(f"PHM factors of shapes {tuple(wl.shape)} and {tuple(wr.shape)} do not fit "
+                                      f"phm_dim {n}", key=f"{prefix}{layer_name}.W_left")
+        weight = _phm_dense(rule, wl, wr)  # (out, in)
+        if weight.shape[0] != parts["b"].shape[0]:
+            raise InvalidAdapterError("PHM bias does not fit its layer", key=f"{prefix}{layer_name}.b")
+        out[f"{prefix}{layer_name}.weight"] = weight
+        out[f"{prefix}{layer_name}.bias"] = parts["b"]
+    return out, count
