@@ -44,6 +44,7 @@ def write_demo_adapters(settings: Settings, out: Path, count: int = 0, kinds: li
             one(kind, out / f"{kind.replace('_', '-')}-{i}", seed + i)
     else:
         one("ia3", out / "peft-ia3", seed + 1)
+        one("lora", out / "peft-lora", seed + 3)
         for preset in ("seq_bn", "double_seq_bn", "par_bn"):
             one(preset, out / f"hub-{preset.replace('_', '-')}", seed + 2)
     logging.getLogger("adapter-server").info("wrote demo adapters under %s", out)
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--model", default=None)
     d.add_argument("--cache-dir", dest="cache_dir", default=None)
     d.add_argument("--count", type=int, default=0, help="write this many, named <kind>-<i>, cycling over --kinds")
-    d.add_argument("--kinds", default="ia3,seq_bn,double_seq_bn,par_bn")
+    d.add_argument("--kinds", default="ia3,seq_bn,double_seq_bn,par_bn,lora",
+                   help="ia3, seq_bn, double_seq_bn, par_bn, lora (rank 16) or lora<r>")
     d.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     settings = _settings(args)

@@ -89,6 +89,19 @@ def test_smollm2_end_to_end(loaded, tmp_path):
         n = ids.shape[1]
         want = [lp[n - 1 + i, t].item() for i, t in enumerate(ia3["token_ids"])]
         assert max(abs(a - b) for a, b in zip(ia3["logprobs"], want, strict=True)) < 1e-3
+        # a PEFT LoRA on every Linear of the real model (written in PEFT's layout): its logprobs equal PEFT's too
+        from server.adapters.synth import write_demo
+
+        write_demo("lora8", tmp_path / "lora", model.config, seed=3)
+        assert c.post("/adapters", data={"adapter_id": "lora"}, files=upload_files(tmp_path / "lora")).status_code == 201
+        lo = c.post("/generate", json={"prompt": PROMPT, "adapter_id": "lora", "max_new_tokens": 8, "ignore_eos": True,
+                                       "logprobs": True}).json()
+        pl = PeftModel.from_pretrained(load_base_model(ModelConfig("smollm2", "cpu", "float32", CACHE)).model, tmp_path / "lora")
+        full = torch.tensor([ids[0].tolist() + lo["token_ids"]])
+        with torch.no_grad():
+            lp = torch.log_softmax(pl(full).logits[0].float(), -1)
+        want = [lp[n - 1 + i, t].item() for i, t in enumerate(lo["token_ids"])]
+        assert max(abs(a - b) for a, b in zip(lo["logprobs"], want, strict=True)) < 1e-3
         assert "adapter_server_requests_total" in c.get("/metrics").text
     finally:
         s.close()

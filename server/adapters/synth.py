@@ -68,11 +68,35 @@ def write_adapterhub_bn(out: Path, num_layers: int, hidden: int, preset: str = "
     return out
 
 
+def write_peft_lora(out: Path, num_layers: int, dims: dict[str, tuple[int, int]], r: int = 16, seed: int = 0,
+                    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                    ) -> Path:
+    """A PEFT LoRA folder (rank r on every target, alpha 2r) with small random A and B."""
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    t = {}
+    for i in range(num_layers):
+        for name in targets:
+            block = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            o, n = dims[name]
+            key = f"base_model.model.model.layers.{i}.{block}.{name}"
+            t[key + ".lora_A.weight"] = torch.randn(r, n, generator=g) / n**0.5
+            t[key + ".lora_B.weight"] = 0.01 * torch.randn(o, r, generator=g)
+    save_file(t, out / "adapter_model.safetensors")
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "target_modules": list(targets),
+           "lora_dropout": 0.0, "use_rslora": False, "use_dora": False, "init_lora_weights": True, "bias": "none",
+           "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False, "modules_to_save": None}
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=1))
+    return out
+
+
 def write_demo(kind: str, out: Path, cfg: Any, seed: int = 0) -> Path:
-    """An untrained adapter of `kind` ("ia3", or a preset of BN_PRESETS) for a model of config `cfg`, in
-    its library's own layout: PEFT for (IA)3, AdapterHub for the bottlenecks."""
+    """An untrained adapter of `kind` ("ia3", "lora", "lora<r>", or a preset of BN_PRESETS) for a model of
+    config `cfg`, in its library's own layout: PEFT for (IA)3 and LoRA, AdapterHub for the bottlenecks."""
     if kind == "ia3":
         return write_peft_ia3(out, cfg.num_hidden_layers, linear_dims_from_config(cfg), seed=seed)
+    if kind.startswith("lora"):
+        return write_peft_lora(out, cfg.num_hidden_layers, linear_dims_from_config(cfg), r=int(kind[4:] or 16), seed=seed)
     return write_adapterhub_bn(out, cfg.num_hidden_layers, cfg.hidden_size, kind, seed=seed, name=kind)
 
 
