@@ -23,18 +23,24 @@ BN_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _targets(num_layers: int, targets: tuple[str, ...]):  # noqa: ANN202
+    """(layer, module path under the decoder, short name) of every targeted Linear."""
+    for i in range(num_layers):
+        for name in targets:
+            block = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            yield i, f"model.layers.{i}.{block}.{name}", name
+
+
 def write_peft_ia3(out: Path, num_layers: int, dims: dict[str, tuple[int, int]], seed: int = 0,
                    targets: tuple[str, ...] = ("k_proj", "v_proj", "down_proj"), ff: tuple[str, ...] = ("down_proj",)) -> Path:
     """A PEFT (IA)3 folder. dims: linear name -> (out_features, in_features)."""
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     t = {}
-    for i in range(num_layers):
-        for name in targets:
-            block = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            o, n = dims[name]
-            shape = (1, n) if name in ff else (o, 1)
-            t[f"base_model.model.model.layers.{i}.{block}.{name}.ia3_l"] = 1 + 0.1 * torch.randn(shape, generator=g)
+    for _, module, name in _targets(num_layers, targets):
+        o, n = dims[name]
+        shape = (1, n) if name in ff else (o, 1)
+        t[f"base_model.model.{module}.ia3_l"] = 1 + 0.1 * torch.randn(shape, generator=g)
     save_file(t, out / "adapter_model.safetensors")
     cfg = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": list(targets),
            "feedforward_modules": list(ff), "fan_in_fan_out": False, "init_ia3_weights": True}
@@ -75,13 +81,10 @@ def write_peft_lora(out: Path, num_layers: int, dims: dict[str, tuple[int, int]]
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     t = {}
-    for i in range(num_layers):
-        for name in targets:
-            block = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            o, n = dims[name]
-            key = f"base_model.model.model.layers.{i}.{block}.{name}"
-            t[key + ".lora_A.weight"] = torch.randn(r, n, generator=g) / n**0.5
-            t[key + ".lora_B.weight"] = 0.01 * torch.randn(o, r, generator=g)
+    for _, module, name in _targets(num_layers, targets):
+        o, n = dims[name]
+        t[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, n, generator=g) / n**0.5
+        t[f"base_model.model.{module}.lora_B.weight"] = 0.01 * torch.randn(o, r, generator=g)
     save_file(t, out / "adapter_model.safetensors")
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "target_modules": list(targets),
            "lora_dropout": 0.0, "use_rslora": False, "use_dora": False, "init_lora_weights": True, "bias": "none",

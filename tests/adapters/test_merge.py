@@ -77,20 +77,6 @@ def test_a_slot_write_never_sees_folded_weights():
     assert (full_logits(runner, slots, input_ids(), [2, 2]) - refs()["dora_qv"]).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("name", ["lora_patterns", "dora_qv"])
-def test_exported_lora_and_dora_load_in_plain_transformers(tmp_path, name):
-    e = make_engine(tmp_path / "s")
-    e.registry.add_folder("a", fixture_dir(name))
-    model_dir = tmp_path / "model"
-    tiny_model().save_pretrained(model_dir)
-    e.tokenizer.save_pretrained(model_dir)
-    out = export_merged(ModelConfig(str(model_dir)), tmp_path / "s", "a", tmp_path / "merged")
-    plain = AutoModelForCausalLM.from_pretrained(out).eval()
-    with torch.no_grad():
-        got = plain(input_ids()).logits
-    assert (got - refs()[name]).abs().max().item() < 1e-4
-
-
 def test_bottleneck_is_not_mergeable(tmp_path):
     model = tiny_model()
     w = parse_folder(fixture_dir("seq_bn"), model)
@@ -102,9 +88,10 @@ def test_bottleneck_is_not_mergeable(tmp_path):
         export_merged(ModelConfig(str(TINY)), tmp_path / "s", "bn", tmp_path / "out")
 
 
-def test_exported_model_loads_in_plain_transformers(tmp_path):
+@pytest.mark.parametrize("name,tol", [("ia3_ff_in", 1e-5), ("lora_patterns", 1e-4), ("dora_qv", 1e-4)])
+def test_exported_model_loads_in_plain_transformers(tmp_path, name, tol):
     e = make_engine(tmp_path / "s")
-    e.registry.add_folder("ia", fixture_dir("ia3_ff_in"))
+    e.registry.add_folder("ia", fixture_dir(name))
     # the tiny fixture folder has no tokenizer: give it one so the export is a complete model folder
     model_dir = tmp_path / "model"
     tiny_model().save_pretrained(model_dir)
@@ -113,7 +100,7 @@ def test_exported_model_loads_in_plain_transformers(tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         got = plain(input_ids()).logits
-    assert (got - refs()["ia3_ff_in"]).abs().max().item() < 1e-5
+    assert (got - refs()[name]).abs().max().item() < tol  # folding LoRA rounds W + s B A once
 
 
 def twin_engines(tmp_path, adapters: dict[str, str]):

@@ -183,6 +183,17 @@ def _parse_bottleneck(meta: dict, files: dict[str, Path], base: BaseModelInfo) -
                           extra_parameters=extra)
 
 
+def _lora_layout(key: str, name: object, what: str) -> tuple[int, str, str, str]:
+    """(layer, block, linear, "lora_A" | "lora_B") of a key in AdapterHub's LoRA layout (also its (IA)3's)."""
+    m = IA3_KEY.match(key)
+    if m is None:
+        raise InvalidAdapterError(f"not an AdapterHub {what} tensor name (...loras.<name>.lora_A / lora_B)", key=key)
+    layer, block, lin, aname, which = int(m.group(1)), m.group(2), m.group(3), m.group(4), m.group(5)
+    if name is not None and aname != name:
+        raise InvalidAdapterError(f"tensor belongs to adapter {aname!r}, the config names {name!r}", key=key)
+    return layer, block, lin, which
+
+
 def _parse_ia3(meta: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
     """AdapterHub (IA)3: OUTPUT scaling of every wrapped module by lora_B.flatten() * alpha."""
     c = meta["config"]
@@ -191,12 +202,7 @@ def _parse_ia3(meta: dict, files: dict[str, Path], base: BaseModelInfo) -> Adapt
     tensors = load_tensors(pick_weight_file(files, WEIGHT_FILES))
     vectors: list[IA3Vector] = []
     for key, t in sorted(tensors.items()):
-        m = IA3_KEY.match(key)
-        if m is None:
-            raise InvalidAdapterError("not an AdapterHub (IA)3 tensor name", key=key)
-        layer, block, lin, aname, which = int(m.group(1)), m.group(2), m.group(3), m.group(4), m.group(5)
-        if name is not None and aname != name:
-            raise InvalidAdapterError(f"tensor belongs to adapter {aname!r}, the config names {name!r}", key=key)
+        layer, block, lin, which = _lora_layout(key, name, "(IA)3")
         if which == "lora_A":
             continue  # unused by the "scale" composition
         module = f"model.layers.{layer}.{block}.{lin}"
@@ -245,12 +251,7 @@ def _parse_lora(meta: dict, files: dict[str, Path], base: BaseModelInfo) -> Adap
     tensors = load_tensors(pick_weight_file(files, WEIGHT_FILES))
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        m = IA3_KEY.match(key)
-        if m is None:
-            raise InvalidAdapterError("not an AdapterHub LoRA tensor name (...loras.<name>.lora_A / lora_B)", key=key)
-        layer, block, lin, aname, which = int(m.group(1)), m.group(2), m.group(3), m.group(4), m.group(5)
-        if name is not None and aname != name:
-            raise InvalidAdapterError(f"tensor belongs to adapter {aname!r}, the config names {name!r}", key=key)
+        layer, block, lin, which = _lora_layout(key, name, "LoRA")
         if (block, lin) not in wrapped or layer in leave_out:
             raise InvalidAdapterError("this Linear is not wrapped by the config's flags (selfattn_lora, "
                                       "attn_matrices, intermediate_lora, output_lora, leave_out)", key=key)
