@@ -12,6 +12,7 @@ draws cannot shift another's.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -39,10 +40,15 @@ def row_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     return mix32(lo ^ mix32(hi ^ mix32(steps & M32)))
 
 
+@functools.lru_cache(maxsize=4)
+def _token_hashes(vocab: int, device: torch.device) -> torch.Tensor:
+    """mix32 of every token id [V]: the same for every step, so computed once per vocabulary and device."""
+    return mix32(torch.arange(vocab, device=device, dtype=torch.int64))
+
+
 def exponential_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     """E [B, V] float32 with E ~ Exp(1), a pure function of (key, token id)."""
-    tok = mix32(torch.arange(vocab, device=keys.device, dtype=torch.int64))
-    u = mix32(keys[:, None] ^ tok[None, :]) >> 8  # 24 uniform bits
+    u = mix32(keys[:, None] ^ _token_hashes(vocab, keys.device)[None, :]) >> 8  # 24 uniform bits
     uniform = (u.to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1), never 0 or 1
     return -torch.log(uniform)
 
@@ -81,15 +87,14 @@ def filter_logits(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, kma
     return x.masked_fill(x < thr, float("-inf"))
 
 
-def sample(logits: torch.Tensor, rows: list[RowSampling], want_logprobs: bool,
-           finite: torch.Tensor | None = None) -> tuple[list[int], list[float] | None, list[bool]]:
+def sample(logits: torch.Tensor, rows: list[RowSampling], want_logprobs: bool
+           ) -> tuple[list[int], list[float] | None, list[bool]]:
     """logits [B, V] float32 -> one token per row, log_softmax(raw logits)[token] where asked, and
     whether each row's logits were all finite (rows that were not get garbage tokens: fail them).
 
     The only host synchronisation is reading the result, in one transfer.
     """
-    if finite is None:
-        finite = torch.isfinite(logits).all(dim=-1)
+    finite = torch.isfinite(logits).all(dim=-1)  # [B]
     logits = torch.where(finite[:, None], logits, 0.0)
     B, V = logits.shape
     dev = logits.device

@@ -114,10 +114,10 @@ def test_a_row_whose_sampling_raises_fails_alone(tmp_path, monkeypatch):
     solo = run([greedy])[0]
     real = sampling_mod.sample
 
-    def flaky(logits, rows, want, finite=None):  # noqa: ANN001, ANN202
+    def flaky(logits, rows, want):  # noqa: ANN001, ANN202
         if any(r.seed == 1234 for r in rows):
             raise RuntimeError("boom")
-        return real(logits, rows, want, finite)
+        return real(logits, rows, want)
 
     monkeypatch.setattr(sampling_mod, "sample", flaky)
     out = run([greedy, poisoned, greedy])

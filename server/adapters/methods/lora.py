@@ -84,6 +84,17 @@ class _ModulePlan:
     base_bias: torch.Tensor | None = None  # [out] the Linear's own bias, which DoRA does not scale
 
 
+def add_delta(y: torch.Tensor, delta: torch.Tensor, g: torch.Tensor | None, base_bias: torch.Tensor | None
+              ) -> torch.Tensor:
+    """y + delta, or for DoRA y + (g - 1) W x + g delta (W x: y without the base bias, which DoRA does
+    not scale), in PEFT's order of operations, in float32, then y's dtype. g = 1 makes it y + delta."""
+    y32 = y.to(F32)
+    if g is None:
+        return (y32 + delta).to(y.dtype)
+    wx = y32 if base_bias is None else y32 - base_bias
+    return (y32 + (g - 1) * wx + g * delta).to(y.dtype)
+
+
 class LoRAPlan(MethodPlan):
     def __init__(self, mods: dict[tuple[int, str], _ModulePlan], timer: StepTimer, label: str) -> None:
         self.mods, self.timer, self.label = mods, timer, label
@@ -102,11 +113,7 @@ class LoRAPlan(MethodPlan):
             delta = F.linear(d, p.sB)  # [B, T, out]
             if p.bias is not None:
                 delta = delta + p.bias
-            y32 = y.to(F32)
-            if p.g is None:
-                return (y32 + delta).to(y.dtype)
-            wx = y32 if p.base_bias is None else y32 - p.base_bias  # W x: the bias is not scaled
-            return (y32 + (p.g - 1) * wx + p.g * delta).to(y.dtype)
+            return add_delta(y, delta, p.g, p.base_bias)
 
 
 class _StaticModule:
@@ -133,8 +140,10 @@ class _StaticModule:
 
 
 class LoRAStaticPlan(MethodPlan):
-    def __init__(self, mods: dict[tuple[int, str], _StaticModule], slot_idx: torch.Tensor, timer: StepTimer) -> None:
-        self.mods, self.slot_idx, self.timer = mods, slot_idx, timer
+    """Inside a captured graph: no timing spans (events cannot be captured)."""
+
+    def __init__(self, mods: dict[tuple[int, str], _StaticModule], slot_idx: torch.Tensor) -> None:
+        self.mods, self.slot_idx = mods, slot_idx
 
     def acts_on(self, layer: int, name: str) -> bool:
         return (layer, name) in self.mods
@@ -155,9 +164,7 @@ class LoRAStaticPlan(MethodPlan):
             d = torch.bmm(x32, st.A.index_select(0, i).transpose(1, 2))  # [B, T, R]
             delta = torch.bmm(d, st.sB.index_select(1, i).permute(1, 2, 0))  # [B, T, out]
         delta = delta + st.sb.index_select(0, i)[:, None, :]
-        g = st.g.index_select(0, i)[:, None, :]
-        wx = y.to(F32) if st.base_bias is None else y.to(F32) - st.base_bias
-        return (y.to(F32) + (g - 1) * wx + g * delta).to(y.dtype)
+        return add_delta(y, delta, st.g.index_select(0, i)[:, None, :], st.base_bias)
 
 
 class LoRAMethod(AdapterMethod):
@@ -166,6 +173,7 @@ class LoRAMethod(AdapterMethod):
     def __init__(self, ctx: SlotContext, timer: StepTimer) -> None:
         super().__init__(ctx, timer)
         self.mods: dict[str, dict[int, _Slot]] = {}  # module -> slot -> weights
+        self.written: set[int] = set()  # slots holding an adapter: `uses` runs every step, in O(rows)
         self._static: dict[str, _StaticModule] | None = None  # graph replay only, built on first use
         self._layout = 0
         self._merged: int | None = None
@@ -179,10 +187,12 @@ class LoRAMethod(AdapterMethod):
         for m in w.modules:
             sb = None if m.bias is None else (m.bias * m.scale).to(dev)
             self.mods.setdefault(m.module, {})[slot] = _Slot(m.A.to(dev), (m.B * m.scale).to(dev), sb, self._g(m))
+        self.written.add(slot)
         self._static_put(slot)
 
     def _g(self, m: LoRAModule) -> torch.Tensor | None:
-        """DoRA's per-row scale, from the base weight as it is now (never folded: see `can_merge`)."""
+        """DoRA's per-row scale, from the base weight as it is now: unfolded, since AdapterSlots.write
+        undoes any fold before writing a slot."""
         if m.magnitude is None:
             return None
         W = self.ctx.modules[m.module].weight.detach().to(F32)
@@ -193,11 +203,12 @@ class LoRAMethod(AdapterMethod):
     def clear(self, slot: int) -> None:
         if self._merged == slot:
             self.unmerge()
-        had = False
+        if slot not in self.written:
+            return
         for slots in self.mods.values():
-            had |= slots.pop(slot, None) is not None
-        if had:
-            self._static_put(slot)
+            slots.pop(slot, None)
+        self.written.discard(slot)
+        self._static_put(slot)
 
     # -- graph replay ---------------------------------------------------------------------------
     def _static_put(self, slot: int) -> None:
@@ -233,14 +244,14 @@ class LoRAMethod(AdapterMethod):
         if self._static is None:
             self._static = self._build_static()
         split = self.ctx.base.split
-        return LoRAStaticPlan({split(m): st for m, st in self._static.items()}, slot_idx, self.timer)
+        return LoRAStaticPlan({split(m): st for m, st in self._static.items()}, slot_idx)
 
     @property
     def layout_version(self) -> int:
         return self._layout + 1 if self._static is None else self._layout
 
     def uses(self, slots: list[int]) -> bool:
-        return any(s in per and s != self._merged for per in self.mods.values() for s in slots)
+        return any(s in self.written and s != self._merged for s in slots)
 
     def device_bytes(self) -> int:
         return sum(w.nbytes() for per in self.mods.values() for w in per.values())
