@@ -4,8 +4,11 @@ real shapes in bfloat16, against HF `generate` and against the weight-read floor
 For each model: decode tokens/s at each batch size through the engine, with CUDA graphs and eagerly;
 HF `generate` on the same static batch (same dtype, sdpa), its decode rate taken as the difference of a
 long and a one-token run; the floor, the bytes of weights one step reads over the measured
-device-to-device copy bandwidth. Then adapter cost at one batch size: (IA)3 and a bottleneck, one
-adapter and 8 mixed, against the bare model; graph capture time and GPU memory. Prints a table and
+device-to-device copy bandwidth, and the time of the bare graph replayed back to back (the step with no
+host work). Then adapter cost at one batch size, against the bare model: every family (LoRA, DoRA, (IA)3,
+the bottlenecks; Compacter is served as the bottleneck it is rebuilt into), one adapter, 8 mixed, 8 LoRAs of
+mixed ranks, 8 adapters of four families, each beside its parameter share of the base; graph capture time,
+GPU memory, and 500 adapters under Zipf with 16 device slots. Prints a table and
 writes JSON.
 """
 
@@ -165,17 +168,40 @@ def kernel_profile(eng: Engine, B: int, kv_len: int, top: int = 12) -> dict:
             "top": [{"name": n[:80], "count": c, "ms": t / 1e3} for n, c, t in rows[:top]]}
 
 
+MIXED_RANKS = (4, 8, 8, 16, 16, 16, 32, 32)  # mean 16.5: against eight rank-16 LoRAs
+
+
 def synth_adapters(loaded: LoadedModel, store: Path) -> dict[str, list[str]]:
+    """Eight of each family's demo adapter, eight LoRAs of mixed ranks, and one of the rest."""
     cfg = loaded.model.config
     reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model), RegistryConfig(64))
-    out: dict[str, list[str]] = {"ia3": [], "seq_bn": []}
-    for i in range(8):
-        for kind in out:
+    kinds = {"ia3": ["ia3"] * 8, "seq_bn": ["seq_bn"] * 8, "lora": ["lora16"] * 8,
+             "lora_mixed": [f"lora{r}" for r in MIXED_RANKS], "dora": ["dora16"], "par_bn": ["par_bn"],
+             "double_seq_bn": ["double_seq_bn"]}
+    out: dict[str, list[str]] = {}
+    for name, ks in kinds.items():
+        for i, kind in enumerate(ks):
             src = Path(tempfile.mkdtemp())
             write_demo(kind, src, cfg, seed=i)
-            reg.add_folder(f"{kind}-{i}", src)
-            out[kind].append(f"{kind}-{i}")
+            reg.add_folder(f"{name}-{i}", src)
+            out.setdefault(name, []).append(f"{name}-{i}")
     return out
+
+
+def replay_ms(graphs: Any, B: int, n: int = 100) -> float | None:
+    """Milliseconds per replay of the bare graph of batch bucket B, back to back: the GPU's time for a
+    step with no host work between steps (the engine's step time minus this is host overhead)."""
+    keys = [k for k in graphs.graphs if k[0] == graphs.bucket(B) and not k[2]]
+    if not keys or DEV.type != "cuda":
+        return None
+    graph = graphs.graphs[max(keys, key=lambda k: k[1])][0]
+    graph.replay()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        graph.replay()
+    sync()
+    return (time.perf_counter() - t0) / n * 1e3
 
 
 def zipf_case(loaded: LoadedModel, n_adapters: int, n_requests: int, slots: int, max_batch: int, prompt: int,
@@ -265,19 +291,29 @@ def bench_model(name: str, batches: list[int], prompt: int, new: int, adapter_ba
             runs["hf_generate_tok_s"].append(hf_rate(model, B, prompt, new, vocab))
         row.update({k: max(v) for k, v in runs.items()})
         row["graphs_step_ms"] = B / row["graphs_tok_s"] * 1e3
+        row["replay_only_ms"] = replay_ms(graphs, B)
         row["floor_tok_s"] = B / floor_s
         row["graphs_vs_floor"] = row["graphs_tok_s"] / row["floor_tok_s"]
         row["graphs_vs_hf"] = row["graphs_tok_s"] / row["hf_generate_tok_s"]
         res["rows"].append(row)
         log.info("%s %s", name, row)
     B = adapter_batch
+    families8 = [names[k][0] for k in ("ia3", "seq_bn", "par_bn", "double_seq_bn", "lora", "dora")]
+    families8 += [names["lora_mixed"][0], names["ia3"][1]]
     cases: dict[str, list[str | None]] = {
         "bare": [None] * B,
         "ia3 x1": [names["ia3"][0]] * B,
         "ia3 x8 mixed": [names["ia3"][i % 8] for i in range(B)],
         "seq_bn x1": [names["seq_bn"][0]] * B,
         "seq_bn x8 mixed": [names["seq_bn"][i % 8] for i in range(B)],
+        "par_bn x1": [names["par_bn"][0]] * B,
+        "double_seq_bn x1": [names["double_seq_bn"][0]] * B,
+        "lora r16 x1": [names["lora"][0]] * B,
+        "lora r16 x8 mixed": [names["lora"][i % 8] for i in range(B)],
+        "lora 8 mixed ranks": [names["lora_mixed"][i % 8] for i in range(B)],
+        "dora r16 x1": [names["dora"][0]] * B,
         "ia3+seq_bn 8 mixed": [(names["ia3"][:4] + names["seq_bn"][:4])[i % 8] for i in range(B)],
+        "8 adapters of 4 families": [families8[i % 8] for i in range(B)],
     }
     if DEV.type == "cuda":
         res["profile_b1"] = kernel_profile(engines["on"], 1, prompt + new)
@@ -291,6 +327,9 @@ def bench_model(name: str, batches: list[int], prompt: int, new: int, adapter_ba
             ad[f"{label} ({'graphs' if mode == 'on' else 'eager'})"] = decode_rate(eng, rows, prompt, new, vocab)
     res["adapters_batch"] = B
     res["adapters_tok_s"] = ad
+    base_params = nbytes // 2
+    reg = engines["on"].registry
+    res["adapter_params_share"] = {k: reg.info(v[0])["num_parameters"] / base_params for k, v in names.items()}
     if zipf is not None:
         n_ad, n_req = zipf
         hot = zipf_case(loaded, n_ad, n_req, n_ad, 64, prompt // 2, 32)

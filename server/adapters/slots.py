@@ -10,6 +10,7 @@ from collections import OrderedDict
 
 import torch
 
+from ..compiled import raise_recompile_limit
 from .families import label
 from .methods import METHODS, AdapterMethod, MethodPlan, StepTimer
 from .methods.base import SlotContext
@@ -30,33 +31,39 @@ class BatchPlan:
         for p in self.plans:
             if (t := p.linear_in(layer, name, xi)) is not None:
                 xi = t
-        y = module(xi)
+        return self.linear_out(layer, name, x, module(xi))
+
+    def linear_out(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Every method's output change of the Linear `name`, whose input was `x` and base output `y`."""
         for p in self.plans:
             if (t := p.linear_out(layer, name, x, y)) is not None:
                 y = t
         return y
 
-    def acts_on(self, layer: int, name: str) -> bool:
-        return any(p.acts_on(layer, name) for p in self.plans)
+    def changes_input(self, layer: int, name: str) -> bool:
+        return any(p.changes_input(layer, name) for p in self.plans)
 
-    def residual(self, layer: int, loc: Location, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """One method's sub-block output, or, where several act at this site, each row's own method's."""
+    def residual(self, layer: int, loc: Location, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
+        """One method's sub-block output, or, where several act at this site, each row's own method's;
+        None where none acts (the plain decoder layer's h + a, which the runner may fuse with the next norm)."""
         out: torch.Tensor | None = None
         for p in self.plans:
             y = p.residual(layer, loc, h, a)
             if y is not None:
                 out = y if out is None else torch.where(p.residual_rows(layer, loc), y, out)
-        return h + a if out is None else out  # h + a: what the plain decoder layer computes
+        return out
 
 
 class AdapterSlots:
     """Owns every method's slot storage; builds (and caches) batch plans; folds (IA)3 into weights."""
 
     def __init__(self, model: torch.nn.Module, num_slots: int, device: torch.device, dtype: torch.dtype,
-                 timer: StepTimer, plan_cache: int = 16) -> None:
+                 timer: StepTimer, plan_cache: int = 16, compile_kernels: bool = False) -> None:
         base = BaseModelInfo.from_model(model)
         modules = {n: m for n, m in model.named_modules() if n in base.linears}
-        ctx = SlotContext(base, num_slots + 1, device, dtype, modules)  # type: ignore[arg-type]
+        if compile_kernels:
+            raise_recompile_limit()
+        ctx = SlotContext(base, num_slots + 1, device, dtype, modules, compile_kernels)  # type: ignore[arg-type]
         self.base = base
         self.timer = timer
         self.num_slots = num_slots

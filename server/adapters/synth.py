@@ -76,8 +76,9 @@ def write_adapterhub_bn(out: Path, num_layers: int, hidden: int, preset: str = "
 
 def write_peft_lora(out: Path, num_layers: int, dims: dict[str, tuple[int, int]], r: int = 16, seed: int = 0,
                     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                    ) -> Path:
-    """A PEFT LoRA folder (rank r on every target, alpha 2r) with small random A and B."""
+                    dora: bool = False) -> Path:
+    """A PEFT LoRA folder (rank r on every target, alpha 2r) with small random A and B; with `dora`, a
+    DoRA whose magnitude vectors are ones (untrained: PEFT starts them at the base rows' norms)."""
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     t = {}
@@ -85,21 +86,24 @@ def write_peft_lora(out: Path, num_layers: int, dims: dict[str, tuple[int, int]]
         o, n = dims[name]
         t[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, n, generator=g) / n**0.5
         t[f"base_model.model.{module}.lora_B.weight"] = 0.01 * torch.randn(o, r, generator=g)
+        if dora:
+            t[f"base_model.model.{module}.lora_magnitude_vector"] = torch.ones(o)
     save_file(t, out / "adapter_model.safetensors")
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "target_modules": list(targets),
-           "lora_dropout": 0.0, "use_rslora": False, "use_dora": False, "init_lora_weights": True, "bias": "none",
+           "lora_dropout": 0.0, "use_rslora": False, "use_dora": dora, "init_lora_weights": True, "bias": "none",
            "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False, "modules_to_save": None}
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=1))
     return out
 
 
 def write_demo(kind: str, out: Path, cfg: Any, seed: int = 0) -> Path:
-    """An untrained adapter of `kind` ("ia3", "lora", "lora<r>", or a preset of BN_PRESETS) for a model of
+    """An untrained adapter of `kind` ("ia3", "lora", "lora<r>", "dora", "dora<r>", or a preset of BN_PRESETS) for a model of
     config `cfg`, in its library's own layout: PEFT for (IA)3 and LoRA, AdapterHub for the bottlenecks."""
     if kind == "ia3":
         return write_peft_ia3(out, cfg.num_hidden_layers, linear_dims_from_config(cfg), seed=seed)
-    if kind.startswith("lora"):
-        return write_peft_lora(out, cfg.num_hidden_layers, linear_dims_from_config(cfg), r=int(kind[4:] or 16), seed=seed)
+    if kind.startswith(("lora", "dora")):
+        return write_peft_lora(out, cfg.num_hidden_layers, linear_dims_from_config(cfg), r=int(kind[4:] or 16), seed=seed,
+                               dora=kind.startswith("dora"))
     return write_adapterhub_bn(out, cfg.num_hidden_layers, cfg.hidden_size, kind, seed=seed, name=kind)
 
 

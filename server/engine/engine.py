@@ -81,7 +81,8 @@ class Engine:
         self.runner = ModelRunner(loaded.model, self.max_rows, self.max_len, static_cache=static,
                                   compile_kernels=static and cuda and cfg.compile_kernels,
                                   pack=static and cfg.compile_kernels)
-        self.slots = AdapterSlots(loaded.model, cfg.device_slots, loaded.device, loaded.dtype, self.timer)
+        self.slots = AdapterSlots(loaded.model, cfg.device_slots, loaded.device, loaded.dtype, self.timer,
+                                  compile_kernels=static and cuda and cfg.compile_kernels)
         self.adapters = AdapterManager(self.slots, on_change=self._resident_changed,
                                        on_evict=self.metrics.cache.labels("evict").inc)
         self.graphs = DecodeGraphs(self.runner, self.slots, capture=cuda) if static else None

@@ -9,14 +9,12 @@ Used on CUDA only; if compilation fails, the eager function is used and the reas
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from ..compiled import Compiled
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -38,24 +36,14 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+def add_rms_norm(h: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add of a sub-block and the RMSNorm that reads it: (h + a, norm(h + a))."""
+    s = h + a
+    return s, rms_norm(s, weight, eps)
+
+
 def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
-
-
-class _Compiled:
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
-        self.compiled = torch.compile(fn, dynamic=True, fullgraph=True)
-        self.error: str | None = None
-
-    def __call__(self, *args: Any) -> Any:
-        if self.error is None:
-            try:
-                return self.compiled(*args)
-            except Exception as e:  # a missing compiler toolchain, an unsupported op: stay correct, eager
-                self.error = f"{type(e).__name__}: {e}"[:300]
-                log.warning("compiling %s failed, running it eagerly: %s", self.fn.__name__, self.error)
-        return self.fn(*args)
 
 
 class FusedOps:
@@ -67,12 +55,14 @@ class FusedOps:
         ok = all(type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") for m in norms)
         ok = ok and getattr(cfg, "hidden_act", None) == "silu"
         self.enabled = ok
-        self.rms_norm = _Compiled(rms_norm)
-        self.rope = _Compiled(rope)
-        self.silu_mul = _Compiled(silu_mul)
+        self.rms_norm = Compiled(rms_norm)
+        self.add_rms_norm = Compiled(add_rms_norm)
+        self.rope = Compiled(rope)
+        self.silu_mul = Compiled(silu_mul)
 
     def errors(self) -> dict[str, str]:
-        return {f.fn.__name__: f.error for f in (self.rms_norm, self.rope, self.silu_mul) if f.error}
+        fns = (self.rms_norm, self.add_rms_norm, self.rope, self.silu_mul)
+        return {f.fn.__name__: f.error for f in fns if f.error}
 
 
 class Packed:

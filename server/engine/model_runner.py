@@ -113,8 +113,10 @@ class ModelRunner:
         heads = torch.arange(B, device=self.device)[:, None] * self.n_kv + torch.arange(self.n_kv, device=self.device)
         flat = (heads * cap + pos[:, None]).reshape(-1)  # [B * kvh] rows of the [rows * kvh * cap, hd] view
         j = torch.arange(kv_len, device=self.device)[None, :]  # [1, Lk]
-        masks = {w: ((j <= pos[:, None]) & (True if w is None else j > pos[:, None] - w))[:, None, None, :]
-                 for w in set(self.windows)}  # [B, 1, 1, Lk]
+        masks = {}  # additive, made once per step: SDPA would turn a boolean mask into one per layer
+        for w in set(self.windows):
+            ok = (j <= pos[:, None]) & (True if w is None else j > pos[:, None] - w)  # [B, Lk]
+            masks[w] = torch.zeros(B, kv_len, dtype=self.dtype, device=self.device).masked_fill_(~ok, float("-inf"))[:, None, None, :]
         G = self.n_heads // self.n_kv
 
         def attend(li: int, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -127,17 +129,18 @@ class ModelRunner:
             )  # [B, kvh, G, hd]
             return o.reshape(B, self.n_heads, 1, self.head_dim)
 
-        f = self.fused
-        h = self._layers(self.inner.embed_tokens(input_ids), pos[:, None], plan, attend, f, self.packed)
-        h = h[:, 0]
-        h = self.inner.norm(h) if f is None else f.rms_norm(h, self.inner.norm.weight, self.inner.norm.variance_epsilon)
-        return self.model.lm_head(h).float()
+        x = self._layers(self.inner.embed_tokens(input_ids), pos[:, None], plan, attend, self.fused, self.packed,
+                         final_norm=self.inner.norm)
+        return self.model.lm_head(x[:, 0]).float()
 
     def _layers(self, h: torch.Tensor, pos: torch.Tensor, plan: BatchPlan, attend: Any,
-                fused: FusedOps | None = None, packed: list[dict[str, Any]] | None = None) -> torch.Tensor:
+                fused: FusedOps | None = None, packed: list[dict[str, Any]] | None = None,
+                final_norm: Any = None) -> torch.Tensor:
         """Every decoder layer over h [B, T, H]: the HF submodules in order, adapters at the hook points.
-        With `fused`, the norms, rotary embedding and SiLU-and-multiply run as compiled equivalents; with
-        `packed`, sibling projections no adapter of the batch touches run as one product."""
+        With `fused`, the norms, rotary embedding, SiLU-and-multiply and each residual add with the norm
+        that reads it run as compiled equivalents; with `packed`, sibling projections run as one product
+        wherever no adapter of the batch changes their input (output changes apply to each slice).
+        With `final_norm`, returns the normed output of the last layer."""
         B, T = h.shape[:2]
         cos, sin = self.inner.rotary_emb(h, pos)
         if fused is None:
@@ -146,25 +149,32 @@ class ModelRunner:
         else:
             norm = lambda m, x: fused.rms_norm(x, m.weight, m.variance_epsilon)  # noqa: E731
             rope, act_mul = fused.rope, fused.silu_mul
+
+        def add_norm(li: int, loc: Any, h: torch.Tensor, a: torch.Tensor, m: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            r = plan.residual(li, loc, h, a)
+            if r is None:  # the plain decoder layer's h + a
+                if fused is not None and m is not None:
+                    return fused.add_rms_norm(h, a, m.weight, m.variance_epsilon)
+                r = h + a
+            return r, (r if m is None else norm(m, r))
+
+        def project(li: int, module: Any, names: tuple[str, ...], group: str, x: torch.Tensor) -> list[torch.Tensor]:
+            pk = packed[li] if packed is not None else {}
+            if group in pk and not any(plan.changes_input(li, n) for n in names):
+                return [plan.linear_out(li, n, x, y) for n, y in zip(names, pk[group](x), strict=True)]
+            return [plan.linear(li, n, getattr(module, n), x) for n in names]
+
+        x = norm(self.layers[0].input_layernorm, h)
         for li, layer in enumerate(self.layers):
             attn: Any = layer.self_attn
-            x = norm(layer.input_layernorm, h)
-            pk = packed[li] if packed is not None else {}
-            if "qkv" in pk and not any(plan.acts_on(li, n) for n in ("q_proj", "k_proj", "v_proj")):
-                q, k, v = pk["qkv"](x)
-            else:
-                q, k, v = (plan.linear(li, n, getattr(attn, n), x) for n in ("q_proj", "k_proj", "v_proj"))
+            q, k, v = project(li, attn, ("q_proj", "k_proj", "v_proj"), "qkv", x)
             q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
             q, k = rope(q, k, cos, sin)  # [B, heads, T, hd], [B, kvh, T, hd]
             o = attend(li, attn, q, k, v).transpose(1, 2).reshape(B, T, -1)
-            h = plan.residual(li, "attn", h, plan.linear(li, "o_proj", attn.o_proj, o))
-            x = norm(layer.post_attention_layernorm, h)
+            h, x = add_norm(li, "attn", h, plan.linear(li, "o_proj", attn.o_proj, o), layer.post_attention_layernorm)
             mlp: Any = layer.mlp
-            if "gate_up" in pk and not any(plan.acts_on(li, n) for n in ("gate_proj", "up_proj")):
-                g, u = pk["gate_up"](x)
-            else:
-                g = plan.linear(li, "gate_proj", mlp.gate_proj, x)
-                u = plan.linear(li, "up_proj", mlp.up_proj, x)
+            g, u = project(li, mlp, ("gate_proj", "up_proj"), "gate_up", x)
             a = plan.linear(li, "down_proj", mlp.down_proj, mlp.act_fn(g) * u if act_mul is None else act_mul(g, u))
-            h = plan.residual(li, "mlp", h, a)
-        return h
+            nxt = self.layers[li + 1].input_layernorm if li + 1 < len(self.layers) else final_norm
+            h, x = add_norm(li, "mlp", h, a, nxt)
+        return h if final_norm is None else x

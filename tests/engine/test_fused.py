@@ -7,7 +7,7 @@ import importlib
 
 import torch
 
-from server.engine.fused import FusedOps, rms_norm, rope, silu_mul
+from server.engine.fused import FusedOps, add_rms_norm, rms_norm, rope, silu_mul
 from tests.helpers import tiny_model
 
 
@@ -19,6 +19,9 @@ def test_fused_functions_equal_the_modules_bit_for_bit():
         x = torch.randn(3, 1, model.config.hidden_size, generator=g).to(dtype)
         norm = layer.input_layernorm.to(dtype)
         assert torch.equal(rms_norm(x, norm.weight, norm.variance_epsilon), norm(x))
+        a = torch.randn(3, 1, model.config.hidden_size, generator=g).to(dtype)
+        s, n = add_rms_norm(x, a, norm.weight, norm.variance_epsilon)
+        assert torch.equal(s, x + a) and torch.equal(n, norm(x + a))
         q = torch.randn(3, 4, 1, 16, generator=g).to(dtype)
         k = torch.randn(3, 2, 1, 16, generator=g).to(dtype)
         cos, sin = torch.randn(3, 1, 16, generator=g).to(dtype), torch.randn(3, 1, 16, generator=g).to(dtype)

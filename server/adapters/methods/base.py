@@ -77,8 +77,9 @@ class MethodPlan:
         read the Linear's original input `x`."""
         return None
 
-    def acts_on(self, layer: int, name: str) -> bool:
-        """Whether either Linear hook has work here (if not, the runner may fuse it with its siblings)."""
+    def changes_input(self, layer: int, name: str) -> bool:
+        """Whether `linear_in` has work here. If no method's has, the runner may compute this Linear in one
+        product with its siblings (q/k/v, gate/up) and apply `linear_out` to its slice."""
         return False
 
     def residual(self, layer: int, loc: Location, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
@@ -99,6 +100,7 @@ class SlotContext:
     device: torch.device
     dtype: torch.dtype
     modules: dict[str, torch.nn.Linear]  # full name -> the base model's Linear
+    compile: bool = False  # compile the graph-replay hooks into fused kernels (CUDA, --compile-kernels)
 
 
 class AdapterMethod(ABC):

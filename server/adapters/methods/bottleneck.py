@@ -18,12 +18,14 @@ A row without an adapter here gets u = 0, r = a, cfh = 1: out = a + h, exactly t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers.activations import get_activation
 
+from ...compiled import Compiled
 from ..families import Method
 from ..spec import AdapterWeights, Location
 from .base import AdapterMethod, MethodPlan, SlotContext, StepTimer
@@ -239,6 +241,50 @@ class _StaticSite:
         return b.down_w.shape[0] <= self.R and (b.ln_before is None or self.has_lnb) and (b.ln_after is None or self.has_lna)
 
 
+def static_residual(h: torch.Tensor, a: torch.Tensor, i: torch.Tensor, wd: torch.Tensor, bd: torch.Tensor,
+                    wu: torch.Tensor, ub: torch.Tensor, coef: torch.Tensor, act: torch.Tensor, ln: torch.Tensor,
+                    lnw: torch.Tensor, lnb: torch.Tensor, has_lnb: bool, has_lna: bool, all_slots: bool,
+                    acts: tuple[object, ...]) -> torch.Tensor:
+    """The general formula for rows routed by slots i [B], over one site's padded tables (`_StaticSite`);
+    h, a [B, T, H]. `all_slots`: one product over every slot's block, else each row's own block gathered."""
+    H = h.shape[-1]
+    cxa, cxh, cra, crh, cfh = coef.index_select(0, i).t()[:, :, None, None]  # each [B, 1, 1]
+    lni = ln.index_select(0, i)[:, None, None, :]  # [B, 1, 1, 3]
+    lw, lb = lnw.index_select(0, i)[:, :, None, :], lnb.index_select(0, i)[:, :, None, :]  # [B, 2, 1, H]
+    z = a * cxa + h * cxh
+    if has_lnb:
+        z = torch.where(lni[..., 0], F.layer_norm(z, (H,), eps=LN_EPS) * lw[:, 0] + lb[:, 0], z)
+    S, R = wd.shape[:2]
+    B, T = z.shape[:2]
+    if all_slots:
+        d = F.linear(z, wd.view(S * R, H), bd.view(S * R))  # [B, T, S*R]
+    else:
+        d = torch.baddbmm(bd.index_select(0, i)[:, None, :], z, wd.index_select(0, i).transpose(1, 2))  # [B, T, R]
+    if len(acts) == 1:
+        d = acts[0](d)  # type: ignore[operator]
+    else:
+        ai = act.index_select(0, i)[:, None, None]
+        out = acts[0](d)  # type: ignore[operator]
+        for k, fn in enumerate(acts[1:], start=1):
+            out = torch.where(ai == k, fn(d), out)  # type: ignore[operator]
+        d = out
+    ubi = ub.index_select(0, i)[:, None, :]
+    if all_slots:
+        own = (torch.arange(S, device=i.device)[None, :] == i[:, None])[:, None, :, None]  # [B, 1, S, 1]
+        d = torch.where(own, d.view(B, T, S, R), 0.0).view(B, T, S * R)
+        u = F.linear(d, wu.view(H, S * R)) + ubi  # [B, T, H]
+    else:
+        u = torch.baddbmm(ubi, d, wu.index_select(1, i).permute(1, 2, 0))  # [B, T, H]
+    r = a * cra + h * crh
+    if has_lna:
+        m1, m2 = lni[..., 1], lni[..., 2]
+        x = F.layer_norm(torch.where(m2, u + r, u), (H,), eps=LN_EPS) * lw[:, 1] + lb[:, 1]
+        core = torch.where(m2, x, torch.where(m1, x + r, u + r))
+    else:
+        core = u + r
+    return core + h * cfh
+
+
 class BottleneckStaticPlan(MethodPlan):
     """The general formula of the module docstring for any slot mix, every per-row weight chosen by the
     slot buffer inside the hook. Two ways to do the two products, fixed per captured batch size:
@@ -246,9 +292,9 @@ class BottleneckStaticPlan(MethodPlan):
     larger ones take one product against every slot's block side by side and keep each row's own
     columns (reading every slot once, whatever B), as the eager plan does with the batch's adapters."""
 
-    def __init__(self, sites: dict[tuple[int, Location], _StaticSite], acts: list[object], slot_idx: torch.Tensor,
-                 hidden: int) -> None:
-        self.sites, self.acts, self.slot_idx, self.hidden = sites, acts, slot_idx, hidden
+    def __init__(self, sites: dict[tuple[int, Location], _StaticSite], acts: tuple[object, ...],
+                 slot_idx: torch.Tensor, fn: Callable[..., torch.Tensor]) -> None:
+        self.sites, self.acts, self.slot_idx, self.fn = sites, acts, slot_idx, fn
 
     def residual_rows(self, layer: int, loc: Location) -> torch.Tensor:
         return self.sites[(layer, loc)].has.index_select(0, self.slot_idx)[:, None, None]
@@ -257,43 +303,9 @@ class BottleneckStaticPlan(MethodPlan):
         st = self.sites.get((layer, loc))
         if st is None:
             return None
-        i, H = self.slot_idx, self.hidden
-        cxa, cxh, cra, crh, cfh = st.coef.index_select(0, i).t()[:, :, None, None]  # each [B, 1, 1]
-        ln = st.ln.index_select(0, i)[:, None, None, :]  # [B, 1, 1, 3]
-        lnw, lnb = st.lnw.index_select(0, i)[:, :, None, :], st.lnb.index_select(0, i)[:, :, None, :]  # [B, 2, 1, H]
-        z = a * cxa + h * cxh
-        if st.has_lnb:
-            z = torch.where(ln[..., 0], F.layer_norm(z, (H,), eps=LN_EPS) * lnw[:, 0] + lnb[:, 0], z)
-        S, R = st.wd.shape[:2]
-        B, T = z.shape[:2]
-        all_slots = 3 * B >= S
-        if all_slots:
-            d = F.linear(z, st.wd.view(S * R, H), st.bd.view(S * R))  # [B, T, S*R]
-        else:
-            d = torch.baddbmm(st.bd.index_select(0, i)[:, None, :], z, st.wd.index_select(0, i).transpose(1, 2))  # [B, T, R]
-        if len(self.acts) == 1:
-            d = self.acts[0](d)  # type: ignore[operator]
-        else:
-            ai = st.act.index_select(0, i)[:, None, None]
-            out = self.acts[0](d)  # type: ignore[operator]
-            for k, fn in enumerate(self.acts[1:], start=1):
-                out = torch.where(ai == k, fn(d), out)  # type: ignore[operator]
-            d = out
-        ub = st.ub.index_select(0, i)[:, None, :]
-        if all_slots:
-            own = (torch.arange(S, device=i.device)[None, :] == i[:, None])[:, None, :, None]  # [B, 1, S, 1]
-            d = torch.where(own, d.view(B, T, S, R), 0.0).view(B, T, S * R)
-            u = F.linear(d, st.wu.view(H, S * R)) + ub  # [B, T, H]
-        else:
-            u = torch.baddbmm(ub, d, st.wu.index_select(1, i).permute(1, 2, 0))  # [B, T, H]
-        r = a * cra + h * crh
-        if st.has_lna:
-            m1, m2 = ln[..., 1], ln[..., 2]
-            x = F.layer_norm(torch.where(m2, u + r, u), (H,), eps=LN_EPS) * lnw[:, 1] + lnb[:, 1]
-            core = torch.where(m2, x, torch.where(m1, x + r, u + r))
-        else:
-            core = u + r
-        return core + h * cfh
+        all_slots = 3 * h.shape[0] >= st.wd.shape[0]
+        return self.fn(h, a, self.slot_idx, st.wd, st.bd, st.wu, st.ub, st.coef, st.act, st.ln, st.lnw, st.lnb,
+                       st.has_lnb, st.has_lna, all_slots, self.acts)
 
 
 class BottleneckMethod(AdapterMethod):
@@ -306,7 +318,9 @@ class BottleneckMethod(AdapterMethod):
         # graph replay only: built on the first static plan, then kept in step with writes
         self._static: dict[tuple[int, Location], _StaticSite] | None = None
         self._act_names: list[str] = []
+        self._acts: dict[tuple[str, ...], tuple[object, ...]] = {}
         self._layout = 0
+        self._residual = Compiled(static_residual, ctx.compile)
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
         w = weights.payload
@@ -378,8 +392,10 @@ class BottleneckMethod(AdapterMethod):
     def static_plan(self, slot_idx: torch.Tensor) -> MethodPlan | None:
         if self._static is None:
             self._static = self._build_static()
-        acts = [activation(n) for n in self._act_names]
-        return BottleneckStaticPlan(self._static, acts, slot_idx, self.ctx.base.hidden_size)
+        names = tuple(self._act_names)
+        if names not in self._acts:  # the same function objects every time: a compiled hook guards on them
+            self._acts[names] = tuple(activation(n) for n in names)
+        return BottleneckStaticPlan(self._static, self._acts[names], slot_idx, self._residual)
 
     @property
     def layout_version(self) -> int:

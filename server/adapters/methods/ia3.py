@@ -6,11 +6,13 @@ of float32 vectors, row 0 all ones. A batch gathers one row per request: x * tab
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from ...compiled import Compiled
 from ..families import Method
 from ..spec import AdapterWeights
 from .base import AdapterMethod, MethodPlan, SlotContext, StepTimer
@@ -57,8 +59,9 @@ class IA3Plan(MethodPlan):
         self.vecs = vecs  # (layer, linear name) -> (in [B,1,in] | None, out [B,1,out] | None)
         self.timer = timer
 
-    def acts_on(self, layer: int, name: str) -> bool:
-        return (layer, name) in self.vecs
+    def changes_input(self, layer: int, name: str) -> bool:
+        v = self.vecs.get((layer, name))
+        return v is not None and v[0] is not None
 
     def linear_in(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor | None:
         v = self.vecs.get((layer, name))
@@ -75,24 +78,29 @@ class IA3Plan(MethodPlan):
             return (y.to(F32) * v[1]).to(y.dtype)
 
 
+def scale_rows(x: torch.Tensor, table: torch.Tensor, slot_idx: torch.Tensor) -> torch.Tensor:
+    """x [B, T, D] times each row's vector of table [S, D], in float32 as PEFT does."""
+    return (x.to(F32) * table.index_select(0, slot_idx)[:, None, :]).to(x.dtype)
+
+
 class IA3StaticPlan(MethodPlan):
     """Every table, gathered by the slot index inside the hook: rows without an (IA)3 adapter read row 0
     (ones), and multiplying by 1.0 in float32 is exact, so this equals IA3Plan on any batch."""
 
     def __init__(self, inp: dict[tuple[int, str], torch.Tensor], out: dict[tuple[int, str], torch.Tensor],
-                 slot_idx: torch.Tensor) -> None:
-        self.inp, self.out, self.slot_idx = inp, out, slot_idx
+                 slot_idx: torch.Tensor, scale: Callable[..., torch.Tensor]) -> None:
+        self.inp, self.out, self.slot_idx, self.scale = inp, out, slot_idx, scale
 
-    def acts_on(self, layer: int, name: str) -> bool:
-        return (layer, name) in self.inp or (layer, name) in self.out
+    def changes_input(self, layer: int, name: str) -> bool:
+        return (layer, name) in self.inp
 
     def linear_in(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor | None:
         t = self.inp.get((layer, name))
-        return None if t is None else (x.to(F32) * t.index_select(0, self.slot_idx)[:, None, :]).to(x.dtype)
+        return None if t is None else self.scale(x, t, self.slot_idx)
 
     def linear_out(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         t = self.out.get((layer, name))
-        return None if t is None else (y.to(F32) * t.index_select(0, self.slot_idx)[:, None, :]).to(y.dtype)
+        return None if t is None else self.scale(y, t, self.slot_idx)
 
 
 class IA3Method(AdapterMethod):
@@ -106,6 +114,7 @@ class IA3Method(AdapterMethod):
         self._merged: int | None = None
         self._backup: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._layout = 0
+        self._scale = Compiled(scale_rows, ctx.compile)
 
     def _table(self, side: str, module: str) -> _Table:
         tables = self.out if side == "out" else self.inp
@@ -153,7 +162,7 @@ class IA3Method(AdapterMethod):
     def static_plan(self, slot_idx: torch.Tensor) -> MethodPlan | None:
         split = self.ctx.base.split
         return IA3StaticPlan({split(m): t.data for m, t in self.inp.items()},
-                             {split(m): t.data for m, t in self.out.items()}, slot_idx)
+                             {split(m): t.data for m, t in self.out.items()}, slot_idx, self._scale)
 
     @property
     def layout_version(self) -> int:

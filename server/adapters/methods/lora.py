@@ -21,11 +21,13 @@ product over every slot side by side and keep each row's own columns.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ...compiled import Compiled
 from ..families import Method
 from ..spec import AdapterWeights
 from .base import AdapterMethod, MethodPlan, SlotContext, StepTimer
@@ -99,9 +101,6 @@ class LoRAPlan(MethodPlan):
     def __init__(self, mods: dict[tuple[int, str], _ModulePlan], timer: StepTimer, label: str) -> None:
         self.mods, self.timer, self.label = mods, timer, label
 
-    def acts_on(self, layer: int, name: str) -> bool:
-        return (layer, name) in self.mods
-
     def linear_out(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         p = self.mods.get((layer, name))
         if p is None:
@@ -139,36 +138,47 @@ class _StaticModule:
             self.g[slot] = w.g
 
 
+def gathered_delta(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, sB: torch.Tensor, sb: torch.Tensor,
+                   g: torch.Tensor | None, base_bias: torch.Tensor | None, i: torch.Tensor) -> torch.Tensor:
+    """Each row's own zero-padded block, gathered: reads B blocks. x [B, T, in], A [S, R, in],
+    sB [out, S, R], sb [S, out], g [S, out] or None (LoRA), i [B] slots."""
+    d = torch.bmm(x.to(F32), A.index_select(0, i).transpose(1, 2))  # [B, T, R]
+    delta = torch.bmm(d, sB.index_select(1, i).permute(1, 2, 0)) + sb.index_select(0, i)[:, None, :]  # [B, T, out]
+    return add_delta(y, delta, None if g is None else g.index_select(0, i)[:, None, :], base_bias)
+
+
+def all_slots_delta(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, sB: torch.Tensor, sb: torch.Tensor,
+                    g: torch.Tensor | None, base_bias: torch.Tensor | None, i: torch.Tensor) -> torch.Tensor:
+    """One product over every slot's block side by side, each row keeping its own columns: reads every
+    slot once, whatever B. Same arguments as `gathered_delta`."""
+    S, R, inp = A.shape
+    B, T = x.shape[:2]
+    d = F.linear(x.to(F32), A.view(S * R, inp)).view(B, T, S, R)
+    own = (torch.arange(S, device=i.device)[None, :] == i[:, None])[:, None, :, None]  # [B, 1, S, 1]
+    delta = F.linear(torch.where(own, d, 0.0).view(B, T, S * R), sB.view(-1, S * R)) + sb.index_select(0, i)[:, None, :]
+    return add_delta(y, delta, None if g is None else g.index_select(0, i)[:, None, :], base_bias)
+
+
 class LoRAStaticPlan(MethodPlan):
-    """Inside a captured graph: no timing spans (events cannot be captured)."""
+    """Inside a captured graph: no timing spans (events cannot be captured). Zero-padded blocks and zero
+    bias add exactly 0, and DoRA's scale of 1 is exact, so rows of other slots are untouched."""
 
-    def __init__(self, mods: dict[tuple[int, str], _StaticModule], slot_idx: torch.Tensor) -> None:
-        self.mods, self.slot_idx = mods, slot_idx
-
-    def acts_on(self, layer: int, name: str) -> bool:
-        return (layer, name) in self.mods
+    def __init__(self, mods: dict[tuple[int, str], _StaticModule], slot_idx: torch.Tensor, magnitude: bool,
+                 fns: tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]) -> None:
+        self.mods, self.slot_idx, self.magnitude = mods, slot_idx, magnitude
+        self.gathered, self.all_slots = fns
 
     def linear_out(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         st = self.mods.get((layer, name))
         if st is None:
             return None
-        i = self.slot_idx
-        S, R, inp = st.A.shape
-        B, T = x.shape[:2]
-        x32 = x.to(F32)
-        if 3 * B >= S:  # one product over every slot's block, each row keeps its own columns
-            d = F.linear(x32, st.A.view(S * R, inp)).view(B, T, S, R)
-            own = (torch.arange(S, device=i.device)[None, :] == i[:, None])[:, None, :, None]  # [B, 1, S, 1]
-            delta = F.linear(torch.where(own, d, 0.0).view(B, T, S * R), st.sB.view(-1, S * R))
-        else:  # each row's own block, gathered
-            d = torch.bmm(x32, st.A.index_select(0, i).transpose(1, 2))  # [B, T, R]
-            delta = torch.bmm(d, st.sB.index_select(1, i).permute(1, 2, 0))  # [B, T, out]
-        delta = delta + st.sb.index_select(0, i)[:, None, :]
-        return add_delta(y, delta, st.g.index_select(0, i)[:, None, :], st.base_bias)
+        fn = self.all_slots if 3 * x.shape[0] >= st.A.shape[0] else self.gathered
+        return fn(x, y, st.A, st.sB, st.sb, st.g if self.magnitude else None, st.base_bias, self.slot_idx)
 
 
 class LoRAMethod(AdapterMethod):
     name = NAME
+    magnitude = False  # DoRA's per-row scale
 
     def __init__(self, ctx: SlotContext, timer: StepTimer) -> None:
         super().__init__(ctx, timer)
@@ -178,6 +188,7 @@ class LoRAMethod(AdapterMethod):
         self._layout = 0
         self._merged: int | None = None
         self._backup: dict[str, torch.Tensor] = {}  # module -> base weight, while a slot is folded in
+        self._fns = (Compiled(gathered_delta, ctx.compile), Compiled(all_slots_delta, ctx.compile))
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
         w = weights.payload
@@ -244,7 +255,7 @@ class LoRAMethod(AdapterMethod):
         if self._static is None:
             self._static = self._build_static()
         split = self.ctx.base.split
-        return LoRAStaticPlan({split(m): st for m, st in self._static.items()}, slot_idx)
+        return LoRAStaticPlan({split(m): st for m, st in self._static.items()}, slot_idx, self.magnitude, self._fns)
 
     @property
     def layout_version(self) -> int:
@@ -331,3 +342,4 @@ class DoRAMethod(LoRAMethod):
     """DoRA rows: LoRA's storage and plan, with the magnitude scale (its own family and label)."""
 
     name = "dora"
+    magnitude = True
