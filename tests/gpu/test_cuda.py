@@ -128,43 +128,15 @@ def test_cuda_engine_with_graphs_equals_cpu_engine(tmp_path, cuda, sampled):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_kernels_compile_and_match_the_eager_functions(cuda, dtype):
     """Every function the decode step compiles (the runner's and the adapter methods' graph hooks)
-    compiles without falling back, and equals its eager self up to the rounding of a different
-    reduction order (the engine test above then checks the whole step against the CPU)."""
-    from server.adapters.methods.bottleneck import activation, static_residual
-    from server.adapters.methods.ia3 import scale_rows
-    from server.adapters.methods.lora import all_slots_delta, gathered_delta
+    compiles without falling back, and equals its eager reference up to the rounding of a different
+    reduction order (the engine tests then check whole steps against the CPU)."""
     from server.compiled import Compiled
-    from server.engine import fused
+    from tests.adapters.test_static_products import assert_rows_close, cases
 
-    g = torch.Generator(device=cuda).manual_seed(0)
-    f32 = torch.float32
-
-    def r(*shape, dt=dtype):
-        return torch.randn(*shape, generator=g, device=cuda).to(dt)
-
-    B, H, S, R = 5, 64, 8, 4
-    x, a, w = r(B, 1, H), r(B, 1, H), r(H)
-    i = torch.tensor([0, 3, 1, 7, 3], device=cuda)
-    q, k, cos, sin = r(B, 4, 1, 16), r(B, 2, 1, 16), r(B, 1, 16), r(B, 1, 16)
-    lora = (r(S, R, H, dt=f32), r(H, S, R, dt=f32), r(S, H, dt=f32))
-    bn = (r(S, R, H), r(S, R), r(H, S, R), r(S, H), r(S, 5), torch.tensor([0, 1] * 4, device=cuda),
-          torch.rand(S, 3, generator=g, device=cuda) > 0.5, r(S, 2, H), r(S, 2, H))
-    acts = (activation("relu"), activation("tanh"))
-    cases = {
-        "rms_norm": (fused.rms_norm, (x, w, 1e-6)),
-        "add_rms_norm": (fused.add_rms_norm, (x, a, w, 1e-6)),
-        "rope": (fused.rope, (q, k, cos, sin)),
-        "silu_mul": (fused.silu_mul, (x, a)),
-        "scale_rows": (scale_rows, (x, r(S, H, dt=f32), i)),
-        "lora gathered": (gathered_delta, (x, x, *lora, None, None, i)),
-        "dora all slots": (all_slots_delta, (x, x, *lora, r(S, H, dt=f32), r(H, dt=f32), i)),
-        "bottleneck gathered": (static_residual, (x, a, i, *bn, True, True, False, acts)),
-        "bottleneck all slots": (static_residual, (x, a, i, *bn, False, True, True, acts)),
-    }
-    for name, (fn, args) in cases.items():
-        want, c = fn(*args), Compiled(fn)
-        got = c(*args)
+    for name, (fn, ref, args) in cases(cuda, dtype).items():
+        c = Compiled(fn)
+        got, want = c(*args), ref(*args)
         assert c.error is None, (name, c.error)
         for u, v in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,), strict=True):
             print(f"compiled {dtype} {name}: max diff {(u.float() - v.float()).abs().max().item():.2e}")
-            torch.testing.assert_close(u, v, msg=name)
+        assert_rows_close(got, want, name)

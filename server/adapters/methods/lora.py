@@ -159,20 +159,32 @@ def all_slots_delta(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, sB: torch
     return add_delta(y, delta, None if g is None else g.index_select(0, i)[:, None, :], base_bias)
 
 
+def fused_delta(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, sB: torch.Tensor, sb: torch.Tensor,
+                g: torch.Tensor | None, base_bias: torch.Tensor | None, i: torch.Tensor) -> torch.Tensor:
+    """`gathered_delta` written as gathers, products and sums, for the compiler: it turns each product
+    into one kernel that reads every row's own block in place (rows of one adapter share it through
+    the cache), where a batched product would first copy B blocks out, and the all-slots one read
+    every slot's. Eagerly it builds [B, T, R, in]: compiled use only."""
+    d = (x.to(F32)[:, :, None, :] * A[i][:, None, :, :]).sum(-1)  # [B, T, R]
+    Bi = sB.permute(1, 0, 2)[i]  # [B, out, R]
+    delta = (d[:, :, None, :] * Bi[:, None, :, :]).sum(-1) + sb[i][:, None, :]  # [B, T, out]
+    return add_delta(y, delta, None if g is None else g[i][:, None, :], base_bias)
+
+
 class LoRAStaticPlan(MethodPlan):
     """Inside a captured graph: no timing spans (events cannot be captured). Zero-padded blocks and zero
     bias add exactly 0, and DoRA's scale of 1 is exact, so rows of other slots are untouched."""
 
     def __init__(self, mods: dict[tuple[int, str], _StaticModule], slot_idx: torch.Tensor, magnitude: bool,
-                 fns: tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]) -> None:
+                 fns: tuple[Callable[..., torch.Tensor], ...]) -> None:
         self.mods, self.slot_idx, self.magnitude = mods, slot_idx, magnitude
-        self.gathered, self.all_slots = fns
+        self.fns = fns  # (fused) when compiled, else (gathered, all slots)
 
     def linear_out(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         st = self.mods.get((layer, name))
         if st is None:
             return None
-        fn = self.all_slots if 3 * x.shape[0] >= st.A.shape[0] else self.gathered
+        fn = self.fns[0] if len(self.fns) == 1 or 3 * x.shape[0] < st.A.shape[0] else self.fns[1]
         return fn(x, y, st.A, st.sB, st.sb, st.g if self.magnitude else None, st.base_bias, self.slot_idx)
 
 
@@ -188,7 +200,8 @@ class LoRAMethod(AdapterMethod):
         self._layout = 0
         self._merged: int | None = None
         self._backup: dict[str, torch.Tensor] = {}  # module -> base weight, while a slot is folded in
-        self._fns = (Compiled(gathered_delta, ctx.compile), Compiled(all_slots_delta, ctx.compile))
+        self._fns: tuple[Callable[..., torch.Tensor], ...] = (
+            (Compiled(fused_delta),) if ctx.compile else (gathered_delta, all_slots_delta))
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
         w = weights.payload
