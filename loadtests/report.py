@@ -91,20 +91,35 @@ def gpu_section(g: dict, source: str) -> list[str]:
     for m in g["models"]:
         md += [f"### {m['model']}: {m['weight_bytes_per_step'] / 1e9:.2f} GB of weights per step, floor "
                f"{m['floor_step_ms']:.2f} ms", "",
-               "| batch | graphs (ours) tok/s | step ms | of floor | graphs, unfused | eager (ours) | HF `generate` | vs HF |",
-               "|---|---|---|---|---|---|---|---|"]
+               "| batch | graphs (ours) tok/s | step ms | replay only ms | of floor | graphs, unfused | eager (ours) "
+               "| HF `generate` | vs HF |",
+               "|---|---|---|---|---|---|---|---|---|"]
         for r in m["rows"]:
-            md.append(f"| {r['batch']} | {r['graphs_tok_s']:.0f} | {r['graphs_step_ms']:.2f} | {pct(r['graphs_vs_floor'])} "
+            replay = r.get("replay_only_ms")
+            md.append(f"| {r['batch']} | {r['graphs_tok_s']:.0f} | {r['graphs_step_ms']:.2f} "
+                      f"| {'' if replay is None else f'{replay:.2f}'} | {pct(r['graphs_vs_floor'])} "
                       f"| {r['graphs_unfused_tok_s']:.0f} | {r['eager_tok_s']:.0f} | {r['hf_generate_tok_s']:.0f} "
                       f"| {r['graphs_vs_hf']:.2f}x |")
         ad = m["adapters_tok_s"]
         bare = ad["bare (graphs)"]
-        md += ["", f"Adapters at batch {m['adapters_batch']} (tok/s; step-time overhead against the bare model):", "",
-               "| rows | graphs | overhead | eager |", "|---|---|---|---|"]
+        share = m.get("adapter_params_share", {})
+        md += ["", f"Adapters at batch {m['adapters_batch']} (tok/s; step-time overhead against the bare model; "
+               "parameter share: one adapter's parameters over the base's, which is its share of the FLOPs):", "",
+               "| rows | graphs | overhead | parameter share | eager |", "|---|---|---|---|---|"]
         for k, v in ad.items():
             if k.endswith("(graphs)"):
                 label = k[: -len(" (graphs)")]
-                md.append(f"| {label} | {v:.0f} | {pct(bare / v - 1)} | {ad.get(label + ' (eager)', float('nan')):.0f} |")
+                fam = label.split(" ")[0]
+                s = share.get(fam) if " x1" in label or "x8" in label else None
+                md.append(f"| {label} | {v:.0f} | {pct(bare / v - 1)} | {'' if s is None else pct(s)} "
+                          f"| {ad.get(label + ' (eager)', float('nan')):.0f} |")
+        z = m.get("zipf")
+        if z:
+            hot, cold = z["all_hot"], z["slots_16"]
+            md += ["", f"{hot['adapters']} (IA)3 adapters under Zipf(1), {hot['requests']} requests of 32 new tokens, batch 64: "
+                   f"{cold['tok_s']:.0f} tok/s with {cold['slots']} device slots against {hot['tok_s']:.0f} with all "
+                   f"{hot['slots']} resident ({pct(z['ratio'])}); {cold['slot_loads']:.0f} slot loads "
+                   f"({cold['distinct_used']} distinct adapters used), {cold['distinct_per_pass']:.1f} distinct adapters per pass."]
         prof = m.get("profile_b1")
         md += ["", f"Graph capture at start-up: {m['graphs_captured']} graphs in {m['capture_s']:.1f} s "
                f"({m['capture_and_compile_s']:.1f} s with the fused kernels, compile included); peak GPU memory "
