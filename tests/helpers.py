@@ -28,7 +28,8 @@ def tiny_model() -> torch.nn.Module:
 
 def refs() -> dict[str, torch.Tensor]:
     return {**load_file(FIXTURES / "refs_base.safetensors"), **load_file(FIXTURES / "refs_lora.safetensors"),
-            **load_file(FIXTURES / "refs_adapterhub.safetensors"), **load_file(FIXTURES / "refs_adapterhub_lora.safetensors")}
+            **load_file(FIXTURES / "refs_adapterhub.safetensors"), **load_file(FIXTURES / "refs_adapterhub_lora.safetensors"),
+            **load_file(FIXTURES / "refs_prompt.safetensors")}
 
 
 def input_ids() -> torch.Tensor:
@@ -50,15 +51,24 @@ def fixture_dir(name: str) -> Path:
 
 
 def runner_and_slots(model: torch.nn.Module, num_slots: int = 8, rows: int = 8) -> tuple[ModelRunner, AdapterSlots]:
-    return ModelRunner(model, rows, 512), AdapterSlots(model, num_slots, CPU, torch.float32, StepTimer(CPU))
+    runner = ModelRunner(model, rows, 512)
+    return runner, AdapterSlots(model, num_slots, CPU, torch.float32, StepTimer(CPU), encode=runner.prefix_kv)
 
 
 def full_logits(runner: ModelRunner, slots: AdapterSlots, ids: torch.Tensor, row_slots: list[int]) -> torch.Tensor:
-    """Logits [B, T, V] of one prefill over ids with row b routed to row_slots[b]."""
+    """Logits [B, T, V] of one prefill over ids with row b routed to row_slots[b], each row after its
+    adapter's KV prefix if it has one (as the engine's prefill places it)."""
     B, T = ids.shape
-    runner.cache.fit(B, T, 0, 0)
-    return runner.forward(ids, torch.zeros(B, dtype=torch.long), torch.full((B,), T), 0,
-                          slots.plan(row_slots), all_logits=True)
+    prefixes = [slots.prefix(s) for s in row_slots]
+    starts = [0 if p is None else p.length for p in prefixes]
+    runner.cache.fit(B, max(starts) + T, 0, 0)
+    for b, p in enumerate(prefixes):
+        if p is not None:
+            runner.cache.k[:, b, :, : p.length] = p.keys
+            runner.cache.v[:, b, :, : p.length] = p.values
+    shifts = [0 if p is None else p.rope_shift for p in prefixes]
+    return runner.forward(ids, torch.tensor(starts), torch.full((B,), T), 0, slots.plan(row_slots), all_logits=True,
+                          rope_shift=torch.tensor(shifts) if any(shifts) else None)
 
 
 CORPUS = (

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-Method = Literal["ia3", "bottleneck", "lora", "dora"]
-METHODS: tuple[Method, ...] = ("ia3", "bottleneck", "lora", "dora")
+Method = Literal["ia3", "bottleneck", "lora", "dora", "prompt", "prefix"]
+METHODS: tuple[Method, ...] = ("ia3", "bottleneck", "lora", "dora", "prompt", "prefix")
 MERGEABLE: frozenset[str] = frozenset({"ia3", "lora", "dora"})  # linear in the weights: can be folded in
 
 

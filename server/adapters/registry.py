@@ -62,6 +62,7 @@ class AdapterRef:
     adapter_id: str
     version: int
     method: str
+    virtual_tokens: int = 0  # positions it puts before every prompt (prompt and prefix tuning)
 
 
 @dataclass
@@ -85,7 +86,7 @@ def manifest_for(adapter_id: str, w: AdapterWeights, files: list[str]) -> dict:
     return {
         "adapter_id": adapter_id, "method": w.method, "format": w.format, "variant": w.variant,
         "num_parameters": w.num_parameters, "size_bytes": w.size_bytes, "mergeable": w.mergeable,
-        "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "files": sorted(files),
+        "virtual_tokens": w.virtual_tokens, "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "files": sorted(files),
     }
 
 
@@ -229,7 +230,8 @@ class Registry:
                     rec.pins += 1
                     self._host_touch(rec)
                     self.events.cache("hit" if rec.key in self._resident else "miss")
-                    return AdapterRef(rec.adapter_id, rec.version, rec.manifest["method"])
+                    return AdapterRef(rec.adapter_id, rec.version, rec.manifest["method"],
+                                      int(rec.manifest.get("virtual_tokens", 0)))
                 version = rec.version
             t0 = time.perf_counter()
             try:

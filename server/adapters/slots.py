@@ -13,7 +13,8 @@ import torch
 from ..compiled import raise_recompile_limit
 from .families import label
 from .methods import METHODS, AdapterMethod, MethodPlan, StepTimer
-from .methods.base import SlotContext
+from .methods.base import KVPrefix, SlotContext
+from .methods.prefix import Encoder
 from .spec import AdapterWeights, BaseModelInfo, Location
 
 
@@ -58,12 +59,13 @@ class AdapterSlots:
     """Owns every method's slot storage; builds (and caches) batch plans; folds (IA)3 into weights."""
 
     def __init__(self, model: torch.nn.Module, num_slots: int, device: torch.device, dtype: torch.dtype,
-                 timer: StepTimer, plan_cache: int = 16, compile_kernels: bool = False) -> None:
+                 timer: StepTimer, plan_cache: int = 16, compile_kernels: bool = False,
+                 encode: Encoder | None = None) -> None:
         base = BaseModelInfo.from_model(model)
         modules = {n: m for n, m in model.named_modules() if n in base.linears}
         if compile_kernels:
             raise_recompile_limit()
-        ctx = SlotContext(base, num_slots + 1, device, dtype, modules, compile_kernels)  # type: ignore[arg-type]
+        ctx = SlotContext(base, num_slots + 1, device, dtype, modules, compile_kernels, encode)  # type: ignore[arg-type]
         self.base = base
         self.timer = timer
         self.num_slots = num_slots
@@ -144,6 +146,11 @@ class AdapterSlots:
             if m.merged_slot is not None:
                 m.unmerge()
                 self._plans.clear()
+
+    def prefix(self, slot: int) -> KVPrefix | None:
+        """The KV entries a row of `slot` starts with (prompt and prefix tuning), or None."""
+        m = self.slot_method.get(slot)
+        return None if m is None else self.methods[m].prefix(slot)
 
     def adapter_type(self, slot: int) -> str:
         """The metric label of rows on `slot` now (a folded adapter reports its merged label)."""

@@ -25,6 +25,9 @@ class BaseModelInfo:
     num_layers: int
     # full module path -> (out_features, in_features), for every Linear an adapter may target
     linears: dict[str, tuple[int, int]]
+    num_attention_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
 
     @staticmethod
     def from_model(model: Any) -> BaseModelInfo:
@@ -34,7 +37,10 @@ class BaseModelInfo:
             for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and ".layers." in name
         }
-        return BaseModelInfo(cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, linears)
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return BaseModelInfo(cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, linears, heads,
+                             getattr(cfg, "num_key_value_heads", None) or heads, head_dim)
 
     @staticmethod
     def split(module: str) -> tuple[int, str]:
@@ -65,6 +71,12 @@ class AdapterWeights:
     def mergeable(self) -> bool:
         """Its method folds into the weights, and this adapter has nothing the fold cannot hold."""
         return self.method in MERGEABLE and bool(getattr(self.payload, "mergeable", True))
+
+    @property
+    def virtual_tokens(self) -> int:
+        """Positions the adapter puts before every prompt (prompt and prefix tuning); they count against
+        the context window."""
+        return int(getattr(self.payload, "virtual_tokens", 0))
 
     @property
     def num_parameters(self) -> int:

@@ -82,7 +82,7 @@ class Engine:
                                   compile_kernels=static and cuda and cfg.compile_kernels,
                                   pack=static and cfg.compile_kernels)
         self.slots = AdapterSlots(loaded.model, cfg.device_slots, loaded.device, loaded.dtype, self.timer,
-                                  compile_kernels=static and cuda and cfg.compile_kernels)
+                                  compile_kernels=static and cuda and cfg.compile_kernels, encode=self.runner.prefix_kv)
         self.adapters = AdapterManager(self.slots, on_change=self._resident_changed,
                                        on_evict=self.metrics.cache.labels("evict").inc)
         self.graphs = DecodeGraphs(self.runner, self.slots, capture=cuda) if static else None
@@ -134,8 +134,9 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     # -- submission (any thread) --------------------------------------------------------------
-    def check(self, n_prompt: int, p: SamplingParams) -> int:
-        """The one authority on lengths: validate them; the number of tokens the request may generate."""
+    def check(self, n_prompt: int, p: SamplingParams, virtual: int = 0, adapter_id: str | None = None) -> int:
+        """The one authority on lengths: validate them; the number of tokens the request may generate.
+        `virtual`: positions the request's adapter puts before the prompt, which take context too."""
         limit = self.cfg.max_new_tokens_limit
         if n_prompt == 0:
             raise InvalidRequestError("prompt is empty after tokenisation; send at least one token")
@@ -146,10 +147,11 @@ class Engine:
                 f"max_new_tokens (max_tokens in the OpenAI API) {p.max_new_tokens} is over the server limit {limit}")
         else:
             asked = p.max_new_tokens
-        room = self.max_len - n_prompt
+        room = self.max_len - n_prompt - virtual
         if room < 1:
+            adds = f" and adapter {adapter_id!r} puts {virtual} virtual tokens before it" if virtual else ""
             raise InvalidRequestError(
-                f"prompt has {n_prompt} tokens; the context window is {self.max_len}: shorten the prompt"
+                f"prompt has {n_prompt} tokens{adds}; the context window is {self.max_len}: shorten the prompt"
             )
         return min(asked, room)
 
@@ -163,13 +165,20 @@ class Engine:
             self._queued += 1
         try:
             ref = self.registry.acquire(req.adapter_id) if req.adapter_id is not None else None
+            if ref is not None and ref.virtual_tokens:
+                try:
+                    max_new = self.check(len(req.prompt_ids), p, ref.virtual_tokens, ref.adapter_id)
+                except BaseException:
+                    self.registry.release(ref)
+                    raise
         except BaseException:
             self._dequeued()
             raise
         now = time.perf_counter()
         seed = p.seed if p.seed is not None else random.getrandbits(63)
         seq = Seq(req, sink, ref, TextStream(self.tokenizer, p.stop), seed, max_new, now,
-                  now + self.cfg.request_timeout_s, label(ref.method if ref else None))
+                  now + self.cfg.request_timeout_s, label(ref.method if ref else None),
+                  prefix_len=ref.virtual_tokens if ref else 0)
         self._inbox.put(seq)
         self._wake.set()
         return RequestHandle(seq, self._wake.set)
@@ -280,7 +289,7 @@ class Engine:
                 logits = self.passes.prefill(seqs, self._running, self._used())
             elif kind == "chunk":
                 s = seqs[0]
-                size = min(self.cfg.prefill_token_budget, s.prompt_len - s.cache_len)
+                size = min(self.cfg.prefill_token_budget, s.prompt_len - s.prompt_done)
                 logits = self.passes.chunk(s, size, self._running, self._used())
             else:
                 logits = self.passes.decode(seqs, self._used())
@@ -289,8 +298,8 @@ class Engine:
             for s in seqs:
                 self._fail(s, GenerationFailedError(f"forward pass failed: {e}"))
             return
-        if kind == "chunk" and seqs[0].cache_len + size < seqs[0].prompt_len:
-            seqs[0].cache_len += size  # not the last chunk: nothing to sample yet
+        if kind == "chunk" and seqs[0].prompt_done + size < seqs[0].prompt_len:
+            seqs[0].cache_len = seqs[0].prefix_len + seqs[0].prompt_done + size  # not the last chunk: nothing to sample
             self._record_step(seqs, time.perf_counter() - t0)
             return
         rows = [RowSampling(s.req.params, s.seed, len(s.tokens)) for s in seqs]
@@ -304,7 +313,7 @@ class Engine:
         else:
             self._running.extend(seqs)
         for s in seqs:  # every row's length first: finishing a row moves another row's cache
-            s.cache_len = s.cache_len + 1 if kind == "decode" else s.prompt_len
+            s.cache_len = s.cache_len + 1 if kind == "decode" else s.context_len
             s.adapter_type = self.slots.adapter_type(s.slot)
         for i, s in enumerate(seqs):
             if (err := errors[i]) is not None:

@@ -8,7 +8,8 @@ overhead, not by reading the weights. Here a decode step of fixed shape is captu
   position of a cache row past the running ones. No row ever reads a position it has not written
   itself first (a row writes position p in the step that reads up to p), so even the row of a prompt
   part-way through chunked prefill is safe;
-- inputs live in one static buffer [3, rows]: token ids, positions, adapter slots, filled by one copy;
+- inputs live in one static buffer [4, rows]: token ids, cache positions, adapter slots and rotary
+  positions (they differ for rows with an AdapterHub prefix), filled by one copy;
 - the KV cache is static (it never moves) and adapter slot tables are written in place, so a replay
   sees the current weights of every slot; adapters are routed by the slot buffer inside the graph, so
   one graph serves every mix of slots of the methods in its key;
@@ -55,8 +56,8 @@ class DecodeGraphs:
         self.max_len = runner.cache.max_len
         self.buckets = batch_buckets(self.rows)
         self.min_kv = min(min_kv, self.max_len)
-        self.inputs = torch.zeros(3, self.rows, dtype=torch.long, device=runner.device)  # ids, pos, slot
-        self._host = torch.zeros(3, self.rows, dtype=torch.long, pin_memory=capture)
+        self.inputs = torch.zeros(4, self.rows, dtype=torch.long, device=runner.device)  # ids, pos, slot, rope pos
+        self._host = torch.zeros(4, self.rows, dtype=torch.long, pin_memory=capture)
         self.graphs: dict[GraphKey, tuple[Any, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.replays = self.eager_steps = 0
@@ -83,19 +84,22 @@ class DecodeGraphs:
 
     def _step(self, key: GraphKey) -> torch.Tensor:
         B, kv_len, methods = key
-        ids, pos, slot_idx = self.inputs[0, :B], self.inputs[1, :B], self.inputs[2, :B]
+        ids, pos, slot_idx, rope_pos = self.inputs[0, :B], self.inputs[1, :B], self.inputs[2, :B], self.inputs[3, :B]
         plan = self.slots.static_plan(slot_idx, methods)
-        return self.runner.decode_static(ids[:, None], pos, plan, kv_len)
+        return self.runner.decode_static(ids[:, None], pos, plan, kv_len, rope_pos)
 
-    def run(self, tokens: list[int], positions: list[int], slots: list[int], key: GraphKey) -> torch.Tensor:
-        """Logits [len(tokens), V] of one decode step of rows 0..n-1 (graph key from `key`)."""
+    def run(self, tokens: list[int], positions: list[int], slots: list[int], key: GraphKey,
+            rope_positions: list[int] | None = None) -> torch.Tensor:
+        """Logits [len(tokens), V] of one decode step of rows 0..n-1 (graph key from `key`); rotary
+        positions default to the cache positions."""
         n, B = len(tokens), key[0]
         host = self._host
         host[:, :B] = 0
-        host[1, n:B] = self.max_len - 1  # padding writes only the last position of free rows (see the docstring)
+        host[1, n:B] = host[3, n:B] = self.max_len - 1  # padding writes only the last position of free rows (see the docstring)
         host[0, :n] = torch.tensor(tokens)
         host[1, :n] = torch.tensor(positions)
         host[2, :n] = torch.tensor(slots)
+        host[3, :n] = torch.tensor(positions if rope_positions is None else rope_positions)
         self.inputs[:, :B].copy_(host[:, :B], non_blocking=True)
         if not self.capture:
             self.eager_steps += 1
@@ -144,7 +148,7 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         lens = kv_lens or self.kv_buckets()
         self.inputs.zero_()
-        self.inputs[1] = self.max_len - 1
+        self.inputs[1] = self.inputs[3] = self.max_len - 1
         for B in reversed(self.buckets):  # largest first: the pool then fits every smaller graph
             for kv in lens:
                 if (B, kv, ()) not in self.graphs:

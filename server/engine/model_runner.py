@@ -59,32 +59,33 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, row0: int,
                 plan: BatchPlan, all_logits: bool = False, kv_len: int | None = None,
-                start0: int | None = None) -> torch.Tensor:
+                start0: int | None = None, rope_shift: torch.Tensor | None = None) -> torch.Tensor:
         """Run rows row0..row0+B-1 on `input_ids` [B, T] (right-padded; row b has lengths[b] real tokens
-        starting at cache position start[b]). Writes their K/V. Returns logits [B, V] at each row's last
-        real token, or [B, T, V] with all_logits.
+        starting at cache position start[b]). Writes their K/V (a right-padded row also writes junk past
+        its length, up to start[b] + T, which no row reads before rewriting it). Returns logits [B, V] at
+        each row's last real token, or [B, T, V] with all_logits.
 
         `kv_len` (max of start + lengths) and `start0` (the start every row shares, if any) are what the
         caller knows on the host; without them they are read from the tensors, a device synchronisation.
+        `rope_shift` [B]: rotary position minus cache position, per row (see methods/prefix.py).
         """
         B, T = input_ids.shape
         rows = slice(row0, row0 + B)
         if kv_len is None:
             kv_len = int((start + lengths).max())
             start0 = int(start[0]) if bool((start == start[0]).all()) else None
-        pos = start[:, None] + torch.arange(T, device=self.device)[None, :]  # [B, T]
+        pos = start[:, None] + torch.arange(T, device=self.device)[None, :]  # [B, T] cache positions
         masks: dict[int | None, torch.Tensor] = {}
-        r_idx = torch.arange(row0, row0 + B, device=self.device) if start0 is None else None
+        r_idx = torch.arange(row0, row0 + B, device=self.device)[:, None] if start0 is None else None  # [B, 1]
 
         def attend(li: int, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             kc, vc = self.cache.k[li], self.cache.v[li]  # [rows, kvh, cap, hd]
             if start0 is not None:
                 kc[rows, :, start0 : start0 + T] = k
                 vc[rows, :, start0 : start0 + T] = v
-            else:  # decode: one new token per row, each at its own position
-                assert T == 1
-                kc[r_idx, :, start] = k[:, :, 0]
-                vc[r_idx, :, start] = v[:, :, 0]
+            else:  # each row at its own positions: [B, T] indices take [B, T, kvh, hd]
+                kc[r_idx, :, pos] = k.transpose(1, 2)
+                vc[r_idx, :, pos] = v.transpose(1, 2)
             w = self.windows[li]
             if w not in masks:
                 masks[w] = self._mask(start, lengths, T, kv_len, w)
@@ -93,16 +94,36 @@ class ModelRunner:
                 scale=attn.scaling, enable_gqa=self.n_heads != self.n_kv,
             )  # [B, heads, T, hd]
 
-        h = self._layers(self.inner.embed_tokens(input_ids), pos, plan, attend)
+        rope_pos = pos if rope_shift is None else pos + rope_shift[:, None]
+        h = self._layers(self.inner.embed_tokens(input_ids), rope_pos, plan, attend)
         if not all_logits:
             h = h[torch.arange(B, device=self.device), lengths - 1]  # [B, H]
         return self.model.lm_head(self.inner.norm(h)).float()
 
     @torch.inference_mode()
-    def decode_static(self, input_ids: torch.Tensor, pos: torch.Tensor, plan: BatchPlan, kv_len: int) -> torch.Tensor:
+    def prefix_kv(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bare model's keys and values [L, n_kv, N, d] for input embeddings [N, H] at positions
+        0..N-1, causal: what the cache holds after prefilling them (prompt tuning's virtual tokens)."""
+        N = embeds.shape[0]
+        ks: list[torch.Tensor] = []
+        vs: list[torch.Tensor] = []
+
+        def attend(li: int, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            ks.append(k[0])
+            vs.append(v[0])
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
+                                                  enable_gqa=self.n_heads != self.n_kv)
+
+        pos = torch.arange(N, device=self.device)[None, :]
+        self._layers(embeds[None].to(self.dtype), pos, BatchPlan((), []), attend)
+        return torch.stack(ks), torch.stack(vs)
+
+    @torch.inference_mode()
+    def decode_static(self, input_ids: torch.Tensor, pos: torch.Tensor, plan: BatchPlan, kv_len: int,
+                      rope_pos: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step of rows 0..B-1, with shapes fixed by (B, kv_len) and no host synchronisation,
-        so a CUDA graph can capture it. input_ids [B, 1], pos [B] (each row's new position, < kv_len).
-        Returns logits [B, V] float32.
+        so a CUDA graph can capture it. input_ids [B, 1], pos [B] (each row's new cache position,
+        < kv_len), rope_pos [B] its rotary position (default pos). Returns logits [B, V] float32.
 
         Grouped-query attention without repeating K/V: the G query heads that share a K/V head are
         laid out as G queries of one head, which all sit at the row's one position.
@@ -129,8 +150,8 @@ class ModelRunner:
             )  # [B, kvh, G, hd]
             return o.reshape(B, self.n_heads, 1, self.head_dim)
 
-        x = self._layers(self.inner.embed_tokens(input_ids), pos[:, None], plan, attend, self.fused, self.packed,
-                         final_norm=self.inner.norm)
+        x = self._layers(self.inner.embed_tokens(input_ids), (pos if rope_pos is None else rope_pos)[:, None], plan,
+                         attend, self.fused, self.packed, final_norm=self.inner.norm)
         return self.model.lm_head(x[:, 0]).float()
 
     def _layers(self, h: torch.Tensor, pos: torch.Tensor, plan: BatchPlan, attend: Any,

@@ -25,37 +25,64 @@ class Passes:
         """Make the cache hold `rows` rows reaching `needed` positions, keeping the `used` (rows, length)."""
         self.runner.cache.fit(rows, needed, *used)
 
+    def _prefixes(self, seqs: list[Seq], row0: int) -> list[int]:
+        """Copy each new row's adapter prefix (prompt and prefix tuning) into its cache row; the rotary
+        shift of each row."""
+        cache, shifts = self.runner.cache, []
+        for i, s in enumerate(seqs):
+            p = self.slots.prefix(s.slot)
+            if p is not None and s.prompt_done == 0:
+                cache.k[:, row0 + i, :, : p.length] = p.keys
+                cache.v[:, row0 + i, :, : p.length] = p.values
+            shifts.append(0 if p is None else p.rope_shift)
+        return shifts
+
+    def _shifts(self, seqs: list[Seq]) -> list[int]:
+        return [p.rope_shift if (p := self.slots.prefix(s.slot)) is not None else 0 for s in seqs]
+
     def prefill(self, seqs: list[Seq], running: list[Seq], used: tuple[int, int]) -> torch.Tensor:
-        """The whole prompts of new rows, in cache rows len(running).. on."""
-        B, dev = len(seqs), self.device
+        """The whole prompts of new rows, in cache rows len(running).. on, each after its adapter's prefix."""
+        B, dev, row0 = len(seqs), self.device, len(running)
         lens = [s.prompt_len for s in seqs]
+        starts = [s.prefix_len for s in seqs]
         T = max(lens)
         ids = torch.zeros(B, T, dtype=torch.long)  # [B, T] right-padded
         for i, s in enumerate(seqs):
             ids[i, : lens[i]] = torch.tensor(s.req.prompt_ids)
-        self._fit(used[0] + B, max([T] + [s.cache_len + 1 for s in running]), used)
-        return self.runner.forward(ids.to(dev), torch.zeros(B, dtype=torch.long, device=dev),
-                                   torch.tensor(lens, device=dev), len(running), self.slots.plan([s.slot for s in seqs]),
-                                   kv_len=T, start0=0)
+        self._fit(used[0] + B, max([a + T for a in starts] + [s.cache_len + 1 for s in running]), used)
+        shifts = self._prefixes(seqs, row0)
+        same = all(a == starts[0] for a in starts)
+        return self.runner.forward(ids.to(dev), torch.tensor(starts, device=dev), torch.tensor(lens, device=dev), row0,
+                                   self.slots.plan([s.slot for s in seqs]),
+                                   kv_len=max(a + n for a, n in zip(starts, lens, strict=True)),
+                                   start0=starts[0] if same else None,
+                                   rope_shift=torch.tensor(shifts, device=dev) if any(shifts) else None)
 
     def chunk(self, s: Seq, size: int, running: list[Seq], used: tuple[int, int]) -> torch.Tensor:
-        """The next `size` prompt tokens of a long prompt, in cache row len(running), after what it holds."""
-        c0, dev = s.cache_len, self.device
+        """The next `size` prompt tokens of a long prompt, in cache row len(running), after what it holds
+        (the first chunk after the adapter's prefix)."""
+        done, dev = s.prompt_done, self.device
+        c0 = s.prefix_len + done
         self._fit(used[0], max([c0 + size] + [r.cache_len + 1 for r in running]), used)
-        return self.runner.forward(torch.tensor([s.req.prompt_ids[c0 : c0 + size]], device=dev),
+        shift = self._prefixes([s], len(running))[0]
+        return self.runner.forward(torch.tensor([s.req.prompt_ids[done : done + size]], device=dev),
                                    torch.tensor([c0], device=dev), torch.tensor([size], device=dev), len(running),
-                                   self.slots.plan([s.slot]), kv_len=c0 + size, start0=c0)
+                                   self.slots.plan([s.slot]), kv_len=c0 + size, start0=c0,
+                                   rope_shift=torch.tensor([shift], device=dev) if shift else None)
 
     def decode(self, seqs: list[Seq], used: tuple[int, int]) -> torch.Tensor:
         """One new token for each running row (rows 0..n-1), each at its own position."""
         slots = [s.slot for s in seqs]
         pos = [s.cache_len for s in seqs]
         needed = max(pos) + 1
+        shift = self._shifts(seqs)
         if self.graphs is not None and (key := self.graphs.key(slots, needed - 1)) is not None:
-            return self.graphs.run([s.tokens[-1] for s in seqs], pos, slots, key)
+            rope = [p + d for p, d in zip(pos, shift, strict=True)] if any(shift) else None
+            return self.graphs.run([s.tokens[-1] for s in seqs], pos, slots, key, rope)
         dev = self.device
         self._fit(used[0], needed, used)
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=dev)  # [B, 1]
         return self.runner.forward(ids, torch.tensor(pos, device=dev), torch.ones(len(seqs), dtype=torch.long, device=dev),
                                    0, self.slots.plan(slots), kv_len=needed,
-                                   start0=pos[0] if all(p == pos[0] for p in pos) else None)
+                                   start0=pos[0] if all(p == pos[0] for p in pos) else None,
+                                   rope_shift=torch.tensor(shift, device=dev) if any(shift) else None)

@@ -40,7 +40,7 @@ class Scheduler:
             n = s.prompt_len
             if rows >= self.max_rows or (joined and n > budget):
                 break  # a prompt over the budget goes alone, in chunks, from the next iteration
-            need = max(reserve, n + s.max_new)
+            need = max(reserve, s.context_len + s.max_new)
             if rows > 0 and self.kv_tokens_for(rows + 1, need) > self.kv_budget:
                 break  # the KV budget is full: wait for rows to finish
             if not grant(s):

@@ -27,7 +27,8 @@ class Seq:
     deadline: float
     adapter_type: str  # the metric label, known at submit from the pinned adapter
     slot: int = 0  # the device slot granted at admission (0: no adapter, or not admitted yet)
-    cache_len: int = 0  # positions of its KV cache row written so far
+    prefix_len: int = 0  # KV entries its adapter puts before the prompt (prompt and prefix tuning)
+    cache_len: int = 0  # positions of its KV cache row written so far (prefix included)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     t_admit: float = 0.0
@@ -37,6 +38,16 @@ class Seq:
     @property
     def prompt_len(self) -> int:
         return len(self.req.prompt_ids)
+
+    @property
+    def context_len(self) -> int:
+        """Positions its row holds once the prompt is in: the adapter's prefix, then the prompt."""
+        return self.prefix_len + self.prompt_len
+
+    @property
+    def prompt_done(self) -> int:
+        """Prompt tokens already in its cache row (chunked prefill)."""
+        return max(0, self.cache_len - self.prefix_len)
 
     @property
     def still_needs(self) -> int:

@@ -18,7 +18,7 @@ def req(engine, i: int, adapter: str | None, prompt: str, new: int) -> Generatio
 
 def build(tmp_path, name: str, budget: int, graphs: str):
     e = make_engine(tmp_path / name, slots=4, budget=budget, graphs=graphs)
-    for a in ("seq_bn", "ia3_default"):
+    for a in ("seq_bn", "ia3_default", "prefix_tuning"):
         e.registry.add_folder(a, fixture_dir(a))
     return e
 
@@ -27,10 +27,10 @@ def tokens(c: Collector) -> int:
     return sum(isinstance(ev, TokenEvent) for ev in c.events)
 
 
-@pytest.mark.parametrize("graphs", ["off", "on"])
-def test_long_prompt_is_chunked_while_running_rows_decode(tmp_path, graphs):
+@pytest.mark.parametrize(("graphs", "long_adapter"), [("off", "seq_bn"), ("on", "seq_bn"), ("on", "prefix_tuning")])
+def test_long_prompt_is_chunked_while_running_rows_decode(tmp_path, graphs, long_adapter):
     shorts = [(None, "hello world", 40), ("seq_bn", "the quick brown fox", 4), ("ia3_default", "numbers 0123", 40)]
-    long_case = ("seq_bn", LONG, 8)
+    long_case = (long_adapter, LONG, 8)
     ref = build(tmp_path, "ref", 4096, graphs)  # no chunking: every prompt fits the budget
     solo = []
     for i, case in enumerate([*shorts, long_case]):

@@ -9,7 +9,8 @@ from server.engine.types import GenerationRequest, GenerationResult, SamplingPar
 from tests.helpers import Collector, fixture_dir, make_engine, run_until_done
 
 ADAPTERS = ["ia3_default", "ia3_ff_in", "seq_bn", "double_seq_bn", "par_bn", "seq_bn_ln", "par_bn_mh",
-            "lora_qv", "lora_patterns", "lora_bias", "dora_qv", "hub_lora_all", "compacter"]
+            "lora_qv", "lora_patterns", "lora_bias", "dora_qv", "hub_lora_all", "compacter",
+            "prompt_tuning", "p_tuning_lstm", "prefix_tuning", "prefix_tuning_proj"]
 PROMPTS = ["the quick brown fox", "hello world", "adapters serve many tasks on one", "numbers 0123"]
 
 
@@ -145,3 +146,39 @@ def test_lora_greedy_matches_peft_generate(engine):
     ref = pm.generate(input_ids=ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
     assert list(ours.token_ids) == ref[0, ids.shape[1]:].tolist()
     assert ours.adapter_type in ("lora", "lora_merged")  # folded when the batch is uniform and it pays
+
+
+@pytest.mark.parametrize("name", ["prompt_tuning", "p_tuning_lstm", "prefix_tuning"])
+def test_prompt_and_prefix_tuning_greedy_match_peft_full_recompute(engine, name):
+    """Greedy decoding equals PEFT's own forward re-run over the whole sequence at every step. (PEFT's
+    cached `generate` is not the reference: under transformers 5.24 it leaves the full recompute
+    from the second token for prompt tuning and from the first for prefix tuning.)"""
+    from peft import PeftModel
+
+    from tests.helpers import tiny_model
+
+    r = req(engine, 0, name, PROMPTS[2], max_new_tokens=10)
+    ours = solo(engine, r)
+    pm = PeftModel.from_pretrained(tiny_model(), str(fixture_dir(name))).eval()
+    ids = torch.tensor([r.prompt_ids])
+    with torch.no_grad():
+        for _ in range(10):
+            ids = torch.cat([ids, pm(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert list(ours.token_ids) == ids[0, -10:].tolist()
+    bare = solo(engine, req(engine, 1, None, PROMPTS[2], max_new_tokens=10))
+    assert ours.token_ids != bare.token_ids
+
+
+def test_virtual_tokens_take_context_but_are_not_prompt_tokens(engine):
+    from server.errors import InvalidRequestError
+
+    tok = engine.tokenizer(PROMPTS[0]).input_ids[1]
+    n = engine.max_len - 10
+    r = GenerationRequest("r", (tok,) * n, "prefix_tuning", SamplingParams(ignore_eos=True))
+    res = solo(engine, r)  # 6 virtual tokens: room for 4 new ones
+    assert res.prompt_tokens == n and len(res.token_ids) == 4
+    long = GenerationRequest("l", (tok,) * (engine.max_len - 3), "prefix_tuning", SamplingParams())
+    with pytest.raises(InvalidRequestError, match="6 virtual tokens"):
+        engine.submit(long, Collector())
+    assert engine.registry._current["prefix_tuning"].pins == 0  # the refused request holds no pin
+    assert len(solo(engine, GenerationRequest("b", long.prompt_ids, None, SamplingParams(ignore_eos=True))).token_ids) == 3

@@ -1,4 +1,5 @@
-"""HF PEFT (IA)3 and LoRA: adapter_config.json + adapter_model.safetensors|.bin (ADAPTERS.md sections 1, 6)."""
+"""HF PEFT (IA)3, LoRA, prompt, P- and prefix tuning: adapter_config.json + adapter_model.safetensors|.bin
+(ADAPTERS.md sections 1, 6, 8)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from ...errors import InvalidAdapterError, UnsupportedAdapterError
 from ..methods.ia3 import IA3Vector, IA3Weights
 from ..methods.lora import LoRAModule, LoRAWeights
+from ..methods.prefix import PrefixWeights, PromptWeights
 from ..spec import AdapterWeights, BaseModelInfo
 from .tensors import expect_shape, load_tensors, pick_weight_file
 
@@ -48,8 +50,11 @@ def parse(cfg: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeig
     ptype = cfg.get("peft_type")
     if ptype == "LORA":
         return parse_lora(cfg, files, base)
+    if ptype in PROMPT_VARIANTS:
+        return parse_prompt(cfg, files, base)
     if ptype != "IA3":
-        raise UnsupportedAdapterError(f"peft_type {ptype!r} is not served; IA3 and LORA are", key="peft_type")
+        raise UnsupportedAdapterError(
+            f"peft_type {ptype!r} is not served; IA3, LORA, PROMPT_TUNING, P_TUNING and PREFIX_TUNING are", key="peft_type")
     targets = _check_spec(cfg, "target_modules")
     ff = _check_spec(cfg, "feedforward_modules")
     tensors = load_tensors(pick_weight_file(files, WEIGHT_FILES))
@@ -177,3 +182,44 @@ def parse_lora(cfg: dict, files: dict[str, Path], base: BaseModelInfo) -> Adapte
     variant = ("rs" if rslora else "") + ("dora" if dora else "lora")
     return AdapterWeights(method="dora" if dora else "lora", format="peft", variant=variant,
                           payload=LoRAWeights(modules), config=cfg)
+
+
+PROMPT_VARIANTS = {"PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning", "PREFIX_TUNING": "prefix_tuning"}
+PROMPT_KEY = "prompt_embeddings"
+
+
+def _expect(cfg: dict, field: str, want: int, what: str) -> None:
+    if cfg.get(field, want) != want:
+        raise InvalidAdapterError(f"{field} is {cfg.get(field)!r}, but the base model's {what} is {want}", key=field)
+
+
+def parse_prompt(cfg: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
+    """PEFT prompt tuning, P-tuning and prefix tuning (ADAPTERS.md section 8): one tensor,
+    `prompt_embeddings`, already the encoder's output for P-tuning and projected prefixes."""
+    variant = PROMPT_VARIANTS[cfg["peft_type"]]
+    n = cfg.get("num_virtual_tokens")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InvalidAdapterError("num_virtual_tokens must be a positive integer", key="num_virtual_tokens")
+    if cfg.get("num_transformer_submodules", 1) not in (1, None):
+        raise UnsupportedAdapterError("num_transformer_submodules other than 1 is for encoder-decoder models",
+                                      key="num_transformer_submodules")
+    if cfg.get("task_type") not in (None, "CAUSAL_LM"):
+        raise UnsupportedAdapterError(f"task_type {cfg.get('task_type')!r} is not served; CAUSAL_LM is", key="task_type")
+    tensors = load_tensors(pick_weight_file(files, WEIGHT_FILES))
+    if set(tensors) != {PROMPT_KEY}:
+        extra = sorted(set(tensors) - {PROMPT_KEY}) or [PROMPT_KEY]
+        raise InvalidAdapterError(f"a PEFT {variant} file holds one tensor, {PROMPT_KEY}", key=extra[0])
+    t = tensors[PROMPT_KEY].float()
+    _expect(cfg, "num_layers", base.num_layers, "number of layers")
+    if variant != "prefix_tuning":
+        _expect(cfg, "token_dim", base.hidden_size, "hidden size")
+        expect_shape(PROMPT_KEY, t, (n, base.hidden_size))
+        return AdapterWeights(method="prompt", format="peft", variant=variant, payload=PromptWeights(t.contiguous()),
+                              config=cfg)
+    L, kvh, d = base.num_layers, base.num_kv_heads, base.head_dim
+    _expect(cfg, "token_dim", kvh * d, "key/value width (KV heads x head size)")
+    _expect(cfg, "num_attention_heads", kvh, "number of KV heads")
+    expect_shape(PROMPT_KEY, t, (n, L * 2 * kvh * d))
+    kv = t.view(n, L * 2, kvh, d).permute(1, 2, 0, 3)  # [2L, kvh, N, d]: layer l's keys at 2l, values at 2l + 1
+    return AdapterWeights(method="prefix", format="peft", variant=variant,
+                          payload=PrefixWeights(kv[0::2].contiguous(), kv[1::2].contiguous(), 0), config=cfg)

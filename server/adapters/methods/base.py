@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -92,6 +92,19 @@ class MethodPlan:
 
 
 @dataclass(frozen=True)
+class KVPrefix:
+    """Entries a row's KV cache holds before its prompt in every layer (prompt and prefix tuning)."""
+
+    keys: torch.Tensor  # [L, n_kv, N, d], post-rotary, the cache's dtype and device
+    values: torch.Tensor  # [L, n_kv, N, d]
+    rope_shift: int  # real token t: cache position N + t, rotary position N + t + rope_shift
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[2]
+
+
+@dataclass(frozen=True)
 class SlotContext:
     """What a method needs to allocate and route: the base model's shape, the slot count, where to put tensors."""
 
@@ -101,6 +114,8 @@ class SlotContext:
     dtype: torch.dtype
     modules: dict[str, torch.nn.Linear]  # full name -> the base model's Linear
     compile: bool = False  # compile the graph-replay hooks into fused kernels (CUDA, --compile-kernels)
+    # the bare model's keys and values [L, n_kv, N, d] for input embeddings [N, H] at positions 0..N-1
+    encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class AdapterMethod(ABC):
@@ -129,6 +144,10 @@ class AdapterMethod(ABC):
 
     def device_bytes(self) -> int:
         return 0
+
+    def prefix(self, slot: int) -> KVPrefix | None:
+        """The entries a row of this slot starts with in its KV cache, if the method works that way."""
+        return None
 
     # Graph replay: a plan for any mix of slots, fixed at capture time.
     def uses(self, slots: list[int]) -> bool:
