@@ -29,7 +29,7 @@ def tiny_model() -> torch.nn.Module:
 def refs() -> dict[str, torch.Tensor]:
     return {**load_file(FIXTURES / "refs_base.safetensors"), **load_file(FIXTURES / "refs_lora.safetensors"),
             **load_file(FIXTURES / "refs_adapterhub.safetensors"), **load_file(FIXTURES / "refs_adapterhub_lora.safetensors"),
-            **load_file(FIXTURES / "refs_prompt.safetensors")}
+            **load_file(FIXTURES / "refs_prompt.safetensors"), **load_file(FIXTURES / "refs_adapterhub_prefix.safetensors")}
 
 
 def input_ids() -> torch.Tensor:

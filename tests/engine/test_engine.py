@@ -10,7 +10,7 @@ from tests.helpers import Collector, fixture_dir, make_engine, run_until_done
 
 ADAPTERS = ["ia3_default", "ia3_ff_in", "seq_bn", "double_seq_bn", "par_bn", "seq_bn_ln", "par_bn_mh",
             "lora_qv", "lora_patterns", "lora_bias", "dora_qv", "hub_lora_all", "compacter",
-            "prompt_tuning", "p_tuning_lstm", "prefix_tuning", "prefix_tuning_proj"]
+            "prompt_tuning", "p_tuning_lstm", "prefix_tuning", "prefix_tuning_proj", "hub_prefix", "hub_prefix_flat"]
 PROMPTS = ["the quick brown fox", "hello world", "adapters serve many tasks on one", "numbers 0123"]
 
 

@@ -18,7 +18,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ADAPTERS = ["ia3_default", "ia3_ff_in", "seq_bn", "par_bn", "double_seq_bn", "seq_bn_ln", "par_bn_mh", "seq_bn_tanh_float",
             "seq_bn_sigmoid_noorig", "par_bn_ln_after", "seq_bn_ln_arbln", "hub_ia3",
             "lora_qv", "lora_bias", "lora_patterns", "dora_qv", "dora_rslora_all", "compacter", "hub_lora_all",
-            "prompt_tuning", "prefix_tuning"]
+            "prompt_tuning", "prefix_tuning", "hub_prefix"]
 PROMPTS = ["the quick brown fox", "hello world", "adapters serve many tasks on one", "numbers 0123"]
 
 

@@ -1,5 +1,5 @@
-"""AdapterHub `adapters` checkpoints: bottleneck (seq_bn, double_seq_bn, par_bn, ...), (IA)3 and LoRA
-(ADAPTERS.md 2, 3, 7)."""
+"""AdapterHub `adapters` checkpoints: bottleneck (seq_bn, double_seq_bn, par_bn, ...), (IA)3, LoRA
+(ADAPTERS.md 2, 3, 7) and prefix tuning (section 9, in adapterhub_prefix.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ..methods.bottleneck import BottleneckBlock, BottleneckOptions, BottleneckW
 from ..methods.ia3 import IA3Vector, IA3Weights
 from ..methods.lora import LoRAModule, LoRAWeights
 from ..spec import AdapterWeights, BaseModelInfo, Location
+from .adapterhub_prefix import parse_prefix
 from .tensors import expect_shape, load_tensors, pick_weight_file
 
 WEIGHT_FILES = ("adapter.safetensors", "pytorch_adapter.bin")
@@ -59,6 +60,8 @@ def parse(meta: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWei
         return _parse_ia3(meta, files, base)
     if arch == "lora" and c.get("composition_mode", "add") == "add":
         return _parse_lora(meta, files, base)
+    if arch == "prefix_tuning":
+        return parse_prefix(meta, files, base, WEIGHT_FILES)
     if arch is not None:
         raise UnsupportedAdapterError(f"AdapterHub architecture {arch!r} is not served", key="config.architecture")
     return _parse_bottleneck(meta, files, base)
