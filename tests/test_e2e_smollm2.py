@@ -102,6 +102,22 @@ def test_smollm2_end_to_end(loaded, tmp_path):
             lp = torch.log_softmax(pl(full).logits[0].float(), -1)
         want = [lp[n - 1 + i, t].item() for i, t in enumerate(lo["token_ids"])]
         assert max(abs(a - b) for a, b in zip(lo["logprobs"], want, strict=True)) < 1e-3
+        # a PEFT prefix-tuning adapter (8 virtual positions in every layer's cache): its logprobs equal
+        # PEFT's forward over the whole sequence, and usage counts only the real prompt
+        write_demo("prefix8", tmp_path / "prefix", model.config, seed=4)
+        assert c.post("/adapters", data={"adapter_id": "prefix"}, files=upload_files(tmp_path / "prefix")).status_code == 201
+        pr = c.post("/generate", json={"prompt": PROMPT, "adapter_id": "prefix", "max_new_tokens": 8, "ignore_eos": True,
+                                       "logprobs": True}).json()
+        assert pr["usage"]["prompt_tokens"] == n
+        pp = PeftModel.from_pretrained(load_base_model(ModelConfig("smollm2", "cpu", "float32", CACHE)).model, tmp_path / "prefix")
+        full = torch.tensor([ids[0].tolist() + pr["token_ids"]])
+        with torch.no_grad():
+            lp = torch.log_softmax(pp(full).logits[0].float(), -1)
+            with pp.disable_adapter():
+                bare = torch.log_softmax(pp(full).logits[0].float(), -1)
+        want = [lp[n - 1 + i, t].item() for i, t in enumerate(pr["token_ids"])]
+        assert max(abs(a - b) for a, b in zip(pr["logprobs"], want, strict=True)) < 1e-3
+        assert max(abs(a - bare[n - 1 + i, t].item()) for i, (a, t) in enumerate(zip(pr["logprobs"], pr["token_ids"]))) > 1e-2
         assert "adapter_server_requests_total" in c.get("/metrics").text
     finally:
         s.close()

@@ -96,11 +96,37 @@ def write_peft_lora(out: Path, num_layers: int, dims: dict[str, tuple[int, int]]
     return out
 
 
+def write_peft_prompt(out: Path, cfg: Any, n: int = 20, seed: int = 0, prefix: bool = False) -> Path:
+    """A PEFT prompt-tuning folder (N virtual token embeddings), or with `prefix` a prefix-tuning one
+    (each layer's keys and values for N positions), with small random values."""
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    H, L = cfg.hidden_size, cfg.num_hidden_layers
+    kvh = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or H // cfg.num_attention_heads
+    width = L * 2 * kvh * hd if prefix else H
+    save_file({"prompt_embeddings": (0.5 if prefix else 0.02) * torch.randn(n, width, generator=g)},
+              out / "adapter_model.safetensors")
+    common = {"task_type": "CAUSAL_LM", "num_virtual_tokens": n, "num_transformer_submodules": 1, "num_layers": L,
+              "inference_mode": True}
+    if prefix:
+        cfg_json = {"peft_type": "PREFIX_TUNING", **common, "token_dim": kvh * hd, "num_attention_heads": kvh,
+                    "prefix_projection": False, "encoder_hidden_size": H}
+    else:
+        cfg_json = {"peft_type": "PROMPT_TUNING", **common, "token_dim": H, "num_attention_heads": cfg.num_attention_heads,
+                    "prompt_tuning_init": "RANDOM"}
+    (out / "adapter_config.json").write_text(json.dumps(cfg_json, indent=1))
+    return out
+
+
 def write_demo(kind: str, out: Path, cfg: Any, seed: int = 0) -> Path:
-    """An untrained adapter of `kind` ("ia3", "lora", "lora<r>", "dora", "dora<r>", or a preset of BN_PRESETS) for a model of
+    """An untrained adapter of `kind` ("ia3", "lora", "lora<r>", "dora", "dora<r>", "prompt", "prompt<n>",
+    "prefix", "prefix<n>", or a preset of BN_PRESETS) for a model of
     config `cfg`, in its library's own layout: PEFT for (IA)3 and LoRA, AdapterHub for the bottlenecks."""
     if kind == "ia3":
         return write_peft_ia3(out, cfg.num_hidden_layers, linear_dims_from_config(cfg), seed=seed)
+    if kind.startswith(("prompt", "prefix")):
+        return write_peft_prompt(out, cfg, n=int(kind[6:] or 20), seed=seed, prefix=kind.startswith("prefix"))
     if kind.startswith(("lora", "dora")):
         return write_peft_lora(out, cfg.num_hidden_layers, linear_dims_from_config(cfg), r=int(kind[4:] or 16), seed=seed,
                                dora=kind.startswith("dora"))
