@@ -77,6 +77,18 @@ class _Slot:
 
 
 @dataclass
+class _Grouped:
+    """Rows grouped by adapter, for batches of several adapters: one batched product over the n adapters
+    present, each of its m rows against its own adapter's block only (zero-padded to the largest rank
+    present, which adds exactly 0), instead of every row against every adapter's columns."""
+
+    take: torch.Tensor  # [n * m] the row of x for each place (padding places read row 0)
+    put: torch.Tensor  # [n * m] the row of the result for each place (padding places write row B, dropped)
+    At: torch.Tensor  # [n, in, R]
+    sBt: torch.Tensor  # [n, R, out]
+
+
+@dataclass
 class _ModulePlan:
     A: torch.Tensor  # [R, in]: the batch's adapters side by side
     sB: torch.Tensor  # [out, R]
@@ -84,6 +96,7 @@ class _ModulePlan:
     bias: torch.Tensor | None  # [B, 1, out] per-row s * b_B (zeros for rows without one)
     g: torch.Tensor | None = None  # [B, 1, out] DoRA scale per row (ones for other rows)
     base_bias: torch.Tensor | None = None  # [out] the Linear's own bias, which DoRA does not scale
+    grouped: _Grouped | None = None  # several adapters: the grouped products replace A, sB and colmask
 
 
 def add_delta(y: torch.Tensor, delta: torch.Tensor, g: torch.Tensor | None, base_bias: torch.Tensor | None
@@ -106,10 +119,17 @@ class LoRAPlan(MethodPlan):
         if p is None:
             return None
         with self.timer.span(self.label):
-            d = F.linear(x.to(F32), p.A)  # [B, T, R]
-            if p.colmask is not None:
-                d = torch.where(p.colmask, d, 0.0)
-            delta = F.linear(d, p.sB)  # [B, T, out]
+            if (gr := p.grouped) is not None:
+                B, T = x.shape[:2]
+                n, _, out = gr.sBt.shape
+                xg = x.to(F32).index_select(0, gr.take).view(n, -1, x.shape[-1])  # [n, m*T, in]
+                dg = torch.bmm(torch.bmm(xg, gr.At), gr.sBt)  # [n, m*T, out]
+                delta = x.new_zeros(B + 1, T, out, dtype=F32).index_copy_(0, gr.put, dg.view(-1, T, out))[:B]
+            else:
+                d = F.linear(x.to(F32), p.A)  # [B, T, R]
+                if p.colmask is not None:
+                    d = torch.where(p.colmask, d, 0.0)
+                delta = F.linear(d, p.sB)  # [B, T, out]
             if p.bias is not None:
                 delta = delta + p.bias
             return add_delta(y, delta, p.g, p.base_bias)
@@ -295,8 +315,10 @@ class LoRAMethod(AdapterMethod):
         A = torch.cat([w.A for w in ws])  # [R, in]
         sB = torch.cat([w.sB for w in ws], dim=1)  # [out, R]
         uniform = len(present) == 1 and all(s == present[0] for s in slots)
-        colmask = None
-        if not uniform:
+        colmask = grouped = None
+        if len(present) > 1:
+            grouped = self._grouped(slots, present, ws)
+        elif not uniform:
             owner = torch.cat([torch.full((w.A.shape[0],), s, device=dev) for s, w in zip(present, ws, strict=True)])
             colmask = (slot_idx[:, None] == owner[None, :])[:, None, :]  # [B, 1, R]
         bias = g = None
@@ -311,7 +333,21 @@ class LoRAMethod(AdapterMethod):
                 if w.g is not None:
                     g[[i for i, x in enumerate(slots) if x == s], 0] = w.g
         base_bias = self.ctx.modules[module].bias
-        return _ModulePlan(A, sB, colmask, bias, g, None if g is None or base_bias is None else base_bias.detach().to(F32))
+        return _ModulePlan(A, sB, colmask, bias, g, None if g is None or base_bias is None else base_bias.detach().to(F32),
+                           grouped)
+
+    def _grouped(self, slots: list[int], present: list[int], ws: list[_Slot]) -> _Grouped:
+        dev, B = self.ctx.device, len(slots)
+        rows = [[i for i, s in enumerate(slots) if s == p] for p in present]
+        m, R = max(len(r) for r in rows), max(w.A.shape[0] for w in ws)
+        take = [r[k] if k < len(r) else 0 for r in rows for k in range(m)]
+        put = [r[k] if k < len(r) else B for r in rows for k in range(m)]
+        At = torch.zeros(len(ws), ws[0].A.shape[1], R, device=dev, dtype=F32)
+        sBt = torch.zeros(len(ws), R, ws[0].sB.shape[0], device=dev, dtype=F32)
+        for j, w in enumerate(ws):
+            r = w.A.shape[0]
+            At[j, :, :r], sBt[j, :r] = w.A.t(), w.sB.t()
+        return _Grouped(torch.tensor(take, device=dev), torch.tensor(put, device=dev), At, sBt)
 
     # -- folding into the base weights -------------------------------------------------------
     def can_merge(self, slot: int) -> bool:
