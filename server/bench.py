@@ -48,19 +48,32 @@ def make_engine(loaded: LoadedModel, store: Path, slots: int = 16, merge: str = 
     return Engine(loaded, reg, cfg, Metrics())
 
 
+LORA_RANKS = (8, 16, 24, 32, 40, 48, 56, 64)  # eight LoRAs of mixed ranks, on every Linear
+
+
 def synth_store(loaded: LoadedModel, root: Path) -> list[str]:
-    """8 adapters over the real model: (IA)3 and the three bottleneck presets, two of each."""
+    """Adapters over the real model: (IA)3 and the three bottleneck presets, two of each (the throughput
+    runs use these 8); LoRA and DoRA rank 16 on every Linear, prompt and prefix tuning of 20 virtual
+    tokens, one or two of each; eight LoRAs of ranks 8 to 64."""
     cfg = loaded.model.config  # type: ignore[attr-defined]
     store = AdapterStore(root)
     reg = Registry(store, BaseModelInfo.from_model(loaded.model), RegistryConfig(64))
     names = []
+
+    def add(name: str, kind: str, seed: int) -> None:
+        src = Path(tempfile.mkdtemp())
+        write_demo(kind, src, cfg, seed=seed)
+        reg.add_folder(name, src)
+        names.append(name)
+
     for i in range(2):
         for kind in ("ia3", "seq_bn", "double_seq_bn", "par_bn"):
-            name = f"{kind}-{i}"
-            src = Path(tempfile.mkdtemp())
-            write_demo(kind, src, cfg, seed=i)
-            reg.add_folder(name, src)
-            names.append(name)
+            add(f"{kind}-{i}", kind, i)
+    for i in range(2):
+        for kind in ("lora", "dora", "prompt", "prefix"):
+            add(f"{kind}-{i}", kind, i)
+    for i, r in enumerate(LORA_RANKS):
+        add(f"lora-r{r}", f"lora{r}", 20 + i)
     return names
 
 
@@ -103,6 +116,9 @@ def throughput(loaded: LoadedModel, store: Path, names: list[str], max_new: int,
         ("1 adapter: (IA)3, unmerged", [ia3] * 16, make_engine(loaded, store, merge="never")),
         ("1 adapter: seq_bn", [bns[0]] * 16, eng),
         ("8 distinct adapters", [names[i % 8] for i in range(16)], eng),
+        ("1 adapter: LoRA r16 on every Linear, merged", ["lora-0"] * 16, eng),
+        ("8 adapters of 8 families", [["ia3-0", "seq_bn-0", "double_seq_bn-0", "par_bn-0", "lora-0", "dora-0", "prompt-0",
+                                       "prefix-0"][i % 8] for i in range(16)], eng),
     ]
     n_tok = 16 * max_new
     hf_generate(loaded, 4)
@@ -123,22 +139,30 @@ def throughput(loaded: LoadedModel, store: Path, names: list[str], max_new: int,
 
 # -- per decode step ----------------------------------------------------------------------------
 def _decode_timer(eng: Engine, slots: list[int], ctx: int = 64) -> Callable[[], float]:
-    """A function timing one decode forward pass over len(slots) rows at context length ctx."""
+    """A function timing one decode forward pass over len(slots) rows at context length ctx (prompt
+    tokens; a row of a prompt or prefix adapter holds its virtual positions before them)."""
     runner, B = eng.runner, len(slots)
     dev = runner.device
-    runner.cache.fit(B, ctx + 1, 0, 0)
+    prefixes = [eng.slots.prefix(s) for s in slots]
+    pre = [0 if p is None else p.length for p in prefixes]
+    shift = [0 if p is None else p.rope_shift for p in prefixes]
+    runner.cache.fit(B, max(pre) + ctx + 1, 0, 0)
+    for b, p in enumerate(prefixes):
+        if p is not None:
+            runner.cache.k[:, b, :, : p.length], runner.cache.v[:, b, :, : p.length] = p.keys, p.values
     ids = torch.randint(100, 1000, (B, ctx), device=dev)
-    zeros = torch.zeros(B, dtype=torch.long, device=dev)
+    rope = torch.tensor(shift, device=dev) if any(shift) else None
     plan = eng.slots.plan(slots)
-    runner.forward(ids, zeros, torch.full((B,), ctx, device=dev), 0, plan)
+    runner.forward(ids, torch.tensor(pre, device=dev), torch.full((B,), ctx, device=dev), 0, plan, rope_shift=rope)
     one = torch.randint(100, 1000, (B, 1), device=dev)
-    start, ones = torch.full((B,), ctx, device=dev), torch.ones(B, dtype=torch.long, device=dev)
+    start, ones = torch.tensor([a + ctx for a in pre], device=dev), torch.ones(B, dtype=torch.long, device=dev)
+    same = pre[0] + ctx if all(a == pre[0] for a in pre) else None
     eng.timer.enabled = False  # time the pass itself, not our instrumentation
 
     def step() -> float:
         _sync(dev)
         t0 = time.perf_counter()
-        runner.forward(one, start, ones, 0, eng.slots.plan(slots))
+        runner.forward(one, start, ones, 0, eng.slots.plan(slots), kv_len=max(pre) + ctx + 1, start0=same, rope_shift=rope)
         _sync(dev)
         return time.perf_counter() - t0
 
@@ -197,24 +221,34 @@ def _grant(eng: Engine, name: str) -> int:
 
 def decode_overhead(loaded: LoadedModel, store: Path, names: list[str], n: int) -> dict[str, Any]:
     """Per-decode-step cost of each adapter kind against the bare model, and of mixing adapters."""
-    eng = make_engine(loaded, store, slots=32)
+    eng = make_engine(loaded, store, slots=48)
     slot = {name: _grant(eng, name) for name in names}
     for name in _more_adapters(eng, loaded, 14):
         slot[name] = _grant(eng, name)
-    kinds = {"ia3 (unmerged)": "ia3-0", "seq_bn": "seq_bn-0", "double_seq_bn": "double_seq_bn-0", "par_bn": "par_bn-0"}
-    out: dict[str, Any] = {"per_kind": [], "mixed": []}
+    kinds = {"ia3 (unmerged)": "ia3-0", "seq_bn": "seq_bn-0", "double_seq_bn": "double_seq_bn-0", "par_bn": "par_bn-0",
+             "lora r16 (unmerged)": "lora-0", "dora r16 (unmerged)": "dora-0", "prompt 20": "prompt-0",
+             "prefix 20": "prefix-0"}
+    out: dict[str, Any] = {"per_kind": [], "mixed": [], "mixed_lora": []}
     for B in (1, 16):
         fns = {"base": _decode_timer(eng, [0] * B)}
         fns.update({label: _decode_timer(eng, [slot[name]] * B) for label, name in kinds.items()})
         t = interleaved_min(fns, n)
-        eng.slots.merge(slot["ia3-0"])
-        merged = interleaved_min({"base": _decode_timer(eng, [0] * B), "m": _decode_timer(eng, [slot["ia3-0"]] * B)}, n)
-        eng.slots.unmerge()
         row: dict[str, Any] = {"batch": B, "base_s": t["base"], "matmul_floor_s": matmul_floor(loaded, B, n)}
         row["base_over_floor"] = t["base"] / row["matmul_floor_s"]
         row["overhead"] = {label: t[label] / t["base"] - 1 for label in kinds}
-        row["overhead"]["ia3 (merged)"] = merged["m"] / merged["base"] - 1
+        for label, name in (("ia3 (merged)", "ia3-0"), ("lora r16 (merged)", "lora-0"), ("dora r16 (merged)", "dora-0")):
+            eng.slots.merge(slot[name])
+            merged = interleaved_min({"base": _decode_timer(eng, [0] * B), "m": _decode_timer(eng, [slot[name]] * B)}, n)
+            eng.slots.unmerge()
+            row["overhead"][label] = merged["m"] / merged["base"] - 1
         out["per_kind"].append(row)
+    loras = [f"lora-r{r}" for r in LORA_RANKS]
+    fns = {f"one rank {r}": _decode_timer(eng, [slot[f"lora-r{r}"]] * 16) for r in (8, 32, 64)}
+    fns["8 ranks 8-64"] = _decode_timer(eng, [slot[loras[i % 8]] for i in range(16)])
+    fns["2 rank-16 LoRAs, mixed"] = _decode_timer(eng, [slot[["lora-0", "lora-1"][i % 2]] for i in range(16)])
+    t = interleaved_min(fns, n)
+    for label, v in t.items():
+        out["mixed_lora"].append({"rows": 16, "adapters": label, "step_s": v, "throughput_vs_one_rank_32": t["one rank 32"] / v})
     seqs = ["seq_bn-0", "seq_bn-1"] + [f"extra-seq_bn-{i}" for i in range(14)]
     hetero = ["seq_bn-0", "ia3-0", "double_seq_bn-0", "par_bn-0", "seq_bn-1", "ia3-1", "double_seq_bn-1", "par_bn-1"]
     fns = {"one": _decode_timer(eng, [slot["seq_bn-0"]] * 16)}
@@ -222,6 +256,8 @@ def decode_overhead(loaded: LoadedModel, store: Path, names: list[str], n: int) 
         fns[f"seq_bn x{k}"] = _decode_timer(eng, [slot[seqs[i % k]] for i in range(16)])
     for k in (4, 8):
         fns[f"mixed kinds x{k}"] = _decode_timer(eng, [slot[hetero[i % k]] for i in range(16)])
+    families = ["ia3-0", "seq_bn-0", "double_seq_bn-0", "par_bn-0", "lora-0", "dora-0", "prompt-0", "prefix-0"]
+    fns["8 families x8"] = _decode_timer(eng, [slot[families[i % 8]] for i in range(16)])
     t = interleaved_min(fns, n)
     for label, v in t.items():
         if label != "one":
@@ -237,7 +273,10 @@ def flops_share(loaded: LoadedModel) -> dict[str, float]:
     base = sum(m.in_features * m.out_features for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and ".layers." in n) + model.lm_head.in_features * model.lm_head.out_features
     r16, r2 = H // 16, H // 2
-    return {"seq_bn": L * 2 * H * r16 / base, "double_seq_bn": L * 2 * 2 * H * r16 / base, "par_bn": L * 2 * H * r2 / base}
+    lora16 = 16 * sum(m.in_features + m.out_features for n, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and ".layers." in n)
+    return {"seq_bn": L * 2 * H * r16 / base, "double_seq_bn": L * 2 * 2 * H * r16 / base, "par_bn": L * 2 * H * r2 / base,
+            "lora r16 (unmerged)": lora16 / base}
 
 
 def cold_start(loaded: LoadedModel, reps: int = 3) -> list[dict[str, Any]]:
@@ -326,6 +365,9 @@ def render(r: dict[str, Any]) -> str:
     out += ["", "Mixed batches: 16 rows, throughput against 16 rows of one seq_bn adapter"]
     for m in r["decode"]["mixed"]:
         out.append(f"  {m['adapters']:<18} {m['step_s'] * 1e3:8.2f} ms/step  {m['throughput_vs_one_adapter'] * 100:6.1f}%")
+    out += ["", "LoRA on every Linear, 16 rows, throughput against 16 rows of one rank-32 LoRA"]
+    for m in r["decode"].get("mixed_lora", []):
+        out.append(f"  {m['adapters']:<18} {m['step_s'] * 1e3:8.2f} ms/step  {m['throughput_vs_one_rank_32'] * 100:6.1f}%")
     out += ["", "Cold start (median)"]
     for c in r["cold_start"]:
         out.append(f"  {c['kind']:<8} upload {c['upload_s'] * 1e3:7.1f} ms   upload->first token "
