@@ -70,7 +70,7 @@ def synth_store(loaded: LoadedModel, root: Path) -> list[str]:
         for kind in ("ia3", "seq_bn", "double_seq_bn", "par_bn"):
             add(f"{kind}-{i}", kind, i)
     for i in range(2):
-        for kind in ("lora", "dora", "prompt", "prefix"):
+        for kind in ("lora", "dora", "prompt", "prefix", "compacter"):
             add(f"{kind}-{i}", kind, i)
     for i, r in enumerate(LORA_RANKS):
         add(f"lora-r{r}", f"lora{r}", 20 + i)
@@ -227,7 +227,7 @@ def decode_overhead(loaded: LoadedModel, store: Path, names: list[str], n: int) 
         slot[name] = _grant(eng, name)
     kinds = {"ia3 (unmerged)": "ia3-0", "seq_bn": "seq_bn-0", "double_seq_bn": "double_seq_bn-0", "par_bn": "par_bn-0",
              "lora r16 (unmerged)": "lora-0", "dora r16 (unmerged)": "dora-0", "prompt 20": "prompt-0",
-             "prefix 20": "prefix-0"}
+             "prefix 20": "prefix-0", "compacter": "compacter-0"}
     out: dict[str, Any] = {"per_kind": [], "mixed": [], "mixed_lora": []}
     for B in (1, 16):
         fns = {"base": _decode_timer(eng, [0] * B)}
@@ -276,6 +276,7 @@ def flops_share(loaded: LoadedModel) -> dict[str, float]:
     lora16 = 16 * sum(m.in_features + m.out_features for n, m in model.named_modules()
                       if isinstance(m, torch.nn.Linear) and ".layers." in n)
     return {"seq_bn": L * 2 * H * r16 / base, "double_seq_bn": L * 2 * 2 * H * r16 / base, "par_bn": L * 2 * H * r2 / base,
+            "compacter": L * 2 * 2 * H * r16 / base,  # rebuilt dense at load: double_seq_bn's shape
             "lora r16 (unmerged)": lora16 / base}
 
 

@@ -48,7 +48,7 @@ def write_demo_adapters(settings: Settings, out: Path, count: int = 0, kinds: li
         one("dora", out / "peft-dora", seed + 4)
         one("prompt", out / "peft-prompt", seed + 5)
         one("prefix", out / "peft-prefix", seed + 6)
-        for preset in ("seq_bn", "double_seq_bn", "par_bn"):
+        for preset in ("seq_bn", "double_seq_bn", "par_bn", "compacter"):
             one(preset, out / f"hub-{preset.replace('_', '-')}", seed + 2)
     logging.getLogger("adapter-server").info("wrote demo adapters under %s", out)
 
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--model", default=None)
     d.add_argument("--cache-dir", dest="cache_dir", default=None)
     d.add_argument("--count", type=int, default=0, help="write this many, named <kind>-<i>, cycling over --kinds")
-    d.add_argument("--kinds", default="ia3,seq_bn,double_seq_bn,par_bn,lora,dora,prompt,prefix",
-                   help="ia3, seq_bn, double_seq_bn, par_bn, lora or dora (rank 16), lora<r> or dora<r>, "
+    d.add_argument("--kinds", default="ia3,seq_bn,double_seq_bn,par_bn,compacter,lora,dora,prompt,prefix",
+                   help="ia3, seq_bn, double_seq_bn, par_bn, compacter, lora or dora (rank 16), lora<r> or dora<r>, "
                         "prompt or prefix (20 virtual tokens), prompt<n> or prefix<n>")
     d.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

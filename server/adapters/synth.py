@@ -74,6 +74,38 @@ def write_adapterhub_bn(out: Path, num_layers: int, hidden: int, preset: str = "
     return out
 
 
+COMPACTER = dict(mh_adapter=True, output_adapter=True, reduction_factor=16, non_linearity="gelu", original_ln_before=False,
+                 is_parallel=False, scaling=1.0, phm_layer=True, phm_dim=4, phm_rank=1, factorized_phm_W=True,
+                 factorized_phm_rule=False, shared_phm_rule=True, shared_W_phm=False, phm_bias=True, learn_phm=True,
+                 phm_c_init="normal", phm_init_range=0.0001, hypercomplex_nonlinearity="glorot-uniform")
+
+
+def write_adapterhub_compacter(out: Path, num_layers: int, hidden: int, seed: int = 0, name: str = "adapter") -> Path:
+    """An AdapterHub Compacter folder (pytorch_adapter.bin): factorised PHM layers and one shared
+    phm_rule, with small random values; hidden / 16 and hidden must divide by phm_dim 4."""
+    out.mkdir(parents=True, exist_ok=True)
+    n, r = COMPACTER["phm_dim"], hidden // COMPACTER["reduction_factor"]
+    g = torch.Generator().manual_seed(seed)
+    t = {f"model.shared_parameters.{name}.phm_rule": 0.5 * torch.randn(n, n, n, generator=g)}
+    for i in range(num_layers):
+        for place in ("attention_adapters", "output_adapters"):
+            k = f"model.layers.{i}.{place}.adapters.{name}."
+            t[k + "adapter_down.0.W_left"] = 0.3 * torch.randn(n, hidden // n, 1, generator=g)
+            t[k + "adapter_down.0.W_right"] = 0.3 * torch.randn(n, 1, r // n, generator=g)
+            t[k + "adapter_down.0.b"] = 0.01 * torch.randn(r, generator=g)
+            t[k + "adapter_up.W_left"] = 0.1 * torch.randn(n, r // n, 1, generator=g)
+            t[k + "adapter_up.W_right"] = 0.1 * torch.randn(n, 1, hidden // n, generator=g)
+            t[k + "adapter_up.b"] = 0.01 * torch.randn(hidden, generator=g)
+    torch.save(t, out / "pytorch_adapter.bin")
+    cfg = {**COMPACTER, "original_ln_after": True, "ln_before": False, "ln_after": False, "residual_before_ln": True,
+           "adapter_residual_before_ln": False, "use_gating": False, "leave_out": [], "stochastic_depth": 0.0,
+           "inv_adapter": None, "init_weights": "bert", "dropout": 0.0}
+    meta = {"config": cfg, "hidden_size": hidden, "model_class": "LlamaForCausalLM", "model_type": "llama",
+            "name": name, "version": "adapters.1.3.0"}
+    (out / "adapter_config.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
 def write_peft_lora(out: Path, num_layers: int, dims: dict[str, tuple[int, int]], r: int = 16, seed: int = 0,
                     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                     dora: bool = False) -> Path:
@@ -121,10 +153,13 @@ def write_peft_prompt(out: Path, cfg: Any, n: int = 20, seed: int = 0, prefix: b
 
 def write_demo(kind: str, out: Path, cfg: Any, seed: int = 0) -> Path:
     """An untrained adapter of `kind` ("ia3", "lora", "lora<r>", "dora", "dora<r>", "prompt", "prompt<n>",
-    "prefix", "prefix<n>", or a preset of BN_PRESETS) for a model of
-    config `cfg`, in its library's own layout: PEFT for (IA)3 and LoRA, AdapterHub for the bottlenecks."""
+    "prefix", "prefix<n>", "compacter", or a preset of BN_PRESETS) for a model of
+    config `cfg`, in its library's own layout: PEFT for (IA)3, LoRA, DoRA, prompt and prefix tuning,
+    AdapterHub for the bottlenecks and Compacter."""
     if kind == "ia3":
         return write_peft_ia3(out, cfg.num_hidden_layers, linear_dims_from_config(cfg), seed=seed)
+    if kind == "compacter":
+        return write_adapterhub_compacter(out, cfg.num_hidden_layers, cfg.hidden_size, seed=seed, name=kind)
     if kind.startswith(("prompt", "prefix")):
         return write_peft_prompt(out, cfg, n=int(kind[6:] or 20), seed=seed, prefix=kind.startswith("prefix"))
     if kind.startswith(("lora", "dora")):
