@@ -74,7 +74,7 @@ def write_adapterhub_bn(out: Path, num_layers: int, hidden: int, preset: str = "
     return out
 
 
-COMPACTER = dict(mh_adapter=True, output_adapter=True, reduction_factor=16, non_linearity="gelu", original_ln_before=False,
+COMPACTER: dict[str, Any] = dict(mh_adapter=True, output_adapter=True, reduction_factor=16, non_linearity="gelu", original_ln_before=False,
                  is_parallel=False, scaling=1.0, phm_layer=True, phm_dim=4, phm_rank=1, factorized_phm_W=True,
                  factorized_phm_rule=False, shared_phm_rule=True, shared_W_phm=False, phm_bias=True, learn_phm=True,
                  phm_c_init="normal", phm_init_range=0.0001, hypercomplex_nonlinearity="glorot-uniform")
@@ -84,7 +84,7 @@ def write_adapterhub_compacter(out: Path, num_layers: int, hidden: int, seed: in
     """An AdapterHub Compacter folder (pytorch_adapter.bin): factorised PHM layers and one shared
     phm_rule, with small random values; hidden / 16 and hidden must divide by phm_dim 4."""
     out.mkdir(parents=True, exist_ok=True)
-    n, r = COMPACTER["phm_dim"], hidden // COMPACTER["reduction_factor"]
+    n, r = int(COMPACTER["phm_dim"]), hidden // int(COMPACTER["reduction_factor"])
     g = torch.Generator().manual_seed(seed)
     t = {f"model.shared_parameters.{name}.phm_rule": 0.5 * torch.randn(n, n, n, generator=g)}
     for i in range(num_layers):
