@@ -204,3 +204,26 @@ def test_device_bytes_follow_a_delete_and_a_replace(tmp_path):
             assert sum(1 for k in s.services.engine.adapters.table() if k) == 1
     finally:
         s.close()
+
+
+def test_prompt_and_prefix_tuning_over_http(client):
+    """Uploaded like any adapter; info names the family and variant; usage counts only real prompt
+    tokens; a prompt that fits alone but not after the adapter's virtual tokens is a 400 naming them."""
+    for aid, src, method, variant in [("pt", "prompt_tuning", "prompt", "prompt_tuning"),
+                                      ("pre", "prefix_tuning", "prefix", "prefix_tuning"),
+                                      ("hub-pre", "hub_prefix", "prefix", "prefix_tuning")]:
+        r = client.post("/adapters", data={"adapter_id": aid}, files=upload_files(fixture_dir(src)))
+        assert r.status_code == 201, r.text
+        info = client.get(f"/adapters/{aid}").json()
+        assert (info["method"], info["variant"]) == (method, variant)
+    bare = gen(client).json()
+    for aid in ("pt", "pre", "hub-pre"):
+        j = gen(client, adapter_id=aid).json()
+        assert j["usage"]["prompt_tokens"] == bare["usage"]["prompt_tokens"] and j["token_ids"] != bare["token_ids"]
+    msg = client.post("/generate", json={"prompt": "a" * 5000, "max_new_tokens": 1}).json()["error"]["message"]
+    window = int(msg.split("context window is ")[1].split(":")[0])
+    fits_alone = "a" * (window - 4)  # window - 3 tokens with BOS: fits alone, not after 6 virtual ones
+    j = client.post("/generate", json={"prompt": fits_alone, "max_new_tokens": 1}).json()
+    assert j["usage"]["prompt_tokens"] == window - 3
+    r = client.post("/generate", json={"prompt": fits_alone, "max_new_tokens": 1, "adapter_id": "pre"})
+    assert r.status_code == 400 and "6 virtual tokens" in r.json()["error"]["message"]
