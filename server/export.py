@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 
 def _not_mergeable(adapter_id: str, variant: object) -> NotMergeableError:
-    return NotMergeableError(f"adapter {adapter_id!r} ({variant}) is non-linear in the base weights and can never "
-                             "be folded into them")
+    return NotMergeableError(f"adapter {adapter_id!r} ({variant}) is not a linear change of the base weights "
+                             "(bottlenecks add non-linear modules, prompt and prefix tuning add positions before "
+                             "the prompt), so it can never be folded into them")
 
 
 def export_merged(model_cfg: ModelConfig, store_dir: Path, adapter_id: str, out: Path) -> Path:
