@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     compile_kernels: bool = _E.compile_kernels
     api_key: str | None = None
     admin_api_key: str | None = None
+    adapter_load_root: Path | None = None  # turns on POST /v1/load_lora_adapter for folders under it
     log_level: str = "info"
 
     @field_validator("log_level")

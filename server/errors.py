@@ -88,5 +88,15 @@ class AuthError(AdapterServerError):
         super().__init__(message)
 
 
+class ForbiddenError(AdapterServerError):
+    kind = "forbidden"
+
+
+class NotEnabledError(AdapterServerError):
+    """A feature the operator did not turn on, or a server-side path that is not there."""
+
+    kind = "not_found"
+
+
 class PayloadTooLargeError(AdapterServerError):
     kind = "payload_too_large"

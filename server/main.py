@@ -15,6 +15,7 @@ from .api.deps import Services
 from .api.limits import BodySizeLimit
 from .api.openai import router as openai_router
 from .api.routes import router
+from .api.vllm import router as vllm_router
 from .config import Settings
 from .metrics import Metrics
 
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     api_errors.install(app)
     app.include_router(router)
     app.include_router(openai_router)
+    app.include_router(vllm_router)
     upload_limit = settings.max_upload_bytes
 
     def limit_for(scope: MutableMapping[str, Any]) -> int:

@@ -1,10 +1,13 @@
 """Every Prometheus metric (prefix adapter_server_, base units, bounded labels) and its record helpers.
 
 Labels are closed sets: adapter_type from adapters.families (none, each method, each mergeable method
-folded), never an adapter id or prompt.
+folded), never an adapter id or prompt. The one exception is vLLM's `vllm:lora_requests_info`, whose
+labels are adapter ids by that protocol's definition: it holds one series, the current one.
 """
 
 from __future__ import annotations
+
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -40,6 +43,16 @@ class Metrics:
         self.tokens = Counter(p + "generated_tokens_total", "Generated tokens", ["adapter_type"], registry=r)
         self.kv_bytes = Gauge(p + "kv_cache_bytes", "Bytes held by the KV cache", registry=r)
         self.adapter_device_bytes = Gauge(p + "adapter_device_bytes", "Bytes of adapter weights on the device", registry=r)
+        # vLLM's names, with the meanings the gateways that route by them read (README, Scale out)
+        self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Requests queued, not yet in the batch", registry=r)
+        self.vllm_running = Gauge("vllm:num_requests_running", "Requests in the batch (prefilling or decoding)",
+                                  registry=r)
+        self.vllm_kv_usage = Gauge("vllm:kv_cache_usage_perc",
+                                   "Fraction (0 to 1) of the KV cache token budget held by requests in the batch", registry=r)
+        self.vllm_lora = Gauge("vllm:lora_requests_info", "Adapters of the requests in the batch and in the queue "
+                               "(value: when this was last set, unix seconds)",
+                               ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
+        self._lora_info: tuple[str, str, str] | None = None
         for t in ADAPTER_TYPES:  # every series exists from the start, so rates and ratios are defined
             self.adapter_compute.labels(t)
             for s in ("ok", "error", "cancelled"):
@@ -52,6 +65,15 @@ class Metrics:
     def set_tiers(self, counts: dict[str, int]) -> None:
         for tier, n in counts.items():
             self.adapters.labels(tier).set(n)
+
+    def set_lora_info(self, max_lora: int, running: list[str], waiting: list[str]) -> None:
+        """One series at a time (vLLM's own labels carry adapter ids; keeping only the current set keeps
+        the cardinality at one)."""
+        key = (str(max_lora), ",".join(running), ",".join(waiting))
+        if key != self._lora_info:
+            self._lora_info = key
+            self.vllm_lora.clear()
+            self.vllm_lora.labels(*key).set(time.time())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 
 STATUS: list[tuple[type[E.AdapterServerError], int]] = [
     (E.AdapterNotFoundError, 404),
+    (E.NotEnabledError, 404),
+    (E.ForbiddenError, 403),
     (E.AdapterExistsError, 409),
     (E.InvalidAdapterIdError, 400),
     (E.InvalidAdapterError, 400),  # includes UnsupportedAdapterError

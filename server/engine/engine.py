@@ -22,6 +22,7 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from functools import partial
 
 import torch
@@ -224,8 +225,21 @@ class Engine:
             self._pass([self._prefilling], "chunk")
         if self._running:
             self._pass(list(self._running), "decode")
-        self.metrics.queue_depth.set(len(self._waiting))
+        self._publish_load()
         return bool(joined or chunked or self._running)
+
+    def _publish_load(self) -> None:
+        """Queue and batch state for the metrics, vLLM's names included."""
+        m, batch = self.metrics, [*self._running, *self._chunking()]
+        m.queue_depth.set(len(self._waiting))
+        m.vllm_waiting.set(len(self._waiting))
+        m.vllm_running.set(len(batch))
+        m.vllm_kv_usage.set(min(1.0, sum(s.cache_len for s in batch) / self.cfg.kv_cache_tokens))
+
+        def ids(seqs: Iterable[Seq]) -> list[str]:
+            return sorted({s.req.adapter_id for s in seqs if s.req.adapter_id is not None})
+
+        m.set_lora_info(self.cfg.device_slots, ids(batch), ids(self._waiting))
 
     def _chunking(self) -> list[Seq]:
         return [self._prefilling] if self._prefilling is not None else []

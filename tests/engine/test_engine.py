@@ -182,3 +182,26 @@ def test_virtual_tokens_take_context_but_are_not_prompt_tokens(engine):
         engine.submit(long, Collector())
     assert engine.registry._current["prefix_tuning"].pins == 0  # the refused request holds no pin
     assert len(solo(engine, GenerationRequest("b", long.prompt_ids, None, SamplingParams(ignore_eos=True))).token_ids) == 3
+
+
+def test_vllm_load_metrics_say_what_runs_and_what_waits(tmp_path):
+    """The meanings the gateways read: waiting = queued, not admitted; running = admitted (prefilling
+    or decoding); the adapters of each; KV usage = the running rows' positions over the token budget."""
+    e = make_engine(tmp_path / "store", slots=4, max_batch=2)
+    for name in ("lora_qv", "seq_bn", "prefix_tuning"):
+        e.registry.add_folder(name, fixture_dir(name))
+    cols = [Collector() for _ in range(3)]
+    for i, a in enumerate(["lora_qv", "prefix_tuning", "seq_bn"]):
+        e.submit(req(e, i, a, PROMPTS[i], max_new_tokens=4), cols[i])
+    e.step()
+    m = e.metrics
+    assert m.vllm_running._value.get() == 2 and m.vllm_waiting._value.get() == 1
+    (sample,) = [s for s in m.vllm_lora.collect()[0].samples]
+    assert sample.labels == {"max_lora": "4", "running_lora_adapters": "lora_qv,prefix_tuning",
+                             "waiting_lora_adapters": "seq_bn"}
+    used = sum(s.cache_len for s in e._running)
+    assert used > 6 and m.vllm_kv_usage._value.get() == pytest.approx(used / e.cfg.kv_cache_tokens)
+    run_until_done(e, cols)
+    assert m.vllm_running._value.get() == 0 and m.vllm_waiting._value.get() == 0
+    (sample,) = [s for s in m.vllm_lora.collect()[0].samples]
+    assert sample.labels["running_lora_adapters"] == "" and sample.labels["waiting_lora_adapters"] == ""
