@@ -61,9 +61,10 @@ class ModelRunner:
                 plan: BatchPlan, all_logits: bool = False, kv_len: int | None = None,
                 start0: int | None = None, rope_shift: torch.Tensor | None = None) -> torch.Tensor:
         """Run rows row0..row0+B-1 on `input_ids` [B, T] (right-padded; row b has lengths[b] real tokens
-        starting at cache position start[b]). Writes their K/V (a right-padded row also writes junk past
-        its length, up to start[b] + T, which no row reads before rewriting it). Returns logits [B, V] at
-        each row's last real token, or [B, T, V] with all_logits.
+        starting at cache position start[b]). Writes their K/V: with a shared start, the whole [start0,
+        start0 + T) span (junk past a short row's length, which no row reads before rewriting it); with
+        different starts, only the real tokens, so no row needs room past start[b] + lengths[b]. Returns
+        logits [B, V] at each row's last real token, or [B, T, V] with all_logits.
 
         `kv_len` (max of start + lengths) and `start0` (the start every row shares, if any) are what the
         caller knows on the host; without them they are read from the tensors, a device synchronisation.
@@ -76,16 +77,21 @@ class ModelRunner:
             start0 = int(start[0]) if bool((start == start[0]).all()) else None
         pos = start[:, None] + torch.arange(T, device=self.device)[None, :]  # [B, T] cache positions
         masks: dict[int | None, torch.Tensor] = {}
-        r_idx = torch.arange(row0, row0 + B, device=self.device)[:, None] if start0 is None else None  # [B, 1]
+        if start0 is None:  # the real tokens only: (row, position) of each, and where it sits in [B, T]
+            if T == 1:  # decode: one real token per row, no synchronisation
+                b_idx, t_idx = torch.arange(B, device=self.device), torch.zeros(B, dtype=torch.long, device=self.device)
+            else:  # a prefill of rows after prefixes of different lengths (nonzero reads the count once)
+                b_idx, t_idx = (torch.arange(T, device=self.device)[None, :] < lengths[:, None]).nonzero(as_tuple=True)
+            w_rows, w_pos = row0 + b_idx, start[b_idx] + t_idx  # [n]
 
         def attend(li: int, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             kc, vc = self.cache.k[li], self.cache.v[li]  # [rows, kvh, cap, hd]
             if start0 is not None:
                 kc[rows, :, start0 : start0 + T] = k
                 vc[rows, :, start0 : start0 + T] = v
-            else:  # each row at its own positions: [B, T] indices take [B, T, kvh, hd]
-                kc[r_idx, :, pos] = k.transpose(1, 2)
-                vc[r_idx, :, pos] = v.transpose(1, 2)
+            else:  # each real token at its own row and position: [n] indices take [n, kvh, hd]
+                kc[w_rows, :, w_pos] = k.transpose(1, 2)[b_idx, t_idx]
+                vc[w_rows, :, w_pos] = v.transpose(1, 2)[b_idx, t_idx]
             w = self.windows[li]
             if w not in masks:
                 masks[w] = self._mask(start, lengths, T, kv_len, w)

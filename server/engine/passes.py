@@ -49,9 +49,10 @@ class Passes:
         ids = torch.zeros(B, T, dtype=torch.long)  # [B, T] right-padded
         for i, s in enumerate(seqs):
             ids[i, : lens[i]] = torch.tensor(s.req.prompt_ids)
-        self._fit(used[0] + B, max([a + T for a in starts] + [s.cache_len + 1 for s in running]), used)
+        same = all(a == starts[0] for a in starts)  # else the runner writes only the real tokens
+        reach = [starts[0] + T] if same else [a + n for a, n in zip(starts, lens, strict=True)]
+        self._fit(used[0] + B, max(reach + [s.cache_len + 1 for s in running]), used)
         shifts = self._prefixes(seqs, row0)
-        same = all(a == starts[0] for a in starts)
         return self.runner.forward(ids.to(dev), torch.tensor(starts, device=dev), torch.tensor(lens, device=dev), row0,
                                    self.slots.plan([s.slot for s in seqs]),
                                    kv_len=max(a + n for a, n in zip(starts, lens, strict=True)),

@@ -144,3 +144,27 @@ def test_batches_with_a_family_without_a_static_plan_decode_eagerly_and_exactly(
     assert [r.token_ids for r in got] == [r.token_ids for r in ref]
     g = e.graphs
     assert g is not None and (g.replays if g.capture else g.eager_steps) < e.decode_steps
+
+
+@pytest.mark.parametrize("graphs", ["off", "on"])
+def test_a_prefix_row_beside_a_near_full_prompt_fits_the_static_cache(tmp_path, graphs):
+    """One prefill of a plain prompt 3 short of the context and a short prompt after 6 virtual tokens:
+    each fits alone, so together they must too (only real tokens are written when starts differ)."""
+    e = make_engine(tmp_path / "s", slots=4, graphs=graphs)
+    e.registry.add_folder("prefix_tuning", fixture_dir("prefix_tuning"))
+    tok = e.tokenizer("hello").input_ids[-1]
+    reqs = [GenerationRequest("a", (tok,) * (e.max_len - 3), None, SamplingParams(max_new_tokens=3, ignore_eos=True)),
+            GenerationRequest("b", (tok,) * 5, "prefix_tuning", SamplingParams(max_new_tokens=3, ignore_eos=True))]
+    alone = []
+    for r in reqs:
+        c = Collector()
+        e.submit(r, c)
+        run_until_done(e, [c])
+        alone.append(c.result)
+    cols = [Collector(), Collector()]
+    for r, c in zip(reqs, cols, strict=True):
+        e.submit(r, c)
+    run_until_done(e, cols)
+    for c, want in zip(cols, alone, strict=True):
+        assert isinstance(c.result, GenerationResult) and c.result.finish_reason == "length"
+        assert c.result.token_ids == want.token_ids
