@@ -88,6 +88,12 @@ class AuthError(AdapterServerError):
         super().__init__(message)
 
 
+class ConflictError(AdapterServerError):
+    """The request contradicts the state of what it names (e.g. unloading an adapter that was uploaded)."""
+
+    kind = "conflict"
+
+
 class ForbiddenError(AdapterServerError):
     kind = "forbidden"
 

@@ -70,10 +70,11 @@ class Metrics:
         """One series at a time (vLLM's own labels carry adapter ids; keeping only the current set keeps
         the cardinality at one)."""
         key = (str(max_lora), ",".join(running), ",".join(waiting))
-        if key != self._lora_info:
-            self._lora_info = key
-            self.vllm_lora.clear()
+        if key != self._lora_info:  # the new series first, then the old one goes: a scrape never sees none
+            old, self._lora_info = self._lora_info, key
             self.vllm_lora.labels(*key).set(time.time())
+            if old is not None:
+                self.vllm_lora.remove(*old)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

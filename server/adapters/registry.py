@@ -129,8 +129,9 @@ class Registry:
         return v
 
     # -- catalogue operations -----------------------------------------------------------------
-    def add(self, adapter_id: str, staging: Path, replace: bool = False) -> dict:
+    def add(self, adapter_id: str, staging: Path, replace: bool = False, origin: str | None = None) -> dict:
         """Validate the files in `staging` against the base model, then commit and register them.
+        `origin` (kept in the manifest) names what added it, when not an upload.
 
         Nothing is registered and the store is unchanged unless every check passes.
         """
@@ -140,7 +141,7 @@ class Registry:
             files = {p.name: p for p in staging.iterdir() if p.is_file()}
             t0 = time.perf_counter()
             weights = parse_adapter(files, self.base)
-            manifest = manifest_for(adapter_id, weights, list(files))
+            manifest = manifest_for(adapter_id, weights, list(files)) | ({"origin": origin} if origin else {})
             with self._admin:  # one upload or delete at a time; the catalogue lock only for the swap
                 if not replace and self.exists(adapter_id):
                     raise AdapterExistsError(adapter_id)
@@ -157,13 +158,13 @@ class Registry:
         with self._lock:
             return rec.info(self._resident)
 
-    def add_folder(self, adapter_id: str, folder: Path, replace: bool = False) -> dict:
-        """Copy a saved adapter folder into the store (the CLI and tests use this)."""
+    def add_folder(self, adapter_id: str, folder: Path, replace: bool = False, origin: str | None = None) -> dict:
+        """Copy a saved adapter folder into the store (the CLI, tests and vLLM's load_lora_adapter)."""
         staging = self.store.staging_dir()
         for p in Path(folder).iterdir():
             if p.is_file():
                 shutil.copyfile(p, staging / p.name)
-        return self.add(adapter_id, staging, replace)
+        return self.add(adapter_id, staging, replace, origin)
 
     def delete(self, adapter_id: str) -> None:
         with self._admin:

@@ -18,6 +18,7 @@ STATUS: list[tuple[type[E.AdapterServerError], int]] = [
     (E.NotEnabledError, 404),
     (E.ForbiddenError, 403),
     (E.AdapterExistsError, 409),
+    (E.ConflictError, 409),
     (E.InvalidAdapterIdError, 400),
     (E.InvalidAdapterError, 400),  # includes UnsupportedAdapterError
     (E.NotMergeableError, 400),

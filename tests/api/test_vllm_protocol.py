@@ -33,8 +33,9 @@ ADMIN = {"Authorization": "Bearer adm"}
 
 def test_load_generate_unload(live, root, tmp_path):
     with httpx.Client(base_url=live.url, timeout=60) as c:
-        for name in ("lora_qv", "prefix_tuning", "seq_bn"):  # any family we serve
-            r = c.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(root / name)}, headers=ADMIN)
+        for name in ("lora_qv", "prefix_tuning", "seq_bn"):  # any family we serve; a relative path is under the root
+            path = name if name == "seq_bn" else str(root / name)
+            r = c.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}, headers=ADMIN)
             assert r.status_code == 200 and "added successfully" in r.text, r.text
         models = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
         base = next(m for m in models.values() if "parent" not in m)["id"]
@@ -48,15 +49,25 @@ def test_load_generate_unload(live, root, tmp_path):
         assert c.post("/v1/completions", json={"model": "seq_bn", "prompt": "hi", "max_tokens": 2}).status_code == 404
         assert c.post("/v1/unload_lora_adapter", json={"lora_name": "seq_bn"}, headers=ADMIN).status_code == 404
         assert "seq_bn" not in {m["id"] for m in c.get("/v1/models").json()["data"]}
+        # an adapter uploaded through /adapters is the user's: unload does not remove it
+        files = [("files", (f.name, f.read_bytes())) for f in sorted((root / "lora_qv").iterdir()) if f.is_file()]
+        assert c.post("/adapters", data={"adapter_id": "mine"}, files=files, headers=ADMIN).status_code == 201
+        r = c.post("/v1/unload_lora_adapter", json={"lora_name": "mine"}, headers=ADMIN)
+        assert r.status_code == 409 and "DELETE /adapters" in r.json()["error"]["message"]
+        assert c.get("/adapters/mine", headers=ADMIN).status_code == 200
 
 
 def test_paths_outside_the_root_and_bad_folders_are_refused(live, root, tmp_path):
     outside = tmp_path / "outside"
     shutil.copytree(fixture_dir("ia3_default"), outside)
     (root / "link").symlink_to(outside, target_is_directory=True)
+    (root / "linked_files").mkdir()
+    for f in outside.iterdir():  # a folder under the root whose files lead outside it
+        (root / "linked_files" / f.name).symlink_to(f)
     with httpx.Client(base_url=live.url, timeout=60) as c:
         cases = [(str(outside), 403, "load root"), (str(root / "link"), 403, "load root"),
                  (str(root / ".." / root.name / ".." / "x"), 403, "load root"),
+                 (str(root / "linked_files"), 403, "symbolic link"), ("../outside", 403, "load root"),
                  (str(root / "missing"), 404, "not a folder"), (str(root / "broken"), 400, "")]
         for path, status, text in cases:
             r = c.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path}, headers=ADMIN)
