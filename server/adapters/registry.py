@@ -16,6 +16,7 @@ import logging
 import shutil
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,11 +83,16 @@ class Events:
                       tiers=m.set_tiers)
 
 
+def _revision(manifest: dict) -> tuple:
+    """What tells two commits of one id apart (`revision` is new; older manifests have only the time)."""
+    return manifest.get("revision"), manifest.get("created_at")
+
+
 def manifest_for(adapter_id: str, w: AdapterWeights, files: list[str]) -> dict:
     return {
         "adapter_id": adapter_id, "method": w.method, "format": w.format, "variant": w.variant,
         "num_parameters": w.num_parameters, "size_bytes": w.size_bytes, "mergeable": w.mergeable,
-        "virtual_tokens": w.virtual_tokens, "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "files": sorted(files),
+        "virtual_tokens": w.virtual_tokens, "revision": uuid.uuid4().hex, "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "files": sorted(files),
     }
 
 
@@ -103,11 +109,13 @@ class Registry:
         self._host: OrderedDict[Key, None] = OrderedDict()  # LRU, oldest first
         self._resident: frozenset[Key] = frozenset()  # published by the engine's AdapterManager
         self._next_version = 1
+        self._generation = ""  # the store's generation token as of our last scan or sync
         self.skipped: dict[str, str] = {}  # adapters found corrupt at start -> why
 
     # -- start-up -----------------------------------------------------------------------------
     def scan(self) -> None:
         """List every adapter in the store at once (disk tier); they load on first use."""
+        self._generation = self.store.generation()  # read first: a change during the scan is seen later
         self.store.recover()
         for adapter_id in self.store.ids():
             try:
@@ -123,6 +131,34 @@ class Registry:
                 self._install(AdapterRecord(adapter_id, self._bump(), manifest))
         self._report_tiers()
 
+    def sync(self) -> None:
+        """Take in what other processes sharing the store committed or deleted since we last looked:
+        new and replaced adapters become new versions (disk tier), deleted ones retire. Requests keep
+        the version they pinned. Cheap when nothing changed: one small file read."""
+        if self.store.generation() == self._generation:
+            return
+        with self._admin:
+            gen = self.store.generation()
+            if gen == self._generation:
+                return
+            on_disk: dict[str, dict] = {}
+            for adapter_id in self.store.ids():
+                try:
+                    m = self.store.manifest(adapter_id)
+                except (OSError, ValueError):
+                    continue  # not a committed adapter folder
+                if m.get("method") in METHODS:
+                    on_disk[adapter_id] = m
+            with self._lock:
+                for adapter_id in [a for a in self._current if a not in on_disk]:
+                    self._retire(self._current.pop(adapter_id))
+                for adapter_id, m in on_disk.items():
+                    cur = self._current.get(adapter_id)
+                    if cur is None or _revision(cur.manifest) != _revision(m):
+                        self._install(AdapterRecord(adapter_id, self._bump(), m))
+            self._generation = gen
+        self._report_tiers()
+
     def _bump(self) -> int:
         v = self._next_version
         self._next_version += 1
@@ -135,6 +171,7 @@ class Registry:
 
         Nothing is registered and the store is unchanged unless every check passes.
         """
+        self.sync()  # an id another process added is taken, and replacing it replaces theirs
         try:
             if not replace and self.exists(adapter_id):
                 raise AdapterExistsError(adapter_id)
@@ -167,6 +204,7 @@ class Registry:
         return self.add(adapter_id, staging, replace, origin)
 
     def delete(self, adapter_id: str) -> None:
+        self.sync()
         with self._admin:
             with self._lock:
                 rec = self._current.get(adapter_id)
@@ -206,6 +244,7 @@ class Registry:
             return adapter_id in self._current
 
     def info(self, adapter_id: str) -> dict:
+        self.sync()
         with self._lock:
             rec = self._current.get(adapter_id)
             if rec is None:
@@ -213,6 +252,7 @@ class Registry:
             return rec.info(self._resident)
 
     def infos(self) -> list[dict]:
+        self.sync()
         with self._lock:
             return [r.info(self._resident) for _, r in sorted(self._current.items())]
 
@@ -222,6 +262,7 @@ class Registry:
 
         Called from request threads, never from the engine loop: the disk read happens outside the lock.
         """
+        self.sync()
         while True:
             with self._lock:
                 rec = self._current.get(adapter_id)

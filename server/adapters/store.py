@@ -3,6 +3,11 @@
 Writes are atomic: files land in .staging/<uuid>/, then one rename makes them visible. A replace
 moves the old folder to .trash/ first; `recover()` at start finishes or undoes whatever a crash
 interrupted, so a half-written adapter is never seen.
+
+Several server processes may share one store (replicas on one machine, or on a shared filesystem):
+every commit and delete writes a new token to .generation, which a process reads to learn that
+another changed the store (`Registry.sync`). `recover()` runs when a process starts and assumes no
+other is writing at that moment: start the processes that share a store before uploading to it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ log = logging.getLogger(__name__)
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MANIFEST = "manifest.json"
 STAGING, TRASH = ".staging", ".trash"
+GENERATION = ".generation"
 
 
 def validate_id(adapter_id: str) -> str:
@@ -83,6 +89,7 @@ class AdapterStore:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(staging, target)
+        self._changed()
 
     def delete(self, adapter_id: str) -> None:
         target = self.folder(adapter_id)
@@ -91,6 +98,19 @@ class AdapterStore:
         gone = self.root / TRASH / f"{adapter_id}@deleted-{uuid.uuid4().hex}"
         os.rename(target, gone)
         shutil.rmtree(gone, ignore_errors=True)
+        self._changed()
+
+    def _changed(self) -> None:
+        tmp = self.root / STAGING / f"generation-{uuid.uuid4().hex}"
+        tmp.write_text(uuid.uuid4().hex)
+        os.replace(tmp, self.root / GENERATION)
+
+    def generation(self) -> str:
+        """A token that changes with every commit and delete, by any process sharing the store."""
+        try:
+            return (self.root / GENERATION).read_text()
+        except FileNotFoundError:
+            return ""
 
     def ids(self) -> list[str]:
         return sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))

@@ -313,3 +313,31 @@ def test_engine_side_calls_never_wait_on_an_upload_doing_disk_io(tmp_path, monke
     assert time.perf_counter() - t0 < 0.5  # did not wait for the upload's disk I/O
     t.join()
     assert r.exists("b")
+
+
+def test_two_processes_sharing_a_store_see_each_others_changes(tmp_path):
+    """Two registries over one store folder, as two server processes (or replicas) have: an add, a
+    replace and a delete by one are seen by the other at its next call; a request pinned before a
+    replace or delete keeps the version it started with; the retired version is announced once."""
+    a, b = make(tmp_path), make(tmp_path)
+    retired: list = []
+    b.on_retire(retired.append)
+    a.add_folder("x", fixture_dir("ia3_default"))
+    assert [i["adapter_id"] for i in b.infos()] == ["x"] and b.info("x")["variant"] == "ia3"
+    ref = b.acquire("x")  # a request on b, running on the first version
+    w1 = b.weights(ref)
+    a.add_folder("x", fixture_dir("lora_qv"), replace=True)
+    assert b.info("x")["method"] == "lora" and retired == [(ref.adapter_id, ref.version)]
+    assert b.weights(ref) is w1  # the running request still has its version
+    ref2 = b.acquire("x")
+    assert ref2.version != ref.version and b.weights(ref2).method == "lora"
+    b.release(ref)
+    with pytest.raises(AdapterExistsError):  # b knows the id exists before writing over it
+        b.add_folder("x", fixture_dir("seq_bn"))
+    a.delete("x")
+    with pytest.raises(AdapterNotFoundError):
+        b.acquire("x")
+    assert b.infos() == [] and len(retired) == 2
+    b.release(ref2)
+    b.add_folder("y", fixture_dir("seq_bn"))  # and the other way round
+    assert a.info("y")["method"] == "bottleneck"

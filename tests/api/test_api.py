@@ -227,3 +227,21 @@ def test_prompt_and_prefix_tuning_over_http(client):
     assert j["usage"]["prompt_tokens"] == window - 3
     r = client.post("/generate", json={"prompt": fits_alone, "max_new_tokens": 1, "adapter_id": "pre"})
     assert r.status_code == 400 and "6 virtual tokens" in r.json()["error"]["message"]
+
+
+def test_two_servers_sharing_one_store(tmp_path):
+    """Two server processes over one store folder (replicas behind a router): an upload through one is
+    served by the other, with the same tokens; a delete through the other is seen by the first."""
+    a, b = LiveServer(tmp_path / "store"), LiveServer(tmp_path / "store")
+    try:
+        r = httpx.post(a.url + "/adapters", data={"adapter_id": "shared"}, files=upload_files(fixture_dir("lora_qv")))
+        assert r.status_code == 201
+        body = {"prompt": "the quick brown fox", "max_new_tokens": 6, "ignore_eos": True, "adapter_id": "shared"}
+        outs = [httpx.post(s.url + "/generate", json=body, timeout=60).json()["token_ids"] for s in (a, b)]
+        assert outs[0] == outs[1]
+        assert "shared" in {m["id"] for m in httpx.get(b.url + "/v1/models").json()["data"]}
+        assert httpx.delete(b.url + "/adapters/shared").status_code == 204
+        assert httpx.post(a.url + "/generate", json=body, timeout=60).status_code == 404
+    finally:
+        a.close()
+        b.close()
