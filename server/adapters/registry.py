@@ -251,6 +251,11 @@ class Registry:
                 raise self._missing(adapter_id)
             return rec.info(self._resident)
 
+    def resident_ids(self) -> list[str]:
+        """Adapters on the device now, as the engine last published (current versions only)."""
+        with self._lock:
+            return sorted(aid for aid, v in self._resident if (rec := self._current.get(aid)) is not None and rec.version == v)
+
     def infos(self) -> list[dict]:
         self.sync()
         with self._lock:

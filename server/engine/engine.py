@@ -228,6 +228,10 @@ class Engine:
         self._publish_load()
         return bool(joined or chunked or self._running)
 
+    def load(self) -> tuple[int, int]:
+        """(rows in the batch, requests queued): read from any thread, for routing."""
+        return len(self._running) + (self._prefilling is not None), len(self._waiting) + self._inbox.qsize()
+
     def _publish_load(self) -> None:
         """Queue and batch state for the metrics, vLLM's names included."""
         m, batch = self.metrics, [*self._running, *self._chunking()]

@@ -1,0 +1,40 @@
+"""The cluster as a Ray Serve application: `--replicas` engine replicas behind one ingress."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ray import serve
+
+from ..config import Settings
+from .ingress import Ingress
+from .replica import EngineReplica
+from .router import AffinityRouter
+
+STATS_PERIOD_S = 0.2  # how stale the router's view of residency and load may be
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    replicas: int = 2
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    min_replicas: int | None = None  # with max_replicas: autoscale between them instead
+    max_replicas: int | None = None
+
+
+def build(settings: Settings, cfg: ClusterConfig) -> Any:
+    """The bound application: an ingress over the engine deployment."""
+    scaling: dict[str, Any] = ({"num_replicas": cfg.replicas} if cfg.min_replicas is None or cfg.max_replicas is None
+                               else {"autoscaling_config": {"min_replicas": cfg.min_replicas,
+                                                            "max_replicas": cfg.max_replicas,
+                                                            "target_ongoing_requests": settings.max_batch_size}})
+    engine: Any = serve.deployment(
+        EngineReplica, name="EngineReplica", max_ongoing_requests=settings.max_batch_size + settings.max_queue,
+        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
+        request_router_config={"request_router_class": AffinityRouter, "request_routing_stats_period_s": STATS_PERIOD_S},
+        **scaling,
+    )
+    ingress: Any = serve.deployment(Ingress, name="Ingress", ray_actor_options={"num_cpus": 0.1})
+    return ingress.bind(engine.bind(settings.model_dump(mode="json")))

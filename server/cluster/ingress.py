@@ -1,0 +1,57 @@
+"""The cluster's front door: the whole HTTP contract, each request handed to an engine replica.
+
+It reads only which adapter a request names (`adapter_id` of /generate, `model` of the OpenAI
+routes) and passes it to Ray Serve's router as the multiplexed model id; everything else (validation,
+errors, streaming) is the replica's own app. Catalogue changes need no broadcast: the replicas share
+one store and each takes in the others' changes at its next request.
+"""
+
+# no `from __future__ import annotations`: FastAPI must see the handler's Request annotation as a class
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from ray import serve
+
+app = FastAPI(title="adapter-server cluster")
+METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+
+
+def adapter_of(path: str, body: bytes) -> str:
+    """The adapter a request names, or "" for one that names none. (The OpenAI routes' `model` may be
+    the base model's name: it is never resident anywhere, so such a request goes by load alone.)"""
+    if not body or path not in ("/generate", "/v1/completions", "/v1/chat/completions"):
+        return ""
+    try:
+        j = json.loads(body)
+    except ValueError:
+        return ""
+    if not isinstance(j, dict):
+        return ""
+    name = j.get("adapter_id") if path == "/generate" else j.get("model")
+    return name if isinstance(name, str) else ""
+
+
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    @app.api_route("/{path:path}", methods=METHODS)
+    async def forward(self, request: Request) -> StreamingResponse:
+        body = await request.body()
+        adapter = adapter_of(request.url.path, body)
+        handle = self.engine.options(multiplexed_model_id=adapter, stream=True)
+        stream = handle.handle.remote(request.method, request.url.path, request.url.query,
+                                      [(k, v) for k, v in request.headers.items() if k.lower() != "host"], body)
+        head = await stream.__anext__()
+        hdrs = {k: v for k, v in head["headers"] if k.lower() not in ("content-length", "transfer-encoding")}
+
+        async def rest() -> AsyncIterator[bytes]:
+            async for chunk in stream:
+                yield chunk
+
+        return StreamingResponse(rest(), status_code=head["status"], headers=hdrs)

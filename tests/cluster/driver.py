@@ -1,0 +1,73 @@
+"""Run inside a network namespace holding only loopback (see test_cluster.py): a 2-replica cluster of
+the tiny model and a plain single-process server, the checks, one JSON line of results on stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.helpers import TINY, LiveServer, fixture_dir, upload_files  # noqa: E402
+
+
+def main() -> None:
+    import ray
+    from ray import serve
+
+    from server.cluster.app import ClusterConfig, build
+    from server.config import Settings
+
+    tmp = Path(tempfile.mkdtemp())
+    out: dict = {}
+    plain = LiveServer(tmp / "plain")
+    settings = Settings(model=str(TINY), store=tmp / "store", host="127.0.0.1", port=18321, device="cpu",
+                        max_new_tokens_limit=64, max_batch_size=4, device_slots=4)
+    t0 = time.time()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": 18321})
+    serve.run(build(settings, ClusterConfig(replicas=2, cpus_per_replica=1.0)), name="adapter-server", route_prefix="/")
+    out["start_s"] = time.time() - t0
+    url = "http://127.0.0.1:18321"
+    with httpx.Client(base_url=url, timeout=120) as c, httpx.Client(base_url=plain.url, timeout=120) as p:
+        out["health"] = c.get("/health").json()
+        for cl in (c, p):
+            r = cl.post("/adapters", data={"adapter_id": "lo"}, files=upload_files(fixture_dir("lora_qv")))
+            out.setdefault("upload", []).append(r.status_code)
+        body = {"prompt": "the quick brown fox", "max_new_tokens": 8, "ignore_eos": True, "logprobs": True}
+        want = {a: p.post("/generate", json={**body, "adapter_id": a}).json()["token_ids"] for a in (None, "lo")}
+        replicas: dict[str, list] = {"lo": [], "base": []}
+        same: list[bool] = []
+        for _ in range(6):
+            for a, key in (("lo", "lo"), (None, "base")):
+                r = c.post("/generate", json={**body, "adapter_id": a})
+                replicas[key].append(r.headers.get("x-replica-id"))
+                same.append(r.json().get("token_ids") == want[a])
+            time.sleep(0.3)  # past a stats period: the router has seen where "lo" is resident
+        out["same_tokens"] = all(same)
+        out["replicas"] = {k: Counter(v) for k, v in replicas.items()}
+        comp = {"model": "lo", "prompt": "the quick brown fox", "max_tokens": 8, "temperature": 0}
+        oa = [cl.post("/v1/completions", json=comp) for cl in (c, p)]
+        out["openai"] = [oa[0].status_code, oa[0].json()["choices"][0]["text"] == oa[1].json()["choices"][0]["text"],
+                         oa[0].headers.get("x-replica-id") in replicas["lo"]]
+        with c.stream("POST", "/generate", json={**body, "adapter_id": "lo", "stream": True}) as s:
+            events = [line for line in s.iter_lines() if line.startswith("data:")]
+        out["sse"] = [s.status_code, len(events), events[-1] if events else None]
+        out["delete"] = c.delete("/adapters/lo").status_code
+        out["after_delete"] = [c.post("/generate", json={**body, "adapter_id": "lo"}).status_code for _ in range(4)]
+        out["models"] = sorted(m["id"] for m in c.get("/v1/models").json()["data"])
+    serve.shutdown()
+    ray.shutdown()
+    plain.close()
+    sys.stdout.write("RESULT " + json.dumps(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()
