@@ -22,6 +22,8 @@ CLUSTER_FLAGS = ("replicas", "address", "cpus_per_replica", "gpus_per_replica", 
 
 def run_cluster(settings: Settings, args: argparse.Namespace) -> None:
     """Start (or join, with --address) a Ray cluster and serve the app on it until interrupted."""
+    import math
+    import os
     import time
 
     import ray
@@ -32,7 +34,11 @@ def run_cluster(settings: Settings, args: argparse.Namespace) -> None:
     # replicas run elsewhere: every path they read must not depend on this process's directory
     settings = settings.model_copy(update={"store": settings.store.resolve(), "cache_dir": settings.cache_dir.resolve()})
     cfg = ClusterConfig(args.replicas, args.cpus_per_replica, args.gpus_per_replica, args.min_replicas, args.max_replicas)
-    ray.init(address=args.address, include_dashboard=False) if args.address else ray.init(include_dashboard=False)
+    if args.address:
+        ray.init(address=args.address, include_dashboard=False)
+    else:  # a local cluster: enough logical CPUs for every replica and the ingress, whatever the cores
+        need = math.ceil((cfg.max_replicas or cfg.replicas) * cfg.cpus_per_replica + 1)
+        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build(settings, cfg), name="adapter-server", route_prefix="/")
     logging.getLogger("adapter-server").info("cluster serving on http://%s:%d with %s", settings.host, settings.port,
