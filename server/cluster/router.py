@@ -10,8 +10,6 @@ engine evicted stops attracting requests at the next report.
 
 from __future__ import annotations
 
-import random
-
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 
@@ -25,12 +23,25 @@ def _load(r: RunningReplica) -> float:
 
 
 class AffinityRouter(RequestRouter):
+    """Returns one rank per replica, in order of preference: Ray Serve tries them in turn and passes
+    over one whose queue is full. Among equally loaded replicas the choice rotates."""
+
+    _turns: dict[str, int] | None = None
+
+    def _by_load(self, replicas: list[RunningReplica], key: str) -> list[RunningReplica]:
+        turns = self._turns = self._turns if self._turns is not None else {}
+        turns[key] = turns.get(key, -1) + 1  # per adapter: interleaved traffic does not lock the rotation
+        if len(turns) > 4096:
+            turns.clear()
+        k = turns[key] % max(1, len(replicas))
+        rotated = replicas[k:] + replicas[:k]  # ties: a different one first each time
+        return sorted(rotated, key=_load)
+
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         adapter = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
-        shuffled = random.sample(candidate_replicas, len(candidate_replicas))  # equal loads: any of them
-        by_load = sorted(shuffled, key=_load)
-        if not adapter:
-            return [by_load]
-        warm = [r for r in by_load if adapter in _stats(r).get("resident", ()) and _load(r) < 1.0]
-        return [warm, [r for r in by_load if r not in warm]] if warm else [by_load]
+        ordered = self._by_load(sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id), adapter)
+        if adapter:
+            warm = [r for r in ordered if adapter in _stats(r).get("resident", ()) and _load(r) < 1.0]
+            ordered = warm + [r for r in ordered if r not in warm]
+        return [[r] for r in ordered]

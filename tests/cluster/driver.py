@@ -43,6 +43,8 @@ def main() -> None:
             out.setdefault("upload", []).append(r.status_code)
         body = {"prompt": "the quick brown fox", "max_new_tokens": 8, "ignore_eos": True, "logprobs": True}
         want = {a: p.post("/generate", json={**body, "adapter_id": a}).json()["token_ids"] for a in (None, "lo")}
+        c.post("/generate", json={**body, "adapter_id": "lo"})  # loads it on one replica
+        time.sleep(1.0)  # a few stats periods: the router has seen where it is resident
         replicas: dict[str, list] = {"lo": [], "base": []}
         same: list[bool] = []
         for _ in range(6):

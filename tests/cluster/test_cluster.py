@@ -30,7 +30,9 @@ def results():
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install adapter-server[cluster])")
     if (why := netns_available()) is not None:
         pytest.skip(why)
-    cmd = f"ip link set lo up && {sys.executable} {ROOT / 'tests' / 'cluster' / 'driver.py'}"
+    ray_cli = Path(sys.executable).with_name("ray")  # stops whatever a failed run left behind
+    cmd = (f"ip link set lo up && {sys.executable} {ROOT / 'tests' / 'cluster' / 'driver.py'}; rc=$?; "
+           f"{ray_cli} stop --force >/dev/null 2>&1; exit $rc")
     p = subprocess.run(["unshare", "--net", "sh", "-c", cmd], capture_output=True, text=True, timeout=600, cwd=ROOT)
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     assert p.returncode == 0 and lines, p.stderr[-3000:]
