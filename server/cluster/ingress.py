@@ -9,14 +9,17 @@ one store and each takes in the others' changes at its next request.
 # no `from __future__ import annotations`: FastAPI must see the handler's Request annotation as a class
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 app = FastAPI(title="adapter-server cluster")
+log = logging.getLogger(__name__)
+UNAVAILABLE = "the replica serving this request stopped; nothing stored was lost: retry"
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 
 
@@ -40,18 +43,30 @@ class Ingress:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
 
-    @app.api_route("/{path:path}", methods=METHODS)
-    async def forward(self, request: Request) -> StreamingResponse:
+    @app.api_route("/{path:path}", methods=METHODS, response_model=None)
+    async def forward(self, request: Request) -> StreamingResponse | JSONResponse:
         body = await request.body()
         adapter = adapter_of(request.url.path, body)
         handle = self.engine.options(multiplexed_model_id=adapter, stream=True)
         stream = handle.handle.remote(request.method, request.url.path, request.url.query,
                                       [(k, v) for k, v in request.headers.items() if k.lower() != "host"], body)
-        head = await stream.__anext__()
+        try:
+            head = await stream.__anext__()
+        except Exception as e:  # the replica died (Ray Serve replaces it) or could not take the request
+            log.warning("replica failed before answering %s %s: %s", request.method, request.url.path, e)
+            return JSONResponse({"error": {"type": "replica_unavailable", "message": UNAVAILABLE}}, status_code=503,
+                                headers={"Retry-After": "1"})
         hdrs = {k: v for k, v in head["headers"] if k.lower() not in ("content-length", "transfer-encoding")}
+        sse = hdrs.get("content-type", "").startswith("text/event-stream")
 
         async def rest() -> AsyncIterator[bytes]:
-            async for chunk in stream:
-                yield chunk
+            try:
+                async for chunk in stream:
+                    yield chunk
+            except Exception as e:  # mid-stream: the status is sent; say it in band, as the server does
+                log.warning("replica failed mid-response: %s", e)
+                if sse:
+                    err = {"error": {"type": "replica_unavailable", "message": UNAVAILABLE, "status": 503}}
+                    yield f"data: {json.dumps(err)}\n\n".encode()
 
         return StreamingResponse(rest(), status_code=head["status"], headers=hdrs)

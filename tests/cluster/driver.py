@@ -65,6 +65,26 @@ def main() -> None:
         out["delete"] = c.delete("/adapters/lo").status_code
         out["after_delete"] = [c.post("/generate", json={**body, "adapter_id": "lo"}).status_code for _ in range(4)]
         out["models"] = sorted(m["id"] for m in c.get("/v1/models").json()["data"])
+        # a replica dies: requests meanwhile get 200 or a retryable 503, never another error; Ray
+        # replaces it, and the store has lost nothing
+        assert c.post("/adapters", data={"adapter_id": "kept"}, files=upload_files(fixture_dir("seq_bn"))).status_code == 201
+        victim = next(n["name"] for n in ray.util.list_named_actors(all_namespaces=True)
+                      if "EngineReplica" in n["name"] and "SERVE_REPLICA" in n["name"])
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        victim_id = victim.rsplit("#", 1)[-1]
+        codes, seen = [], set()
+        t1 = time.time()
+        while time.time() - t1 < 120 and not (len(seen) == 2 and victim_id not in seen):
+            for adapter in ("kept", None):
+                r = c.post("/generate", json={**body, "adapter_id": adapter})
+                codes.append(r.status_code)
+                if r.status_code == 200:
+                    seen.add(r.headers.get("x-replica-id"))
+            seen.discard(victim_id)
+            time.sleep(0.3)
+        spread = seen
+        out["after_kill"] = {"codes": codes[-1:] + sorted(set(codes)), "replaced": len(spread) == 2,
+                             "kept": [a["adapter_id"] for a in c.get("/adapters").json()["adapters"]]}
     serve.shutdown()
     ray.shutdown()
     plain.close()

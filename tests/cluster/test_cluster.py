@@ -72,3 +72,10 @@ def test_the_ingress_reads_only_which_adapter_a_request_names():
     assert adapter_of("/v1/chat/completions", b'{"model": "b", "messages": []}') == "b"
     assert adapter_of("/generate", b'{"prompt": "x"}') == "" == adapter_of("/generate", b"not json")
     assert adapter_of("/adapters", b'{"adapter_id": "a"}') == "" == adapter_of("/generate", b'["a"]')
+
+
+def test_a_killed_replica_is_replaced_and_nothing_stored_is_lost(results):
+    r = results["after_kill"]
+    last, *codes = r["codes"]
+    assert set(codes) <= {200, 503} and last == 200
+    assert r["replaced"] and r["kept"] == ["kept"]
