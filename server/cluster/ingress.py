@@ -2,7 +2,7 @@
 
 It reads only which adapter a request names (`adapter_id` of /generate, `model` of the OpenAI
 routes) and passes it to Ray Serve's router as the multiplexed model id; everything else (validation,
-errors, streaming) is the replica's own app. Catalogue changes need no broadcast: the replicas share
+errors, streaming) is the replica's own app. `/metrics` is its own: the whole cluster's (metrics.py). Catalogue changes need no broadcast: the replicas share
 one store and each takes in the others' changes at its next request.
 """
 
@@ -14,8 +14,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
+
+from .metrics import FRESH_S, hub, merge
 
 app = FastAPI(title="adapter-server cluster")
 log = logging.getLogger(__name__)
@@ -42,6 +44,13 @@ def adapter_of(path: str, body: bytes) -> str:
 class Ingress:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
+        self.hub = hub()
+
+    @app.get("/metrics", response_model=None)
+    async def metrics(self) -> PlainTextResponse:
+        """Every live replica's metrics, summed, and each under its `replica` label."""
+        texts = await self.hub.fresh.remote(FRESH_S)
+        return PlainTextResponse(merge(texts), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.api_route("/{path:path}", methods=METHODS, response_model=None)
     async def forward(self, request: Request) -> StreamingResponse | JSONResponse:

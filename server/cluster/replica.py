@@ -8,6 +8,7 @@ engine's own slot table: the one authority on residency) and how loaded it is.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,6 +16,9 @@ from typing import Any
 from ..config import Settings
 from ..main import create_app
 from .asgi import call
+from .metrics import PUSH_PERIOD_S, hub
+
+log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 600.0
 
@@ -34,6 +38,17 @@ class EngineReplica:
             if self.services.load_error or time.monotonic() - t0 > READY_TIMEOUT_S:
                 raise RuntimeError(self.services.load_error or "the model did not load in time")
             await asyncio.sleep(0.1)
+        self._hub = hub()
+        self._pusher = asyncio.create_task(self._push_metrics())
+
+    async def _push_metrics(self) -> None:
+        """This replica's metrics to the cluster's hub, every period, for the ingress to merge."""
+        while True:
+            try:
+                await self._hub.put.remote(self.replica_id, self.services.metrics.render().decode())
+            except Exception as e:  # the hub restarting: try again next period
+                log.warning("metrics push failed: %s", e)
+            await asyncio.sleep(PUSH_PERIOD_S)
 
     async def handle(self, method: str, path: str, query: str, headers: list[tuple[str, str]],
                      body: bytes) -> AsyncIterator[dict | bytes]:
@@ -49,4 +64,5 @@ class EngineReplica:
         return {"resident": registry.resident_ids(), "load": running + waiting, "capacity": engine.max_rows}
 
     async def __del__(self) -> None:
+        self._pusher.cancel()
         await self._lifespan.__aexit__(None, None, None)

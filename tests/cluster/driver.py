@@ -65,6 +65,15 @@ def main() -> None:
         out["delete"] = c.delete("/adapters/lo").status_code
         out["after_delete"] = [c.post("/generate", json={**body, "adapter_id": "lo"}).status_code for _ in range(4)]
         out["models"] = sorted(m["id"] for m in c.get("/v1/models").json()["data"])
+        time.sleep(1.5)  # a push period: every replica's latest counts are at the hub
+        from prometheus_client.parser import text_string_to_metric_families
+
+        fams = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
+        ok = [s for s in fams["adapter_server_requests"].samples if s.labels.get("status") == "ok"]
+        cluster = sum(s.value for s in ok if "replica" not in s.labels)
+        out["metrics"] = {"cluster_ok": cluster, "replicas_ok": sum(s.value for s in ok if "replica" in s.labels),
+                          "replica_labels": len({s.labels["replica"] for s in ok if "replica" in s.labels}),
+                          "vllm": "vllm:num_requests_running" in fams}
         # a replica dies: requests meanwhile get 200 or a retryable 503, never another error; Ray
         # replaces it, and the store has lost nothing
         assert c.post("/adapters", data={"adapter_id": "kept"}, files=upload_files(fixture_dir("seq_bn"))).status_code == 201

@@ -79,3 +79,38 @@ def test_a_killed_replica_is_replaced_and_nothing_stored_is_lost(results):
     last, *codes = r["codes"]
     assert set(codes) <= {200, 503} and last == 200
     assert r["replaced"] and r["kept"] == ["kept"]
+
+
+def test_the_ingress_metrics_are_the_clusters(results):
+    m = results["metrics"]
+    assert m["cluster_ok"] >= 15 and m["cluster_ok"] == m["replicas_ok"]  # 15 generations so far, summed
+    assert m["replica_labels"] == 2 and m["vllm"]
+
+
+def test_metrics_merge_sums_families_and_keeps_each_replica():
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.cluster.metrics import merge
+    from server.metrics import Metrics
+
+    a, b = Metrics(), Metrics()
+    a.requests.labels("lora", "ok").inc(3)
+    b.requests.labels("lora", "ok").inc(2)
+    a.duration.labels("lora").observe(0.3)
+    b.duration.labels("lora").observe(3.0)
+    a.vllm_kv_usage.set(0.5)
+    b.vllm_kv_usage.set(0.1)
+    a.set_lora_info(4, ["x"], [])
+    b.set_lora_info(4, [], ["y"])
+    fams = {f.name: f for f in text_string_to_metric_families(merge({"r1": a.render().decode(), "r2": b.render().decode()}))}
+    assert set(fams) == {f.name for f in text_string_to_metric_families(a.render().decode()) if not f.name.endswith("_created")}
+
+    def values(family, suffix="", **labels):
+        return {s.labels.get("replica"): s.value for s in fams[family].samples
+                if s.name.endswith(suffix) and all(s.labels.get(k) == v for k, v in labels.items())}
+
+    assert values("adapter_server_requests", adapter_type="lora", status="ok") == {None: 5.0, "r1": 3.0, "r2": 2.0}
+    assert values("adapter_server_request_duration_seconds", "_count", adapter_type="lora")[None] == 2.0  # summed
+    assert values("vllm:kv_cache_usage_perc")[None] == pytest.approx(0.3)  # a fraction: averaged
+    assert None not in values("vllm:lora_requests_info")  # per replica only
