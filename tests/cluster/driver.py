@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -29,7 +30,7 @@ def main() -> None:
     out: dict = {}
     plain = LiveServer(tmp / "plain")
     settings = Settings(model=str(TINY), store=tmp / "store", host="127.0.0.1", port=18321, device="cpu",
-                        max_new_tokens_limit=64, max_batch_size=4, device_slots=4)
+                        max_new_tokens_limit=256, max_batch_size=4, device_slots=4)
     t0 = time.time()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 18321})
@@ -62,6 +63,18 @@ def main() -> None:
         with c.stream("POST", "/generate", json={**body, "adapter_id": "lo", "stream": True}) as s:
             events = [line for line in s.iter_lines() if line.startswith("data:")]
         out["sse"] = [s.status_code, len(events), events[-1] if events else None]
+        # spill-over: a burst for the adapter saturates its replica (4 rows); once the router sees that,
+        # the rest go to the other replica, which loads it
+        warm = replicas["lo"][-1]
+        with ThreadPoolExecutor(16) as pool:
+            futs = []
+            for _ in range(16):
+                futs.append(pool.submit(c.post, "/generate", json={**body, "adapter_id": "lo", "max_new_tokens": 200}))
+                time.sleep(0.05)
+            got = [f.result() for f in futs]
+        ids = [r.headers.get("x-replica-id") for r in got]
+        out["spill"] = {"ok": all(r.status_code == 200 for r in got), "replicas": len(set(ids)),
+                        "spilled": sum(i != warm for i in ids)}
         out["delete"] = c.delete("/adapters/lo").status_code
         out["after_delete"] = [c.post("/generate", json={**body, "adapter_id": "lo"}).status_code for _ in range(4)]
         out["models"] = sorted(m["id"] for m in c.get("/v1/models").json()["data"])

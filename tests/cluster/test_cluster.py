@@ -114,3 +114,8 @@ def test_metrics_merge_sums_families_and_keeps_each_replica():
     assert values("adapter_server_request_duration_seconds", "_count", adapter_type="lora")[None] == 2.0  # summed
     assert values("vllm:kv_cache_usage_perc")[None] == pytest.approx(0.3)  # a fraction: averaged
     assert None not in values("vllm:lora_requests_info")  # per replica only
+
+
+def test_a_saturated_replica_spills_a_hot_adapter_to_another(results):
+    s = results["spill"]
+    assert s["ok"] and s["replicas"] == 2 and 1 <= s["spilled"] < 16  # the warm replica kept some
