@@ -38,3 +38,11 @@ def build(settings: Settings, cfg: ClusterConfig) -> Any:
     )
     ingress: Any = serve.deployment(Ingress, name="Ingress", ray_actor_options={"num_cpus": 0.1})
     return ingress.bind(engine.bind(settings.model_dump(mode="json")))
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Ray Serve's application builder (`import_path: server.cluster.app:build_app`, e.g. in a KubeRay
+    RayService): `args` holds the `serve` settings by name plus the ClusterConfig fields."""
+    names = set(ClusterConfig.__dataclass_fields__)
+    cfg = ClusterConfig(**{k: v for k, v in args.items() if k in names})
+    return build(Settings(**{k: v for k, v in args.items() if k not in names}), cfg)
