@@ -17,7 +17,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**given)
 
 
-CLUSTER_FLAGS = ("replicas", "address", "cpus_per_replica", "gpus_per_replica", "min_replicas", "max_replicas")
+CLUSTER_FLAGS = ("replicas", "address", "cpus_per_replica", "gpus_per_replica", "min_replicas", "max_replicas", "routing")
 
 
 def run_cluster(settings: Settings, args: argparse.Namespace) -> None:
@@ -33,7 +33,8 @@ def run_cluster(settings: Settings, args: argparse.Namespace) -> None:
 
     # replicas run elsewhere: every path they read must not depend on this process's directory
     settings = settings.model_copy(update={"store": settings.store.resolve(), "cache_dir": settings.cache_dir.resolve()})
-    cfg = ClusterConfig(args.replicas, args.cpus_per_replica, args.gpus_per_replica, args.min_replicas, args.max_replicas)
+    cfg = ClusterConfig(args.replicas, args.cpus_per_replica, args.gpus_per_replica, args.min_replicas, args.max_replicas,
+                        args.routing)
     if args.address:
         ray.init(address=args.address, include_dashboard=False)
     else:  # a local cluster: enough logical CPUs for every replica and the ingress, whatever the cores
@@ -100,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--gpus-per-replica", dest="gpus_per_replica", type=float, default=0.0)
     c.add_argument("--min-replicas", dest="min_replicas", type=int, default=None, help="with --max-replicas: autoscale")
     c.add_argument("--max-replicas", dest="max_replicas", type=int, default=None)
+    c.add_argument("--routing", choices=["affinity", "ray-default"], default="affinity",
+                   help="affinity: to a replica holding the adapter, spilling when it is saturated; "
+                        "ray-default: Ray Serve's power of two choices (for comparison)")
     m = sub.add_parser("merge", help="export a standalone HF model folder with an (IA)3, LoRA or DoRA adapter folded in")
     m.add_argument("--adapter", required=True, help="adapter id in the store")
     m.add_argument("--out", required=True, type=Path, help="output folder")

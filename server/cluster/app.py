@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ray import serve
 
@@ -22,6 +22,7 @@ class ClusterConfig:
     gpus_per_replica: float = 0.0
     min_replicas: int | None = None  # with max_replicas: autoscale between them instead
     max_replicas: int | None = None
+    routing: Literal["affinity", "ray-default"] = "affinity"  # ray-default: Ray's power of two choices
 
 
 def build(settings: Settings, cfg: ClusterConfig) -> Any:
@@ -30,11 +31,12 @@ def build(settings: Settings, cfg: ClusterConfig) -> Any:
                                else {"autoscaling_config": {"min_replicas": cfg.min_replicas,
                                                             "max_replicas": cfg.max_replicas,
                                                             "target_ongoing_requests": settings.max_batch_size}})
+    if cfg.routing == "affinity":
+        scaling["request_router_config"] = {"request_router_class": AffinityRouter,
+                                            "request_routing_stats_period_s": STATS_PERIOD_S}
     engine: Any = serve.deployment(
         EngineReplica, name="EngineReplica", max_ongoing_requests=settings.max_batch_size + settings.max_queue,
-        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
-        request_router_config={"request_router_class": AffinityRouter, "request_routing_stats_period_s": STATS_PERIOD_S},
-        **scaling,
+        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}, **scaling,
     )
     ingress: Any = serve.deployment(Ingress, name="Ingress", ray_actor_options={"num_cpus": 0.1})
     return ingress.bind(engine.bind(settings.model_dump(mode="json")))
