@@ -149,7 +149,7 @@ def _decode_timer(eng: Engine, slots: list[int], ctx: int = 64) -> Callable[[], 
     runner.cache.fit(B, max(pre) + ctx + 1, 0, 0)
     for b, p in enumerate(prefixes):
         if p is not None:
-            runner.cache.k[:, b, :, : p.length], runner.cache.v[:, b, :, : p.length] = p.keys, p.values
+            runner.cache.write_prefix(b, p.keys, p.values)
     ids = torch.randint(100, 1000, (B, ctx), device=dev)
     rope = torch.tensor(shift, device=dev) if any(shift) else None
     plan = eng.slots.plan(slots)

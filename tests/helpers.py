@@ -64,8 +64,7 @@ def full_logits(runner: ModelRunner, slots: AdapterSlots, ids: torch.Tensor, row
     runner.cache.fit(B, max(starts) + T, 0, 0)
     for b, p in enumerate(prefixes):
         if p is not None:
-            runner.cache.k[:, b, :, : p.length] = p.keys
-            runner.cache.v[:, b, :, : p.length] = p.values
+            runner.cache.write_prefix(b, p.keys, p.values)
     shifts = [0 if p is None else p.rope_shift for p in prefixes]
     return runner.forward(ids, torch.tensor(starts), torch.full((B,), T), 0, slots.plan(row_slots), all_logits=True,
                           rope_shift=torch.tensor(shifts) if any(shifts) else None)

@@ -6,6 +6,8 @@ matches PEFT's logits; an AdapterHub-layout bottleneck adapter changes the outpu
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 from pathlib import Path
 
@@ -79,45 +81,39 @@ def test_smollm2_end_to_end(loaded, tmp_path):
                                         "ignore_eos": True, "logprobs": True}).json()
         bn = c.post("/generate", json={"prompt": PROMPT, "adapter_id": "bn", "max_new_tokens": 8, "ignore_eos": True}).json()
         assert bn["token_ids"] != base["token_ids"][:8] or bn["text"] != base["text"]
-        # (IA)3 logprobs equal PEFT's on the same tokens (teacher forcing)
+        # each PEFT adapter's logprobs equal PEFT's forward over the whole sequence (teacher forcing)
         from peft import PeftModel
 
-        pm = PeftModel.from_pretrained(load_base_model(ModelConfig("smollm2", "cpu", "float32", CACHE)).model, tmp_path / "ia3")
-        full = torch.tensor([ids[0].tolist() + ia3["token_ids"]])
-        with torch.no_grad():
-            lp = torch.log_softmax(pm(full).logits[0].float(), -1)
-        n = ids.shape[1]
-        want = [lp[n - 1 + i, t].item() for i, t in enumerate(ia3["token_ids"])]
-        assert max(abs(a - b) for a, b in zip(ia3["logprobs"], want, strict=True)) < 1e-3
-        # a PEFT LoRA on every Linear of the real model (written in PEFT's layout): its logprobs equal PEFT's too
         from server.adapters.synth import write_demo
 
+        n = ids.shape[1]
+
+        def peft_logprobs(folder, tokens: list[int], adapter: bool = True) -> list[float]:
+            pm = PeftModel.from_pretrained(load_base_model(ModelConfig("smollm2", "cpu", "float32", CACHE)).model, folder)
+            full = torch.tensor([ids[0].tolist() + tokens])
+            with torch.no_grad(), (contextlib.nullcontext() if adapter else pm.disable_adapter()):
+                lp = torch.log_softmax(pm(full).logits[0].float(), -1)
+            return [lp[n - 1 + i, t].item() for i, t in enumerate(tokens)]
+
+        def close(got: list[float], want: list[float]) -> float:
+            return max(abs(a - b) for a, b in zip(got, want, strict=True))
+
+        assert close(ia3["logprobs"], peft_logprobs(tmp_path / "ia3", ia3["token_ids"])) < 1e-3
+        # a PEFT LoRA on every Linear of the real model (written in PEFT's layout)
         write_demo("lora8", tmp_path / "lora", model.config, seed=3)
         assert c.post("/adapters", data={"adapter_id": "lora"}, files=upload_files(tmp_path / "lora")).status_code == 201
         lo = c.post("/generate", json={"prompt": PROMPT, "adapter_id": "lora", "max_new_tokens": 8, "ignore_eos": True,
                                        "logprobs": True}).json()
-        pl = PeftModel.from_pretrained(load_base_model(ModelConfig("smollm2", "cpu", "float32", CACHE)).model, tmp_path / "lora")
-        full = torch.tensor([ids[0].tolist() + lo["token_ids"]])
-        with torch.no_grad():
-            lp = torch.log_softmax(pl(full).logits[0].float(), -1)
-        want = [lp[n - 1 + i, t].item() for i, t in enumerate(lo["token_ids"])]
-        assert max(abs(a - b) for a, b in zip(lo["logprobs"], want, strict=True)) < 1e-3
-        # a PEFT prefix-tuning adapter (8 virtual positions in every layer's cache): its logprobs equal
-        # PEFT's forward over the whole sequence, and usage counts only the real prompt
+        assert close(lo["logprobs"], peft_logprobs(tmp_path / "lora", lo["token_ids"])) < 1e-3
+        # a PEFT prefix-tuning adapter (8 virtual positions in every layer's cache); usage counts only the
+        # real prompt, and the adapter does change the logprobs
         write_demo("prefix8", tmp_path / "prefix", model.config, seed=4)
         assert c.post("/adapters", data={"adapter_id": "prefix"}, files=upload_files(tmp_path / "prefix")).status_code == 201
         pr = c.post("/generate", json={"prompt": PROMPT, "adapter_id": "prefix", "max_new_tokens": 8, "ignore_eos": True,
                                        "logprobs": True}).json()
         assert pr["usage"]["prompt_tokens"] == n
-        pp = PeftModel.from_pretrained(load_base_model(ModelConfig("smollm2", "cpu", "float32", CACHE)).model, tmp_path / "prefix")
-        full = torch.tensor([ids[0].tolist() + pr["token_ids"]])
-        with torch.no_grad():
-            lp = torch.log_softmax(pp(full).logits[0].float(), -1)
-            with pp.disable_adapter():
-                bare = torch.log_softmax(pp(full).logits[0].float(), -1)
-        want = [lp[n - 1 + i, t].item() for i, t in enumerate(pr["token_ids"])]
-        assert max(abs(a - b) for a, b in zip(pr["logprobs"], want, strict=True)) < 1e-3
-        assert max(abs(a - bare[n - 1 + i, t].item()) for i, (a, t) in enumerate(zip(pr["logprobs"], pr["token_ids"], strict=True))) > 1e-2
+        assert close(pr["logprobs"], peft_logprobs(tmp_path / "prefix", pr["token_ids"])) < 1e-3
+        assert close(pr["logprobs"], peft_logprobs(tmp_path / "prefix", pr["token_ids"], adapter=False)) > 1e-2
         assert "adapter_server_requests_total" in c.get("/metrics").text
     finally:
         s.close()

@@ -68,6 +68,12 @@ class KVCache:
             r, c = max(r, used_rows), max(c, used_len)
             self._alloc(r, c, min(used_rows, r), min(used_len, c))
 
+    def write_prefix(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Entries [L, kvh, N, hd] at positions 0..N-1 of `row` (an adapter's prefix, before its prompt)."""
+        n = keys.shape[2]
+        self.k[:, row, :, :n] = keys
+        self.v[:, row, :, :n] = values
+
     def move_row(self, src: int, dst: int, length: int) -> None:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]

@@ -32,8 +32,7 @@ class Passes:
         for i, s in enumerate(seqs):
             p = self.slots.prefix(s.slot)
             if p is not None and s.prompt_done == 0:
-                cache.k[:, row0 + i, :, : p.length] = p.keys
-                cache.v[:, row0 + i, :, : p.length] = p.values
+                cache.write_prefix(row0 + i, p.keys, p.values)
             shifts.append(0 if p is None else p.rope_shift)
         return shifts
 
