@@ -7,7 +7,6 @@ matches PEFT's logits; an AdapterHub-layout bottleneck adapter changes the outpu
 from __future__ import annotations
 
 import contextlib
-
 import json
 from pathlib import Path
 
