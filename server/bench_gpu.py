@@ -146,14 +146,21 @@ def hf_rate(model: Any, B: int, prompt: int, new: int, vocab: int) -> float:
     return B * (new - 1) / (gen(new) - gen(1))
 
 
-def kernel_profile(eng: Engine, B: int, kv_len: int, top: int = 12) -> dict:
+def kernel_profile(eng: Engine, B: int, kv_len: int, method: str | None = None, top: int = 12) -> dict:
     """Where one decode step's GPU time goes: the fixed-shape step run eagerly under the profiler (a
-    replayed graph launches the same kernels). Kernel count, summed kernel time, the largest kernels."""
+    replayed graph launches the same kernels). Every row on one resident slot of `method` (None: the bare
+    model). Kernel count, summed kernel time, the largest kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     g = eng.graphs
     assert g is not None
-    key = (g.bucket(B), g.kv_bucket(kv_len), ())
+    slot = 0 if method is None else min(s for s, m in eng.slots.slot_method.items() if m == method)
+    key = g.key([slot] * B, kv_len - 1)
+    assert key is not None
+    bucket = key[0]
+    g.inputs.zero_()
+    g.inputs[1, :bucket] = g.inputs[3, :bucket] = torch.arange(bucket) + g.max_len - bucket  # free positions
+    g.inputs[2, :B] = slot
     for _ in range(2):
         g._step(key)
     sync()
@@ -320,13 +327,26 @@ def bench_model(name: str, batches: list[int], prompt: int, new: int, adapter_ba
         res["profile_b1_unfused"] = kernel_profile(engines["nofuse"], 1, prompt + new)
         res["profile_b16"] = kernel_profile(engines["on"], 16, prompt + new)
     ad: dict[str, Any] = {}
-    for mode in ("on", "off"):
+    modes = {"on": "graphs", "nofuse": "graphs, eager hooks", "off": "eager"}
+    for mode, how in modes.items():
         eng = engines[mode]
         for label, rows in cases.items():
             decode_rate(eng, rows, prompt, 4, vocab)  # warm: resident, graphs captured
-            ad[f"{label} ({'graphs' if mode == 'on' else 'eager'})"] = decode_rate(eng, rows, prompt, new, vocab)
+            ad[f"{label} ({how})"] = decode_rate(eng, rows, prompt, new, vocab)
     res["adapters_batch"] = B
     res["adapters_tok_s"] = ad
+    if DEV.type == "cuda":  # where an adapter's step time goes, per family (slots still resident from the cases)
+        res["profile_adapters"] = {m: {mode: kernel_profile(engines[mode], B, prompt + new, m, top=8)
+                                       for mode in ("on", "nofuse")}
+                                   for m in ("ia3", "lora", "dora", "bottleneck")}
+        lora: Any = engines["on"].slots.methods["lora"]
+        if getattr(lora, "group", None) is not None:  # LoRA's sibling projections one by one, for comparison
+            grouped, lora.group, lora._static = lora.group, None, None  # a new layout: the graphs are captured anew
+            for label in ("lora r16 x1", "lora r16 x8 mixed"):
+                decode_rate(engines["on"], cases[label], prompt, 4, vocab)
+                ad[f"{label} (graphs, siblings one by one)"] = decode_rate(engines["on"], cases[label], prompt, new, vocab)
+            res["profile_adapters"]["lora"]["siblings one by one"] = kernel_profile(engines["on"], B, prompt + new, "lora", top=8)
+            lora.group, lora._static = grouped, None
     base_params = nbytes // 2
     reg = engines["on"].registry
     res["adapter_params_share"] = {k: reg.info(v[0])["num_parameters"] / base_params for k, v in names.items()}
