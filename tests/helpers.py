@@ -51,8 +51,10 @@ def fixture_dir(name: str) -> Path:
 
 
 def runner_and_slots(model: torch.nn.Module, num_slots: int = 8, rows: int = 8) -> tuple[ModelRunner, AdapterSlots]:
+    """A runner and slots on the model's device, in its dtype."""
     runner = ModelRunner(model, rows, 512)
-    return runner, AdapterSlots(model, num_slots, CPU, torch.float32, StepTimer(CPU), encode=runner.prefix_kv)
+    dev = runner.device
+    return runner, AdapterSlots(model, num_slots, dev, runner.dtype, StepTimer(dev), encode=runner.prefix_kv)
 
 
 def full_logits(runner: ModelRunner, slots: AdapterSlots, ids: torch.Tensor, row_slots: list[int]) -> torch.Tensor:
@@ -66,8 +68,10 @@ def full_logits(runner: ModelRunner, slots: AdapterSlots, ids: torch.Tensor, row
         if p is not None:
             runner.cache.write_prefix(b, p.keys, p.values)
     shifts = [0 if p is None else p.rope_shift for p in prefixes]
-    return runner.forward(ids, torch.tensor(starts), torch.full((B,), T), 0, slots.plan(row_slots), all_logits=True,
-                          rope_shift=torch.tensor(shifts) if any(shifts) else None)
+    dev = runner.device
+    return runner.forward(ids.to(dev), torch.tensor(starts, device=dev), torch.full((B,), T, device=dev), 0,
+                          slots.plan(row_slots), all_logits=True,
+                          rope_shift=torch.tensor(shifts, device=dev) if any(shifts) else None)
 
 
 CORPUS = (

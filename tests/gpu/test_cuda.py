@@ -10,20 +10,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.adapters.methods import StepTimer
-from server.adapters.slots import AdapterSlots
-from server.engine.model_runner import ModelRunner
 from server.engine.types import GenerationRequest, SamplingParams
 from tests.helpers import (
     AH_DIR,
     PEFT_DIR,
     Collector,
     fixture_dir,
+    full_logits,
     input_ids,
     make_engine,
     parse_folder,
     refs,
     run_until_done,
+    runner_and_slots,
     tiny_model,
 )
 
@@ -31,15 +30,27 @@ NAMES = sorted(p.name for p in PEFT_DIR.iterdir()) + sorted(p.name for p in AH_D
 
 
 def our_logits(model, name: str | None, device, dtype) -> torch.Tensor:
-    runner = ModelRunner(model, 4, 512)
-    slots = AdapterSlots(model, 4, device, dtype, StepTimer(device))
+    """Logits [B, T, V] of the fixture inputs through our runner on the model's device (after the
+    adapter's KV prefix, for prompt and prefix tuning, as the engine places it)."""
+    runner, slots = runner_and_slots(model, 4, 4)
+    assert runner.device.type == torch.device(device).type and runner.dtype == dtype
     if name is not None:
         slots.write(1, parse_folder(fixture_dir(name), model))
-    ids = input_ids().to(device)
-    B, T = ids.shape
-    runner.cache.fit(B, T, 0, 0)
-    return runner.forward(ids, torch.zeros(B, dtype=torch.long, device=device), torch.full((B,), T, device=device),
-                          0, slots.plan([1 if name else 0] * B), all_logits=True).cpu()
+    ids = input_ids()
+    return full_logits(runner, slots, ids, [1 if name else 0] * ids.shape[0]).cpu()
+
+
+def peft_logits(model, name: str) -> torch.Tensor:
+    """PEFT's own forward; prompt learning one row at a time (PEFT is not pad-aware there), at the real
+    tokens only, as the references were made (tests/fixtures/make_fixtures.py)."""
+    from peft import PeftModel
+
+    pm = PeftModel.from_pretrained(model, str(fixture_dir(name))).eval()
+    ids = input_ids().to(next(model.parameters()).device)
+    with torch.inference_mode():
+        if not pm.peft_config["default"].is_prompt_learning:
+            return pm(ids).logits.float().cpu()
+        return torch.cat([pm(ids[b : b + 1]).logits[:, -ids.shape[1] :] for b in range(ids.shape[0])]).float().cpu()
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +75,9 @@ def test_float32_parity_with_the_libraries_on_cuda(f32_model, cuda, name):
 def test_bfloat16_no_further_from_float32_than_peft_itself(bf16_model, cuda, name):
     """bf16 keeps ~3 significant digits, so exact parity is not defined; the bound that is: our bf16
     logits are about as far from the float32 reference as PEFT's own bf16 forward on the same base."""
-    from peft import PeftModel
-
     ref = refs()[name]
     ours = our_logits(bf16_model, name, cuda, torch.bfloat16)
-    peft_model = PeftModel.from_pretrained(tiny_model().to(cuda, torch.bfloat16), str(fixture_dir(name)))
-    with torch.inference_mode():
-        lib = peft_model(input_ids().to(cuda)).logits.float().cpu()
+    lib = peft_logits(tiny_model().to(cuda, torch.bfloat16), name)
     ours_err, lib_err = (ours - ref).abs().max().item(), (lib - ref).abs().max().item()
     agree = (ours.argmax(-1) == lib.argmax(-1)).float().mean().item()
     print(f"bf16 {name}: ours {ours_err:.3e} peft {lib_err:.3e} ours-vs-peft {(ours - lib).abs().max().item():.3e} argmax agree {agree:.3f}")
