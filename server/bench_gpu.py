@@ -346,15 +346,6 @@ def bench_model(name: str, batches: list[int], prompt: int, new: int, adapter_ba
                 except Exception as e:  # keep measuring the rest
                     prof.setdefault(m, {})[mode] = f"{type(e).__name__}: {e}"[:300]
         res["profile_adapters"] = prof
-        lora: Any = engines["on"].slots.methods["lora"]
-        if getattr(lora, "group", None) is not None:  # LoRA's sibling projections one by one, for comparison
-            grouped, lora.group, lora._static = lora.group, None, None  # a new layout: the graphs are captured anew
-            for label in ("lora r16 x1", "lora r16 x8 mixed"):
-                decode_rate(engines["on"], cases[label], prompt, 4, vocab)
-                ad[f"{label} (graphs, siblings one by one)"] = decode_rate(engines["on"], cases[label], prompt, new, vocab)
-                log.info("adapters %s (siblings one by one): %.1f tok/s", label, ad[f"{label} (graphs, siblings one by one)"])
-            prof["lora"]["siblings one by one"] = kernel_profile(engines["on"], B, prompt + new, "lora", top=8)
-            lora.group, lora._static = grouped, None
     base_params = nbytes // 2
     reg = engines["on"].registry
     res["adapter_params_share"] = {k: reg.info(v[0])["num_parameters"] / base_params for k, v in names.items()}

@@ -41,16 +41,6 @@ class BatchPlan:
                 y = t
         return y
 
-    def linear_out_group(self, layer: int, names: tuple[str, ...], x: torch.Tensor, ys: list[torch.Tensor]
-                         ) -> list[torch.Tensor]:
-        """`linear_out` of sibling Linears that were computed in one product from `x` (ys: their slices)."""
-        for p in self.plans:
-            got = p.linear_out_group(layer, names, x, ys)
-            if got is None:
-                got = [y if (t := p.linear_out(layer, n, x, y)) is None else t for n, y in zip(names, ys, strict=True)]
-            ys = got
-        return ys
-
     def changes_input(self, layer: int, name: str) -> bool:
         return any(p.changes_input(layer, name) for p in self.plans)
 

@@ -77,13 +77,6 @@ class MethodPlan:
         read the Linear's original input `x`."""
         return None
 
-    def linear_out_group(self, layer: int, names: tuple[str, ...], x: torch.Tensor, ys: list[torch.Tensor]
-                         ) -> list[torch.Tensor] | None:
-        """The output changes of sibling Linears computed in one product (q/k/v, gate/up) that all read `x`,
-        at once, where a method can do that in fewer kernels than one `linear_out` per sibling. None: apply
-        `linear_out` to each."""
-        return None
-
     def changes_input(self, layer: int, name: str) -> bool:
         """Whether `linear_in` has work here. If no method's has, the runner may compute this Linear in one
         product with its siblings (q/k/v, gate/up) and apply `linear_out` to its slice."""

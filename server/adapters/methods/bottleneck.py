@@ -194,7 +194,7 @@ class BottleneckPlan(MethodPlan):
         return core + h * cfh
 
 
-Products = Literal["gathered", "all_slots", "fused"]
+Products = Literal["gathered", "all_slots"]
 IDENTITY = (1.0, 0.0, 1.0, 0.0, 1.0)  # cxa, cxh, cra, crh, cfh of a row without an adapter: a + h
 
 
@@ -249,9 +249,9 @@ def static_residual(h: torch.Tensor, a: torch.Tensor, i: torch.Tensor, wd: torch
                     acts: tuple[object, ...]) -> torch.Tensor:
     """The general formula for rows routed by slots i [B], over one site's padded tables (`_StaticSite`);
     h, a [B, T, H]. The two products: "all_slots", one product over every slot's block; "gathered", each
-    row's own block copied out and batched; "fused", the same written as gathers, products and sums in
-    float32 (each rounded once, as a product kernel does), which a compiler turns into one kernel
-    reading each row's block in place (eagerly it builds [B, T, R, H]: compiled use only)."""
+    row's own block copied out and batched. (A third, gathers-products-sums that a compiler turns into
+    one kernel reading each row's block in place, was measured on an H200 and dropped: it reads a block
+    per row, not per adapter, and a width-2048 bottleneck then cost 4x the all-slots product.)"""
     H = h.shape[-1]
     cxa, cxh, cra, crh, cfh = coef.index_select(0, i).t()[:, :, None, None]  # each [B, 1, 1]
     lni = ln.index_select(0, i)[:, None, None, :]  # [B, 1, 1, 3]
@@ -263,8 +263,6 @@ def static_residual(h: torch.Tensor, a: torch.Tensor, i: torch.Tensor, wd: torch
     B, T = z.shape[:2]
     if products == "all_slots":
         d = F.linear(z, wd.view(S * R, H), bd.view(S * R))  # [B, T, S*R]
-    elif products == "fused":
-        d = ((z.float()[:, :, None, :] * wd[i].float()[:, None]).sum(-1) + bd[i].float()[:, None]).to(z.dtype)  # [B, T, R]
     else:
         d = torch.baddbmm(bd.index_select(0, i)[:, None, :], z, wd.index_select(0, i).transpose(1, 2))  # [B, T, R]
     if len(acts) == 1:
@@ -280,9 +278,6 @@ def static_residual(h: torch.Tensor, a: torch.Tensor, i: torch.Tensor, wd: torch
         own = (torch.arange(S, device=i.device)[None, :] == i[:, None])[:, None, :, None]  # [B, 1, S, 1]
         d = torch.where(own, d.view(B, T, S, R), 0.0).view(B, T, S * R)
         u = F.linear(d, wu.view(H, S * R)) + ubi  # [B, T, H]
-    elif products == "fused":
-        wui = wu.permute(1, 0, 2)[i].float()  # [B, H, R]
-        u = ((d.float()[:, :, None, :] * wui[:, None]).sum(-1) + ubi.float()).to(d.dtype)  # [B, T, H]
     else:
         u = torch.baddbmm(ubi, d, wu.index_select(1, i).permute(1, 2, 0))  # [B, T, H]
     r = a * cra + h * crh
@@ -303,8 +298,8 @@ class BottleneckStaticPlan(MethodPlan):
     columns (reading every slot once, whatever B), as the eager plan does with the batch's adapters."""
 
     def __init__(self, sites: dict[tuple[int, Location], _StaticSite], acts: tuple[object, ...],
-                 slot_idx: torch.Tensor, fn: Callable[..., torch.Tensor], fused: bool) -> None:
-        self.sites, self.acts, self.slot_idx, self.fn, self.fused = sites, acts, slot_idx, fn, fused
+                 slot_idx: torch.Tensor, fn: Callable[..., torch.Tensor]) -> None:
+        self.sites, self.acts, self.slot_idx, self.fn = sites, acts, slot_idx, fn
 
     def residual_rows(self, layer: int, loc: Location) -> torch.Tensor:
         return self.sites[(layer, loc)].has.index_select(0, self.slot_idx)[:, None, None]
@@ -313,7 +308,7 @@ class BottleneckStaticPlan(MethodPlan):
         st = self.sites.get((layer, loc))
         if st is None:
             return None
-        products: Products = "fused" if self.fused else "all_slots" if 3 * h.shape[0] >= st.wd.shape[0] else "gathered"
+        products: Products = "all_slots" if 3 * h.shape[0] >= st.wd.shape[0] else "gathered"
         return self.fn(h, a, self.slot_idx, st.wd, st.bd, st.wu, st.ub, st.coef, st.act, st.ln, st.lnw, st.lnb,
                        st.has_lnb, st.has_lna, products, self.acts)
 
@@ -405,7 +400,7 @@ class BottleneckMethod(AdapterMethod):
         names = tuple(self._act_names)
         if names not in self._acts:  # the same function objects every time: a compiled hook guards on them
             self._acts[names] = tuple(activation(n) for n in names)
-        return BottleneckStaticPlan(self._static, self._acts[names], slot_idx, self._residual, self.ctx.compile)
+        return BottleneckStaticPlan(self._static, self._acts[names], slot_idx, self._residual)
 
     @property
     def layout_version(self) -> int:

@@ -191,54 +191,21 @@ def fused_delta(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, sB: torch.Ten
     return add_delta(y, delta, None if g is None else g[i][:, None, :], base_bias)
 
 
-def group_delta(x: torch.Tensor, ys: tuple[torch.Tensor, ...], mods: tuple[tuple, ...], i: torch.Tensor
-                ) -> tuple[torch.Tensor, ...]:
-    """`fused_delta` of sibling projections that read the same x (q/k/v, gate/up), in one function for
-    the compiler: their first products become one reduction over the rows' A blocks side by side, then
-    one product per sibling with its own output change fused after it. mods: per sibling (A, sB, sb, g,
-    base_bias) as in `gathered_delta`. Compiled use only, like `fused_delta`."""
-    d = (x.to(F32)[:, :, None, :] * torch.cat([m[0][i] for m in mods], dim=1)[:, None, :, :]).sum(-1)  # [B, T, sum R]
-    out, at = [], 0
-    for y, (A, sB, sb, g, base_bias) in zip(ys, mods, strict=True):
-        R = A.shape[1]
-        Bi = sB.permute(1, 0, 2)[i]  # [B, out, R]
-        delta = (d[:, :, None, at : at + R] * Bi[:, None, :, :]).sum(-1) + sb[i][:, None, :]
-        out.append(add_delta(y, delta, None if g is None else g[i][:, None, :], base_bias))
-        at += R
-    return tuple(out)
-
-
 class LoRAStaticPlan(MethodPlan):
     """Inside a captured graph: no timing spans (events cannot be captured). Zero-padded blocks and zero
     bias add exactly 0, and DoRA's scale of 1 is exact, so rows of other slots are untouched."""
 
     def __init__(self, mods: dict[tuple[int, str], _StaticModule], slot_idx: torch.Tensor, magnitude: bool,
-                 fns: tuple[Callable[..., torch.Tensor], ...], group: Callable[..., tuple] | None) -> None:
+                 fns: tuple[Callable[..., torch.Tensor], ...]) -> None:
         self.mods, self.slot_idx, self.magnitude = mods, slot_idx, magnitude
         self.fns = fns  # (fused) when compiled, else (gathered, all slots)
-        self.group = group  # group_delta, compiled; None: each sibling on its own
-
-    def _args(self, st: _StaticModule) -> tuple:
-        return st.A, st.sB, st.sb, st.g if self.magnitude else None, st.base_bias
-
-    def linear_out_group(self, layer: int, names: tuple[str, ...], x: torch.Tensor, ys: list[torch.Tensor]
-                         ) -> list[torch.Tensor] | None:
-        here = [k for k, n in enumerate(names) if (layer, n) in self.mods]
-        if self.group is None or len(here) < 2:
-            return None
-        mods = tuple(self._args(self.mods[layer, names[k]]) for k in here)
-        got = self.group(x, tuple(ys[k] for k in here), mods, self.slot_idx)
-        out = list(ys)
-        for k, y in zip(here, got, strict=True):
-            out[k] = y
-        return out
 
     def linear_out(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         st = self.mods.get((layer, name))
         if st is None:
             return None
         fn = self.fns[0] if len(self.fns) == 1 or 3 * x.shape[0] < st.A.shape[0] else self.fns[1]
-        return fn(x, y, *self._args(st), self.slot_idx)
+        return fn(x, y, st.A, st.sB, st.sb, st.g if self.magnitude else None, st.base_bias, self.slot_idx)
 
 
 class LoRAMethod(AdapterMethod):
@@ -255,7 +222,6 @@ class LoRAMethod(AdapterMethod):
         self._backup: dict[str, torch.Tensor] = {}  # module -> base weight, while a slot is folded in
         self._fns: tuple[Callable[..., torch.Tensor], ...] = (
             (Compiled(fused_delta),) if ctx.compile else (gathered_delta, all_slots_delta))
-        self.group: Callable[..., tuple] | None = Compiled(group_delta) if ctx.compile else None
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
         w = weights.payload
@@ -322,8 +288,7 @@ class LoRAMethod(AdapterMethod):
         if self._static is None:
             self._static = self._build_static()
         split = self.ctx.base.split
-        return LoRAStaticPlan({split(m): st for m, st in self._static.items()}, slot_idx, self.magnitude, self._fns,
-                              self.group)
+        return LoRAStaticPlan({split(m): st for m, st in self._static.items()}, slot_idx, self.magnitude, self._fns)
 
     @property
     def layout_version(self) -> int:
