@@ -108,16 +108,33 @@ def gpu_section(g: dict, source: str) -> list[str]:
         ad = m["adapters_tok_s"]
         bare = ad["bare (graphs)"]
         share = m.get("adapter_params_share", {})
+        hooks = "bare (graphs, eager hooks)" in ad  # the same graphs with every hook run op by op
         md += ["", f"Adapters at batch {m['adapters_batch']} (tok/s; step-time overhead against the bare model; "
-               "parameter share: one adapter's parameters over the base's, which is its share of the FLOPs):", "",
-               "| rows | graphs | overhead | parameter share | eager |", "|---|---|---|---|---|"]
+               "parameter share: one adapter's parameters over the base's, which is its share of the FLOPs"
+               + ("; graphs with eager hooks: the same graphs, nothing compiled, overhead against that engine's own bare rows"
+                  if hooks else "") + "):", "",
+               "| rows | graphs | overhead | parameter share |" + (" graphs, eager hooks | overhead |" if hooks else "")
+               + " eager |", "|---|---|---|---|" + ("---|---|" if hooks else "") + "---|"]
+        bare_h = ad.get("bare (graphs, eager hooks)")
         for k, v in ad.items():
             if k.endswith("(graphs)"):
                 label = k[: -len(" (graphs)")]
                 fam = label.split(" ")[0]
                 s = share.get(fam) if " x1" in label or "x8" in label else None
-                md.append(f"| {label} | {v:.0f} | {pct(bare / v - 1)} | {'' if s is None else pct(s)} "
-                          f"| {ad.get(label + ' (eager)', float('nan')):.0f} |")
+                h = ad.get(label + " (graphs, eager hooks)")
+                mid = f" {h:.0f} | {pct(bare_h / h - 1)} |" if hooks and h and bare_h else (" | |" if hooks else "")
+                md.append(f"| {label} | {v:.0f} | {pct(bare / v - 1)} | {'' if s is None else pct(s)} |{mid}"
+                          f" {ad.get(label + ' (eager)', float('nan')):.0f} |")
+        pa = m.get("profile_adapters")
+        if pa:
+            md += ["", f"One decode step at batch {m['adapters_batch']}, every row on one adapter of the family, under the "
+                   "profiler (kernels launched, their summed GPU time; bare model: "
+                   f"{m['profile_b16']['kernels']} kernels, {m['profile_b16']['kernel_time_ms']:.2f} ms):", "",
+                   "| family | compiled hooks | eager hooks |", "|---|---|---|"]
+            for fam, modes in pa.items():
+                cells = [f"{p['kernels']} kernels, {p['kernel_time_ms']:.2f} ms" if isinstance(p, dict) else str(p)
+                         for p in (modes.get("on"), modes.get("nofuse"))]
+                md.append(f"| {fam} | {cells[0]} | {cells[1]} |")
         z = m.get("zipf")
         if z:
             hot, cold = z["all_hot"], z["slots_16"]
@@ -196,7 +213,7 @@ def main() -> None:
         md += bench_section(b)
     if c:
         md += load_section(c)
-    for f in sorted(PLOTS.glob("gpu-*.json")):
+    for f in sorted(PLOTS.glob("gpu-*.json"), key=lambda f: f.stem):  # gpu-h200 before gpu-h200-adapters
         md += gpu_section(json.loads(f.read_text()), str(f.relative_to(ROOT)))
     if (ROOT / "loadtests" / "GPU_NOTES.md").exists():
         md += [(ROOT / "loadtests" / "GPU_NOTES.md").read_text()]
