@@ -7,36 +7,20 @@ saying why, where Ray is not installed or the namespace cannot be made.
 
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def netns_available() -> str | None:
-    if shutil.which("unshare") is None:
-        return "unshare is not installed"
-    r = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True)
-    return None if r.returncode == 0 else f"cannot make a network namespace: {r.stderr.strip()}"
+from tests.cluster.netns import ROOT, run_driver
 
 
 @pytest.fixture(scope="module")
 def results():
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install adapter-server[cluster])")
-    if (why := netns_available()) is not None:
-        pytest.skip(why)
     ray_cli = Path(sys.executable).with_name("ray")  # stops whatever a failed run left behind
-    cmd = (f"ip link set lo up && {sys.executable} {ROOT / 'tests' / 'cluster' / 'driver.py'}; rc=$?; "
-           f"{ray_cli} stop --force >/dev/null 2>&1; exit $rc")
-    p = subprocess.run(["unshare", "--net", "sh", "-c", cmd], capture_output=True, text=True, timeout=600, cwd=ROOT)
-    lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-    assert p.returncode == 0 and lines, p.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_driver("driver.py", after=f"{ray_cli} stop --force >/dev/null 2>&1")
 
 
 def test_the_cluster_serves_the_contract_like_one_server(results):
