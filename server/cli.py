@@ -17,7 +17,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**given)
 
 
-CLUSTER_FLAGS = ("replicas", "address", "cpus_per_replica", "gpus_per_replica", "min_replicas", "max_replicas", "routing")
+CLUSTER_FLAGS = ("replicas", "address", "cpus_per_replica", "gpus_per_replica", "min_replicas", "max_replicas",
+                 "upscale_delay_s", "downscale_delay_s", "proxy_location", "routing")
 
 
 def run_cluster(settings: Settings, args: argparse.Namespace) -> None:
@@ -34,13 +35,13 @@ def run_cluster(settings: Settings, args: argparse.Namespace) -> None:
     # replicas run elsewhere: every path they read must not depend on this process's directory
     settings = settings.model_copy(update={"store": settings.store.resolve(), "cache_dir": settings.cache_dir.resolve()})
     cfg = ClusterConfig(args.replicas, args.cpus_per_replica, args.gpus_per_replica, args.min_replicas, args.max_replicas,
-                        args.routing)
+                        args.upscale_delay_s, args.downscale_delay_s, args.routing)
     if args.address:
         ray.init(address=args.address, include_dashboard=False)
     else:  # a local cluster: enough logical CPUs for every replica and the ingress, whatever the cores
         need = math.ceil((cfg.max_replicas or cfg.replicas) * cfg.cpus_per_replica + 1)
         ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.start(http_options={"host": settings.host, "port": settings.port}, proxy_location=args.proxy_location)
     serve.run(build(settings, cfg), name="adapter-server", route_prefix="/")
     logging.getLogger("adapter-server").info("cluster serving on http://%s:%d with %s", settings.host, settings.port,
                                              f"{cfg.min_replicas}-{cfg.max_replicas} replicas" if cfg.max_replicas
@@ -101,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--gpus-per-replica", dest="gpus_per_replica", type=float, default=0.0)
     c.add_argument("--min-replicas", dest="min_replicas", type=int, default=None, help="with --max-replicas: autoscale")
     c.add_argument("--max-replicas", dest="max_replicas", type=int, default=None)
+    c.add_argument("--upscale-delay-s", dest="upscale_delay_s", type=float, default=30.0,
+                   help="autoscaling: seconds of load above the target before a replica is added")
+    c.add_argument("--downscale-delay-s", dest="downscale_delay_s", type=float, default=600.0,
+                   help="autoscaling: seconds of load below the target before a replica is removed")
+    c.add_argument("--proxy-location", dest="proxy_location", choices=["EveryNode", "HeadOnly"], default="EveryNode",
+                   help="where Ray Serve runs the HTTP ingress proxy (EveryNode: put a load balancer in front)")
     c.add_argument("--routing", choices=["affinity", "ray-default"], default="affinity",
                    help="affinity: to a replica holding the adapter, spilling when it is saturated; "
                         "ray-default: Ray Serve's power of two choices (for comparison)")

@@ -22,6 +22,8 @@ class ClusterConfig:
     gpus_per_replica: float = 0.0
     min_replicas: int | None = None  # with max_replicas: autoscale between them instead
     max_replicas: int | None = None
+    upscale_delay_s: float = 30.0  # autoscaling: how long load must stay above target before adding a replica
+    downscale_delay_s: float = 600.0  # ... and below it before removing one (Ray Serve's defaults)
     routing: Literal["affinity", "ray-default"] = "affinity"  # ray-default: Ray's power of two choices
 
 
@@ -30,7 +32,9 @@ def build(settings: Settings, cfg: ClusterConfig) -> Any:
     scaling: dict[str, Any] = ({"num_replicas": cfg.replicas} if cfg.min_replicas is None or cfg.max_replicas is None
                                else {"autoscaling_config": {"min_replicas": cfg.min_replicas,
                                                             "max_replicas": cfg.max_replicas,
-                                                            "target_ongoing_requests": settings.max_batch_size}})
+                                                            "target_ongoing_requests": settings.max_batch_size,
+                                                            "upscale_delay_s": cfg.upscale_delay_s,
+                                                            "downscale_delay_s": cfg.downscale_delay_s}})
     if cfg.routing == "affinity":
         scaling["request_router_config"] = {"request_router_class": AffinityRouter,
                                             "request_routing_stats_period_s": STATS_PERIOD_S}
