@@ -42,7 +42,11 @@ def build(settings: Settings, cfg: ClusterConfig) -> Any:
         EngineReplica, name="EngineReplica", max_ongoing_requests=settings.max_batch_size + settings.max_queue,
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}, **scaling,
     )
-    ingress: Any = serve.deployment(Ingress, name="Ingress", ray_actor_options={"num_cpus": 0.1})
+    # the ingress only forwards: it must admit every request the replicas together can hold (Ray Serve's
+    # default of 5 in flight would cap the whole cluster below one replica's batch)
+    per_replica = settings.max_batch_size + settings.max_queue
+    ingress: Any = serve.deployment(Ingress, name="Ingress", ray_actor_options={"num_cpus": 0.1},
+                                    max_ongoing_requests=(cfg.max_replicas or cfg.replicas) * per_replica)
     return ingress.bind(engine.bind(settings.model_dump(mode="json")))
 
 

@@ -1,6 +1,6 @@
 """Run inside a network namespace holding only loopback (see test_multinode.py): a Ray cluster of two
 nodes on this machine (one CPU each), `adapter-server cluster --address` joining it with autoscaling
-between one and two replicas; a burst of requests scales it up onto the second node, quiet scales it
+between one and two replicas; sustained load scales it up onto the second node, quiet scales it
 back down. One JSON line of results on stdout."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -79,15 +80,24 @@ def main() -> None:
         body = {"prompt": "the quick brown fox", "max_new_tokens": 8, "ignore_eos": True}
         with httpx.Client(base_url=url, timeout=120) as c:
             out["upload"] = c.post("/adapters", data={"adapter_id": "lo"}, files=upload_files(fixture_dir("lora_qv"))).status_code
-            # a burst: 8 long requests at once against a target of 2 per replica, held until a second
-            # replica is up; every request must finish
+            # sustained load: 8 clients sending long requests back to back against a target of 2 in flight
+            # per replica, until a second replica is up (or 120 s); every request must succeed
             long = {**body, "adapter_id": "lo", "max_new_tokens": 240}
+            stop = threading.Event()
+
+            def client() -> list[int]:
+                codes = []
+                while not stop.is_set():
+                    codes.append(c.post("/generate", json=long).status_code)
+                return codes
+
             with ThreadPoolExecutor(8) as pool:
-                futs = [pool.submit(c.post, "/generate", json=long) for _ in range(8)]
-                out["scaled_up"] = wait_for(lambda: sum(replicas_by_node().values()) == 2, 90)
+                futs = [pool.submit(client) for _ in range(8)]
+                out["scaled_up"] = wait_for(lambda: sum(replicas_by_node().values()) == 2, 120)
                 out["during"] = sorted(replicas_by_node().values())
-                got = [f.result() for f in futs]
-            out["burst_ok"] = all(r.status_code == 200 for r in got)
+                stop.set()
+                codes = [code for f in futs for code in f.result()]
+            out["burst_ok"] = bool(codes) and all(code == 200 for code in codes)
             out["scaled_down"] = wait_for(lambda: sum(replicas_by_node().values()) == 1, 90)
             out["after"] = [c.post("/generate", json={**body, "adapter_id": a}).status_code for a in ("lo", None)]
     finally:

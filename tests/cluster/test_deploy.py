@@ -33,3 +33,18 @@ def test_the_gateway_example_parses_and_routes_to_the_pool():
     assert pool["spec"]["targetPorts"][0]["number"] == 8000
     (backend,) = route["spec"]["rules"][0]["backendRefs"]
     assert (backend["kind"], backend["name"]) == ("InferencePool", pool["metadata"]["name"])
+
+
+def test_the_ingress_admits_what_every_replica_together_can_hold():
+    """Ray Serve admits 5 requests in flight per replica unless told: on the ingress, that capped the whole
+    cluster below one engine's batch (a hot adapter never spilled). Private attribute: the bound graph."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed")
+    from server.cluster.app import ClusterConfig, build
+    from server.config import Settings
+
+    s = Settings(model="tests/fixtures/tiny_llama", max_batch_size=8, max_queue=16)
+    for cfg, replicas in ((ClusterConfig(replicas=3), 3), (ClusterConfig(min_replicas=1, max_replicas=4), 4)):
+        ingress = build(s, cfg)._bound_deployment
+        engine = ingress.init_args[0]._bound_deployment
+        assert engine.max_ongoing_requests == 8 + 16
+        assert ingress.max_ongoing_requests == replicas * (8 + 16)

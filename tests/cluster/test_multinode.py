@@ -1,5 +1,5 @@
 """`adapter-server cluster --address` joining a Ray cluster of two nodes (two raylets on this machine,
-one CPU each), autoscaling between one and two engine replicas: a burst scales it up onto the second
+one CPU each), autoscaling between one and two engine replicas: sustained load scales it up onto the second
 node, quiet scales it back down, and nothing fails meanwhile. Runs in its own network namespace."""
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ def test_the_cli_joins_a_two_node_cluster_and_starts_at_the_minimum(results):
     assert results["upload"] == 201
 
 
-def test_a_burst_scales_up_onto_the_other_node_and_quiet_scales_down(results):
+def test_sustained_load_scales_up_onto_the_other_node_and_quiet_scales_down(results):
     assert results["scaled_up"] and results["during"] == [1, 1]  # one replica on each node
-    assert results["burst_ok"]  # every request of the burst answered
+    assert results["burst_ok"]  # every request answered while it scaled
     assert results["scaled_down"]
     assert results["after"] == [200, 200]  # the adapter and the base model, served after scaling down
