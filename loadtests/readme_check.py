@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -30,7 +31,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp())
     sh = blocks(readme, "Walk-through (curl)", "bash").replace(".venv/bin/", f"{ROOT}/.venv/bin/")
     sh = sh.replace("http://127.0.0.1:8000", args.url)
-    r = subprocess.run(["bash", "-c", sh], cwd=work, capture_output=True, text=True)
+    env = {**os.environ, "ADAPTER_SERVER_CACHE_DIR": str(ROOT / ".cache" / "models")}  # the converted model, not again
+    r = subprocess.run(["bash", "-c", sh], cwd=work, capture_output=True, text=True, env=env)
     out = r.stdout
     py = blocks(readme, "OpenAI client", "python").replace("http://127.0.0.1:8000", args.url)
     p = subprocess.run([sys.executable, "-c", py], cwd=work, capture_output=True, text=True)
