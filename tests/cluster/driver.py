@@ -75,6 +75,21 @@ def main() -> None:
         ids = [r.headers.get("x-replica-id") for r in got]
         out["spill"] = {"ok": all(r.status_code == 200 for r in got), "replicas": len(set(ids)),
                         "spilled": sum(i != warm for i in ids)}
+        # replace: both replicas now hold "lo"; after a replace through the ingress, a burst that reaches both
+        # answers with the new version everywhere (the plain server replaced the same way gives the reference)
+        new = upload_files(fixture_dir("ia3_default"))
+        out["replace"] = [cl.post("/adapters?replace=true", data={"adapter_id": "lo"}, files=new).status_code for cl in (c, p)]
+        want_new = p.post("/generate", json={**body, "adapter_id": "lo"}).json()["token_ids"]
+        with ThreadPoolExecutor(16) as pool:
+            futs = []
+            for _ in range(16):
+                futs.append(pool.submit(c.post, "/generate", json={**body, "adapter_id": "lo", "max_new_tokens": 200}))
+                time.sleep(0.05)
+            got = [f.result() for f in futs]
+        out["after_replace"] = {"ok": all(r.status_code == 200 for r in got),
+                                "replicas": len({r.headers.get("x-replica-id") for r in got}),
+                                "new_version": all(r.json()["token_ids"][:8] == want_new for r in got),
+                                "old_differs": want_new != want["lo"]}
         out["delete"] = c.delete("/adapters/lo").status_code
         out["after_delete"] = [c.post("/generate", json={**body, "adapter_id": "lo"}).status_code for _ in range(4)]
         out["models"] = sorted(m["id"] for m in c.get("/v1/models").json()["data"])

@@ -37,6 +37,13 @@ def test_adapter_requests_stick_to_a_replica_and_base_requests_spread(results):
     assert len(base) == 2  # the base model is not pinned
 
 
+def test_a_replace_through_the_ingress_is_seen_by_every_replica(results):
+    assert results["replace"] == [201, 201]
+    r = results["after_replace"]
+    assert r["ok"] and r["replicas"] == 2  # the burst reached both replicas
+    assert r["old_differs"] and r["new_version"]  # and every answer is the new version's
+
+
 def test_a_delete_through_the_ingress_is_seen_by_every_replica(results):
     assert results["delete"] == 204 and results["after_delete"] == [404] * 4
     assert results["models"] == ["tiny_llama"]
