@@ -58,6 +58,7 @@ from .types import (
     SamplingParams,
     Timings,
     TokenEvent,
+    TopLogprobs,
 )
 
 log = logging.getLogger(__name__)
@@ -320,8 +321,10 @@ class Engine:
             seqs[0].cache_len = seqs[0].prefix_len + seqs[0].prompt_done + size  # not the last chunk: nothing to sample
             self._record_step(seqs, time.perf_counter() - t0)
             return
-        rows = [RowSampling(s.req.params, s.seed, len(s.tokens)) for s in seqs]
-        toks, lps, errors = sample_rows(logits, rows, any(s.req.params.logprobs for s in seqs))
+        eos = tuple(self.eos)
+        rows = [RowSampling(s.req.params, s.seed, len(s.tokens), s.req.prompt_ids, s.tokens,
+                            () if s.req.params.ignore_eos else eos) for s in seqs]
+        got, errors = sample_rows(logits, rows, any(s.req.params.logprobs for s in seqs))
         self._record_step(seqs, time.perf_counter() - t0)
         if kind == "decode":
             self.decode_steps += 1
@@ -337,7 +340,7 @@ class Engine:
             if (err := errors[i]) is not None:
                 self._fail(s, err)
             else:
-                self._emit(s, toks[i], None if lps is None else lps[i])
+                self._emit(s, got.tokens[i], None if got.logprobs is None else got.logprobs[i], got.top[i])
 
     def _record_step(self, seqs: list[Seq], elapsed: float) -> None:
         m = self.metrics
@@ -351,13 +354,15 @@ class Engine:
         m.distinct.observe(len(slots))
         self.steps += 1
 
-    def _emit(self, s: Seq, tok: int, lp: float | None) -> None:
+    def _emit(self, s: Seq, tok: int, lp: float | None, top: TopLogprobs | None = None) -> None:
         now = time.perf_counter()
         if not s.tokens:
             s.t_first = now
         s.tokens.append(tok)
         if s.req.params.logprobs and lp is not None:
             s.logprobs.append(lp)
+            if s.req.params.top_logprobs:
+                s.top_logprobs.append(top or ())
         is_eos = tok in self.eos and not s.req.params.ignore_eos
         text = "" if is_eos else s.stream.push(tok)
         reason: FinishReason | None = "stop" if (is_eos or s.stream.stopped) else None
@@ -365,7 +370,7 @@ class Engine:
             reason = "length"
         if reason is not None:
             text += s.stream.flush()  # release what was held back for a stop string that never came
-        s.sink(TokenEvent(tok, text, lp if s.req.params.logprobs else None))
+        s.sink(TokenEvent(tok, text, lp if s.req.params.logprobs else None, top if s.req.params.top_logprobs else None))
         if reason is not None:
             self._finish(s, reason)
 
@@ -408,6 +413,7 @@ class Engine:
             logprobs=tuple(s.logprobs) if s.req.params.logprobs else None,
             timings=Timings((s.t_admit or now) - s.t_arrival, first - s.t_arrival, now - s.t_arrival),
             adapter_type=s.adapter_type,
+            top_logprobs=tuple(s.top_logprobs) if s.req.params.logprobs and s.req.params.top_logprobs else None,
         )
         m, t = self.metrics, s.adapter_type
         status = "cancelled" if reason == "cancelled" else "ok"

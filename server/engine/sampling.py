@@ -4,6 +4,12 @@ Greedy rows take the argmax. Sampled rows get temperature, top-k and top-p as ba
 sort for the whole batch, only when some row asks for top-p), then the exponential race: the argmax of
 p_i / E_i with E_i ~ Exp(1) independent is an exact draw from p (what vLLM does with `exponential_`).
 
+Before that, rows that ask for it get their logits processed, each row on its own (vLLM's order):
+end-of-sequence banned below `min_tokens`, `logit_bias` added, then the repetition, frequency and
+presence penalties from the row's own prompt and generated tokens. Rows that ask for none of these are
+not touched. Logprobs (and the top alternatives) are those of the model's raw logits, as vLLM reports
+them by default.
+
 The noise is not drawn from a generator. E_i is a counter-based hash of (row seed, step, token id):
 no per-request generator state, the same numbers on the CPU and on CUDA, nothing to synchronise, and
 a seed reproduces its output whatever batch its row runs in. Rows never share a stream, so one row's
@@ -15,11 +21,12 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from ..errors import AdapterServerError, GenerationFailedError
-from .types import SamplingParams
+from .types import SamplingParams, TopLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +62,67 @@ def exponential_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RowSampling:
-    """What sampling needs from one row: its parameters, its seed and how many tokens it has made."""
+    """What sampling needs from one row: its parameters, its seed and how many tokens it has made; for
+    logits processing, its prompt and generated tokens and the ids `min_tokens` bans."""
 
     params: SamplingParams
     seed: int
     step: int
+    prompt_ids: tuple[int, ...] = ()
+    output_ids: tuple[int, ...] | list[int] = ()
+    eos_ids: tuple[int, ...] = ()
+
+
+class Sampled(NamedTuple):
+    tokens: list[int]
+    logprobs: list[float] | None  # of the chosen tokens, where any row asked
+    finite: list[bool]  # rows whose logits were all finite (the others: fail them)
+    top: list[TopLogprobs | None]  # each row's most likely alternatives, where it asked
+
+
+def process_logits(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
+    """The logits of rows whose parameters change them, changed; other rows are returned as they were.
+    Indices are gathered on the host and applied in one scatter per kind."""
+    which = [i for i, r in enumerate(rows) if r.params.processes_logits]
+    if not which:
+        return logits
+    B, V = logits.shape
+    dev = logits.device
+    idx = torch.tensor(which, device=dev)
+    x = logits.index_select(0, idx)  # [R, V]
+    ps = [rows[i].params for i in which]
+    bias_r, bias_t, bias_v = [], [], []
+    for k, i in enumerate(which):
+        r, p = rows[i], ps[k]
+        for t, v in p.logit_bias:
+            bias_r.append(k), bias_t.append(t), bias_v.append(v)
+        if p.min_tokens and len(r.output_ids) < p.min_tokens:
+            for t in r.eos_ids:
+                bias_r.append(k), bias_t.append(t), bias_v.append(float("-inf"))
+    if bias_r:
+        x = x.index_put((torch.tensor(bias_r, device=dev), torch.tensor(bias_t, device=dev)),
+                        torch.tensor(bias_v, device=dev, dtype=x.dtype), accumulate=True)
+    pen = [k for k, p in enumerate(ps) if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0]
+    if pen:
+        out_r = [k for k in pen for _ in rows[which[k]].output_ids]
+        out_t = [t for k in pen for t in rows[which[k]].output_ids]
+        counts = torch.zeros(len(ps), V, device=dev, dtype=x.dtype)
+        if out_r:
+            counts.index_put_((torch.tensor(out_r, device=dev), torch.tensor(out_t, device=dev)),
+                              torch.ones(len(out_r), device=dev, dtype=x.dtype), accumulate=True)
+        rep = [k for k in pen if ps[k].repetition_penalty != 1.0]
+        if rep:  # over the prompt and the generated tokens
+            seen = counts > 0
+            pr_r = [k for k in rep for _ in rows[which[k]].prompt_ids]
+            pr_t = [t for k in rep for t in rows[which[k]].prompt_ids]
+            if pr_r:
+                seen = seen.index_put((torch.tensor(pr_r, device=dev), torch.tensor(pr_t, device=dev)),
+                                      torch.tensor(True, device=dev))
+            penalty = torch.tensor([p.repetition_penalty for p in ps], device=dev, dtype=x.dtype)[:, None]
+            x = torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
+        f = torch.tensor([[p.frequency_penalty, p.presence_penalty] for p in ps], device=dev, dtype=x.dtype)
+        x = x - f[:, :1] * counts - f[:, 1:] * (counts > 0).to(x.dtype)
+    return logits.index_copy(0, idx, x)
 
 
 def filter_logits(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, kmax: int, any_top_p: bool) -> torch.Tensor:
@@ -87,17 +150,17 @@ def filter_logits(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, kma
     return x.masked_fill(x < thr, float("-inf"))
 
 
-def sample(logits: torch.Tensor, rows: list[RowSampling], want_logprobs: bool
-           ) -> tuple[list[int], list[float] | None, list[bool]]:
-    """logits [B, V] float32 -> one token per row, log_softmax(raw logits)[token] where asked, and
-    whether each row's logits were all finite (rows that were not get garbage tokens: fail them).
+def sample(logits: torch.Tensor, rows: list[RowSampling], want_logprobs: bool) -> Sampled:
+    """logits [B, V] float32 -> one token per row, log_softmax(raw logits)[token] where asked (and each
+    row's `top_logprobs` alternatives), and whether each row's logits were all finite.
 
     The only host synchronisation is reading the result, in one transfer.
     """
     finite = torch.isfinite(logits).all(dim=-1)  # [B]
-    logits = torch.where(finite[:, None], logits, 0.0)
-    B, V = logits.shape
-    dev = logits.device
+    raw = torch.where(finite[:, None], logits, 0.0)
+    B, V = raw.shape
+    dev = raw.device
+    logits = process_logits(raw, rows)
     tokens = torch.argmax(logits, dim=-1)  # [B] greedy for every row, replaced for sampled rows
     sampled = [i for i, r in enumerate(rows) if r.params.temperature > 0]
     if sampled:
@@ -114,32 +177,45 @@ def sample(logits: torch.Tensor, rows: list[RowSampling], want_logprobs: bool
         # argmax p / E = argmax (x - log E); x already holds -inf where filtered
         drawn = torch.argmax(x - torch.log(noise), dim=-1)
         tokens = drawn if idx is None else tokens.index_copy(0, idx, drawn)
-    parts = [tokens.to(torch.float64), finite.to(torch.float64)]
+    cols = [tokens.to(torch.float64)[:, None], finite.to(torch.float64)[:, None]]
+    k = min(V, max((r.params.top_logprobs for r in rows if r.params.logprobs), default=0))
     if want_logprobs:
-        parts.append(torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0].to(torch.float64))
-    out = torch.stack(parts).tolist()  # one transfer
-    return [int(t) for t in out[0]], (out[2] if want_logprobs else None), [f > 0 for f in out[1]]
+        lsm = torch.log_softmax(raw, dim=-1)
+        cols.append(lsm.gather(1, tokens[:, None]).to(torch.float64))
+        if k:
+            vals, ids = torch.topk(lsm, k, dim=-1)
+            cols += [ids.to(torch.float64), vals.to(torch.float64)]  # ids are exact in float64
+    out = torch.cat(cols, dim=1).tolist()  # one transfer
+    top: list[TopLogprobs | None] = [None] * B
+    if want_logprobs and k:
+        for i, r in enumerate(rows):
+            n = r.params.top_logprobs if r.params.logprobs else 0
+            if n:
+                row = out[i]
+                top[i] = tuple((int(row[3 + j]), row[3 + k + j]) for j in range(n))
+    return Sampled([int(o[0]) for o in out], [o[2] for o in out] if want_logprobs else None, [o[1] > 0 for o in out], top)
 
 
 def sample_rows(logits: torch.Tensor, rows: list[RowSampling], want_logprobs: bool
-                ) -> tuple[list[int], list[float] | None, list[AdapterServerError | None]]:
+                ) -> tuple[Sampled, list[AdapterServerError | None]]:
     """`sample`, with each row's failure its own: a row with non-finite logits gets an error; if the
     batched pass raises, every row is sampled alone so that only the rows that fail, fail."""
     def bad() -> AdapterServerError:
         return GenerationFailedError("the model produced non-finite logits for this request")
 
     try:
-        toks, lps, ok = sample(logits, rows, want_logprobs)
-        return toks, lps, [None if f else bad() for f in ok]
+        got = sample(logits, rows, want_logprobs)
+        return got, [None if f else bad() for f in got.finite]
     except Exception:
         log.exception("batched sampling failed; sampling each row alone")
     toks, lps_out = [0] * len(rows), [0.0] * len(rows)
+    top: list[TopLogprobs | None] = [None] * len(rows)
     errors: list[AdapterServerError | None] = [None] * len(rows)
     for i, r in enumerate(rows):
         try:
-            t, lp, f = sample(logits[i : i + 1], [r], want_logprobs)
-            toks[i], lps_out[i] = t[0], (lp[0] if lp else 0.0)
-            errors[i] = None if f[0] else bad()
+            one = sample(logits[i : i + 1], [r], want_logprobs)
+            toks[i], lps_out[i], top[i] = one.tokens[0], (one.logprobs[0] if one.logprobs else 0.0), one.top[0]
+            errors[i] = None if one.finite[0] else bad()
         except Exception as e:
             errors[i] = GenerationFailedError(f"sampling failed: {e}")
-    return toks, (lps_out if want_logprobs else None), errors
+    return Sampled(toks, lps_out if want_logprobs else None, [e is None for e in errors], top), errors

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .types import GenerationRequest
+from .types import GenerationRequest, TopLogprobs
 
 if TYPE_CHECKING:  # types only: this module, and the scheduler that uses it, never import torch
     from ..adapters.registry import AdapterRef, Key
@@ -31,6 +31,7 @@ class Seq:
     cache_len: int = 0  # positions of its KV cache row written so far (prefix included)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
     t_admit: float = 0.0
     t_first: float = 0.0
     cancelled: bool = False

@@ -19,6 +19,18 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0  # with logprobs: the most likely alternatives at each position, up to 20
+    presence_penalty: float = 0.0  # subtracted once from every token already generated (OpenAI)
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens (OpenAI)
+    repetition_penalty: float = 1.0  # divides positive logits of prompt and generated tokens, multiplies negative (HF, vLLM)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    min_tokens: int = 0  # end-of-sequence tokens are banned until this many are generated
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether this row's logits change before sampling (the rows that do not are left untouched)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
 
 
 @dataclass(frozen=True)
@@ -29,11 +41,15 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
 
 
+TopLogprobs = tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     token_id: int
     text: str  # newly released text; may be empty while a possible stop string is held back
     logprob: float | None
+    top_logprobs: TopLogprobs | None = None
 
 
 @dataclass(frozen=True)
@@ -54,3 +70,4 @@ class GenerationResult:
     logprobs: tuple[float, ...] | None
     timings: Timings
     adapter_type: str
+    top_logprobs: tuple[TopLogprobs, ...] | None = None

@@ -17,7 +17,7 @@ def rows(*params: SamplingParams, seed: int = 0, step: int = 0) -> list[RowSampl
 def test_greedy_rows_take_the_argmax_and_logprobs_are_the_raw_log_softmax():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 50, generator=g)
-    toks, lps, ok = sample(logits, rows(*[SamplingParams()] * 3), want_logprobs=True)
+    toks, lps, ok, _ = sample(logits, rows(*[SamplingParams()] * 3), want_logprobs=True)
     assert ok == [True] * 3
     assert toks == logits.argmax(-1).tolist()
     want = torch.log_softmax(logits, -1).gather(1, torch.tensor(toks)[:, None])[:, 0]
@@ -29,7 +29,7 @@ def test_draws_follow_the_distribution():
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
     p = torch.softmax(logits, -1)
     n = 4000
-    toks, _, _ = sample(logits.repeat(n, 1), [RowSampling(SamplingParams(temperature=1.0), s, 0) for s in range(n)], False)
+    toks, _, _, _ = sample(logits.repeat(n, 1), [RowSampling(SamplingParams(temperature=1.0), s, 0) for s in range(n)], False)
     freq = torch.bincount(torch.tensor(toks), minlength=5).double() / n
     # 4 standard errors per entry
     assert ((freq - p).abs() <= 4 * (p * (1 - p) / n).sqrt() + 1e-9).all(), (freq, p)
@@ -39,7 +39,7 @@ def test_temperature_sharpens():
     logits = torch.tensor([1.0, 0.0, -1.0])
     n = 2000
     for t, lo in [(0.1, 0.99), (1.0, 0.5)]:
-        toks, _, _ = sample(logits.repeat(n, 1), [RowSampling(SamplingParams(temperature=t), s, 0) for s in range(n)], False)
+        toks, _, _, _ = sample(logits.repeat(n, 1), [RowSampling(SamplingParams(temperature=t), s, 0) for s in range(n)], False)
         share = toks.count(0) / n
         assert share >= lo and (t == 0.1 or share < 0.8)
 
@@ -62,7 +62,7 @@ def test_sampled_tokens_respect_the_filters():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(64, 100, generator=g)
     top3 = logits.topk(3, -1).indices
-    toks, _, _ = sample(logits, [RowSampling(SamplingParams(temperature=2.0, top_k=3), s, 0) for s in range(64)], False)
+    toks, _, _, _ = sample(logits, [RowSampling(SamplingParams(temperature=2.0, top_k=3), s, 0) for s in range(64)], False)
     assert all(t in top3[i].tolist() for i, t in enumerate(toks))
 
 
@@ -72,7 +72,7 @@ def test_a_seed_reproduces_whatever_the_batch_and_steps_differ():
     p = SamplingParams(temperature=1.0, top_p=0.9)
     alone = [sample(logits[i : i + 1], [RowSampling(p, 42, 5)], False)[0][0] for i in range(6)]
     mixed_rows = [RowSampling(p if i % 2 == 0 else SamplingParams(), 42, 5) for i in range(6)]
-    together, _, _ = sample(logits, mixed_rows, False)
+    together, _, _, _ = sample(logits, mixed_rows, False)
     assert [together[i] for i in (0, 2, 4)] == [alone[i] for i in (0, 2, 4)]
     assert [together[i] for i in (1, 3, 5)] == logits.argmax(-1)[1::2].tolist()  # greedy neighbours untouched
     # the step counter moves the stream: 20 steps of one row are not one repeated token
@@ -124,3 +124,60 @@ def test_a_row_whose_sampling_raises_fails_alone(tmp_path, monkeypatch):
     assert isinstance(out[1], GenerationFailedError) and "boom" in str(out[1])
     for r in (out[0], out[2]):
         assert r.finish_reason == "length" and r.token_ids == solo.token_ids
+
+
+def test_logits_processing_is_per_row_and_matches_the_reference_formulas():
+    """logit_bias, min_tokens and the three penalties change only the rows that ask for them; repetition
+    penalty equals transformers' own RepetitionPenaltyLogitsProcessor over prompt + generated tokens,
+    frequency and presence the OpenAI formula over generated tokens."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from server.engine.sampling import process_logits
+
+    g = torch.Generator().manual_seed(0)
+    V = 50
+    logits = torch.randn(5, V, generator=g) * 3
+    prompt, out = (1, 2, 3, 3), [3, 7, 7, 7, 9]
+    ps = [SamplingParams(), SamplingParams(repetition_penalty=1.3), SamplingParams(frequency_penalty=0.5, presence_penalty=0.25),
+          SamplingParams(logit_bias=((4, 5.0), (5, -100.0))), SamplingParams(min_tokens=10)]
+    rows = [RowSampling(p, 0, len(out), prompt, out, (2,)) for p in ps]
+    got = process_logits(logits, rows)
+    assert torch.equal(got[0], logits[0])  # untouched
+    ids = torch.tensor([[*prompt, *out]])
+    assert torch.allclose(got[1:2], RepetitionPenaltyLogitsProcessor(1.3)(ids, logits[1:2].clone()))
+    counts = torch.bincount(torch.tensor(out), minlength=V).float()
+    assert torch.allclose(got[2], logits[2] - 0.5 * counts - 0.25 * (counts > 0).float())
+    want = logits[3].clone()
+    want[4] += 5.0
+    want[5] -= 100.0
+    assert torch.equal(got[3], want)
+    assert got[4][2] == float("-inf") and torch.equal(got[4][:2], logits[4][:2])  # end-of-sequence banned
+    done = process_logits(logits, [RowSampling(SamplingParams(min_tokens=5), 0, 5, prompt, out, (2,))])
+    assert torch.equal(done, logits)  # reached: no longer banned
+
+
+def test_processed_rows_do_not_change_their_neighbours_tokens():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 40, generator=g)
+    plain = [RowSampling(SamplingParams(temperature=0.7 * (i % 2)), 11 + i, 3) for i in range(6)]
+    alone = sample(logits, plain, True)
+    mixed = list(plain)
+    mixed[2] = RowSampling(SamplingParams(logit_bias=((0, 100.0),), presence_penalty=1.0), 13, 3, (1,), [5, 5], (2,))
+    together = sample(logits, mixed, True)
+    assert together.tokens[2] == 0  # the bias wins
+    assert [t for i, t in enumerate(together.tokens) if i != 2] == [t for i, t in enumerate(alone.tokens) if i != 2]
+
+
+def test_top_logprobs_are_the_raw_distributions_most_likely_tokens():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 30, generator=g)
+    ps = [SamplingParams(logprobs=True, top_logprobs=5), SamplingParams(logprobs=True), SamplingParams(logprobs=True, top_logprobs=2,
+                                                                                                        logit_bias=((0, 50.0),))]
+    got = sample(logits, rows(*ps), True)
+    lsm = torch.log_softmax(logits, -1)
+    vals, ids = torch.topk(lsm, 5, -1)
+    assert got.top[1] is None and len(got.top[0]) == 5 and len(got.top[2]) == 2
+    for i, n in ((0, 5), (2, 2)):
+        assert [t for t, _ in got.top[i]] == ids[i, :n].tolist()
+        assert all(abs(v - w) < 1e-6 for (_, v), w in zip(got.top[i], vals[i, :n].tolist(), strict=True))
+    assert got.tokens[2] == 0 and abs(got.logprobs[2] - lsm[2, 0].item()) < 1e-6  # raw logprob of the biased token
