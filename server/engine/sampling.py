@@ -91,17 +91,16 @@ def process_logits(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tenso
     idx = torch.tensor(which, device=dev)
     x = logits.index_select(0, idx)  # [R, V]
     ps = [rows[i].params for i in which]
-    bias_r, bias_t, bias_v = [], [], []
+    bias: list[tuple[int, int, float]] = []  # (row, token, added)
     for k, i in enumerate(which):
         r, p = rows[i], ps[k]
-        for t, v in p.logit_bias:
-            bias_r.append(k), bias_t.append(t), bias_v.append(v)
+        bias += [(k, t, v) for t, v in p.logit_bias]
         if p.min_tokens and len(r.output_ids) < p.min_tokens:
-            for t in r.eos_ids:
-                bias_r.append(k), bias_t.append(t), bias_v.append(float("-inf"))
-    if bias_r:
-        x = x.index_put((torch.tensor(bias_r, device=dev), torch.tensor(bias_t, device=dev)),
-                        torch.tensor(bias_v, device=dev, dtype=x.dtype), accumulate=True)
+            bias += [(k, t, float("-inf")) for t in r.eos_ids]
+    if bias:
+        br, bt, bv = zip(*bias, strict=True)
+        x = x.index_put((torch.tensor(br, device=dev), torch.tensor(bt, device=dev)),
+                        torch.tensor(bv, device=dev, dtype=x.dtype), accumulate=True)
     pen = [k for k, p in enumerate(ps) if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0]
     if pen:
         out_r = [k for k in pen for _ in rows[which[k]].output_ids]
