@@ -150,11 +150,15 @@ class Engine:
         else:
             asked = p.max_new_tokens
         room = self.max_len - n_prompt - virtual
+        adds = f" and adapter {adapter_id!r} puts {virtual} virtual tokens before it" if virtual else ""
         if room < 1:
-            adds = f" and adapter {adapter_id!r} puts {virtual} virtual tokens before it" if virtual else ""
             raise InvalidRequestError(
                 f"prompt has {n_prompt} tokens{adds}; the context window is {self.max_len}: shorten the prompt"
             )
+        if p.max_new_tokens is not None and p.max_new_tokens > room:  # asked for explicitly: refused, never cut short
+            raise InvalidRequestError(
+                f"prompt has {n_prompt} tokens{adds} and max_new_tokens (max_tokens) asks for {p.max_new_tokens}: "
+                f"{p.max_new_tokens - room} past the context window of {self.max_len}")
         return min(asked, room)
 
     def submit(self, req: GenerationRequest, sink: Sink) -> RequestHandle:

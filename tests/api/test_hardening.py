@@ -183,7 +183,7 @@ def test_bounded_queue_gives_429_with_retry_after(tmp_path):
 def test_request_timeout_is_504_and_frees_the_row(tmp_path):
     s = LiveServer(tmp_path / "store", max_batch_size=1, request_timeout_s=0.3, max_new_tokens_limit=2000)
     try:
-        r = httpx.post(s.url + "/generate", json={"prompt": "slow", "max_new_tokens": 2000, "ignore_eos": True}, timeout=60)
+        r = httpx.post(s.url + "/generate", json={"prompt": "slow", "max_new_tokens": 500, "ignore_eos": True}, timeout=60)
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
         eng = s.services.engine
         assert eng._running == [] and len(eng._waiting) == 0
