@@ -6,10 +6,11 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import errors as E
+from .disconnect import ClientDisconnected
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,10 @@ def install(app: FastAPI) -> None:
         if status >= 500 and status != 503 and status != 504:
             log.error("request failed: %s", exc)
         return error_response(status, exc.kind, str(exc), headers)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it: the disconnect was logged once, as info
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

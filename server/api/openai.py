@@ -1,6 +1,9 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions (streaming too).
 
-`model` is an adapter id, or the base model's name for no adapter.
+`model` is an adapter id, or the base model's name for no adapter. Each choice is its own request in
+the engine (`n` and `best_of` per prompt, every prompt of a list), so they batch with everyone else's
+rows, whatever adapter each uses. Fields that would change the output and that we do not serve are a
+400 naming them (schemas.UNSUPPORTED), never ignored.
 """
 
 from __future__ import annotations
@@ -8,19 +11,19 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
 
 from ..engine.service import Generation, new_id
-from ..engine.types import GenerationResult, SamplingParams
+from ..engine.types import GenerationResult, SamplingParams, TokenEvent, TopLogprobs
 from ..errors import AdapterNotFoundError, InvalidRequestError
 from .deps import Ready, ReadyDep, UserAuth
-from .disconnect import until_disconnected
+from .disconnect import results_or_disconnect
 from .errors import inband_error
-from .schemas import ChatIn, CompletionIn, _OpenAIBase
+from .schemas import ChatIn, CompletionIn, Prompt, _OpenAIBase
 
 router = APIRouter(prefix="/v1", dependencies=[UserAuth])
 
@@ -33,126 +36,291 @@ def _adapter_for(s: Ready, model: str) -> str | None:
     return model
 
 
-def _params(body: _OpenAIBase, logprobs: bool, default_max: int | None) -> SamplingParams:
+def _check(s: Ready, body: _OpenAIBase) -> None:
+    if bad := body.unsupported():
+        raise InvalidRequestError(f"{', '.join(bad)}: not supported by this server (the request would be answered "
+                                  "as if it were absent)")
+    vocab = s.generation.vocab_size
+    if out := [t for t, _ in body.bias() if t >= vocab]:
+        raise InvalidRequestError(f"logit_bias token {out[0]} is not in the vocabulary (ids 0 to {vocab - 1})")
+    limit = body.max_completion_tokens or body.max_tokens
+    if limit is not None and body.min_tokens > limit:
+        raise InvalidRequestError(f"min_tokens {body.min_tokens} is over max_tokens {limit}")
+
+
+def _params(body: _OpenAIBase, default_max: int | None, seed: int | None, logprobs: bool = False,
+            top: int = 0) -> SamplingParams:
     """`default_max`: OpenAI's default when the client sets no limit (16 for completions; None, the server
     limit, for chat). The engine checks the lengths."""
     return SamplingParams(body.max_completion_tokens or body.max_tokens, default_max, body.temperature, body.top_p,
-                          body.top_k, body.seed, body.stops(), body.ignore_eos, logprobs)
+                          body.top_k, seed, body.stops(), body.ignore_eos, logprobs, top, body.presence_penalty,
+                          body.frequency_penalty, body.repetition_penalty, body.bias(), body.min_tokens)
 
 
-def _usage(r: GenerationResult) -> dict[str, int]:
-    n = len(r.token_ids)
-    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": n, "total_tokens": r.prompt_tokens + n}
+async def _start_all(s: Ready, prompts: list[tuple[int, ...]], adapter: str | None,
+                     params: Callable[[int], SamplingParams], per_prompt: int, prefix: str) -> list[Generation]:
+    """`per_prompt` generations of each prompt, in order; if one cannot start, none is left running."""
+    gens: list[Generation] = []
+    try:
+        for ids in prompts:
+            for j in range(per_prompt):
+                gens.append(await s.generation.start(ids, adapter, params(j), new_id(prefix)))
+    except BaseException:
+        for g in gens:
+            g.cancel()
+        raise
+    return gens
+
+
+def _seed(body: _OpenAIBase, j: int) -> int | None:
+    """The j-th sample of a prompt: the client's seed for the first, the next ones after it."""
+    return None if body.seed is None else (body.seed + j) % 2**63
+
+
+def _best(results: list[GenerationResult], n: int) -> list[GenerationResult]:
+    """best_of: the n with the highest mean logprob per token, best first (OpenAI's rule)."""
+    def score(r: GenerationResult) -> float:
+        return sum(r.logprobs or ()) / max(1, len(r.token_ids))
+
+    return sorted(results, key=score, reverse=True)[:n]
+
+
+def _usage(prompt_tokens: int, results: list[GenerationResult]) -> dict[str, int]:
+    done = sum(len(r.token_ids) for r in results)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
 
 
 @router.get("/models")
 async def models(s: ReadyDep) -> dict[str, Any]:
     now = int(time.time())
-    data = [{"id": s.model_name, "object": "model", "created": now, "owned_by": "adapter-server", "root": s.model_name}]
-    for a in s.registry.infos():
-        data.append({"id": a["adapter_id"], "object": "model", "created": now, "owned_by": "adapter-server",
-                     "root": s.model_name, "parent": s.model_name})
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [_model(s, None, now)] + [_model(s, a["adapter_id"], now) for a in s.registry.infos()]}
 
 
-@router.post("/completions")
-async def completions(body: CompletionIn, request: Request, s: ReadyDep) -> Any:
-    if body.echo:
-        raise InvalidRequestError("echo is not supported")
-    adapter = _adapter_for(s, body.model)
-    ids = await asyncio.to_thread(s.generation.encode, body.text())
-    g = await s.generation.start(ids, adapter, _params(body, bool(body.logprobs), 16), new_id("cmpl"))
-    created = int(time.time())
-    if body.stream:
-        return EventSourceResponse(_stream_completion(g, body, created), ping=15)
-    r = await _result(request, g)
-    lp = None
-    if body.logprobs is not None and r["logprobs"] is not None:
-        toks = [s.generation.tokenizer.decode([t]) for t in r["token_ids"]]
-        lp = {"tokens": toks, "token_logprobs": r["logprobs"], "top_logprobs": None, "text_offset": None}
-    return {
-        "id": r["id"], "object": "text_completion", "created": created, "model": body.model,
-        "choices": [{"index": 0, "text": r["text"], "logprobs": lp, "finish_reason": r["finish_reason"]}],
-        "usage": r["_usage"],
-    }
+@router.get("/models/{model_id:path}")
+async def model(model_id: str, s: ReadyDep) -> dict[str, Any]:
+    return _model(s, _adapter_for(s, model_id), int(time.time()))
 
 
-async def _result(request: Request, g: Generation) -> dict[str, Any]:
-    r = await until_disconnected(request, g)
-    u = r["usage"]
-    r["_usage"] = {**u, "total_tokens": u["prompt_tokens"] + u["completion_tokens"]}
-    return r
+def _model(s: Ready, adapter: str | None, now: int) -> dict[str, Any]:
+    if adapter is None:
+        return {"id": s.model_name, "object": "model", "created": now, "owned_by": "adapter-server", "root": s.model_name}
+    return {"id": adapter, "object": "model", "created": now, "owned_by": "adapter-server", "root": s.model_name,
+            "parent": s.model_name}
 
 
-async def _events(g: Generation) -> AsyncIterator[tuple[str, Any]]:
-    """('delta', text) for each piece of text, then ('done', result); errors reported in-band."""
+# -- logprobs, shaped -------------------------------------------------------------------------
+class _Tokens:
+    def __init__(self, s: Ready) -> None:
+        self.tok = s.generation.tokenizer
+
+    def text(self, t: int) -> str:
+        return str(self.tok.decode([t]))
+
+    def completion(self, ids: list[int], lps: list[float], tops: list[TopLogprobs] | None, k: int | None,
+                   offset: int) -> dict[str, Any]:
+        """Completions `logprobs`: tokens, their logprobs, the top k alternatives (with the chosen token), the
+        character offset of each token in the choice's text."""
+        toks = [self.text(t) for t in ids]
+        offsets = []
+        for t in toks:
+            offsets.append(offset)
+            offset += len(t)
+        top = None
+        if k is not None:
+            top = [{**{self.text(a): lp for a, lp in (tops[i] if tops else ())[:k]}, toks[i]: lps[i]} for i in range(len(ids))]
+        return {"tokens": toks, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
+
+    def chat(self, ids: list[int], lps: list[float], tops: list[TopLogprobs] | None) -> dict[str, Any]:
+        def entry(t: int, lp: float) -> dict[str, Any]:
+            text = self.text(t)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in (tops[i] if tops else ())]}
+                            for i, (t, lp) in enumerate(zip(ids, lps, strict=True))]}
+
+
+# -- streaming, several choices at once -------------------------------------------------------
+async def _events(g: Generation) -> AsyncIterator[tuple[str, Any, list[TokenEvent]]]:
+    """('delta', text, the tokens behind it), then ('done', result, tokens whose text never came)."""
+    held: list[TokenEvent] = []
     async for ev in g.events():
         if isinstance(ev, GenerationResult):
-            yield "done", ev
-        elif ev.text:
-            yield "delta", ev.text
+            yield "done", ev, held
+        else:
+            held.append(ev)
+            if ev.text:
+                yield "delta", ev.text, held
+                held = []
+
+
+async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, str, Any, list[TokenEvent]]]:
+    """Every generation's events as they come, tagged with its choice index; stops at the first error
+    (raised), cancelling the rest; leaving early cancels them all."""
+    q: asyncio.Queue[tuple[int, str, Any, list[TokenEvent]]] = asyncio.Queue()
+
+    async def pump(i: int, g: Generation) -> None:
+        try:
+            async for kind, x, toks in _events(g):
+                await q.put((i, kind, x, toks))
+        except Exception as e:
+            await q.put((i, "error", e, []))
+        await q.put((i, "end", None, []))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    left = len(gens)
+    try:
+        while left:
+            item = await q.get()
+            if item[1] == "end":
+                left -= 1
+            elif item[1] == "error":
+                raise item[2]
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for g in gens:
+            g.cancel()
 
 
 def _error_chunk(e: Exception) -> dict[str, str]:
     return {"data": json.dumps(inband_error(e))}
 
 
-async def _stream_completion(g: Generation, body: CompletionIn, created: int) -> AsyncIterator[dict[str, str]]:
-    head = {"id": g.req.request_id, "object": "text_completion", "created": created, "model": body.model}
+# -- /v1/completions ---------------------------------------------------------------------------
+@router.post("/completions")
+async def completions(body: CompletionIn, request: Request, s: ReadyDep) -> Any:
+    _check(s, body)
+    n, best_of = body.n, body.best_of or body.n
+    if best_of < n:
+        raise InvalidRequestError(f"best_of ({best_of}) must be at least n ({n})")
+    if body.stream and best_of > n:
+        raise InvalidRequestError("best_of cannot be streamed: the best are known only at the end")
+    if body.echo and body.logprobs is not None:
+        raise InvalidRequestError("echo with logprobs (the prompt's logprobs) is not supported; send echo or logprobs")
+    adapter = _adapter_for(s, body.model)
+    prompts = body.prompts()
+    vocab = s.generation.vocab_size
+    for p in prompts:
+        if not isinstance(p, str) and (bad := [t for t in p if not 0 <= t < vocab]):
+            raise InvalidRequestError(f"prompt token {bad[0]} is not in the vocabulary (ids 0 to {vocab - 1})")
+    ids = [await asyncio.to_thread(s.generation.encode, p) if isinstance(p, str) else tuple(p) for p in prompts]
+    k = body.logprobs
+
+    def params(j: int) -> SamplingParams:
+        return _params(body, 16, _seed(body, j), k is not None or best_of > n, k or 0)
+
+    gens = await _start_all(s, ids, adapter, params, best_of, "cmpl")
+    rid, created = new_id("cmpl"), int(time.time())
+    echo = [_prompt_text(s, p) if body.echo else "" for p in prompts]
+    if body.stream:
+        return EventSourceResponse(_stream_completion(s, gens, body, rid, created, echo, sum(map(len, ids))), ping=15)
+    results = await results_or_disconnect(request, gens)
+    toks, choices = _Tokens(s), list[dict[str, Any]]()
+    for i in range(len(prompts)):
+        group = results[i * best_of : (i + 1) * best_of]
+        for r in _best(group, n) if best_of > n else group:
+            lp = None
+            if k is not None and r.logprobs is not None:
+                lp = toks.completion(list(r.token_ids), list(r.logprobs), list(r.top_logprobs or ()), k, len(echo[i]))
+            choices.append({"index": len(choices), "text": echo[i] + r.text, "logprobs": lp,
+                            "finish_reason": r.finish_reason})
+    return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
+            "usage": _usage(sum(map(len, ids)), results)}
+
+
+def _prompt_text(s: Ready, p: Prompt) -> str:
+    return p if isinstance(p, str) else str(s.generation.tokenizer.decode(p))
+
+
+async def _stream_completion(s: Ready, gens: list[Generation], body: CompletionIn, rid: str, created: int,
+                             echo: list[str], prompt_tokens: int) -> AsyncIterator[dict[str, str]]:
+    head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
+    toks, n = _Tokens(s), body.n
+    offsets = [len(echo[i // n]) for i in range(len(gens))]
+    results: list[GenerationResult] = []
+
+    def chunk(i: int, text: str, finish: str | None, evs: list[TokenEvent]) -> dict[str, str]:
+        lp = None
+        if body.logprobs is not None and evs:
+            lp = toks.completion([e.token_id for e in evs], [e.logprob or 0.0 for e in evs],
+                                 [e.top_logprobs or () for e in evs], body.logprobs, offsets[i])
+        offsets[i] += len(text)
+        return {"data": json.dumps({**head, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]})}
+
     try:
-        async for kind, x in _events(g):
+        for i in range(len(gens)):
+            if echo[i // n]:
+                yield {"data": json.dumps({**head, "choices": [{"index": i, "text": echo[i // n], "logprobs": None,
+                                                                "finish_reason": None}]})}
+        async for i, kind, x, evs in _merged(gens):
             if kind == "delta":
-                chunk = {**head, "choices": [{"index": 0, "text": x, "logprobs": None, "finish_reason": None}]}
+                yield chunk(i, x, None, evs)
             else:
-                chunk = {**head, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": x.finish_reason}]}
-                if body.stream_options and body.stream_options.include_usage:
-                    yield {"data": json.dumps(chunk)}
-                    chunk = {**head, "choices": [], "usage": _usage(x)}
-            yield {"data": json.dumps(chunk)}
+                results.append(x)
+                yield chunk(i, "", x.finish_reason, evs)
+        if body.stream_options and body.stream_options.include_usage:
+            yield {"data": json.dumps({**head, "choices": [], "usage": _usage(prompt_tokens, results)})}
     except Exception as e:
         yield _error_chunk(e)
     yield {"data": "[DONE]"}
 
 
+# -- /v1/chat/completions ----------------------------------------------------------------------
 @router.post("/chat/completions")
 async def chat(body: ChatIn, request: Request, s: ReadyDep) -> Any:
+    _check(s, body)
+    if body.top_logprobs and not body.logprobs:
+        raise InvalidRequestError("top_logprobs needs logprobs: true")
     adapter = _adapter_for(s, body.model)
     ids = await asyncio.to_thread(s.generation.encode_chat, [m.plain() for m in body.messages])
-    g = await s.generation.start(ids, adapter, _params(body, body.logprobs, None),
-                                 new_id("chatcmpl"))
-    created = int(time.time())
+
+    def params(j: int) -> SamplingParams:
+        return _params(body, None, _seed(body, j), body.logprobs, body.top_logprobs or 0)
+
+    gens = await _start_all(s, [ids], adapter, params, body.n, "chatcmpl")
+    rid, created = new_id("chatcmpl"), int(time.time())
     if body.stream:
-        return EventSourceResponse(_stream_chat(g, body, created), ping=15)
-    r = await _result(request, g)
-    lp = None
-    if body.logprobs and r["logprobs"] is not None:
-        tok = s.generation.tokenizer
-        lp = {"content": [{"token": tok.decode([t]), "logprob": p, "bytes": None, "top_logprobs": []}
-                          for t, p in zip(r["token_ids"], r["logprobs"], strict=True)]}
-    return {
-        "id": r["id"], "object": "chat.completion", "created": created, "model": body.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": r["text"]},
-                     "logprobs": lp, "finish_reason": r["finish_reason"]}],
-        "usage": r["_usage"],
-    }
+        return EventSourceResponse(_stream_chat(s, gens, body, rid, created, len(ids)), ping=15)
+    results = await results_or_disconnect(request, gens)
+    toks = _Tokens(s)
+    choices = []
+    for i, r in enumerate(results):
+        lp = None
+        if body.logprobs and r.logprobs is not None:
+            lp = toks.chat(list(r.token_ids), list(r.logprobs), list(r.top_logprobs) if r.top_logprobs else None)
+        choices.append({"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": lp,
+                        "finish_reason": r.finish_reason})
+    return {"id": rid, "object": "chat.completion", "created": created, "model": body.model, "choices": choices,
+            "usage": _usage(len(ids), results)}
 
 
-async def _stream_chat(g: Generation, body: ChatIn, created: int) -> AsyncIterator[dict[str, str]]:
-    head = {"id": g.req.request_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
+async def _stream_chat(s: Ready, gens: list[Generation], body: ChatIn, rid: str, created: int,
+                       prompt_tokens: int) -> AsyncIterator[dict[str, str]]:
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
+    toks = _Tokens(s)
+    results: list[GenerationResult] = []
 
-    def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, str]:
-        return {"data": json.dumps({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+    def chunk(i: int, delta: dict[str, Any], finish: str | None, evs: list[TokenEvent]) -> dict[str, str]:
+        lp = None
+        if body.logprobs and evs:
+            lp = toks.chat([e.token_id for e in evs], [e.logprob or 0.0 for e in evs],
+                           [e.top_logprobs or () for e in evs] if body.top_logprobs else None)
+        return {"data": json.dumps({**head, "choices": [{"index": i, "delta": delta, "logprobs": lp,
                                                          "finish_reason": finish}]})}
 
-    yield chunk({"role": "assistant", "content": ""}, None)
+    for i in range(len(gens)):
+        yield chunk(i, {"role": "assistant", "content": ""}, None, [])
     try:
-        async for kind, x in _events(g):
+        async for i, kind, x, evs in _merged(gens):
             if kind == "delta":
-                yield chunk({"content": x}, None)
+                yield chunk(i, {"content": x}, None, evs)
             else:
-                yield chunk({}, x.finish_reason)
-                if body.stream_options and body.stream_options.include_usage:
-                    yield {"data": json.dumps({**head, "choices": [], "usage": _usage(x)})}
+                results.append(x)
+                yield chunk(i, {}, x.finish_reason, evs)
+        if body.stream_options and body.stream_options.include_usage:
+            yield {"data": json.dumps({**head, "choices": [], "usage": _usage(prompt_tokens, results)})}
     except Exception as e:
         yield _error_chunk(e)
     yield {"data": "[DONE]"}

@@ -84,8 +84,20 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Fields that change what a model returns and that we do not serve yet: a 400 naming them, never ignored.
+# (Fields that change nothing we return, such as `user`, `metadata`, `store`, are accepted.)
+UNSUPPORTED = {
+    "response_format": lambda v: not (isinstance(v, dict) and v.get("type") == "text"),
+    "tools": bool, "tool_choice": lambda v: v not in (None, "none"), "functions": bool, "function_call": bool,
+    "suffix": lambda v: v is not None, "audio": lambda v: v is not None,
+    "modalities": lambda v: v not in (None, ["text"]), "prediction": lambda v: v is not None,
+    "web_search_options": lambda v: v is not None, "guided_json": lambda v: v is not None,
+    "guided_regex": lambda v: v is not None, "guided_choice": lambda v: v is not None,
+}
+
+
 class _OpenAIBase(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored
+    model_config = ConfigDict(extra="allow")  # fields that change nothing we return are accepted; see UNSUPPORTED
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -93,33 +105,75 @@ class _OpenAIBase(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # extension, as in vLLM
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     ignore_eos: bool = False  # extension
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # extension, as in vLLM
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int = Field(0, ge=0)  # extension, as in vLLM
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        if len(v) > 1024:
+            raise ValueError("logit_bias holds at most 1024 tokens")
+        for k, b in v.items():
+            if not k.isdigit():
+                raise ValueError(f"logit_bias keys are token ids; {k!r} is not one")
+            if not -100.0 <= b <= 100.0:
+                raise ValueError(f"logit_bias values lie in [-100, 100]; token {k} has {b}")
+        return v
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(s for s in self.stop if s)
 
+    def unsupported(self) -> list[str]:
+        """The fields this request sets that we would otherwise have to ignore."""
+        extra = self.model_extra or {}
+        return [k for k, bad in UNSUPPORTED.items() if k in extra and bad(extra[k])]
+
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
+
+
+Prompt = str | list[int]
+
 
 class CompletionIn(_OpenAIBase):
-    prompt: str | list[str]
-    logprobs: int | None = Field(None, ge=0, le=1)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=16)
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, list) and len(v) != 1:
-            raise ValueError("send exactly one prompt per request")
+    def _prompts(cls, v: str | list[str] | list[int] | list[list[int]]) -> str | list[str] | list[int] | list[list[int]]:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("send at least one prompt")
+            if len(v) > 64 and not all(isinstance(x, int) for x in v):
+                raise ValueError("at most 64 prompts per request")
+            if any(isinstance(x, (str, list)) and len(x) == 0 for x in v):
+                raise ValueError("a prompt is empty")
         return v
 
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[Prompt]:
+        """Each prompt: text, or token ids (a list of ints is one prompt of ids, as in OpenAI's API)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
 
 
 class ChatMessage(BaseModel):
@@ -137,3 +191,8 @@ class ChatMessage(BaseModel):
 class ChatIn(_OpenAIBase):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def unsupported(self) -> list[str]:
+        parts = {p.get("type") for m in self.messages if isinstance(m.content, list) for p in m.content} - {"text"}
+        return super().unsupported() + [f"{t} content parts" for t in sorted(str(t) for t in parts)]

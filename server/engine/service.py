@@ -45,6 +45,11 @@ class GenerationService:
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model scores (the logits' width)."""
+        return int(self.engine.runner.model.config.vocab_size)
+
     def encode(self, prompt: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(prompt).input_ids)
 
