@@ -110,32 +110,52 @@ def _model(s: Ready, adapter: str | None, now: int) -> dict[str, Any]:
 
 # -- logprobs, shaped -------------------------------------------------------------------------
 class _Tokens:
+    """Token strings for logprobs, each decoded after the few tokens before it (a lone token loses the space
+    a word-start marker stands for), so a choice's token strings add up to its text."""
+
+    CONTEXT = 6
+
     def __init__(self, s: Ready) -> None:
         self.tok = s.generation.tokenizer
 
-    def text(self, t: int) -> str:
-        return str(self.tok.decode([t]))
+    def piece(self, before: list[int], t: int) -> str:
+        ctx = before[-self.CONTEXT :]
+        return str(self.tok.decode([*ctx, t]))[len(str(self.tok.decode(ctx))) :] if ctx else str(self.tok.decode([t]))
+
+    def pieces(self, ids: list[int], before: list[int]) -> list[str]:
+        seq = list(before)
+        out = []
+        for t in ids:
+            out.append(self.piece(seq, t))
+            seq.append(t)
+        return out
 
     def completion(self, ids: list[int], lps: list[float], tops: list[TopLogprobs] | None, k: int | None,
-                   offset: int) -> dict[str, Any]:
+                   offset: int, before: list[int]) -> dict[str, Any]:
         """Completions `logprobs`: tokens, their logprobs, the top k alternatives (with the chosen token), the
-        character offset of each token in the choice's text."""
-        toks = [self.text(t) for t in ids]
+        character offset of each token in the choice's text. `before`: the choice's earlier tokens."""
+        toks = self.pieces(ids, before)
         offsets = []
         for t in toks:
             offsets.append(offset)
             offset += len(t)
         top = None
         if k is not None:
-            top = [{**{self.text(a): lp for a, lp in (tops[i] if tops else ())[:k]}, toks[i]: lps[i]} for i in range(len(ids))]
+            seq = [*before, *ids]
+            at = len(before)
+            top = [{**{self.piece(seq[: at + i], a): lp for a, lp in (tops[i] if tops else ())[:k]}, toks[i]: lps[i]}
+                   for i in range(len(ids))]
         return {"tokens": toks, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
 
-    def chat(self, ids: list[int], lps: list[float], tops: list[TopLogprobs] | None) -> dict[str, Any]:
-        def entry(t: int, lp: float) -> dict[str, Any]:
-            text = self.text(t)
+    def chat(self, ids: list[int], lps: list[float], tops: list[TopLogprobs] | None, before: list[int]) -> dict[str, Any]:
+        seq = [*before, *ids]
+        at = len(before)
+
+        def entry(i: int, t: int, lp: float) -> dict[str, Any]:
+            text = self.piece(seq[: at + i], t)
             return {"token": text, "logprob": lp, "bytes": list(text.encode())}
 
-        return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in (tops[i] if tops else ())]}
+        return {"content": [{**entry(i, t, lp), "top_logprobs": [entry(i, a, alp) for a, alp in (tops[i] if tops else ())]}
                             for i, (t, lp) in enumerate(zip(ids, lps, strict=True))]}
 
 
@@ -223,7 +243,7 @@ async def completions(body: CompletionIn, request: Request, s: ReadyDep) -> Any:
         for r in _best(group, n) if best_of > n else group:
             lp = None
             if k is not None and r.logprobs is not None:
-                lp = toks.completion(list(r.token_ids), list(r.logprobs), list(r.top_logprobs or ()), k, len(echo[i]))
+                lp = toks.completion(list(r.token_ids), list(r.logprobs), list(r.top_logprobs or ()), k, len(echo[i]), [])
             choices.append({"index": len(choices), "text": echo[i] + r.text, "logprobs": lp,
                             "finish_reason": r.finish_reason})
     return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
@@ -239,13 +259,16 @@ async def _stream_completion(s: Ready, gens: list[Generation], body: CompletionI
     head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
     toks, n = _Tokens(s), body.n
     offsets = [len(echo[i // n]) for i in range(len(gens))]
+    seen: list[list[int]] = [[] for _ in gens]
     results: list[GenerationResult] = []
 
     def chunk(i: int, text: str, finish: str | None, evs: list[TokenEvent]) -> dict[str, str]:
         lp = None
         if body.logprobs is not None and evs:
-            lp = toks.completion([e.token_id for e in evs], [e.logprob or 0.0 for e in evs],
-                                 [e.top_logprobs or () for e in evs], body.logprobs, offsets[i])
+            ids = [e.token_id for e in evs]
+            lp = toks.completion(ids, [e.logprob or 0.0 for e in evs], [e.top_logprobs or () for e in evs],
+                                 body.logprobs, offsets[i], seen[i])
+            seen[i] += ids
         offsets[i] += len(text)
         return {"data": json.dumps({**head, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]})}
 
@@ -289,7 +312,7 @@ async def chat(body: ChatIn, request: Request, s: ReadyDep) -> Any:
     for i, r in enumerate(results):
         lp = None
         if body.logprobs and r.logprobs is not None:
-            lp = toks.chat(list(r.token_ids), list(r.logprobs), list(r.top_logprobs) if r.top_logprobs else None)
+            lp = toks.chat(list(r.token_ids), list(r.logprobs), list(r.top_logprobs) if r.top_logprobs else None, [])
         choices.append({"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": lp,
                         "finish_reason": r.finish_reason})
     return {"id": rid, "object": "chat.completion", "created": created, "model": body.model, "choices": choices,
@@ -300,13 +323,16 @@ async def _stream_chat(s: Ready, gens: list[Generation], body: ChatIn, rid: str,
                        prompt_tokens: int) -> AsyncIterator[dict[str, str]]:
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
     toks = _Tokens(s)
+    seen: list[list[int]] = [[] for _ in gens]
     results: list[GenerationResult] = []
 
     def chunk(i: int, delta: dict[str, Any], finish: str | None, evs: list[TokenEvent]) -> dict[str, str]:
         lp = None
         if body.logprobs and evs:
-            lp = toks.chat([e.token_id for e in evs], [e.logprob or 0.0 for e in evs],
-                           [e.top_logprobs or () for e in evs] if body.top_logprobs else None)
+            ids = [e.token_id for e in evs]
+            lp = toks.chat(ids, [e.logprob or 0.0 for e in evs],
+                           [e.top_logprobs or () for e in evs] if body.top_logprobs else None, seen[i])
+            seen[i] += ids
         return {"data": json.dumps({**head, "choices": [{"index": i, "delta": delta, "logprobs": lp,
                                                          "finish_reason": finish}]})}
 

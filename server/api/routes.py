@@ -29,7 +29,9 @@ def params_of(body: GenerateIn) -> SamplingParams:
     """The engine checks lengths: an explicit max_new_tokens over the limit is refused, the default capped."""
     asked = body.max_new_tokens if "max_new_tokens" in body.model_fields_set else None
     return SamplingParams(asked, GenerateIn.model_fields["max_new_tokens"].default, body.temperature, body.top_p,
-                          body.top_k, body.seed, tuple(body.stop), body.ignore_eos, body.logprobs)
+                          body.top_k, body.seed, tuple(body.stop), body.ignore_eos, body.logprobs,
+                          presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                          repetition_penalty=body.repetition_penalty)
 
 
 @router.post("/generate", response_model=GenerateOut, dependencies=[UserAuth],

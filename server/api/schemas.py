@@ -28,6 +28,9 @@ class GenerateIn(BaseModel):
     ignore_eos: bool = False
     logprobs: bool = False
     stream: bool = False
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # as in OpenAI's API
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # as in transformers and vLLM
 
     @field_validator("stop")
     @classmethod
