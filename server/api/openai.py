@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
 
+from ..engine.grammar import GrammarSpec
 from ..engine.service import Generation, new_id
 from ..engine.types import GenerationResult, SamplingParams, TokenEvent, TopLogprobs
 from ..errors import AdapterNotFoundError, InvalidRequestError
@@ -49,12 +50,77 @@ def _check(s: Ready, body: _OpenAIBase) -> None:
 
 
 def _params(body: _OpenAIBase, default_max: int | None, seed: int | None, logprobs: bool = False,
-            top: int = 0) -> SamplingParams:
+            top: int = 0, grammar: GrammarSpec | None = None) -> SamplingParams:
     """`default_max`: OpenAI's default when the client sets no limit (16 for completions; None, the server
     limit, for chat). The engine checks the lengths."""
     return SamplingParams(body.max_completion_tokens or body.max_tokens, default_max, body.temperature, body.top_p,
                           body.top_k, seed, body.stops(), body.ignore_eos, logprobs, top, body.presence_penalty,
-                          body.frequency_penalty, body.repetition_penalty, body.bias(), body.min_tokens)
+                          body.frequency_penalty, body.repetition_penalty, body.bias(), body.min_tokens,
+                          grammar or _response_format(body))
+
+
+def _response_format(body: _OpenAIBase) -> GrammarSpec | None:
+    rf = body.response_format
+    if rf is None or rf.get("type") == "text":
+        return None
+    if rf.get("type") == "json_object":
+        return "json_object", ""
+    if rf.get("type") == "json_schema":
+        schema = (rf.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise InvalidRequestError("response_format json_schema needs json_schema.schema, a JSON Schema object")
+        return "json_schema", json.dumps(schema)
+    raise InvalidRequestError(f"response_format type {rf.get('type')!r} is not supported (text, json_object, json_schema)")
+
+
+class _ToolPlan:
+    """Tool calls by constrained decoding (as vLLM serves tool_choice "required" and named functions): the
+    output is held to the named function's argument schema, or for "required" to one call of any tool,
+    {"name": ..., "arguments": {...}}; the answer is then returned as `tool_calls`."""
+
+    def __init__(self, body: ChatIn) -> None:
+        tools, tc = body.tools or [], body.tool_choice
+        self.named: str | None = None
+        self.spec: GrammarSpec | None = None
+        if not tools:
+            if tc not in (None, "none"):
+                raise InvalidRequestError("tool_choice needs tools")
+            return
+        params: dict[str, dict[str, Any]] = {}
+        for t in tools:
+            f = t.get("function") if isinstance(t, dict) else None
+            if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(f, dict) or not isinstance(f.get("name"), str):
+                raise InvalidRequestError('each tool must be {"type": "function", "function": {"name": ..., "parameters": {...}}}')
+            params[f["name"]] = f.get("parameters") or {"type": "object"}
+        if tc == "none":
+            return
+        if body.response_format is not None and body.response_format.get("type") != "text":
+            raise InvalidRequestError("send tools or response_format, not both")
+        if tc is None or tc == "auto":
+            raise InvalidRequestError(
+                "tool_choice 'auto' (the default when tools are sent) lets the model decide whether to call a tool, "
+                "which needs a chat template that renders tools and a parser for this model's tool-call format; this "
+                "server serves tool calls by constraining the output: send tool_choice 'required' or "
+                '{"type": "function", "function": {"name": ...}}')
+        if tc == "required":
+            self.spec = "json_schema", json.dumps({"anyOf": [
+                {"type": "object", "properties": {"name": {"const": n}, "arguments": p}, "required": ["name", "arguments"],
+                 "additionalProperties": False} for n, p in params.items()]})
+        elif isinstance(tc, dict) and isinstance(tc.get("function"), dict) and tc["function"].get("name") in params:
+            self.named = tc["function"]["name"]
+            self.spec = "json_schema", json.dumps(params[self.named])
+        else:
+            raise InvalidRequestError(f"tool_choice {json.dumps(tc)} names no tool of this request")
+
+    def calls(self, text: str) -> list[dict[str, Any]] | None:
+        """The tool call the constrained text holds (None if it stopped short of one: finish_reason length)."""
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return None
+        name, args = (self.named, obj) if self.named is not None else (obj["name"], obj["arguments"])
+        return [{"id": new_id("call"), "type": "function",
+                 "function": {"name": name, "arguments": json.dumps(args, separators=(",", ":"))}}]
 
 
 async def _start_all(s: Ready, prompts: list[tuple[int, ...]], adapter: str | None,
@@ -296,11 +362,14 @@ async def chat(body: ChatIn, request: Request, s: ReadyDep) -> Any:
     _check(s, body)
     if body.top_logprobs and not body.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs: true")
+    tools = _ToolPlan(body)
+    if tools.spec is not None and body.stream:
+        raise InvalidRequestError("streamed tool calls are not supported yet; send stream: false")
     adapter = _adapter_for(s, body.model)
-    ids = await asyncio.to_thread(s.generation.encode_chat, [m.plain() for m in body.messages])
+    ids = await asyncio.to_thread(s.generation.encode_chat, [m.plain() for m in body.messages], body.tools)
 
     def params(j: int) -> SamplingParams:
-        return _params(body, None, _seed(body, j), body.logprobs, body.top_logprobs or 0)
+        return _params(body, None, _seed(body, j), body.logprobs, body.top_logprobs or 0, tools.spec)
 
     gens = await _start_all(s, [ids], adapter, params, body.n, "chatcmpl")
     rid, created = new_id("chatcmpl"), int(time.time())
@@ -313,8 +382,11 @@ async def chat(body: ChatIn, request: Request, s: ReadyDep) -> Any:
         lp = None
         if body.logprobs and r.logprobs is not None:
             lp = toks.chat(list(r.token_ids), list(r.logprobs), list(r.top_logprobs) if r.top_logprobs else None, [])
-        choices.append({"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": lp,
-                        "finish_reason": r.finish_reason})
+        calls = tools.calls(r.text) if tools.spec is not None else None
+        message = {"role": "assistant", "content": r.text} if calls is None else \
+            {"role": "assistant", "content": None, "tool_calls": calls}
+        choices.append({"index": i, "message": message, "logprobs": lp,
+                        "finish_reason": "tool_calls" if calls else r.finish_reason})
     return {"id": rid, "object": "chat.completion", "created": created, "model": body.model, "choices": choices,
             "usage": _usage(len(ids), results)}
 

@@ -31,7 +31,14 @@ def params_of(body: GenerateIn) -> SamplingParams:
     return SamplingParams(asked, GenerateIn.model_fields["max_new_tokens"].default, body.temperature, body.top_p,
                           body.top_k, body.seed, tuple(body.stop), body.ignore_eos, body.logprobs,
                           presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                          repetition_penalty=body.repetition_penalty)
+                          repetition_penalty=body.repetition_penalty, grammar=_grammar(body))
+
+
+def _grammar(body: GenerateIn) -> tuple[str, str] | None:
+    try:
+        return body.grammar()
+    except ValueError as e:
+        raise InvalidRequestError(str(e)) from None
 
 
 @router.post("/generate", response_model=GenerateOut, dependencies=[UserAuth],

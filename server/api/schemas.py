@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -31,6 +32,23 @@ class GenerateIn(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # as in OpenAI's API
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # as in transformers and vLLM
+    json_schema: dict[str, Any] | None = None  # structured output: at most one of these three
+    regex: str | None = Field(None, min_length=1, max_length=10_000)
+    choice: list[str] | None = Field(None, min_length=1, max_length=256)
+
+    def grammar(self) -> tuple[str, str] | None:
+        given = [k for k in ("json_schema", "regex", "choice") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"send at most one of json_schema, regex and choice (got {', '.join(given)})")
+        if self.json_schema is not None:
+            return "json_schema", json.dumps(self.json_schema)
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            if any(not c or len(c) > 1000 for c in self.choice):
+                raise ValueError("each choice must be 1 to 1000 characters")
+            return "choice", json.dumps(self.choice)
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -90,7 +108,6 @@ class StreamOptions(BaseModel):
 # Fields that change what a model returns and that we do not serve yet: a 400 naming them, never ignored.
 # (Fields that change nothing we return, such as `user`, `metadata`, `store`, are accepted.)
 UNSUPPORTED = {
-    "response_format": lambda v: not (isinstance(v, dict) and v.get("type") == "text"),
     "tools": bool, "tool_choice": lambda v: v not in (None, "none"), "functions": bool, "function_call": bool,
     "suffix": lambda v: v is not None, "audio": lambda v: v is not None,
     "modalities": lambda v: v not in (None, ["text"]), "prediction": lambda v: v is not None,
@@ -119,6 +136,7 @@ class _OpenAIBase(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # extension, as in vLLM
     logit_bias: dict[str, float] | None = None
     min_tokens: int = Field(0, ge=0)  # extension, as in vLLM
+    response_format: dict[str, Any] | None = None  # text, json_object, json_schema (structured output)
 
     @field_validator("logit_bias")
     @classmethod
@@ -195,6 +213,8 @@ class ChatIn(_OpenAIBase):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = Field(None, max_length=128)
+    tool_choice: str | dict[str, Any] | None = None
 
     def unsupported(self) -> list[str]:
         parts = {p.get("type") for m in self.messages if isinstance(m.content, list) for p in m.content} - {"text"}

@@ -42,6 +42,7 @@ from ..errors import (
     RequestTimeoutError,
 )
 from ..metrics import Metrics
+from .grammar import Grammars
 from .graphs import DecodeGraphs
 from .merge import MergePolicy
 from .model_loader import LoadedModel
@@ -68,6 +69,7 @@ class Engine:
     def __init__(self, loaded: LoadedModel, registry: Registry, cfg: EngineConfig, metrics: Metrics | None = None) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
+        self.grammars = Grammars(self.tokenizer, int(loaded.model.config.vocab_size))  # type: ignore[union-attr]
         self.registry = registry
         self.cfg = cfg
         self.metrics = metrics or Metrics()
@@ -165,6 +167,7 @@ class Engine:
         """Queue a request. Pins its adapter (may read it from disk: call from a worker thread)."""
         p = req.params
         max_new = self.check(len(req.prompt_ids), p)
+        matcher = self.grammars.matcher(p.grammar) if p.grammar is not None else None  # a bad grammar: 400 here
         with self._qlock:
             if self._queued >= self.cfg.max_queue:
                 raise OverloadedError(f"{self._queued} requests are queued (limit {self.cfg.max_queue}); retry later")
@@ -184,7 +187,7 @@ class Engine:
         seed = p.seed if p.seed is not None else random.getrandbits(63)
         seq = Seq(req, sink, ref, TextStream(self.tokenizer, p.stop), seed, max_new, now,
                   now + self.cfg.request_timeout_s, label(ref.method if ref else None),
-                  prefix_len=ref.virtual_tokens if ref else 0)
+                  prefix_len=ref.virtual_tokens if ref else 0, matcher=matcher)
         self._inbox.put(seq)
         self._wake.set()
         return RequestHandle(seq, self._wake.set)
@@ -327,7 +330,7 @@ class Engine:
             return
         eos = tuple(self.eos)
         rows = [RowSampling(s.req.params, s.seed, len(s.tokens), s.req.prompt_ids, s.tokens,
-                            () if s.req.params.ignore_eos else eos) for s in seqs]
+                            () if s.req.params.ignore_eos else eos, s.matcher) for s in seqs]
         got, errors = sample_rows(logits, rows, any(s.req.params.logprobs for s in seqs))
         self._record_step(seqs, time.perf_counter() - t0)
         if kind == "decode":
@@ -367,9 +370,13 @@ class Engine:
             s.logprobs.append(lp)
             if s.req.params.top_logprobs:
                 s.top_logprobs.append(top or ())
-        is_eos = tok in self.eos and not s.req.params.ignore_eos
+        done = False  # the grammar is complete: nothing may follow
+        if s.matcher is not None:
+            s.matcher.consume_token(tok)
+            done = s.matcher.is_stopped()
+        is_eos = tok in self.eos and (not s.req.params.ignore_eos or done)
         text = "" if is_eos else s.stream.push(tok)
-        reason: FinishReason | None = "stop" if (is_eos or s.stream.stopped) else None
+        reason: FinishReason | None = "stop" if (is_eos or done or s.stream.stopped) else None
         if reason is None and len(s.tokens) >= s.max_new:
             reason = "length"
         if reason is not None:

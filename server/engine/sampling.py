@@ -7,7 +7,8 @@ p_i / E_i with E_i ~ Exp(1) independent is an exact draw from p (what vLLM does 
 Before that, rows that ask for it get their logits processed, each row on its own (vLLM's order):
 end-of-sequence banned below `min_tokens`, `logit_bias` added, then the repetition, frequency and
 presence penalties from the row's own prompt and generated tokens. Rows that ask for none of these are
-not touched. Logprobs (and the top alternatives) are those of the model's raw logits, as vLLM reports
+not touched. Last, a row with a grammar (structured output) has the tokens it forbids masked.
+Logprobs (and the top alternatives) are those of the model's raw logits, as vLLM reports
 them by default.
 
 The noise is not drawn from a generator. E_i is a counter-based hash of (row seed, step, token id):
@@ -21,11 +22,12 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from ..errors import AdapterServerError, GenerationFailedError
+from .grammar import mask_rows
 from .types import SamplingParams, TopLogprobs
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ class RowSampling:
     prompt_ids: tuple[int, ...] = ()
     output_ids: tuple[int, ...] | list[int] = ()
     eos_ids: tuple[int, ...] = ()
+    matcher: Any = None  # the row's grammar matcher (structured output), which masks its logits
 
 
 class Sampled(NamedTuple):
@@ -159,7 +162,7 @@ def sample(logits: torch.Tensor, rows: list[RowSampling], want_logprobs: bool) -
     raw = torch.where(finite[:, None], logits, 0.0)
     B, V = raw.shape
     dev = raw.device
-    logits = process_logits(raw, rows)
+    logits = mask_rows(process_logits(raw, rows), [r.matcher for r in rows])
     tokens = torch.argmax(logits, dim=-1)  # [B] greedy for every row, replaced for sampled rows
     sampled = [i for i, r in enumerate(rows) if r.params.temperature > 0]
     if sampled:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .types import GenerationRequest, TopLogprobs
 
@@ -35,6 +35,7 @@ class Seq:
     t_admit: float = 0.0
     t_first: float = 0.0
     cancelled: bool = False
+    matcher: Any = None  # structured output: the row's grammar state (engine/grammar.py)
 
     @property
     def prompt_len(self) -> int:

@@ -12,7 +12,7 @@ import itertools
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import AdapterServerError, InvalidRequestError
 from .types import GenerationRequest, GenerationResult, SamplingParams, TokenEvent
@@ -53,12 +53,14 @@ class GenerationService:
     def encode(self, prompt: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(prompt).input_ids)
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> tuple[int, ...]:
+    def encode_chat(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> tuple[int, ...]:
+        """The chat template's prompt; `tools` are passed to templates that render them (others ignore them)."""
         if not messages:
             raise InvalidRequestError("messages must hold at least one message")
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError("the base model's tokenizer has no chat template; use /v1/completions")
-        out: Any = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        out: Any = self.tokenizer.apply_chat_template(messages, tools=cast(Any, tools or None), add_generation_prompt=True,
+                                                      tokenize=True)
         ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out  # a BatchEncoding or a list
         return tuple(int(i) for i in ids)
 

@@ -25,6 +25,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # divides positive logits of prompt and generated tokens, multiplies negative (HF, vLLM)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     min_tokens: int = 0  # end-of-sequence tokens are banned until this many are generated
+    grammar: tuple[str, str] | None = None  # (kind, text): structured output, see engine/grammar.py
 
     @property
     def processes_logits(self) -> bool:
