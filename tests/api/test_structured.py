@@ -118,3 +118,26 @@ def test_tool_calls_named_and_required(oai):
     with pytest.raises(BadRequestError, match="names no tool"):
         chat(oai, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
     assert chat(oai, tools=TOOLS, tool_choice="none", max_tokens=4).choices[0].message.tool_calls is None
+
+
+def test_langchain_structured_output_and_batch(live):
+    """What agent frameworks call: LangChain's with_structured_output (json_schema and function calling)
+    gets a validated object back, and the completions LLM's batch sends a list of prompts."""
+    from langchain_openai import ChatOpenAI, OpenAI as LangChainOpenAI
+    from pydantic import BaseModel, Field
+
+    class Weather(BaseModel):
+        city: str = Field(max_length=10)
+        unit: str = Field(pattern="^(c|f)$")
+
+    llm = ChatOpenAI(model="lo", base_url=live.url + "/v1", api_key="unused", max_tokens=120, temperature=0, max_retries=0)
+    for method in ("json_schema", "function_calling"):  # strict: no properties beyond the schema's (OpenAI's rule)
+        got = llm.with_structured_output(Weather, method=method, strict=True).invoke("weather in Paris?")
+        assert isinstance(got, Weather) and got.unit in ("c", "f") and len(got.city) <= 10, method
+    comp = LangChainOpenAI(model="lo", base_url=live.url + "/v1", api_key="unused", max_tokens=5, temperature=0,
+                           max_retries=0, batch_size=4)
+    prompts = ["the quick brown", "hello world", "numbers 0123"]
+    out = comp.batch(prompts)
+    single = [httpx.post(live.url + "/v1/completions", json={"model": "lo", "prompt": p, "max_tokens": 5,
+                                                              "temperature": 0}).json()["choices"][0]["text"] for p in prompts]
+    assert out == single
