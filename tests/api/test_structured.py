@@ -123,7 +123,8 @@ def test_tool_calls_named_and_required(oai):
 def test_langchain_structured_output_and_batch(live):
     """What agent frameworks call: LangChain's with_structured_output (json_schema and function calling)
     gets a validated object back, and the completions LLM's batch sends a list of prompts."""
-    from langchain_openai import ChatOpenAI, OpenAI as LangChainOpenAI
+    from langchain_openai import ChatOpenAI
+    from langchain_openai import OpenAI as LangChainOpenAI
     from pydantic import BaseModel, Field
 
     class Weather(BaseModel):
