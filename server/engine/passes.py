@@ -40,7 +40,25 @@ class Passes:
         return [p.rope_shift if (p := self.slots.prefix(s.slot)) is not None else 0 for s in seqs]
 
     def prefill(self, seqs: list[Seq], running: list[Seq], used: tuple[int, int]) -> torch.Tensor:
-        """The whole prompts of new rows, in cache rows len(running).. on, each after its adapter's prefix."""
+        """The whole prompts of new rows, in cache rows len(running).. on, each after its adapter's prefix.
+        Rows with the same prompt, adapter slot and prefix (the `n` choices of one request) are computed
+        once: the first of them is run, and its cache row copied to the others."""
+        B, row0 = len(seqs), len(running)
+        first: dict[tuple, int] = {}
+        lead = [first.setdefault((s.req.prompt_ids, s.slot, s.prefix_len), i) for i, s in enumerate(seqs)]
+        uniq = [i for i in range(B) if lead[i] == i]
+        logits = self._prefill([seqs[i] for i in uniq], running, used, B)
+        if len(uniq) == B:
+            return logits
+        at = {i: k for k, i in enumerate(uniq)}  # computed into rows row0 + k; each row i must end in row0 + i
+        for i in reversed(range(B)):  # every source row lies at or before its destination: copy from the end
+            src, s = at[lead[i]], seqs[i]
+            if src != i:
+                self.runner.cache.move_row(row0 + src, row0 + i, s.prefix_len + s.prompt_len)
+        return logits[torch.tensor([at[lead[i]] for i in range(B)], device=logits.device)]
+
+    def _prefill(self, seqs: list[Seq], running: list[Seq], used: tuple[int, int], rows: int) -> torch.Tensor:
+        """`seqs` in rows len(running).. on, with room made for `rows` new rows."""
         B, dev, row0 = len(seqs), self.device, len(running)
         lens = [s.prompt_len for s in seqs]
         starts = [s.prefix_len for s in seqs]
@@ -50,7 +68,7 @@ class Passes:
             ids[i, : lens[i]] = torch.tensor(s.req.prompt_ids)
         same = all(a == starts[0] for a in starts)  # else the runner writes only the real tokens
         reach = [starts[0] + T] if same else [a + n for a, n in zip(starts, lens, strict=True)]
-        self._fit(used[0] + B, max(reach + [s.cache_len + 1 for s in running]), used)
+        self._fit(used[0] + rows, max(reach + [s.cache_len + 1 for s in running]), used)
         shifts = self._prefixes(seqs, row0)
         return self.runner.forward(ids.to(dev), torch.tensor(starts, device=dev), torch.tensor(lens, device=dev), row0,
                                    self.slots.plan([s.slot for s in seqs]),

@@ -1,0 +1,45 @@
+"""The `n` choices of one request share their prompt's prefill: rows with the same prompt, adapter and
+prefix admitted together are computed once and the cache row copied; every choice still equals the
+same request run alone with its seed, token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.engine.types import GenerationRequest, SamplingParams
+from tests.helpers import Collector, fixture_dir, make_engine, run_until_done
+
+
+@pytest.mark.parametrize("adapter", ["lora_qv", "prefix_tuning", None])
+@pytest.mark.parametrize("graphs", ["off", "on"])
+def test_identical_prompts_are_prefilled_once_and_each_choice_is_exact(tmp_path, adapter, graphs):
+    e = make_engine(tmp_path, slots=4, max_batch=8, graphs=graphs)
+    if adapter:
+        e.registry.add_folder(adapter, fixture_dir(adapter))
+    a = tuple(e.tokenizer("the quick brown fox").input_ids)
+    b = tuple(e.tokenizer("hello world, numbers 0123").input_ids)
+    rows = []
+    spy = e.runner.forward
+
+    def forward(ids, *args, **kw):
+        rows.append(ids.shape[0] if ids.shape[1] > 1 else 0)  # prefill rows (decode steps: 0)
+        return spy(ids, *args, **kw)
+
+    e.runner.forward = forward
+    cases = [(a, 1), (b, 2), (a, 3), (a, 4)]  # three choices of prompt a around another prompt
+    params = [SamplingParams(max_new_tokens=8, temperature=1.0, seed=s, ignore_eos=True, logprobs=True) for _, s in cases]
+    cols = [Collector() for _ in cases]
+    for i, ((ids, _), p) in enumerate(zip(cases, params, strict=True)):
+        e.submit(GenerationRequest(f"r{i}", ids, adapter, p), cols[i])
+    run_until_done(e, cols)
+    assert [r for r in rows if r] == [2]  # one prefill pass of two rows: a once, b once
+    together = [c.result for c in cols]
+    assert len({together[i].token_ids for i in (0, 2, 3)}) > 1  # different seeds, different samples
+    e.runner.forward = spy
+    for i, ((ids, _), p) in enumerate(zip(cases, params, strict=True)):
+        solo = Collector()
+        e.submit(GenerationRequest(f"s{i}", ids, adapter, p), solo)
+        run_until_done(e, [solo])
+        assert solo.result.token_ids == together[i].token_ids, i
+        assert torch.allclose(torch.tensor(solo.result.logprobs), torch.tensor(together[i].logprobs), atol=1e-5)
