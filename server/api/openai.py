@@ -17,9 +17,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
 
-from ..engine.grammar import GrammarSpec
 from ..engine.service import Generation, new_id
-from ..engine.types import GenerationResult, SamplingParams, TokenEvent, TopLogprobs
+from ..engine.types import GenerationResult, GrammarSpec, SamplingParams, TokenEvent, TopLogprobs
 from ..errors import AdapterNotFoundError, InvalidRequestError
 from .deps import Ready, ReadyDep, UserAuth
 from .disconnect import results_or_disconnect
@@ -125,17 +124,10 @@ class _ToolPlan:
 
 async def _start_all(s: Ready, prompts: list[tuple[int, ...]], adapter: str | None,
                      params: Callable[[int], SamplingParams], per_prompt: int, prefix: str) -> list[Generation]:
-    """`per_prompt` generations of each prompt, in order; if one cannot start, none is left running."""
-    gens: list[Generation] = []
-    try:
-        for ids in prompts:
-            for j in range(per_prompt):
-                gens.append(await s.generation.start(ids, adapter, params(j), new_id(prefix)))
-    except BaseException:
-        for g in gens:
-            g.cancel()
-        raise
-    return gens
+    """`per_prompt` generations of each prompt, in order, submitted together (all or none): the choices of a
+    prompt are admitted together and share its prefill."""
+    return await s.generation.start_group([(ids, adapter, params(j), new_id(prefix)) for ids in prompts
+                                           for j in range(per_prompt)])
 
 
 def _seed(body: _OpenAIBase, j: int) -> int | None:

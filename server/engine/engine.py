@@ -95,7 +95,7 @@ class Engine:
                                    self.runner.cache.tokens_for)
         self.merge = MergePolicy(self.slots, self.timer, cfg.merge_policy != "never", cfg.merge_after_steps)
         self.eos = self._eos_ids()
-        self._inbox: queue.SimpleQueue[Seq | Retire] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[list[Seq] | Retire] = queue.SimpleQueue()
         registry.on_retire(self._retired)
         self._waiting: deque[Seq] = deque()
         self._running: list[Seq] = []  # index == KV cache row
@@ -165,6 +165,27 @@ class Engine:
 
     def submit(self, req: GenerationRequest, sink: Sink) -> RequestHandle:
         """Queue a request. Pins its adapter (may read it from disk: call from a worker thread)."""
+        return self.submit_group([(req, sink)])[0]
+
+    def submit_group(self, items: list[tuple[GenerationRequest, Sink]]) -> list[RequestHandle]:
+        """Queue several requests at once (the choices of one API call): all or none, and they reach the
+        scheduler together, so choices of one prompt are admitted together and share its prefill."""
+        seqs: list[Seq] = []
+        try:
+            for req, sink in items:
+                seqs.append(self._prepare(req, sink))
+        except BaseException:
+            for seq in seqs:
+                if seq.ref is not None:
+                    self.registry.release(seq.ref)
+                self._dequeued()
+            raise
+        self._inbox.put(seqs)
+        self._wake.set()
+        return [RequestHandle(seq, self._wake.set) for seq in seqs]
+
+    def _prepare(self, req: GenerationRequest, sink: Sink) -> Seq:
+        """Validate a request, count it as queued and pin its adapter: its Seq, not yet in the inbox."""
         p = req.params
         max_new = self.check(len(req.prompt_ids), p)
         matcher = self.grammars.matcher(p.grammar) if p.grammar is not None else None  # a bad grammar: 400 here
@@ -185,12 +206,9 @@ class Engine:
             raise
         now = time.perf_counter()
         seed = p.seed if p.seed is not None else random.getrandbits(63)
-        seq = Seq(req, sink, ref, TextStream(self.tokenizer, p.stop), seed, max_new, now,
-                  now + self.cfg.request_timeout_s, label(ref.method if ref else None),
-                  prefix_len=ref.virtual_tokens if ref else 0, matcher=matcher)
-        self._inbox.put(seq)
-        self._wake.set()
-        return RequestHandle(seq, self._wake.set)
+        return Seq(req, sink, ref, TextStream(self.tokenizer, p.stop), seed, max_new, now,
+                   now + self.cfg.request_timeout_s, label(ref.method if ref else None),
+                   prefix_len=ref.virtual_tokens if ref else 0, matcher=matcher)
 
     def _retired(self, key: Key) -> None:
         """Any thread: the registry replaced or deleted a version; the engine thread clears its slot."""
@@ -238,7 +256,7 @@ class Engine:
 
     def load(self) -> tuple[int, int]:
         """(rows in the batch, requests queued): read from any thread, for routing."""
-        return len(self._running) + (self._prefilling is not None), len(self._waiting) + self._inbox.qsize()
+        return len(self._running) + (self._prefilling is not None), self._queued  # submitted, not yet admitted
 
     def _publish_load(self) -> None:
         """Queue and batch state for the metrics, vLLM's names included."""
@@ -266,7 +284,7 @@ class Engine:
             if isinstance(item, Retire):
                 self.adapters.retire(item.key)
             else:
-                self._waiting.append(item)
+                self._waiting.extend(item)
         now = time.perf_counter()
         for s in [s for s in self._waiting if s.cancelled or now > s.deadline]:
             self._waiting.remove(s)

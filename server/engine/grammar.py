@@ -20,14 +20,15 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidRequestError
+from .types import GrammarSpec
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
-GrammarSpec = tuple[str, str]
 KINDS = ("json_schema", "json_object", "regex", "choice")
 JSON_DEFAULTS = {"whitespace_flexible": False}  # compact JSON: `{"a":1}`, as json.dumps(separators) writes it
 
@@ -125,6 +126,7 @@ def mask_rows(logits: torch.Tensor, matchers: list[Any | None]) -> torch.Tensor:
     if not which:
         return logits
     import llguidance.torch as lt
+    import torch
 
     B, V = logits.shape
     bitmask = lt.allocate_token_bitmask(len(which), V)

@@ -67,10 +67,15 @@ class GenerationService:
     async def start(self, prompt_ids: tuple[int, ...], adapter_id: str | None, params: SamplingParams,
                     request_id: str | None = None) -> Generation:
         """Submit; typed errors (unknown adapter, overload, bad lengths) are raised here, before any output."""
-        bridge = _Bridge(asyncio.get_running_loop())
-        req = GenerationRequest(request_id or new_id("gen"), prompt_ids, adapter_id, params)
-        handle = await asyncio.to_thread(self.engine.submit, req, bridge)
-        return Generation(req, handle, bridge)
+        return (await self.start_group([(prompt_ids, adapter_id, params, request_id)]))[0]
+
+    async def start_group(self, items: list[tuple[tuple[int, ...], str | None, SamplingParams, str | None]]
+                          ) -> list[Generation]:
+        """Submit several requests together, all or none (see Engine.submit_group)."""
+        loop = asyncio.get_running_loop()
+        reqs = [(GenerationRequest(rid or new_id("gen"), ids, adapter, p), _Bridge(loop)) for ids, adapter, p, rid in items]
+        handles = await asyncio.to_thread(self.engine.submit_group, reqs)  # type: ignore[arg-type]
+        return [Generation(req, h, bridge) for (req, bridge), h in zip(reqs, handles, strict=True)]
 
 
 class Generation:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "cancelled"]  # failures are exceptions, never a result
+GrammarSpec = tuple[str, str]  # structured output: (kind, text), see engine/grammar.py
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # divides positive logits of prompt and generated tokens, multiplies negative (HF, vLLM)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     min_tokens: int = 0  # end-of-sequence tokens are banned until this many are generated
-    grammar: tuple[str, str] | None = None  # (kind, text): structured output, see engine/grammar.py
+    grammar: GrammarSpec | None = None  # structured output
 
     @property
     def processes_logits(self) -> bool:

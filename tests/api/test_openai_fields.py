@@ -47,8 +47,15 @@ def test_models_retrieve(oai):
         oai.models.retrieve("nope")
 
 
-def test_n_samples_and_best_of(oai):
-    r = one(oai, n=3, temperature=1.0, seed=5)
+def test_n_samples_and_best_of(oai, live):
+    runner = live.services.engine.runner
+    spy, rows = runner.forward, []
+    runner.forward = lambda ids, *a, **k: (rows.append(ids.shape[0]) if ids.shape[1] > 1 else None, spy(ids, *a, **k))[1]
+    try:
+        r = one(oai, n=3, temperature=1.0, seed=5)
+    finally:
+        runner.forward = spy
+    assert rows == [1]  # the three choices share one prefill of the prompt
     assert [c.index for c in r.choices] == [0, 1, 2] and r.usage.completion_tokens == 18
     assert len({c.text for c in r.choices}) > 1  # distinct samples
     assert r.choices[0].text == one(oai, temperature=1.0, seed=5).choices[0].text  # the first is the seed's own
