@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -205,6 +206,21 @@ class _Tokens:
                    for i in range(len(ids))]
         return {"tokens": toks, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
 
+    def echoed(self, prompt: list[int], scores: tuple[tuple[float, TopLogprobs], ...], k: int,
+               gen: dict[str, Any]) -> dict[str, Any]:
+        """Completions `logprobs` with `echo`: the prompt's tokens first (the first has no logprob), then the
+        generated ones (`gen`, whose offsets already count the echoed text)."""
+        toks = self.pieces(prompt, [])
+        offsets, at = [], 0
+        for t in toks:
+            offsets.append(at)
+            at += len(t)
+        top: list[dict[str, float] | None] = [None]
+        top += [{**{self.piece(prompt[: j + 1], a): lp for a, lp in alts[:k]}, toks[j + 1]: p}
+                for j, (p, alts) in enumerate(scores)]
+        return {"tokens": toks + gen["tokens"], "token_logprobs": [None, *(p for p, _ in scores)] + gen["token_logprobs"],
+                "top_logprobs": top + (gen["top_logprobs"] or []), "text_offset": offsets + gen["text_offset"]}
+
     def chat(self, ids: list[int], lps: list[float], tops: list[TopLogprobs] | None, before: list[int]) -> dict[str, Any]:
         seq = [*before, *ids]
         at = len(before)
@@ -275,8 +291,8 @@ async def completions(body: CompletionIn, request: Request, s: ReadyDep) -> Any:
         raise InvalidRequestError(f"best_of ({best_of}) must be at least n ({n})")
     if body.stream and best_of > n:
         raise InvalidRequestError("best_of cannot be streamed: the best are known only at the end")
-    if body.echo and body.logprobs is not None:
-        raise InvalidRequestError("echo with logprobs (the prompt's logprobs) is not supported; send echo or logprobs")
+    if body.echo and body.logprobs is not None and body.stream:
+        raise InvalidRequestError("echo with logprobs (the prompt's logprobs) is not streamed; send stream: false")
     adapter = _adapter_for(s, body.model)
     prompts = body.prompts()
     vocab = s.generation.vocab_size
@@ -287,7 +303,8 @@ async def completions(body: CompletionIn, request: Request, s: ReadyDep) -> Any:
     k = body.logprobs
 
     def params(j: int) -> SamplingParams:
-        return _params(body, 16, _seed(body, j), k is not None or best_of > n, k or 0)
+        p = _params(body, 16, _seed(body, j), k is not None or best_of > n, k or 0)
+        return replace(p, prompt_logprobs=k) if body.echo and k is not None else p
 
     gens = await _start_all(s, ids, adapter, params, best_of, "cmpl")
     rid, created = new_id("cmpl"), int(time.time())
@@ -301,7 +318,10 @@ async def completions(body: CompletionIn, request: Request, s: ReadyDep) -> Any:
         for r in _best(group, n) if best_of > n else group:
             lp = None
             if k is not None and r.logprobs is not None:
-                lp = toks.completion(list(r.token_ids), list(r.logprobs), list(r.top_logprobs or ()), k, len(echo[i]), [])
+                lp = toks.completion(list(r.token_ids), list(r.logprobs), list(r.top_logprobs or ()), k, len(echo[i]),
+                                     list(ids[i]) if body.echo else [])
+                if body.echo:
+                    lp = toks.echoed(list(ids[i]), r.prompt_logprobs or (), k, lp)
             choices.append({"index": len(choices), "text": echo[i] + r.text, "logprobs": lp,
                             "finish_reason": r.finish_reason})
     return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices,

@@ -47,7 +47,7 @@ from .graphs import DecodeGraphs
 from .merge import MergePolicy
 from .model_loader import LoadedModel
 from .model_runner import ModelRunner
-from .passes import Passes
+from .passes import Passes, PromptScore
 from .sampling import RowSampling, sample_rows
 from .scheduler import Scheduler
 from .sequence import RequestHandle, Retire, Seq, Sink
@@ -329,12 +329,13 @@ class Engine:
         t0 = time.perf_counter()
         size = 0
         try:
+            scores: dict[int, list[PromptScore]] = {}
             if kind == "prefill":
-                logits = self.passes.prefill(seqs, self._running, self._used())
+                logits, scores = self.passes.prefill(seqs, self._running, self._used())
             elif kind == "chunk":
                 s = seqs[0]
                 size = min(self.cfg.prefill_token_budget, s.prompt_len - s.prompt_done)
-                logits = self.passes.chunk(s, size, self._running, self._used())
+                logits, scores = self.passes.chunk(s, size, self._running, self._used())
             else:
                 logits = self.passes.decode(seqs, self._used())
         except Exception as e:
@@ -342,6 +343,8 @@ class Engine:
             for s in seqs:
                 self._fail(s, GenerationFailedError(f"forward pass failed: {e}"))
             return
+        for i, part in scores.items():
+            seqs[i].prompt_scores.extend(part)
         if kind == "chunk" and seqs[0].prompt_done + size < seqs[0].prompt_len:
             seqs[0].cache_len = seqs[0].prefix_len + seqs[0].prompt_done + size  # not the last chunk: nothing to sample
             self._record_step(seqs, time.perf_counter() - t0)
@@ -443,6 +446,7 @@ class Engine:
             timings=Timings((s.t_admit or now) - s.t_arrival, first - s.t_arrival, now - s.t_arrival),
             adapter_type=s.adapter_type,
             top_logprobs=tuple(s.top_logprobs) if s.req.params.logprobs and s.req.params.top_logprobs else None,
+            prompt_logprobs=tuple(s.prompt_scores) if s.req.params.prompt_logprobs is not None else None,
         )
         m, t = self.metrics, s.adapter_type
         status = "cancelled" if reason == "cancelled" else "ok"

@@ -56,10 +56,17 @@ class ModelRunner:
             m &= j > q[:, :, None] - window
         return m[:, None]
 
-    @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, row0: int,
                 plan: BatchPlan, all_logits: bool = False, kv_len: int | None = None,
                 start0: int | None = None, rope_shift: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward_full` without the extra rows' logits."""
+        return self.forward_full(input_ids, start, lengths, row0, plan, all_logits, kv_len, start0, rope_shift)[0]
+
+    @torch.inference_mode()
+    def forward_full(self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, row0: int,
+                     plan: BatchPlan, all_logits: bool = False, kv_len: int | None = None,
+                     start0: int | None = None, rope_shift: torch.Tensor | None = None,
+                     full_rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run rows row0..row0+B-1 on `input_ids` [B, T] (right-padded; row b has lengths[b] real tokens
         starting at cache position start[b]). Writes their K/V: with a shared start, the whole [start0,
         start0 + T) span (junk past a short row's length, which no row reads before rewriting it); with
@@ -69,6 +76,7 @@ class ModelRunner:
         `kv_len` (max of start + lengths) and `start0` (the start every row shares, if any) are what the
         caller knows on the host; without them they are read from the tensors, a device synchronisation.
         `rope_shift` [B]: rotary position minus cache position, per row (see methods/prefix.py).
+        `full_rows`: also return the logits at every position of these rows, [R, T, V] (prompt logprobs).
         """
         B, T = input_ids.shape
         rows = slice(row0, row0 + B)
@@ -102,9 +110,10 @@ class ModelRunner:
 
         rope_pos = pos if rope_shift is None else pos + rope_shift[:, None]
         h = self._layers(self.inner.embed_tokens(input_ids), rope_pos, plan, attend)
+        full = None if not full_rows else self.model.lm_head(self.inner.norm(h[full_rows])).float()
         if not all_logits:
             h = h[torch.arange(B, device=self.device), lengths - 1]  # [B, H]
-        return self.model.lm_head(self.inner.norm(h)).float()
+        return self.model.lm_head(self.inner.norm(h)).float(), full
 
     @torch.inference_mode()
     def prefix_kv(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

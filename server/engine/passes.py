@@ -14,6 +14,28 @@ from ..adapters.slots import AdapterSlots
 from .graphs import DecodeGraphs
 from .model_runner import ModelRunner
 from .sequence import Seq
+from .types import TopLogprobs
+
+PromptScore = tuple[float, TopLogprobs]  # a prompt token's logprob and its most likely alternatives
+
+
+def max_alternatives(seqs: list[Seq], lead: list[int], leader: int) -> int:
+    return max(seqs[j].req.params.prompt_logprobs or 0 for j in range(len(seqs)) if lead[j] == leader)
+
+
+def prompt_scores(full: torch.Tensor, prompt: tuple[int, ...], first: int, k: int) -> list[PromptScore]:
+    """From the logits at prompt positions first.. (`full` [T, V]), each following prompt token's logprob and
+    the k most likely tokens there: scores of tokens first+1 .. first+T (those the prompt has)."""
+    n = min(full.shape[0], len(prompt) - 1 - first)
+    if n <= 0:
+        return []
+    lsm = torch.log_softmax(full[:n].float(), dim=-1)
+    nxt = torch.tensor(prompt[first + 1 : first + 1 + n], device=full.device)
+    lps = lsm.gather(1, nxt[:, None])[:, 0].tolist()
+    if not k:
+        return [(lp, ()) for lp in lps]
+    vals, ids = torch.topk(lsm, k, dim=-1)
+    return [(lp, tuple(zip(i, v, strict=True))) for lp, i, v in zip(lps, ids.tolist(), vals.tolist(), strict=True)]
 
 
 class Passes:
@@ -39,7 +61,8 @@ class Passes:
     def _shifts(self, seqs: list[Seq]) -> list[int]:
         return [p.rope_shift if (p := self.slots.prefix(s.slot)) is not None else 0 for s in seqs]
 
-    def prefill(self, seqs: list[Seq], running: list[Seq], used: tuple[int, int]) -> torch.Tensor:
+    def prefill(self, seqs: list[Seq], running: list[Seq], used: tuple[int, int]
+                ) -> tuple[torch.Tensor, dict[int, list[PromptScore]]]:
         """The whole prompts of new rows, in cache rows len(running).. on, each after its adapter's prefix.
         Rows with the same prompt, adapter slot and prefix (the `n` choices of one request) are computed
         once: the first of them is run, and its cache row copied to the others."""
@@ -47,18 +70,27 @@ class Passes:
         first: dict[tuple, int] = {}
         lead = [first.setdefault((s.req.prompt_ids, s.slot, s.prefix_len), i) for i, s in enumerate(seqs)]
         uniq = [i for i in range(B) if lead[i] == i]
-        logits = self._prefill([seqs[i] for i in uniq], running, used, B)
-        if len(uniq) == B:
-            return logits
         at = {i: k for k, i in enumerate(uniq)}  # computed into rows row0 + k; each row i must end in row0 + i
+        scored = [k for k, i in enumerate(uniq) if any(seqs[j].req.params.prompt_logprobs is not None
+                                                           for j in range(B) if lead[j] == i)]
+        logits, full = self._prefill([seqs[i] for i in uniq], running, used, B, scored)
+        scores: dict[int, list[PromptScore]] = {}
+        for r, k in enumerate(scored):
+            s = seqs[uniq[k]]
+            got = prompt_scores(full[r, : s.prompt_len], s.req.prompt_ids, 0, max_alternatives(seqs, lead, uniq[k]))  # type: ignore[index]
+            scores.update({j: got for j in range(B) if lead[j] == uniq[k] and seqs[j].req.params.prompt_logprobs is not None})
+        if len(uniq) == B:
+            return logits, scores
         for i in reversed(range(B)):  # every source row lies at or before its destination: copy from the end
             src, s = at[lead[i]], seqs[i]
             if src != i:
                 self.runner.cache.move_row(row0 + src, row0 + i, s.prefix_len + s.prompt_len)
-        return logits[torch.tensor([at[lead[i]] for i in range(B)], device=logits.device)]
+        return logits[torch.tensor([at[lead[i]] for i in range(B)], device=logits.device)], scores
 
-    def _prefill(self, seqs: list[Seq], running: list[Seq], used: tuple[int, int], rows: int) -> torch.Tensor:
-        """`seqs` in rows len(running).. on, with room made for `rows` new rows."""
+    def _prefill(self, seqs: list[Seq], running: list[Seq], used: tuple[int, int], rows: int, scored: list[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`seqs` in rows len(running).. on, with room made for `rows` new rows; every position's logits of
+        the rows `scored` too."""
         B, dev, row0 = len(seqs), self.device, len(running)
         lens = [s.prompt_len for s in seqs]
         starts = [s.prefix_len for s in seqs]
@@ -70,23 +102,29 @@ class Passes:
         reach = [starts[0] + T] if same else [a + n for a, n in zip(starts, lens, strict=True)]
         self._fit(used[0] + rows, max(reach + [s.cache_len + 1 for s in running]), used)
         shifts = self._prefixes(seqs, row0)
-        return self.runner.forward(ids.to(dev), torch.tensor(starts, device=dev), torch.tensor(lens, device=dev), row0,
-                                   self.slots.plan([s.slot for s in seqs]),
-                                   kv_len=max(a + n for a, n in zip(starts, lens, strict=True)),
-                                   start0=starts[0] if same else None,
-                                   rope_shift=torch.tensor(shifts, device=dev) if any(shifts) else None)
+        args = (ids.to(dev), torch.tensor(starts, device=dev), torch.tensor(lens, device=dev), row0,
+                self.slots.plan([s.slot for s in seqs]), False, max(a + n for a, n in zip(starts, lens, strict=True)),
+                starts[0] if same else None, torch.tensor(shifts, device=dev) if any(shifts) else None)
+        if not scored:
+            return self.runner.forward(*args), None
+        return self.runner.forward_full(*args, full_rows=scored)
 
-    def chunk(self, s: Seq, size: int, running: list[Seq], used: tuple[int, int]) -> torch.Tensor:
+    def chunk(self, s: Seq, size: int, running: list[Seq], used: tuple[int, int]
+              ) -> tuple[torch.Tensor, dict[int, list[PromptScore]]]:
         """The next `size` prompt tokens of a long prompt, in cache row len(running), after what it holds
         (the first chunk after the adapter's prefix)."""
         done, dev = s.prompt_done, self.device
         c0 = s.prefix_len + done
         self._fit(used[0], max([c0 + size] + [r.cache_len + 1 for r in running]), used)
         shift = self._prefixes([s], len(running))[0]
-        return self.runner.forward(torch.tensor([s.req.prompt_ids[done : done + size]], device=dev),
-                                   torch.tensor([c0], device=dev), torch.tensor([size], device=dev), len(running),
-                                   self.slots.plan([s.slot]), kv_len=c0 + size, start0=c0,
-                                   rope_shift=torch.tensor([shift], device=dev) if shift else None)
+        args = (torch.tensor([s.req.prompt_ids[done : done + size]], device=dev), torch.tensor([c0], device=dev),
+                torch.tensor([size], device=dev), len(running), self.slots.plan([s.slot]), False, c0 + size, c0,
+                torch.tensor([shift], device=dev) if shift else None)
+        k = s.req.params.prompt_logprobs
+        if k is None:
+            return self.runner.forward(*args), {}
+        logits, full = self.runner.forward_full(*args, full_rows=[0])
+        return logits, {0: prompt_scores(full[0], s.req.prompt_ids, done, k)}  # type: ignore[index]
 
     def decode(self, seqs: list[Seq], used: tuple[int, int]) -> torch.Tensor:
         """One new token for each running row (rows 0..n-1), each at its own position."""

@@ -32,6 +32,7 @@ class Seq:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    prompt_scores: list[tuple[float, TopLogprobs]] = field(default_factory=list)  # prompt tokens 1.., where asked
     t_admit: float = 0.0
     t_first: float = 0.0
     cancelled: bool = False

@@ -27,6 +27,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     min_tokens: int = 0  # end-of-sequence tokens are banned until this many are generated
     grammar: GrammarSpec | None = None  # structured output
+    prompt_logprobs: int | None = None  # each prompt token's logprob (after the first) and this many alternatives
 
     @property
     def processes_logits(self) -> bool:
@@ -73,3 +74,4 @@ class GenerationResult:
     timings: Timings
     adapter_type: str
     top_logprobs: tuple[TopLogprobs, ...] | None = None
+    prompt_logprobs: tuple[tuple[float, TopLogprobs], ...] | None = None  # prompt tokens 1.., where asked

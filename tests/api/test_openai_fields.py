@@ -96,6 +96,12 @@ def test_completion_logprobs_with_alternatives_offsets_and_streaming(oai):
     assert streamed == lp.tokens
     echo = one(oai, echo=True)
     assert echo.choices[0].text == "the quick brown" + r.choices[0].text
+    both = one(oai, echo=True, logprobs=2)  # the prompt's own logprobs, then the answer's
+    elp, n_prompt = both.choices[0].logprobs, both.usage.prompt_tokens
+    assert len(elp.tokens) == n_prompt + 6 and elp.token_logprobs[0] is None and elp.top_logprobs[0] is None
+    assert all(p is not None and p <= 0 for p in elp.token_logprobs[1:])
+    assert elp.token_logprobs[n_prompt:] == lp.token_logprobs and elp.tokens[n_prompt:] == lp.tokens
+    assert elp.text_offset == sorted(elp.text_offset)
 
 
 def test_chat_logprobs_with_top_alternatives_also_streamed(oai):

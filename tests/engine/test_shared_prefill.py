@@ -43,3 +43,28 @@ def test_identical_prompts_are_prefilled_once_and_each_choice_is_exact(tmp_path,
         run_until_done(e, [solo])
         assert solo.result.token_ids == together[i].token_ids, i
         assert torch.allclose(torch.tensor(solo.result.logprobs), torch.tensor(together[i].logprobs), atol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [4096, 5])  # whole prompts, and prompts prefilled in chunks of 5
+@pytest.mark.parametrize("name", ["lora_qv", "prefix_tuning", "seq_bn"])
+def test_prompt_logprobs_equal_the_librarys_own_logits(tmp_path, name, budget):
+    """Each prompt token's logprob (and the top alternatives) from the prefill, against the logits PEFT
+    and AdapterHub computed for the same rows (the fixtures' references)."""
+    from tests.helpers import input_ids, refs
+
+    e = make_engine(tmp_path, slots=4, budget=budget)
+    e.registry.add_folder(name, fixture_dir(name))
+    ids, ref = input_ids(), refs()[name]
+    cols = []
+    for b in range(ids.shape[0]):
+        cols.append(Collector())
+        p = SamplingParams(max_new_tokens=2, ignore_eos=True, prompt_logprobs=3)
+        e.submit(GenerationRequest(f"r{b}", tuple(ids[b].tolist()), name, p), cols[-1])
+    run_until_done(e, cols)
+    for b, c in enumerate(cols):
+        want = torch.log_softmax(ref[b, :-1], -1)
+        got = c.result.prompt_logprobs
+        assert len(got) == ids.shape[1] - 1
+        lp = torch.tensor([g[0] for g in got])
+        assert torch.allclose(lp, want.gather(1, ids[b, 1:, None])[:, 0], atol=1e-4)
+        assert [[t for t, _ in g[1]] for g in got] == torch.topk(want, 3, -1).indices.tolist()
