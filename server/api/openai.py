@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -78,10 +79,11 @@ class _ToolPlan:
     output is held to the named function's argument schema, or for "required" to one call of any tool,
     {"name": ..., "arguments": {...}}; the answer is then returned as `tool_calls`."""
 
-    def __init__(self, body: ChatIn) -> None:
+    def __init__(self, body: ChatIn, template: str) -> None:
         tools, tc = body.tools or [], body.tool_choice
         self.named: str | None = None
         self.spec: GrammarSpec | None = None
+        self.auto: set[str] = set()  # tool_choice auto: the tools whose calls are parsed out of free text
         if not tools:
             if tc not in (None, "none"):
                 raise InvalidRequestError("tool_choice needs tools")
@@ -97,11 +99,13 @@ class _ToolPlan:
         if body.response_format is not None and body.response_format.get("type") != "text":
             raise InvalidRequestError("send tools or response_format, not both")
         if tc is None or tc == "auto":
-            raise InvalidRequestError(
-                "tool_choice 'auto' (the default when tools are sent) lets the model decide whether to call a tool, "
-                "which needs a chat template that renders tools and a parser for this model's tool-call format; this "
-                "server serves tool calls by constraining the output: send tool_choice 'required' or "
-                '{"type": "function", "function": {"name": ...}}')
+            if "tools" not in template:
+                raise InvalidRequestError(
+                    "tool_choice 'auto' (the default when tools are sent) lets the model decide whether to call a "
+                    "tool, and this model's chat template does not show it any tools; send tool_choice 'required' or "
+                    '{"type": "function", "function": {"name": ...}}, which constrain the output to a call')
+            self.auto = set(params)
+            return
         if tc == "required":
             self.spec = "json_schema", json.dumps({"anyOf": [
                 {"type": "object", "properties": {"name": {"const": n}, "arguments": p}, "required": ["name", "arguments"],
@@ -113,14 +117,43 @@ class _ToolPlan:
             raise InvalidRequestError(f"tool_choice {json.dumps(tc)} names no tool of this request")
 
     def calls(self, text: str) -> list[dict[str, Any]] | None:
-        """The tool call the constrained text holds (None if it stopped short of one: finish_reason length)."""
+        """The tool calls the text holds: the constrained text (None if it stopped short of one, at
+        finish_reason length), or with tool_choice auto the calls written in the common formats."""
+        if self.auto:
+            found = [(n, a) for n, a in parse_tool_calls(text) if n in self.auto]
+            return [_call(n, a) for n, a in found] or None
         try:
             obj = json.loads(text)
         except ValueError:
             return None
-        name, args = (self.named, obj) if self.named is not None else (obj["name"], obj["arguments"])
-        return [{"id": new_id("call"), "type": "function",
-                 "function": {"name": name, "arguments": json.dumps(args, separators=(",", ":"))}}]
+        return [_call(self.named, obj) if self.named is not None else _call(obj["name"], obj["arguments"])]
+
+
+def _call(name: str, args: Any) -> dict[str, Any]:
+    return {"id": new_id("call"), "type": "function", "function": {"name": name, "arguments": json.dumps(args, separators=(",", ":"))}}
+
+
+_TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+
+
+def parse_tool_calls(text: str) -> list[tuple[str, Any]]:
+    """Tool calls a model wrote of its own accord, in the two formats chat templates ask for most: Hermes
+    (Qwen, SmolLM3, Hermes: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, any number) and a
+    whole message that is one JSON call (Llama 3: `{"name": ..., "parameters": {...}}`)."""
+    blocks = _TOOL_CALL.findall(text)
+    if not blocks:
+        body = text.strip().removeprefix("<|python_tag|>").strip()
+        blocks = [body] if body.startswith("{") and body.endswith("}") else []
+    out = []
+    for b in blocks:
+        try:
+            obj = json.loads(b)
+        except ValueError:
+            continue
+        args = obj.get("arguments", obj.get("parameters")) if isinstance(obj, dict) else None
+        if isinstance(obj.get("name"), str) and isinstance(args, dict):
+            out.append((obj["name"], args))
+    return out
 
 
 async def _start_all(s: Ready, prompts: list[tuple[int, ...]], adapter: str | None,
@@ -374,8 +407,8 @@ async def chat(body: ChatIn, request: Request, s: ReadyDep) -> Any:
     _check(s, body)
     if body.top_logprobs and not body.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs: true")
-    tools = _ToolPlan(body)
-    if tools.spec is not None and body.stream:
+    tools = _ToolPlan(body, str(getattr(s.generation.tokenizer, "chat_template", "") or ""))
+    if (tools.spec is not None or tools.auto) and body.stream:
         raise InvalidRequestError("streamed tool calls are not supported yet; send stream: false")
     adapter = _adapter_for(s, body.model)
     ids = await asyncio.to_thread(s.generation.encode_chat, [m.plain() for m in body.messages], body.tools)
@@ -394,7 +427,7 @@ async def chat(body: ChatIn, request: Request, s: ReadyDep) -> Any:
         lp = None
         if body.logprobs and r.logprobs is not None:
             lp = toks.chat(list(r.token_ids), list(r.logprobs), list(r.top_logprobs) if r.top_logprobs else None, [])
-        calls = tools.calls(r.text) if tools.spec is not None else None
+        calls = tools.calls(r.text) if tools.spec is not None or tools.auto else None
         message = {"role": "assistant", "content": r.text} if calls is None else \
             {"role": "assistant", "content": None, "tool_calls": calls}
         choices.append({"index": i, "message": message, "logprobs": lp,

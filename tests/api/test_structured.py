@@ -142,3 +142,28 @@ def test_langchain_structured_output_and_batch(live):
     single = [httpx.post(live.url + "/v1/completions", json={"model": "lo", "prompt": p, "max_tokens": 5,
                                                               "temperature": 0}).json()["choices"][0]["text"] for p in prompts]
     assert out == single
+
+
+def test_tool_choice_auto_where_the_template_shows_tools(oai, live):
+    tok = live.services.generation.tokenizer
+    plain = tok.chat_template
+    tok.chat_template = ("{% if tools %}tools: {{ tools | map(attribute='function') | map(attribute='name') | join(', ') }}\n"
+                         "{% endif %}" + plain)
+    try:
+        r = chat(oai, tools=TOOLS, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})  # auto: the default
+        without = chat(oai, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    finally:
+        tok.chat_template = plain
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.content  # a random model calls nothing
+    assert r.usage.prompt_tokens > without.usage.prompt_tokens  # the template rendered the tools
+
+
+def test_tool_calls_are_parsed_from_the_formats_templates_ask_for():
+    from server.api.openai import parse_tool_calls
+
+    hermes = ('I will check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n'
+              '</tool_call>\n<tool_call>{"name": "get_time", "arguments": {"zone": "utc"}}</tool_call>')
+    assert parse_tool_calls(hermes) == [("get_weather", {"city": "Paris", "unit": "c"}), ("get_time", {"zone": "utc"})]
+    assert parse_tool_calls('<|python_tag|>{"name": "get_time", "parameters": {"zone": "cet"}}') == [("get_time", {"zone": "cet"})]
+    assert parse_tool_calls("The weather is fine.") == []
+    assert parse_tool_calls('<tool_call>{"name": "get_time", "arguments": "not an object"}</tool_call>') == []
