@@ -153,11 +153,33 @@ def run_until_done(engine, collectors: list[Collector], max_steps: int = 2000) -
     raise AssertionError("requests did not finish")
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# a chat template for the tiny model's tokenizer, which has none
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+
+
+def lora_server(store: Path, **overrides) -> LiveServer:  # noqa: ANN003
+    """A live server of the tiny model holding the PEFT LoRA fixture as "lo", with a chat template."""
+    import httpx
+
+    s = LiveServer(store, **overrides)
+    assert httpx.post(s.url + "/adapters", data={"adapter_id": "lo"}, files=upload_files(fixture_dir("lora_qv"))).status_code == 201
+    s.services.generation.tokenizer.chat_template = CHAT_TEMPLATE
+    return s
+
+
 class LiveServer:
     """The real app under uvicorn on 127.0.0.1 in a background thread; stopped by `close()`."""
 
     def __init__(self, store: Path, **overrides) -> None:  # noqa: ANN003
-        import socket
         import threading
 
         import uvicorn
@@ -165,9 +187,7 @@ class LiveServer:
         from server.config import Settings
         from server.main import create_app
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         kw = dict(model=str(TINY), store=store, host="127.0.0.1", port=self.port, device="cpu",
                   max_new_tokens_limit=64, max_batch_size=32, device_slots=8)
         kw.update(overrides)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import LiveServer, fixture_dir, upload_files
+from tests.helpers import LiveServer, fixture_dir, free_port, upload_files
 
 IA3 = fixture_dir("ia3_default")
 BN = fixture_dir("seq_bn")
@@ -358,9 +358,7 @@ def test_server_killed_during_upload_restarts_clean(tmp_path):
     from tests.helpers import TINY
 
     store = tmp_path / "store"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     args = [sys.executable, "-m", "server", "serve", "--model", str(TINY), "--store", str(store), "--port", str(port),
             "--device", "cpu", "--log-level", "warning"]
     url = f"http://127.0.0.1:{port}"

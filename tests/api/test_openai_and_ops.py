@@ -10,7 +10,7 @@ import httpx
 import pytest
 from openai import NotFoundError, OpenAI
 
-from tests.helpers import LiveServer, fixture_dir, upload_files
+from tests.helpers import CHAT_TEMPLATE, LiveServer, fixture_dir, free_port, upload_files
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_completions_stream(oai):
 
 def test_chat_and_chat_stream(oai, live):
     tok = live.services.generation.tokenizer
-    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    tok.chat_template = CHAT_TEMPLATE
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"}]
     r = oai.chat.completions.create(model="chat-bn", messages=msgs, max_tokens=5, temperature=0,
                                     extra_body={"ignore_eos": True})
@@ -127,11 +127,7 @@ def test_real_prometheus_scrapes_without_errors(live, tmp_path):
     prom = shutil.which("prometheus")
     if prom is None:
         pytest.skip("Debian's prometheus package is not installed here (make test installs it where apt-get works)")
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text(
         "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: adapter-server\n"

@@ -14,17 +14,14 @@ import httpx
 import pytest
 from openai import BadRequestError, NotFoundError, OpenAI
 
-from tests.helpers import LiveServer, fixture_dir, upload_files
+from tests.helpers import LiveServer, lora_server
 
 IGNORE_EOS = {"ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    s = LiveServer(tmp_path_factory.mktemp("store"))
-    assert httpx.post(s.url + "/adapters", data={"adapter_id": "lo"}, files=upload_files(fixture_dir("lora_qv"))).status_code == 201
-    s.services.generation.tokenizer.chat_template = (
-        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:")
+    s = lora_server(tmp_path_factory.mktemp("store"))
     yield s
     s.close()
 

@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 from openai import BadRequestError, OpenAI
 
-from tests.helpers import LiveServer, fixture_dir, upload_files
+from tests.helpers import lora_server
 
 # bounded, so a random model finishes it within the token budget
 PERSON = {"type": "object", "properties": {
@@ -34,10 +34,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    s = LiveServer(tmp_path_factory.mktemp("store"), max_new_tokens_limit=200)
-    assert httpx.post(s.url + "/adapters", data={"adapter_id": "lo"}, files=upload_files(fixture_dir("lora_qv"))).status_code == 201
-    s.services.generation.tokenizer.chat_template = (
-        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:")
+    s = lora_server(tmp_path_factory.mktemp("store"), max_new_tokens_limit=200)
     yield s
     s.close()
 

@@ -63,15 +63,19 @@ def main() -> None:
         with c.stream("POST", "/generate", json={**body, "adapter_id": "lo", "stream": True}) as s:
             events = [line for line in s.iter_lines() if line.startswith("data:")]
         out["sse"] = [s.status_code, len(events), events[-1] if events else None]
+        def burst() -> list[httpx.Response]:
+            """16 long requests for "lo", 50 ms apart."""
+            with ThreadPoolExecutor(16) as pool:
+                futs = []
+                for _ in range(16):
+                    futs.append(pool.submit(c.post, "/generate", json={**body, "adapter_id": "lo", "max_new_tokens": 200}))
+                    time.sleep(0.05)
+                return [f.result() for f in futs]
+
         # spill-over: a burst for the adapter saturates its replica (4 rows); once the router sees that,
         # the rest go to the other replica, which loads it
         warm = replicas["lo"][-1]
-        with ThreadPoolExecutor(16) as pool:
-            futs = []
-            for _ in range(16):
-                futs.append(pool.submit(c.post, "/generate", json={**body, "adapter_id": "lo", "max_new_tokens": 200}))
-                time.sleep(0.05)
-            got = [f.result() for f in futs]
+        got = burst()
         ids = [r.headers.get("x-replica-id") for r in got]
         out["spill"] = {"ok": all(r.status_code == 200 for r in got), "replicas": len(set(ids)),
                         "spilled": sum(i != warm for i in ids)}
@@ -80,12 +84,7 @@ def main() -> None:
         new = upload_files(fixture_dir("ia3_default"))
         out["replace"] = [cl.post("/adapters?replace=true", data={"adapter_id": "lo"}, files=new).status_code for cl in (c, p)]
         want_new = p.post("/generate", json={**body, "adapter_id": "lo"}).json()["token_ids"]
-        with ThreadPoolExecutor(16) as pool:
-            futs = []
-            for _ in range(16):
-                futs.append(pool.submit(c.post, "/generate", json={**body, "adapter_id": "lo", "max_new_tokens": 200}))
-                time.sleep(0.05)
-            got = [f.result() for f in futs]
+        got = burst()
         out["after_replace"] = {"ok": all(r.status_code == 200 for r in got),
                                 "replicas": len({r.headers.get("x-replica-id") for r in got}),
                                 "new_version": all(r.json()["token_ids"][:8] == want_new for r in got),

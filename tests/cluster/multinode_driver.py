@@ -6,7 +6,6 @@ back down. One JSON line of results on stdout."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.helpers import TINY, fixture_dir, upload_files  # noqa: E402
+from tests.helpers import TINY, fixture_dir, free_port, upload_files  # noqa: E402
 
 REPLICA = "ServeReplica:adapter-server:EngineReplica"
 
@@ -53,9 +52,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     exe = Path(sys.executable).with_name("adapter-server")
     cmd = [str(exe), "cluster", "--address", cluster.address, "--model", str(TINY), "--store", str(tmp / "store"),
            "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--max-batch-size", "2",

@@ -5,7 +5,6 @@ multi-model mode; the checks, one JSON line of results on stdout."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,13 +16,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.helpers import LiveServer, fixture_dir, upload_files  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import LiveServer, fixture_dir, free_port, upload_files  # noqa: E402
 
 
 def main() -> None:
