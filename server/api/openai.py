@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from itertools import accumulate
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -222,37 +223,34 @@ class _Tokens:
             seq.append(t)
         return out
 
+    @staticmethod
+    def offsets(toks: list[str], start: int) -> list[int]:
+        """Where each token string begins in a text that has `start` characters before the first."""
+        return list(accumulate((len(t) for t in toks[:-1]), initial=start)) if toks else []
+
     def completion(self, ids: list[int], lps: list[float], tops: list[TopLogprobs] | None, k: int | None,
                    offset: int, before: list[int]) -> dict[str, Any]:
         """Completions `logprobs`: tokens, their logprobs, the top k alternatives (with the chosen token), the
         character offset of each token in the choice's text. `before`: the choice's earlier tokens."""
         toks = self.pieces(ids, before)
-        offsets = []
-        for t in toks:
-            offsets.append(offset)
-            offset += len(t)
         top = None
         if k is not None:
             seq = [*before, *ids]
             at = len(before)
             top = [{**{self.piece(seq[: at + i], a): lp for a, lp in (tops[i] if tops else ())[:k]}, toks[i]: lps[i]}
                    for i in range(len(ids))]
-        return {"tokens": toks, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
+        return {"tokens": toks, "token_logprobs": lps, "top_logprobs": top, "text_offset": self.offsets(toks, offset)}
 
     def echoed(self, prompt: list[int], scores: tuple[tuple[float, TopLogprobs], ...], k: int,
                gen: dict[str, Any]) -> dict[str, Any]:
         """Completions `logprobs` with `echo`: the prompt's tokens first (the first has no logprob), then the
         generated ones (`gen`, whose offsets already count the echoed text)."""
         toks = self.pieces(prompt, [])
-        offsets, at = [], 0
-        for t in toks:
-            offsets.append(at)
-            at += len(t)
         top: list[dict[str, float] | None] = [None]
         top += [{**{self.piece(prompt[: j + 1], a): lp for a, lp in alts[:k]}, toks[j + 1]: p}
                 for j, (p, alts) in enumerate(scores)]
         return {"tokens": toks + gen["tokens"], "token_logprobs": [None, *(p for p, _ in scores)] + gen["token_logprobs"],
-                "top_logprobs": top + (gen["top_logprobs"] or []), "text_offset": offsets + gen["text_offset"]}
+                "top_logprobs": top + (gen["top_logprobs"] or []), "text_offset": self.offsets(toks, 0) + gen["text_offset"]}
 
     def chat(self, ids: list[int], lps: list[float], tops: list[TopLogprobs] | None, before: list[int]) -> dict[str, Any]:
         seq = [*before, *ids]

@@ -95,6 +95,7 @@ class Engine:
                                    self.runner.cache.tokens_for)
         self.merge = MergePolicy(self.slots, self.timer, cfg.merge_policy != "never", cfg.merge_after_steps)
         self.eos = self._eos_ids()
+        self._eos_tuple = tuple(sorted(self.eos))  # what min_tokens bans, handed to the sampler each step
         self._inbox: queue.SimpleQueue[list[Seq] | Retire] = queue.SimpleQueue()
         registry.on_retire(self._retired)
         self._waiting: deque[Seq] = deque()
@@ -349,9 +350,8 @@ class Engine:
             seqs[0].cache_len = seqs[0].prefix_len + seqs[0].prompt_done + size  # not the last chunk: nothing to sample
             self._record_step(seqs, time.perf_counter() - t0)
             return
-        eos = tuple(self.eos)
         rows = [RowSampling(s.req.params, s.seed, len(s.tokens), s.req.prompt_ids, s.tokens,
-                            () if s.req.params.ignore_eos else eos, s.matcher) for s in seqs]
+                            () if s.req.params.ignore_eos else self._eos_tuple, s.matcher) for s in seqs]
         got, errors = sample_rows(logits, rows, any(s.req.params.logprobs for s in seqs))
         self._record_step(seqs, time.perf_counter() - t0)
         if kind == "decode":

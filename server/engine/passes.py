@@ -19,10 +19,6 @@ from .types import TopLogprobs
 PromptScore = tuple[float, TopLogprobs]  # a prompt token's logprob and its most likely alternatives
 
 
-def max_alternatives(seqs: list[Seq], lead: list[int], leader: int) -> int:
-    return max(seqs[j].req.params.prompt_logprobs or 0 for j in range(len(seqs)) if lead[j] == leader)
-
-
 def prompt_scores(full: torch.Tensor, prompt: tuple[int, ...], first: int, k: int) -> list[PromptScore]:
     """From the logits at prompt positions first.. (`full` [T, V]), each following prompt token's logprob and
     the k most likely tokens there: scores of tokens first+1 .. first+T (those the prompt has)."""
@@ -71,14 +67,15 @@ class Passes:
         lead = [first.setdefault((s.req.prompt_ids, s.slot, s.prefix_len), i) for i, s in enumerate(seqs)]
         uniq = [i for i in range(B) if lead[i] == i]
         at = {i: k for k, i in enumerate(uniq)}  # computed into rows row0 + k; each row i must end in row0 + i
-        scored = [k for k, i in enumerate(uniq) if any(seqs[j].req.params.prompt_logprobs is not None
-                                                           for j in range(B) if lead[j] == i)]
-        logits, full = self._prefill([seqs[i] for i in uniq], running, used, B, scored)
+        want: dict[int, int] = {}  # a leader whose prompt is scored -> the most alternatives any of its rows asks for
+        for j, s in enumerate(seqs):
+            if (k := s.req.params.prompt_logprobs) is not None:
+                want[lead[j]] = max(want.get(lead[j], 0), k)
+        logits, full = self._prefill([seqs[i] for i in uniq], running, used, B, [at[i] for i in want])
         scores: dict[int, list[PromptScore]] = {}
-        for r, k in enumerate(scored):
-            s = seqs[uniq[k]]
-            got = prompt_scores(full[r, : s.prompt_len], s.req.prompt_ids, 0, max_alternatives(seqs, lead, uniq[k]))  # type: ignore[index]
-            scores.update({j: got for j in range(B) if lead[j] == uniq[k] and seqs[j].req.params.prompt_logprobs is not None})
+        for r, (i, k) in enumerate(want.items()):
+            got = prompt_scores(full[r, : seqs[i].prompt_len], seqs[i].req.prompt_ids, 0, k)  # type: ignore[index]
+            scores.update({j: got for j, s in enumerate(seqs) if lead[j] == i and s.req.params.prompt_logprobs is not None})
         if len(uniq) == B:
             return logits, scores
         for i in reversed(range(B)):  # every source row lies at or before its destination: copy from the end
