@@ -19,11 +19,13 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .adapters.methods.lora import LoRAMethod
 from .adapters.registry import Registry
 from .adapters.spec import BaseModelInfo
 from .adapters.store import AdapterStore
@@ -157,10 +159,7 @@ def kernel_profile(eng: Engine, B: int, kv_len: int, method: str | None = None, 
     slot = 0 if method is None else min(s for s, m in eng.slots.slot_method.items() if m == method)
     key = g.key([slot] * B, kv_len - 1)
     assert key is not None
-    bucket = key[0]
-    g.inputs.zero_()
-    g.inputs[1, :bucket] = g.inputs[3, :bucket] = torch.arange(bucket) + g.max_len - bucket  # free positions
-    g.inputs[2, :B] = slot
+    g.fill([3] * B, list(range(g.max_len - B, g.max_len)), [slot] * B, key)  # free positions: no row's cache is touched
     for _ in range(2):
         g._step(key)
     sync()
@@ -254,7 +253,8 @@ def zipf_case(loaded: LoadedModel, n_adapters: int, n_requests: int, slots: int,
 
 
 def bench_model(name: str, batches: list[int], prompt: int, new: int, adapter_batch: int, bw: float,
-                zipf: tuple[int, int] | None = None) -> dict:
+                zipf: tuple[int, int] | None, res: dict[str, Any], save: Callable[[], None]) -> None:
+    """Fills `res` stage by stage, calling `save` after each, so a run cut by its time limit keeps what it measured."""
     if DEV.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model = build_model(name, torch.bfloat16 if DEV.type == "cuda" else torch.float32)
@@ -262,13 +262,19 @@ def bench_model(name: str, batches: list[int], prompt: int, new: int, adapter_ba
     loaded = LoadedModel(model, word_tokenizer(vocab), name, DEV, next(model.parameters()).dtype)
     nbytes = step_bytes(model)
     floor_s = nbytes / bw
-    res: dict[str, Any] = {"model": name, "weight_bytes_per_step": nbytes, "floor_step_ms": floor_s * 1e3, "rows": []}
+    res.update({"model": name, "weight_bytes_per_step": nbytes, "floor_step_ms": floor_s * 1e3, "rows": []})
     max_len, max_batch = prompt + new + 8, max(batches)
     store = Path(tempfile.mkdtemp())
     names = synth_adapters(loaded, store)
     engines = {"on": engine_for(loaded, store, "on", max_batch, max_len),
                "nofuse": engine_for(loaded, store, "on", max_batch, max_len, fuse=False),
                "off": engine_for(loaded, store, "off", max_batch, max_len)}
+    if DEV.type == "cuda":  # the A/B of LoRA's compiled graph hooks: per-row gathers-and-sums against routed products
+        LoRAMethod.fused_hooks = True
+        try:
+            engines["lora_fused"] = engine_for(loaded, store, "on", adapter_batch, max_len)
+        finally:
+            LoRAMethod.fused_hooks = False
     graphs = engines["on"].graphs
     assert graphs is not None
     with torch.inference_mode():
@@ -304,6 +310,7 @@ def bench_model(name: str, batches: list[int], prompt: int, new: int, adapter_ba
         row["graphs_vs_hf"] = row["graphs_tok_s"] / row["hf_generate_tok_s"]
         res["rows"].append(row)
         log.info("%s %s", name, row)
+        save()
     B = adapter_batch
     families8 = [names[k][0] for k in ("ia3", "seq_bn", "par_bn", "double_seq_bn", "lora", "dora")]
     families8 += [names["lora_mixed"][0], names["ia3"][1]]
@@ -327,25 +334,29 @@ def bench_model(name: str, batches: list[int], prompt: int, new: int, adapter_ba
         res["profile_b1_unfused"] = kernel_profile(engines["nofuse"], 1, prompt + new)
         res["profile_b16"] = kernel_profile(engines["on"], 16, prompt + new)
     ad: dict[str, Any] = {}
-    modes = {"on": "graphs", "nofuse": "graphs, eager hooks", "off": "eager"}
-    for mode, how in modes.items():
-        eng = engines[mode]
-        for label, rows in cases.items():
-            decode_rate(eng, rows, prompt, 4, vocab)  # warm: resident, graphs captured
-            ad[f"{label} ({how})"] = decode_rate(eng, rows, prompt, new, vocab)
-            log.info("adapters %s (%s): %.1f tok/s", label, how, ad[f"{label} ({how})"])
+    modes = {"on": "graphs", "nofuse": "graphs, eager hooks", "off": "eager", "lora_fused": "graphs, LoRA fused hooks"}
     res["adapters_batch"] = B
     res["adapters_tok_s"] = ad
+    for mode, how in modes.items():
+        case_eng = engines.get(mode)
+        for label, rows in cases.items():
+            if case_eng is None or (mode == "lora_fused" and not label.startswith(("lora", "dora"))):
+                continue
+            decode_rate(case_eng, rows, prompt, 4, vocab)  # warm: resident, graphs captured
+            ad[f"{label} ({how})"] = decode_rate(case_eng, rows, prompt, new, vocab)
+            log.info("adapters %s (%s): %.1f tok/s", label, how, ad[f"{label} ({how})"])
+        save()
     if DEV.type == "cuda":  # where an adapter's step time goes, per family (slots still resident from the cases)
         prof: dict[str, Any] = {}
         for m in ("ia3", "lora", "dora", "bottleneck"):
-            for mode in ("on", "nofuse"):
+            for mode in ("on", "nofuse", "lora_fused") if m in ("lora", "dora") else ("on", "nofuse"):
                 try:
                     prof.setdefault(m, {})[mode] = p = kernel_profile(engines[mode], B, prompt + new, m, top=8)
                     log.info("profile %s %s: %d kernels, %.3f ms", m, mode, p["kernels"], p["kernel_time_ms"])
                 except Exception as e:  # keep measuring the rest
                     prof.setdefault(m, {})[mode] = f"{type(e).__name__}: {e}"[:300]
         res["profile_adapters"] = prof
+        save()
     base_params = nbytes // 2
     reg = engines["on"].registry
     res["adapter_params_share"] = {k: reg.info(v[0])["num_parameters"] / base_params for k, v in names.items()}
@@ -355,12 +366,13 @@ def bench_model(name: str, batches: list[int], prompt: int, new: int, adapter_ba
         cold = zipf_case(loaded, n_ad, n_req, 16, 64, prompt // 2, 32)
         res["zipf"] = {"all_hot": hot, "slots_16": cold, "ratio": cold["tok_s"] / hot["tok_s"]}
         log.info("%s zipf %s", name, res["zipf"])
+        save()
     res["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if DEV.type == "cuda" else None
     res["graph_replays"], res["graph_eager_steps"] = graphs.replays, graphs.eager_steps
+    save()
     del engines, model, loaded
     if DEV.type == "cuda":
         torch.cuda.empty_cache()
-    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--adapter-batch", type=int, default=16)
-    ap.add_argument("--zipf", default="500,1024", help="adapters,requests for the Zipf case on the first model ('' skips)")
+    ap.add_argument("--zipf", default="500,1024", help="adapters,requests for the Zipf case ('' skips)")
+    ap.add_argument("--zipf-model", default="llama-3.2-1b", help="the model the Zipf case runs on")
     ap.add_argument("--out", type=Path, default=Path("bench_results/gpu.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
@@ -381,12 +394,17 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     out["transformers"] = transformers.__version__
-    for k, name in enumerate(args.models.split(",")):
-        zipf = tuple(int(x) for x in args.zipf.split(",")) if args.zipf and k == 0 else None
-        out["models"].append(bench_model(name, [int(b) for b in args.batches.split(",")], args.prompt, args.new,
-                                         args.adapter_batch, bw, zipf))  # type: ignore[arg-type]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
         args.out.write_text(json.dumps(out, indent=1))
+
+    for name in args.models.split(","):
+        zipf = tuple(int(x) for x in args.zipf.split(",")) if args.zipf and name == args.zipf_model else None
+        res: dict[str, Any] = {}
+        out["models"].append(res)
+        bench_model(name, [int(b) for b in args.batches.split(",")], args.prompt, args.new, args.adapter_batch, bw,
+                    zipf, res, save)  # type: ignore[arg-type]
     print(json.dumps(out, indent=1))  # noqa: T201
     return 0
 

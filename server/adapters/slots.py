@@ -12,7 +12,7 @@ import torch
 
 from ..compiled import raise_recompile_limit
 from .families import label
-from .methods import METHODS, AdapterMethod, MethodPlan, StepTimer
+from .methods import METHODS, AdapterMethod, MethodPlan, Routing, StepTimer
 from .methods.base import KVPrefix, SlotContext
 from .methods.prefix import Encoder
 from .spec import AdapterWeights, BaseModelInfo, Location
@@ -117,9 +117,9 @@ class AdapterSlots:
                 key.append((name, m.layout_version))
         return tuple(key)
 
-    def static_plan(self, slot_idx: torch.Tensor, key: tuple[tuple[str, int], ...]) -> BatchPlan:
-        """The plan for the methods of `key`, routed by the fixed buffer `slot_idx` [B]."""
-        plans = [p for name, _ in key if (p := self.methods[name].static_plan(slot_idx)) is not None]
+    def static_plan(self, routing: Routing, key: tuple[tuple[str, int], ...]) -> BatchPlan:
+        """The plan for the methods of `key`, routed by the fixed buffers of `routing`."""
+        plans = [p for name, _ in key if (p := self.methods[name].static_plan(routing)) is not None]
         return BatchPlan((), plans)
 
     # -- merging ------------------------------------------------------------------------------

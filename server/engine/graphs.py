@@ -8,13 +8,16 @@ overhead, not by reading the weights. Here a decode step of fixed shape is captu
   position of a cache row past the running ones. No row ever reads a position it has not written
   itself first (a row writes position p in the step that reads up to p), so even the row of a prompt
   part-way through chunked prefill is safe;
-- inputs live in one static buffer [4, rows]: token ids, cache positions, adapter slots and rotary
-  positions (they differ for rows with an AdapterHub prefix), filled by one copy;
+- inputs live in one static buffer [6, rows]: token ids, cache positions, adapter slots, rotary
+  positions (they differ for rows with an AdapterHub prefix), each row's index among the batch's
+  distinct slots, and those distinct slots (padded to a bucket), filled by one copy;
 - the KV cache is static (it never moves) and adapter slot tables are written in place, so a replay
   sees the current weights of every slot; adapters are routed by the slot buffer inside the graph, so
   one graph serves every mix of slots of the methods in its key;
-- a graph exists per (batch bucket, KV bucket, methods in use with their storage layout); a method
-  without a static plan (or a layout change not yet captured) runs that batch eagerly.
+- a graph exists per (batch bucket, KV bucket, methods in use with their storage layout, bucket of
+  distinct slots): the count of distinct slots lets adapter products read each adapter the batch uses
+  once (`Routing`); a method without a static plan (or a layout change not yet captured) runs that
+  batch eagerly.
 
 On a CPU there is nothing to capture: the same fixed-shape step runs eagerly (tests use this to prove
 the static step equals the dynamic one).
@@ -28,12 +31,14 @@ from typing import Any
 
 import torch
 
+from ..adapters.methods import Routing
 from ..adapters.slots import AdapterSlots
 from .kv_cache import pow2
 from .model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
-GraphKey = tuple[int, int, tuple[tuple[str, int], ...]]
+GraphKey = tuple[int, int, tuple[tuple[str, int], ...], int]  # batch bucket, KV bucket, methods, distinct slots bucket
+IDS, POS, SLOT, ROPE, LOCAL, UNIQ = range(6)  # the rows of the input buffer
 
 
 def batch_buckets(max_rows: int) -> list[int]:
@@ -56,8 +61,8 @@ class DecodeGraphs:
         self.max_len = runner.cache.max_len
         self.buckets = batch_buckets(self.rows)
         self.min_kv = min(min_kv, self.max_len)
-        self.inputs = torch.zeros(4, self.rows, dtype=torch.long, device=runner.device)  # ids, pos, slot, rope pos
-        self._host = torch.zeros(4, self.rows, dtype=torch.long, pin_memory=capture)
+        self.inputs = torch.zeros(6, self.rows, dtype=torch.long, device=runner.device)  # see IDS..UNIQ
+        self._host = torch.zeros(6, self.rows, dtype=torch.long, pin_memory=capture)
         self.graphs: dict[GraphKey, tuple[Any, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.replays = self.eager_steps = 0
@@ -80,27 +85,41 @@ class DecodeGraphs:
         methods = self.slots.graph_key(slots)
         if methods is None:
             return None
-        return self.bucket(len(slots)), self.kv_bucket(max_pos + 1), methods
+        B = self.bucket(len(slots))
+        uniq = min(pow2(len(set(slots)), 1), B) if methods else 0  # the bare model routes nothing
+        return B, self.kv_bucket(max_pos + 1), methods, uniq
 
     def _step(self, key: GraphKey) -> torch.Tensor:
-        B, kv_len, methods = key
-        ids, pos, slot_idx, rope_pos = self.inputs[0, :B], self.inputs[1, :B], self.inputs[2, :B], self.inputs[3, :B]
-        plan = self.slots.static_plan(slot_idx, methods)
-        return self.runner.decode_static(ids[:, None], pos, plan, kv_len, rope_pos)
+        B, kv_len, methods, U = key
+        x = self.inputs
+        routing = Routing(slots=x[SLOT, :B], uniq=x[UNIQ, :max(U, 1)], local=x[LOCAL, :B])
+        plan = self.slots.static_plan(routing, methods)
+        return self.runner.decode_static(x[IDS, :B, None], x[POS, :B], plan, kv_len, x[ROPE, :B])
 
-    def run(self, tokens: list[int], positions: list[int], slots: list[int], key: GraphKey,
-            rope_positions: list[int] | None = None) -> torch.Tensor:
-        """Logits [len(tokens), V] of one decode step of rows 0..n-1 (graph key from `key`); rotary
-        positions default to the cache positions."""
+    def fill(self, tokens: list[int], positions: list[int], slots: list[int], key: GraphKey,
+             rope_positions: list[int] | None = None) -> None:
+        """Write one step's inputs for rows 0..n-1 into the static buffer (rotary positions default to
+        the cache positions); rows n..B-1 are padding."""
         n, B = len(tokens), key[0]
         host = self._host
         host[:, :B] = 0
-        host[1, n:B] = host[3, n:B] = self.max_len - 1  # padding writes only the last position of free rows (see the docstring)
-        host[0, :n] = torch.tensor(tokens)
-        host[1, :n] = torch.tensor(positions)
-        host[2, :n] = torch.tensor(slots)
-        host[3, :n] = torch.tensor(positions if rope_positions is None else rope_positions)
+        host[POS, n:B] = host[ROPE, n:B] = self.max_len - 1  # padding writes only the last position of free rows (see the docstring)
+        host[IDS, :n] = torch.tensor(tokens)
+        host[POS, :n] = torch.tensor(positions)
+        host[SLOT, :n] = torch.tensor(slots)
+        host[ROPE, :n] = torch.tensor(positions if rope_positions is None else rope_positions)
+        uniq = sorted(set(slots))
+        where = {s: k for k, s in enumerate(uniq)}
+        host[LOCAL, :n] = torch.tensor([where[s] for s in slots])  # padding rows point at entry 0: their output is dropped
+        host[UNIQ, :B] = uniq[0]  # padding entries repeat a real one; no row points at them
+        host[UNIQ, :len(uniq)] = torch.tensor(uniq)
         self.inputs[:, :B].copy_(host[:, :B], non_blocking=True)
+
+    def run(self, tokens: list[int], positions: list[int], slots: list[int], key: GraphKey,
+            rope_positions: list[int] | None = None) -> torch.Tensor:
+        """Logits [len(tokens), V] of one decode step of rows 0..n-1 (graph key from `key`)."""
+        self.fill(tokens, positions, slots, key, rope_positions)
+        n = len(tokens)
         if not self.capture:
             self.eager_steps += 1
             return self._step(key)[:n]
@@ -148,10 +167,10 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         lens = kv_lens or self.kv_buckets()
         self.inputs.zero_()
-        self.inputs[1] = self.inputs[3] = self.max_len - 1
+        self.inputs[POS] = self.inputs[ROPE] = self.max_len - 1
         for B in reversed(self.buckets):  # largest first: the pool then fits every smaller graph
             for kv in lens:
-                if (B, kv, ()) not in self.graphs:
-                    self._capture((B, kv, ()))
+                if (B, kv, (), 0) not in self.graphs:
+                    self._capture((B, kv, (), 0))
         torch.cuda.synchronize()
         return time.perf_counter() - t0

@@ -71,6 +71,27 @@ def test_graph_step_equals_dynamic_step_in_mixed_continuous_batches(tmp_path, de
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("group", [["lora_qv", "hub_lora_all", "lora_bias"], ["dora_qv", "lora_patterns"],
+                                   ["par_bn", "seq_bn_ln", "compacter"], ["seq_bn", "ia3_default", "dora_rslora_all"]])
+def test_graph_step_reading_only_the_batchs_distinct_adapters_equals_the_dynamic_step(tmp_path, device, group,
+                                                                                      monkeypatch):
+    """Few distinct adapters among many slots: the adapter products gather the batch's own blocks
+    (`Routing.distinct`) instead of reading every slot's; each row must still get only its own."""
+    from server.adapters.methods import Routing
+
+    chose: list[bool] = []
+    real = Routing.distinct
+    monkeypatch.setattr(Routing, "distinct", lambda self, n: chose.append(real(self, n)) or chose[-1])
+    cases = [(a, p) for a in [None, *group] for p in PROMPTS[:2]]
+    ref = run_mixed(engine_on(tmp_path, device, "off", "a"), cases)
+    got = run_mixed(engine_on(tmp_path, device, "on", "b"), cases)
+    for (a, p), want, r in zip(cases, ref, got, strict=True):
+        assert r.token_ids == want.token_ids, (a, p)
+        assert max(abs(x - y) for x, y in zip(r.logprobs, want.logprobs, strict=True)) < 1e-4, (a, p)
+    assert any(chose)  # the distinct-blocks products ran
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_graph_step_serves_bare_and_ia3_only_batches_and_padding_rows_are_harmless(tmp_path, device):
     """Batches of 3 and 5 rows run in buckets of 4 and 8: the padding rows must not touch real rows."""
     cases = [(a, p) for a in [None, "ia3_default", "ia3_ff_in"] for p in PROMPTS[:2]][:5]

@@ -15,7 +15,7 @@ How methods compose in one batch (`slots.BatchPlan`), in the order of METHODS:
 from __future__ import annotations
 
 from .. import families
-from .base import AdapterMethod, MethodPlan, StepTimer
+from .base import AdapterMethod, MethodPlan, Routing, StepTimer
 from .bottleneck import BottleneckMethod
 from .ia3 import IA3Method
 from .lora import DoRAMethod, LoRAMethod
@@ -25,4 +25,4 @@ METHODS: dict[str, type[AdapterMethod]] = {
     m.name: m for m in (IA3Method, BottleneckMethod, LoRAMethod, DoRAMethod, PromptMethod, PrefixMethod)}
 assert tuple(METHODS) == families.METHODS, "families.METHODS lists the methods, in this order"
 
-__all__ = ["METHODS", "AdapterMethod", "MethodPlan", "StepTimer"]
+__all__ = ["METHODS", "AdapterMethod", "MethodPlan", "Routing", "StepTimer"]

@@ -92,6 +92,24 @@ class MethodPlan:
 
 
 @dataclass(frozen=True)
+class Routing:
+    """A fixed-shape batch's routing for graph replay, read only inside hooks (the tensors are buffers
+    the graph reads, refilled every step). `slots` [B]: each row's slot. `uniq` [U]: the batch's
+    distinct slots (U a bucket, padded with repeats no row points at). `local` [B]: each row's index
+    into `uniq`. A product over per-slot blocks can then read each adapter the batch uses once
+    (`distinct`) instead of every slot's block."""
+
+    slots: torch.Tensor
+    uniq: torch.Tensor
+    local: torch.Tensor
+
+    def distinct(self, num_slots: int) -> bool:
+        """Whether to gather the batch's distinct blocks (a copy: about three times their bytes moved)
+        rather than take one product over every slot's block in place (each slot's bytes once)."""
+        return 3 * self.uniq.shape[0] < num_slots
+
+
+@dataclass(frozen=True)
 class KVPrefix:
     """Entries a row's KV cache holds before its prompt in every layer (prompt and prefix tuning)."""
 
@@ -154,10 +172,10 @@ class AdapterMethod(ABC):
         """Whether any row of this batch has work for this method (a folded adapter has none)."""
         return False
 
-    def static_plan(self, slot_idx: torch.Tensor) -> MethodPlan | None:
-        """Routing that reads `slot_idx` [B] (a fixed buffer) only inside its hooks, so one captured
-        graph serves every mix of this method's slots. None: this method has no such plan, and batches
-        that use it run eagerly.
+    def static_plan(self, routing: Routing) -> MethodPlan | None:
+        """A plan that reads `routing`'s buffers only inside its hooks, so one captured graph serves
+        every mix of this method's slots (with as many distinct slots as the graph was captured for).
+        None: this method has no such plan, and batches that use it run eagerly.
         """
         return None
 

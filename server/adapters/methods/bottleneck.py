@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,7 @@ from transformers.activations import get_activation
 from ...compiled import Compiled
 from ..families import Method
 from ..spec import AdapterWeights, Location
-from .base import AdapterMethod, MethodPlan, SlotContext, StepTimer
+from .base import AdapterMethod, MethodPlan, Routing, SlotContext, StepTimer
 
 
 @dataclass(frozen=True)
@@ -194,7 +193,6 @@ class BottleneckPlan(MethodPlan):
         return core + h * cfh
 
 
-Products = Literal["gathered", "all_slots"]
 IDENTITY = (1.0, 0.0, 1.0, 0.0, 1.0)  # cxa, cxh, cra, crh, cfh of a row without an adapter: a + h
 
 
@@ -243,15 +241,15 @@ class _StaticSite:
         return b.down_w.shape[0] <= self.R and (b.ln_before is None or self.has_lnb) and (b.ln_after is None or self.has_lna)
 
 
-def static_residual(h: torch.Tensor, a: torch.Tensor, i: torch.Tensor, wd: torch.Tensor, bd: torch.Tensor,
-                    wu: torch.Tensor, ub: torch.Tensor, coef: torch.Tensor, act: torch.Tensor, ln: torch.Tensor,
-                    lnw: torch.Tensor, lnb: torch.Tensor, has_lnb: bool, has_lna: bool, products: Products,
-                    acts: tuple[object, ...]) -> torch.Tensor:
+def static_residual(h: torch.Tensor, a: torch.Tensor, i: torch.Tensor, u: torch.Tensor | None, j: torch.Tensor,
+                    wd: torch.Tensor, bd: torch.Tensor, wu: torch.Tensor, ub: torch.Tensor, coef: torch.Tensor,
+                    act: torch.Tensor, ln: torch.Tensor, lnw: torch.Tensor, lnb: torch.Tensor, has_lnb: bool,
+                    has_lna: bool, acts: tuple[object, ...]) -> torch.Tensor:
     """The general formula for rows routed by slots i [B], over one site's padded tables (`_StaticSite`);
-    h, a [B, T, H]. The two products: "all_slots", one product over every slot's block; "gathered", each
-    row's own block copied out and batched. (A third, gathers-products-sums that a compiler turns into
-    one kernel reading each row's block in place, was measured on an H200 and dropped: it reads a block
-    per row, not per adapter, and a width-2048 bottleneck then cost 4x the all-slots product.)"""
+    h, a [B, T, H]. The two products take the blocks of the batch's distinct slots u [U] (gathered, each
+    once; j [B] is each row's index in u), or with u None every slot's block in place (j = i); either
+    way each row keeps its own columns. (Measured on an H200 and dropped: a block per row, which for a
+    width-2048 bottleneck moved 4x the bytes of the all-slots product.)"""
     H = h.shape[-1]
     cxa, cxh, cra, crh, cfh = coef.index_select(0, i).t()[:, :, None, None]  # each [B, 1, 1]
     lni = ln.index_select(0, i)[:, None, None, :]  # [B, 1, 1, 3]
@@ -259,12 +257,11 @@ def static_residual(h: torch.Tensor, a: torch.Tensor, i: torch.Tensor, wd: torch
     z = a * cxa + h * cxh
     if has_lnb:
         z = torch.where(lni[..., 0], F.layer_norm(z, (H,), eps=LN_EPS) * lw[:, 0] + lb[:, 0], z)
-    S, R = wd.shape[:2]
+    if u is not None:
+        wd, bd, wu = wd.index_select(0, u), bd.index_select(0, u), wu.index_select(1, u)
+    N, R = wd.shape[:2]
     B, T = z.shape[:2]
-    if products == "all_slots":
-        d = F.linear(z, wd.view(S * R, H), bd.view(S * R))  # [B, T, S*R]
-    else:
-        d = torch.baddbmm(bd.index_select(0, i)[:, None, :], z, wd.index_select(0, i).transpose(1, 2))  # [B, T, R]
+    d = F.linear(z, wd.reshape(N * R, H), bd.reshape(N * R))  # [B, T, N*R]
     if len(acts) == 1:
         d = acts[0](d)  # type: ignore[operator]
     else:
@@ -273,44 +270,41 @@ def static_residual(h: torch.Tensor, a: torch.Tensor, i: torch.Tensor, wd: torch
         for k, fn in enumerate(acts[1:], start=1):
             out = torch.where(ai == k, fn(d), out)  # type: ignore[operator]
         d = out
-    ubi = ub.index_select(0, i)[:, None, :]
-    if products == "all_slots":
-        own = (torch.arange(S, device=i.device)[None, :] == i[:, None])[:, None, :, None]  # [B, 1, S, 1]
-        d = torch.where(own, d.view(B, T, S, R), 0.0).view(B, T, S * R)
-        u = F.linear(d, wu.view(H, S * R)) + ubi  # [B, T, H]
-    else:
-        u = torch.baddbmm(ubi, d, wu.index_select(1, i).permute(1, 2, 0))  # [B, T, H]
+    if N > 1:
+        own = (torch.arange(N, device=i.device)[None, :] == j[:, None])[:, None, :, None]  # [B, 1, N, 1]
+        d = torch.where(own, d.view(B, T, N, R), 0.0).view(B, T, N * R)
+    u_ = F.linear(d, wu.reshape(H, N * R)) + ub.index_select(0, i)[:, None, :]  # [B, T, H]
     r = a * cra + h * crh
     if has_lna:
         m1, m2 = lni[..., 1], lni[..., 2]
-        x = F.layer_norm(torch.where(m2, u + r, u), (H,), eps=LN_EPS) * lw[:, 1] + lb[:, 1]
-        core = torch.where(m2, x, torch.where(m1, x + r, u + r))
+        x = F.layer_norm(torch.where(m2, u_ + r, u_), (H,), eps=LN_EPS) * lw[:, 1] + lb[:, 1]
+        core = torch.where(m2, x, torch.where(m1, x + r, u_ + r))
     else:
-        core = u + r
+        core = u_ + r
     return core + h * cfh
 
 
 class BottleneckStaticPlan(MethodPlan):
     """The general formula of the module docstring for any slot mix, every per-row weight chosen by the
-    slot buffer inside the hook. Two ways to do the two products, fixed per captured batch size:
-    small batches gather each row's own padded block and take batched products (reading B blocks);
-    larger ones take one product against every slot's block side by side and keep each row's own
-    columns (reading every slot once, whatever B), as the eager plan does with the batch's adapters."""
+    routing buffers inside the hook. The products read the blocks of the batch's distinct slots (gathered)
+    or every slot's block in place, whichever moves fewer bytes for the number of distinct slots the graph
+    was captured for (`Routing.distinct`), as the eager plan reads only the batch's adapters."""
 
     def __init__(self, sites: dict[tuple[int, Location], _StaticSite], acts: tuple[object, ...],
-                 slot_idx: torch.Tensor, fn: Callable[..., torch.Tensor]) -> None:
-        self.sites, self.acts, self.slot_idx, self.fn = sites, acts, slot_idx, fn
+                 routing: Routing, fn: Callable[..., torch.Tensor]) -> None:
+        self.sites, self.acts, self.routing, self.fn = sites, acts, routing, fn
 
     def residual_rows(self, layer: int, loc: Location) -> torch.Tensor:
-        return self.sites[(layer, loc)].has.index_select(0, self.slot_idx)[:, None, None]
+        return self.sites[(layer, loc)].has.index_select(0, self.routing.slots)[:, None, None]
 
     def residual(self, layer: int, loc: Location, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
         st = self.sites.get((layer, loc))
         if st is None:
             return None
-        products: Products = "all_slots" if 3 * h.shape[0] >= st.wd.shape[0] else "gathered"
-        return self.fn(h, a, self.slot_idx, st.wd, st.bd, st.wu, st.ub, st.coef, st.act, st.ln, st.lnw, st.lnb,
-                       st.has_lnb, st.has_lna, products, self.acts)
+        r = self.routing
+        u, j = (r.uniq, r.local) if r.distinct(st.wd.shape[0]) else (None, r.slots)
+        return self.fn(h, a, r.slots, u, j, st.wd, st.bd, st.wu, st.ub, st.coef, st.act, st.ln, st.lnw, st.lnb,
+                       st.has_lnb, st.has_lna, self.acts)
 
 
 class BottleneckMethod(AdapterMethod):
@@ -394,13 +388,13 @@ class BottleneckMethod(AdapterMethod):
     def uses(self, slots: list[int]) -> bool:
         return any(s in self.options for s in slots)
 
-    def static_plan(self, slot_idx: torch.Tensor) -> MethodPlan | None:
+    def static_plan(self, routing: Routing) -> MethodPlan | None:
         if self._static is None:
             self._static = self._build_static()
         names = tuple(self._act_names)
         if names not in self._acts:  # the same function objects every time: a compiled hook guards on them
             self._acts[names] = tuple(activation(n) for n in names)
-        return BottleneckStaticPlan(self._static, self._acts[names], slot_idx, self._residual)
+        return BottleneckStaticPlan(self._static, self._acts[names], routing, self._residual)
 
     @property
     def layout_version(self) -> int:

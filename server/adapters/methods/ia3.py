@@ -15,7 +15,7 @@ import torch
 from ...compiled import Compiled
 from ..families import Method
 from ..spec import AdapterWeights
-from .base import AdapterMethod, MethodPlan, SlotContext, StepTimer
+from .base import AdapterMethod, MethodPlan, Routing, SlotContext, StepTimer
 
 F32 = torch.float32
 NAME: Method = "ia3"
@@ -159,10 +159,10 @@ class IA3Method(AdapterMethod):
     def uses(self, slots: list[int]) -> bool:
         return any(s in self.by_slot and s != self._merged for s in slots)
 
-    def static_plan(self, slot_idx: torch.Tensor) -> MethodPlan | None:
+    def static_plan(self, routing: Routing) -> MethodPlan | None:
         split = self.ctx.base.split
         return IA3StaticPlan({split(m): t.data for m, t in self.inp.items()},
-                             {split(m): t.data for m, t in self.out.items()}, slot_idx, self._scale)
+                             {split(m): t.data for m, t in self.out.items()}, routing.slots, self._scale)
 
     @property
     def layout_version(self) -> int:

@@ -15,8 +15,9 @@ computed once when the slot is written: y = W x + b + (g - 1) (W x) + g s B (A x
 operations. Rows of plain LoRA, or of no adapter, have g = 1, where those extra terms are exactly 0.
 
 For graph replay, a static layout mirrors every slot zero-padded to a common rank per module (built
-on first use, written in place after): small batches gather each row's own block, larger ones take one
-product over every slot side by side and keep each row's own columns.
+on first use, written in place after): the products gather the blocks of the batch's distinct slots,
+or, when the batch uses most of them, take every slot's block side by side; each row keeps its own
+columns.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from ...compiled import Compiled
 from ..families import Method
 from ..spec import AdapterWeights
-from .base import AdapterMethod, MethodPlan, SlotContext, StepTimer
+from .base import AdapterMethod, MethodPlan, Routing, SlotContext, StepTimer
 
 F32 = torch.float32
 NAME: Method = "lora"
@@ -158,33 +159,30 @@ class _StaticModule:
             self.g[slot] = w.g
 
 
-def gathered_delta(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, sB: torch.Tensor, sb: torch.Tensor,
-                   g: torch.Tensor | None, base_bias: torch.Tensor | None, i: torch.Tensor) -> torch.Tensor:
-    """Each row's own zero-padded block, gathered: reads B blocks. x [B, T, in], A [S, R, in],
-    sB [out, S, R], sb [S, out], g [S, out] or None (LoRA), i [B] slots."""
-    d = torch.bmm(x.to(F32), A.index_select(0, i).transpose(1, 2))  # [B, T, R]
-    delta = torch.bmm(d, sB.index_select(1, i).permute(1, 2, 0)) + sb.index_select(0, i)[:, None, :]  # [B, T, out]
-    return add_delta(y, delta, None if g is None else g.index_select(0, i)[:, None, :], base_bias)
-
-
-def all_slots_delta(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, sB: torch.Tensor, sb: torch.Tensor,
-                    g: torch.Tensor | None, base_bias: torch.Tensor | None, i: torch.Tensor) -> torch.Tensor:
-    """One product over every slot's block side by side, each row keeping its own columns: reads every
-    slot once, whatever B. Same arguments as `gathered_delta`."""
-    S, R, inp = A.shape
+def routed_delta(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, sB: torch.Tensor, sb: torch.Tensor,
+                 g: torch.Tensor | None, base_bias: torch.Tensor | None, i: torch.Tensor, u: torch.Tensor | None,
+                 j: torch.Tensor) -> torch.Tensor:
+    """Two products over the blocks of the batch's distinct slots u [U] (gathered: each adapter read
+    once, whatever rows use it; j [B] each row's index in u), or with u None over every slot's block
+    in place (j = i); each row keeps its own columns. x [B, T, in], A [S, R, in], sB [out, S, R],
+    sb [S, out], g [S, out] or None (LoRA), i [B] slots."""
+    if u is not None:
+        A, sB = A.index_select(0, u), sB.index_select(1, u)
+    N, R, inp = A.shape
     B, T = x.shape[:2]
-    d = F.linear(x.to(F32), A.view(S * R, inp)).view(B, T, S, R)
-    own = (torch.arange(S, device=i.device)[None, :] == i[:, None])[:, None, :, None]  # [B, 1, S, 1]
-    delta = F.linear(torch.where(own, d, 0.0).view(B, T, S * R), sB.view(-1, S * R)) + sb.index_select(0, i)[:, None, :]
+    d = F.linear(x.to(F32), A.reshape(N * R, inp))  # [B, T, N*R]
+    if N > 1:
+        own = (torch.arange(N, device=i.device)[None, :] == j[:, None])[:, None, :, None]  # [B, 1, N, 1]
+        d = torch.where(own, d.view(B, T, N, R), 0.0).view(B, T, N * R)
+    delta = F.linear(d, sB.reshape(-1, N * R)) + sb.index_select(0, i)[:, None, :]
     return add_delta(y, delta, None if g is None else g.index_select(0, i)[:, None, :], base_bias)
 
 
 def fused_delta(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, sB: torch.Tensor, sb: torch.Tensor,
                 g: torch.Tensor | None, base_bias: torch.Tensor | None, i: torch.Tensor) -> torch.Tensor:
-    """`gathered_delta` written as gathers, products and sums, for the compiler: it turns each product
-    into one kernel that reads every row's own block in place (rows of one adapter share it through
-    the cache), where a batched product would first copy B blocks out, and the all-slots one read
-    every slot's. Eagerly it builds [B, T, R, in]: compiled use only."""
+    """Each row's own block as gathers, products and sums, for the compiler: it turns each product into
+    one kernel that reads every row's block in place (rows of one adapter share it through the cache).
+    Eagerly it builds [B, T, R, in]: compiled use only (`LoRAMethod.fused_hooks`)."""
     d = (x.to(F32)[:, :, None, :] * A[i][:, None, :, :]).sum(-1)  # [B, T, R]
     Bi = sB.permute(1, 0, 2)[i]  # [B, out, R]
     delta = (d[:, :, None, :] * Bi[:, None, :, :]).sum(-1) + sb[i][:, None, :]  # [B, T, out]
@@ -193,24 +191,30 @@ def fused_delta(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, sB: torch.Ten
 
 class LoRAStaticPlan(MethodPlan):
     """Inside a captured graph: no timing spans (events cannot be captured). Zero-padded blocks and zero
-    bias add exactly 0, and DoRA's scale of 1 is exact, so rows of other slots are untouched."""
+    bias add exactly 0, and DoRA's scale of 1 is exact, so rows of other slots are untouched. The
+    products read the batch's distinct blocks or every slot's, whichever moves fewer bytes
+    (`Routing.distinct`)."""
 
-    def __init__(self, mods: dict[tuple[int, str], _StaticModule], slot_idx: torch.Tensor, magnitude: bool,
-                 fns: tuple[Callable[..., torch.Tensor], ...]) -> None:
-        self.mods, self.slot_idx, self.magnitude = mods, slot_idx, magnitude
-        self.fns = fns  # (fused) when compiled, else (gathered, all slots)
+    def __init__(self, mods: dict[tuple[int, str], _StaticModule], routing: Routing, magnitude: bool,
+                 routed: Callable[..., torch.Tensor], fused: Callable[..., torch.Tensor] | None) -> None:
+        self.mods, self.routing, self.magnitude = mods, routing, magnitude
+        self.routed, self.fused = routed, fused
 
     def linear_out(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         st = self.mods.get((layer, name))
         if st is None:
             return None
-        fn = self.fns[0] if len(self.fns) == 1 or 3 * x.shape[0] < st.A.shape[0] else self.fns[1]
-        return fn(x, y, st.A, st.sB, st.sb, st.g if self.magnitude else None, st.base_bias, self.slot_idx)
+        r, g = self.routing, st.g if self.magnitude else None
+        if self.fused is not None:
+            return self.fused(x, y, st.A, st.sB, st.sb, g, st.base_bias, r.slots)
+        u, j = (r.uniq, r.local) if r.distinct(st.A.shape[0]) else (None, r.slots)
+        return self.routed(x, y, st.A, st.sB, st.sb, g, st.base_bias, r.slots, u, j)
 
 
 class LoRAMethod(AdapterMethod):
     name = NAME
     magnitude = False  # DoRA's per-row scale
+    fused_hooks = False  # compiled graph hooks as `fused_delta` instead of `routed_delta` (a benchmark's A/B)
 
     def __init__(self, ctx: SlotContext, timer: StepTimer) -> None:
         super().__init__(ctx, timer)
@@ -220,8 +224,8 @@ class LoRAMethod(AdapterMethod):
         self._layout = 0
         self._merged: int | None = None
         self._backup: dict[str, torch.Tensor] = {}  # module -> base weight, while a slot is folded in
-        self._fns: tuple[Callable[..., torch.Tensor], ...] = (
-            (Compiled(fused_delta),) if ctx.compile else (gathered_delta, all_slots_delta))
+        self._routed = Compiled(routed_delta, ctx.compile)
+        self._fused = Compiled(fused_delta) if ctx.compile and self.fused_hooks else None
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
         w = weights.payload
@@ -284,11 +288,12 @@ class LoRAMethod(AdapterMethod):
         self._layout += 1
         return out
 
-    def static_plan(self, slot_idx: torch.Tensor) -> MethodPlan | None:
+    def static_plan(self, routing: Routing) -> MethodPlan | None:
         if self._static is None:
             self._static = self._build_static()
         split = self.ctx.base.split
-        return LoRAStaticPlan({split(m): st for m, st in self._static.items()}, slot_idx, self.magnitude, self._fns)
+        return LoRAStaticPlan({split(m): st for m, st in self._static.items()}, routing, self.magnitude, self._routed,
+                              self._fused)
 
     @property
     def layout_version(self) -> int:
