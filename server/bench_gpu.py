@@ -15,6 +15,7 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import tempfile
@@ -91,6 +92,12 @@ def copy_bandwidth() -> float:
         if i >= 3:
             best = min(best, time.perf_counter() - t0)
     return 2 * n / best
+
+
+def free_memory() -> None:
+    gc.collect()
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def step_bytes(model: Any) -> int:
@@ -263,18 +270,12 @@ def bench_model(name: str, batches: list[int], prompt: int, new: int, adapter_ba
     nbytes = step_bytes(model)
     floor_s = nbytes / bw
     res.update({"model": name, "weight_bytes_per_step": nbytes, "floor_step_ms": floor_s * 1e3, "rows": []})
-    max_len, max_batch = prompt + new + 8, max(batches)
+    max_len, max_batch = prompt + new + 8, max([*batches, adapter_batch])
     store = Path(tempfile.mkdtemp())
     names = synth_adapters(loaded, store)
     engines = {"on": engine_for(loaded, store, "on", max_batch, max_len),
                "nofuse": engine_for(loaded, store, "on", max_batch, max_len, fuse=False),
                "off": engine_for(loaded, store, "off", max_batch, max_len)}
-    if DEV.type == "cuda":  # the A/B of LoRA's compiled graph hooks: per-row gathers-and-sums against routed products
-        LoRAMethod.fused_hooks = True
-        try:
-            engines["lora_fused"] = engine_for(loaded, store, "on", adapter_batch, max_len)
-        finally:
-            LoRAMethod.fused_hooks = False
     graphs = engines["on"].graphs
     assert graphs is not None
     with torch.inference_mode():
@@ -333,33 +334,46 @@ def bench_model(name: str, batches: list[int], prompt: int, new: int, adapter_ba
         res["profile_b1"] = kernel_profile(engines["on"], 1, prompt + new)
         res["profile_b1_unfused"] = kernel_profile(engines["nofuse"], 1, prompt + new)
         res["profile_b16"] = kernel_profile(engines["on"], 16, prompt + new)
-    ad: dict[str, Any] = {}
-    modes = {"on": "graphs", "nofuse": "graphs, eager hooks", "off": "eager", "lora_fused": "graphs, LoRA fused hooks"}
-    res["adapters_batch"] = B
-    res["adapters_tok_s"] = ad
-    for mode, how in modes.items():
-        case_eng = engines.get(mode)
-        for label, rows in cases.items():
-            if case_eng is None or (mode == "lora_fused" and not label.startswith(("lora", "dora"))):
-                continue
-            decode_rate(case_eng, rows, prompt, 4, vocab)  # warm: resident, graphs captured
-            ad[f"{label} ({how})"] = decode_rate(case_eng, rows, prompt, new, vocab)
-            log.info("adapters %s (%s): %.1f tok/s", label, how, ad[f"{label} ({how})"])
-        save()
-    if DEV.type == "cuda":  # where an adapter's step time goes, per family (slots still resident from the cases)
-        prof: dict[str, Any] = {}
-        for m in ("ia3", "lora", "dora", "bottleneck"):
-            for mode in ("on", "nofuse", "lora_fused") if m in ("lora", "dora") else ("on", "nofuse"):
-                try:
-                    prof.setdefault(m, {})[mode] = p = kernel_profile(engines[mode], B, prompt + new, m, top=8)
-                    log.info("profile %s %s: %d kernels, %.3f ms", m, mode, p["kernels"], p["kernel_time_ms"])
-                except Exception as e:  # keep measuring the rest
-                    prof.setdefault(m, {})[mode] = f"{type(e).__name__}: {e}"[:300]
-        res["profile_adapters"] = prof
-        save()
+    res["graph_replays"], res["graph_eager_steps"] = graphs.replays, graphs.eager_steps
     base_params = nbytes // 2
     reg = engines["on"].registry
     res["adapter_params_share"] = {k: reg.info(v[0])["num_parameters"] / base_params for k, v in names.items()}
+    engines.clear()  # one engine at a time from here: each holds its own slot layouts and graphs
+    del graphs, nofuse
+    free_memory()
+    ad: dict[str, Any] = {}
+    modes = {"on": "graphs", "nofuse": "graphs, eager hooks", "off": "eager"}
+    if DEV.type == "cuda":  # the A/B of LoRA's compiled hooks: each row's block in gathers-and-sums, against routed products
+        modes["lora_fused"] = "graphs, LoRA fused hooks"
+    res["adapters_batch"] = B
+    res["adapters_tok_s"] = ad
+    prof: dict[str, Any] = {}
+    for mode, how in modes.items():
+        LoRAMethod.fused_hooks = mode == "lora_fused"
+        try:
+            eng = engine_for(loaded, store, "off" if mode == "off" else "on", B, max_len, fuse=mode != "nofuse")
+        finally:
+            LoRAMethod.fused_hooks = False
+        for label, rows in cases.items():
+            if mode == "lora_fused" and not label.startswith(("lora", "dora")):
+                continue
+            decode_rate(eng, rows, prompt, 4, vocab)  # warm: resident, graphs captured
+            ad[f"{label} ({how})"] = decode_rate(eng, rows, prompt, new, vocab)
+            log.info("adapters %s (%s): %.1f tok/s", label, how, ad[f"{label} ({how})"])
+        if mode == "on" and DEV.type == "cuda":
+            res["memory_serving_gib"] = torch.cuda.memory_allocated() / 2**30  # weights, one engine's KV cache, slots, graphs
+        for m in ("ia3", "lora", "dora", "bottleneck") if DEV.type == "cuda" and mode != "off" else ():
+            if mode == "lora_fused" and m not in ("lora", "dora"):
+                continue
+            try:  # where an adapter's step time goes, per family (slots still resident from the cases)
+                prof.setdefault(m, {})[mode] = p = kernel_profile(eng, B, prompt + new, m, top=8)
+                log.info("profile %s %s: %d kernels, %.3f ms", m, mode, p["kernels"], p["kernel_time_ms"])
+            except Exception as e:  # keep measuring the rest
+                prof.setdefault(m, {})[mode] = f"{type(e).__name__}: {e}"[:300]
+        res["profile_adapters"] = prof
+        del eng
+        free_memory()
+        save()
     if zipf is not None:
         n_ad, n_req = zipf
         hot = zipf_case(loaded, n_ad, n_req, n_ad, 64, prompt // 2, 32)
@@ -368,11 +382,9 @@ def bench_model(name: str, batches: list[int], prompt: int, new: int, adapter_ba
         log.info("%s zipf %s", name, res["zipf"])
         save()
     res["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if DEV.type == "cuda" else None
-    res["graph_replays"], res["graph_eager_steps"] = graphs.replays, graphs.eager_steps
     save()
-    del engines, model, loaded
-    if DEV.type == "cuda":
-        torch.cuda.empty_cache()
+    del model, loaded
+    free_memory()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -403,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         zipf = tuple(int(x) for x in args.zipf.split(",")) if args.zipf and name == args.zipf_model else None
         res: dict[str, Any] = {}
         out["models"].append(res)
-        bench_model(name, [int(b) for b in args.batches.split(",")], args.prompt, args.new, args.adapter_batch, bw,
+        bench_model(name, [int(b) for b in args.batches.split(",") if b], args.prompt, args.new, args.adapter_batch, bw,
                     zipf, res, save)  # type: ignore[arg-type]
     print(json.dumps(out, indent=1))  # noqa: T201
     return 0

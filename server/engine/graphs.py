@@ -157,7 +157,10 @@ class DecodeGraphs:
     def _drop_stale(self) -> None:
         """Forget graphs captured over a method storage layout that has since been replaced."""
         now = {n: m.layout_version for n, m in self.slots.methods.items()}
-        self.graphs = {k: v for k, v in self.graphs.items() if all(now[n] == ver for n, ver in k[2])}
+        kept = {k: v for k, v in self.graphs.items() if all(now[n] == ver for n, ver in k[2])}
+        if self.graphs and not kept:  # the pool's last graph goes while its outputs may live on: start a new pool
+            self.pool = torch.cuda.graph_pool_handle()
+        self.graphs = kept
 
     def warmup(self, kv_lens: list[int] | None = None) -> float:
         """Capture the bare model's graphs for every batch bucket (and the given KV buckets, by default

@@ -138,11 +138,11 @@ def test_compiled_kernels_compile_and_match_the_eager_functions(cuda, dtype):
     compiles without falling back, and equals its eager reference up to the rounding of a different
     reduction order (the engine tests then check whole steps against the CPU)."""
     from server.compiled import Compiled
-    from tests.adapters.test_static_products import assert_rows_close, cases
+    from tests.adapters.test_static_products import assert_rows_close, call, cases
 
     for name, (fn, ref, args) in cases(cuda, dtype).items():
         c = Compiled(fn)
-        got, want = c(*args), ref(*args)
+        got, want = call(c, ref, args)
         assert c.error is None, (name, c.error)
         for u, v in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,), strict=True):
             print(f"compiled {dtype} {name}: max diff {(u.float() - v.float()).abs().max().item():.2e}")

@@ -348,6 +348,10 @@ class BottleneckMethod(AdapterMethod):
             blocks.pop(slot, None)
         if had:
             self._static_put(slot)
+            if self._static is not None and any(
+                    2 * max((b.down_w.shape[0] for b in self.sites.get(k, {}).values()), default=0) <= st.R
+                    for k, st in self._static.items()):
+                self._static = None  # the widest block left: every slot was padded to at least twice what remains
 
     # -- graph replay ---------------------------------------------------------------------------
     def _static_put(self, slot: int) -> None:

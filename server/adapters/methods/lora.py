@@ -257,6 +257,10 @@ class LoRAMethod(AdapterMethod):
             slots.pop(slot, None)
         self.written.discard(slot)
         self._static_put(slot)
+        if self._static is not None and any(
+                2 * max((w.A.shape[0] for w in self.mods.get(m, {}).values()), default=0) <= st.R
+                for m, st in self._static.items()):
+            self._static = None  # the highest rank left: every slot was padded to at least twice what remains
 
     # -- graph replay ---------------------------------------------------------------------------
     def _static_put(self, slot: int) -> None:
