@@ -93,6 +93,8 @@ def gpu_section(g: dict, source: str) -> list[str]:
           f"public configs, bfloat16. Device-to-device copy: {g['copy_bandwidth_gb_s']:.0f} GB/s (read + write). "
           f"Raw numbers: `{source}`. Command: `python -m server.bench_gpu` (prompt 128, 64 new tokens; "
           "decode steps only; best of two interleaved runs).", ""]
+    if g.get("note"):
+        md += [g["note"], ""]
     for m in g["models"]:
         md += [f"### {m['model']}: {m['weight_bytes_per_step'] / 1e9:.2f} GB of weights per step, floor "
                f"{m['floor_step_ms']:.2f} ms", "",
@@ -109,12 +111,14 @@ def gpu_section(g: dict, source: str) -> list[str]:
         bare = ad["bare (graphs)"]
         share = m.get("adapter_params_share", {})
         hooks = "bare (graphs, eager hooks)" in ad  # the same graphs with every hook run op by op
+        routed = any(k.endswith("(graphs, LoRA routed hooks)") for k in ad)  # LoRA's compiled hooks, the other way
         md += ["", f"Adapters at batch {m['adapters_batch']} (tok/s; step-time overhead against the bare model; "
                "parameter share: one adapter's parameters over the base's, which is its share of the FLOPs"
                + ("; graphs with eager hooks: the same graphs, nothing compiled, overhead against that engine's own bare rows"
                   if hooks else "") + "):", "",
-               "| rows | graphs | overhead | parameter share |" + (" graphs, eager hooks | overhead |" if hooks else "")
-               + " eager |", "|---|---|---|---|" + ("---|---|" if hooks else "") + "---|"]
+               "| rows | graphs | overhead | parameter share |" + (" LoRA routed hooks | overhead |" if routed else "")
+               + (" graphs, eager hooks | overhead |" if hooks else "")
+               + " eager |", "|---|---|---|---|" + ("---|---|" if routed else "") + ("---|---|" if hooks else "") + "---|"]
         bare_h = ad.get("bare (graphs, eager hooks)")
         for k, v in ad.items():
             if k.endswith("(graphs)"):
@@ -123,6 +127,9 @@ def gpu_section(g: dict, source: str) -> list[str]:
                 s = share.get(fam) if " x1" in label or "x8" in label else None
                 h = ad.get(label + " (graphs, eager hooks)")
                 mid = f" {h:.0f} | {pct(bare_h / h - 1)} |" if hooks and h and bare_h else (" | |" if hooks else "")
+                if routed:
+                    rt = ad.get(label + " (graphs, LoRA routed hooks)")
+                    mid = (f" {rt:.0f} | {pct(bare / rt - 1)} |" if rt else " | |") + mid
                 md.append(f"| {label} | {v:.0f} | {pct(bare / v - 1)} | {'' if s is None else pct(s)} |{mid}"
                           f" {ad.get(label + ' (eager)', float('nan')):.0f} |")
         pa = m.get("profile_adapters")
@@ -130,11 +137,12 @@ def gpu_section(g: dict, source: str) -> list[str]:
             md += ["", f"One decode step at batch {m['adapters_batch']}, every row on one adapter of the family, under the "
                    "profiler (kernels launched, their summed GPU time; bare model: "
                    f"{m['profile_b16']['kernels']} kernels, {m['profile_b16']['kernel_time_ms']:.2f} ms):", "",
-                   "| family | compiled hooks | eager hooks |", "|---|---|---|"]
+                   "| family | compiled hooks | eager hooks |" + (" LoRA routed hooks |" if routed else ""),
+                   "|---|---|---|" + ("---|" if routed else "")]
             for fam, modes in pa.items():
-                cells = [f"{p['kernels']} kernels, {p['kernel_time_ms']:.2f} ms" if isinstance(p, dict) else str(p)
-                         for p in (modes.get("on"), modes.get("nofuse"))]
-                md.append(f"| {fam} | {cells[0]} | {cells[1]} |")
+                cells = [f"{p['kernels']} kernels, {p['kernel_time_ms']:.2f} ms" if isinstance(p, dict) else str(p or "")
+                         for p in (modes.get("on"), modes.get("nofuse"), modes.get("lora_routed"))]
+                md.append(f"| {fam} | {cells[0]} | {cells[1]} |" + (f" {cells[2]} |" if routed else ""))
         z = m.get("zipf")
         if z:
             hot, cold = z["all_hot"], z["slots_16"]
@@ -143,9 +151,12 @@ def gpu_section(g: dict, source: str) -> list[str]:
                    f"{hot['slots']} resident ({pct(z['ratio'])}); {cold['slot_loads']:.0f} slot loads "
                    f"({cold['distinct_used']} distinct adapters used), {cold['distinct_per_pass']:.1f} distinct adapters per pass."]
         prof = m.get("profile_b1")
+        serving = m.get("memory_serving_gib")
         md += ["", f"Graph capture at start-up: {m['graphs_captured']} graphs in {m['capture_s']:.1f} s "
-               f"({m['capture_and_compile_s']:.1f} s with the fused kernels, compile included); peak GPU memory "
-               f"{m['peak_memory_gib']:.1f} GiB (weights, three engines' KV caches, the graphs)."]
+               f"({m['capture_and_compile_s']:.1f} s with the fused kernels, compile included); "
+               + (f"GPU memory of one serving engine after the adapter cases {serving:.1f} GiB (weights, KV cache, "
+                  f"slot layouts, graphs); peak over the run {m['peak_memory_gib']:.1f} GiB." if serving else
+                  f"peak GPU memory {m['peak_memory_gib']:.1f} GiB (weights, three engines' KV caches, the graphs).")]
         if prof:
             unf = m["profile_b1_unfused"]
             md += [f"Kernels in one batch-1 step: {prof['kernels']} taking {prof['kernel_time_ms']:.2f} ms "

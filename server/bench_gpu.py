@@ -343,19 +343,19 @@ def bench_model(name: str, batches: list[int], prompt: int, new: int, adapter_ba
     free_memory()
     ad: dict[str, Any] = {}
     modes = {"on": "graphs", "nofuse": "graphs, eager hooks", "off": "eager"}
-    if DEV.type == "cuda":  # the A/B of LoRA's compiled hooks: each row's block in gathers-and-sums, against routed products
-        modes["lora_fused"] = "graphs, LoRA fused hooks"
+    if DEV.type == "cuda":  # the A/B of LoRA's compiled hooks: routed products, against each row's block in gathers-and-sums
+        modes["lora_routed"] = "graphs, LoRA routed hooks"
     res["adapters_batch"] = B
     res["adapters_tok_s"] = ad
     prof: dict[str, Any] = {}
     for mode, how in modes.items():
-        LoRAMethod.fused_hooks = mode == "lora_fused"
+        LoRAMethod.fused_hooks = mode != "lora_routed"
         try:
             eng = engine_for(loaded, store, "off" if mode == "off" else "on", B, max_len, fuse=mode != "nofuse")
         finally:
-            LoRAMethod.fused_hooks = False
+            LoRAMethod.fused_hooks = True
         for label, rows in cases.items():
-            if mode == "lora_fused" and not label.startswith(("lora", "dora")):
+            if mode == "lora_routed" and not label.startswith(("lora", "dora")):
                 continue
             decode_rate(eng, rows, prompt, 4, vocab)  # warm: resident, graphs captured
             ad[f"{label} ({how})"] = decode_rate(eng, rows, prompt, new, vocab)
@@ -363,7 +363,7 @@ def bench_model(name: str, batches: list[int], prompt: int, new: int, adapter_ba
         if mode == "on" and DEV.type == "cuda":
             res["memory_serving_gib"] = torch.cuda.memory_allocated() / 2**30  # weights, one engine's KV cache, slots, graphs
         for m in ("ia3", "lora", "dora", "bottleneck") if DEV.type == "cuda" and mode != "off" else ():
-            if mode == "lora_fused" and m not in ("lora", "dora"):
+            if mode == "lora_routed" and m not in ("lora", "dora"):
                 continue
             try:  # where an adapter's step time goes, per family (slots still resident from the cases)
                 prof.setdefault(m, {})[mode] = p = kernel_profile(eng, B, prompt + new, m, top=8)

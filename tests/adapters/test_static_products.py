@@ -5,8 +5,6 @@ them against the same references."""
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
 

@@ -189,3 +189,23 @@ def test_a_prefix_row_beside_a_near_full_prompt_fits_the_static_cache(tmp_path, 
     for c, want in zip(cols, alone, strict=True):
         assert isinstance(c.result, GenerationResult) and c.result.finish_reason == "length"
         assert c.result.token_ids == want.token_ids
+
+
+def test_slot_layouts_shrink_when_the_widest_adapter_leaves(tmp_path):
+    """Every slot of a static layout is padded to the widest block resident: once a rank-32 LoRA is
+    evicted for rank-4 ones, the layout (memory, and bytes read per step) follows them down."""
+    from server.adapters.synth import write_demo
+
+    e = make_engine(tmp_path / "e", slots=2, graphs="on")
+    cfg = e.runner.model.config
+    for kind, name in (("lora32", "wide"), ("lora4", "a"), ("lora4", "b")):
+        e.registry.add_folder(name, write_demo(kind, tmp_path / name, cfg))
+    lora = e.slots.methods["lora"]
+
+    def widths() -> set[int]:
+        return {st.R for st in (lora._static or {}).values()}
+
+    run_mixed(e, [("wide", PROMPTS[0]), ("a", PROMPTS[1])])
+    assert widths() == {32}
+    run_mixed(e, [("a", PROMPTS[2]), ("b", PROMPTS[3])])  # two slots: "wide" is evicted for "b"
+    assert widths() == {4}
