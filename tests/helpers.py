@@ -80,6 +80,30 @@ CORPUS = (
 )
 
 
+def our_logits(model, name: str | None, device, dtype) -> torch.Tensor:  # noqa: ANN001
+    """Logits [B, T, V] of the fixture inputs through our runner on the model's device (after the
+    adapter's KV prefix, for prompt and prefix tuning, as the engine places it)."""
+    runner, slots = runner_and_slots(model, 4, 4)
+    assert runner.device.type == torch.device(device).type and runner.dtype == dtype
+    if name is not None:
+        slots.write(1, parse_folder(fixture_dir(name), model))
+    ids = input_ids()
+    return full_logits(runner, slots, ids, [1 if name else 0] * ids.shape[0]).cpu()
+
+
+def peft_logits(model, name: str) -> torch.Tensor:  # noqa: ANN001
+    """PEFT's own forward on `model` (which it wraps in place); prompt learning one row at a time (PEFT
+    is not pad-aware there), at the real tokens only, as the references were made (make_fixtures.py)."""
+    from peft import PeftModel
+
+    pm = PeftModel.from_pretrained(model, str(fixture_dir(name))).eval()
+    ids = input_ids().to(next(model.parameters()).device)
+    with torch.inference_mode():
+        if not pm.peft_config["default"].is_prompt_learning:
+            return pm(ids).logits.float().cpu()
+        return torch.cat([pm(ids[b : b + 1]).logits[:, -ids.shape[1] :] for b in range(ids.shape[0])]).float().cpu()
+
+
 def tiny_tokenizer(vocab_size: int = 256):
     """A Metaspace BPE tokenizer trained in code to exactly `vocab_size` ids; <s>=1, </s>=2."""
     import string
@@ -188,7 +212,9 @@ class LiveServer:
         from server.main import create_app
 
         self.port = free_port()
-        kw = dict(model=str(TINY), store=store, host="127.0.0.1", port=self.port, device="cpu",
+        # float32: the tests compare tokens across batch compositions and servers, and with the engine's
+        # float32 references; bfloat16 (--dtype auto on a CPU that computes it) rounds differently per shape
+        kw = dict(model=str(TINY), store=store, host="127.0.0.1", port=self.port, device="cpu", dtype="float32",
                   max_new_tokens_limit=64, max_batch_size=32, device_slots=8)
         kw.update(overrides)
         self.settings = Settings(**kw)

@@ -35,7 +35,9 @@ def rss_mb() -> float:
 
 
 def test_soak_mixed_traffic_with_adapter_churn(tmp_path):
-    s = LiveServer(tmp_path / "store", device_slots=4, host_capacity=4, max_new_tokens_limit=32, max_queue=512)
+    # dtype auto: the default, bfloat16 on a CPU that computes it, whose oneDNN caches once grew without bound
+    s = LiveServer(tmp_path / "store", device_slots=4, host_capacity=4, max_new_tokens_limit=32, max_queue=512,
+                   dtype="auto")
     stop = threading.Event()
     lock = threading.Lock()
     stats = {"requests": 0, "ok": 0, "expected_404": 0, "failures": [], "uploads": 0, "deletes": 0}

@@ -84,7 +84,7 @@ class Engine:
         self.max_rows = min(cfg.max_batch_size, cfg.kv_cache_tokens // self.max_len) if static else cfg.max_batch_size
         self.runner = ModelRunner(loaded.model, self.max_rows, self.max_len, static_cache=static,
                                   compile_kernels=static and cuda and cfg.compile_kernels,
-                                  pack=static and cfg.compile_kernels)
+                                  pack=cfg.compile_kernels)
         self.slots = AdapterSlots(loaded.model, cfg.device_slots, loaded.device, loaded.dtype, self.timer,
                                   compile_kernels=static and cuda and cfg.compile_kernels, encode=self.runner.prefix_kv)
         self.adapters = AdapterManager(self.slots, on_change=self._resident_changed,

@@ -7,8 +7,10 @@ by the batch plan: every Linear of a layer, and the residual add of each sub-blo
 
 from __future__ import annotations
 
+import functools
 import importlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,27 @@ import torch.nn.functional as F
 from ..adapters.slots import BatchPlan
 from .fused import FusedOps, pack_layers
 from .kv_cache import KVCache
+
+Fn = TypeVar("Fn", bound=Callable[..., Any])
+
+
+def cpu_kernels(fn: Fn) -> Fn:
+    """On the CPU in bfloat16, a pass of one token (a batch-1 decode step: every product a matrix-vector
+    one) runs ATen's own products, which beat oneDNN's there (SmolLM2's LM head 2.4 against 4.2 ms on
+    this project's CPU); every other pass runs oneDNN's, several times faster from two rows up."""
+
+    @functools.wraps(fn)
+    def wrapped(self: ModelRunner, input_ids: torch.Tensor, *args: Any, **kw: Any) -> Any:
+        if self.device.type != "cpu" or self.dtype != torch.bfloat16:
+            return fn(self, input_ids, *args, **kw)
+        was = torch._C._get_mkldnn_enabled()
+        torch._C._set_mkldnn_enabled(input_ids.numel() > 1)
+        try:
+            return fn(self, input_ids, *args, **kw)
+        finally:
+            torch._C._set_mkldnn_enabled(was)
+
+    return wrapped  # type: ignore[return-value]
 
 
 class ModelRunner:
@@ -36,7 +59,19 @@ class ModelRunner:
                              static=static_cache)
         fused = FusedOps(model) if compile_kernels else None
         self.fused = fused if fused is not None and fused.enabled else None  # decode_static only
-        self.packed = pack_layers(self.layers) if pack else None  # decode_static only
+        self.packed = pack_layers(self.layers) if pack else None
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+              gqa: bool, decode: bool) -> torch.Tensor:
+        """Attention over the cache. A decode step on the CPU in bfloat16 computes it in float32: torch's
+        bfloat16 CPU kernel is 2.4x (40 keys) to 5x (300 keys) slower there at batch 16 (SmolLM2's
+        shapes), more than the casts cost, and float32 only adds precision. Prefill keeps the model's
+        dtype, as the libraries compute it."""
+        if decode and self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale,
+                                               enable_gqa=gqa)
+            return o.to(self.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
     @staticmethod
     def _windows(cfg) -> list[int | None]:  # noqa: ANN001
@@ -62,6 +97,7 @@ class ModelRunner:
         """`forward_full` without the extra rows' logits."""
         return self.forward_full(input_ids, start, lengths, row0, plan, all_logits, kv_len, start0, rope_shift)[0]
 
+    @cpu_kernels
     @torch.inference_mode()
     def forward_full(self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, row0: int,
                      plan: BatchPlan, all_logits: bool = False, kv_len: int | None = None,
@@ -103,13 +139,11 @@ class ModelRunner:
             w = self.windows[li]
             if w not in masks:
                 masks[w] = self._mask(start, lengths, T, kv_len, w)
-            return F.scaled_dot_product_attention(
-                q, kc[rows, :, :kv_len], vc[rows, :, :kv_len], attn_mask=masks[w],
-                scale=attn.scaling, enable_gqa=self.n_heads != self.n_kv,
-            )  # [B, heads, T, hd]
+            return self._sdpa(q, kc[rows, :, :kv_len], vc[rows, :, :kv_len], masks[w], attn.scaling,
+                              self.n_heads != self.n_kv, decode=T == 1)  # [B, heads, T, hd]
 
         rope_pos = pos if rope_shift is None else pos + rope_shift[:, None]
-        h = self._layers(self.inner.embed_tokens(input_ids), rope_pos, plan, attend)
+        h = self._layers(self.inner.embed_tokens(input_ids), rope_pos, plan, attend, packed=self.packed)
         full = None if not full_rows else self.model.lm_head(self.inner.norm(h[full_rows])).float()
         if not all_logits:
             h = h[torch.arange(B, device=self.device), lengths - 1]  # [B, H]
@@ -133,6 +167,7 @@ class ModelRunner:
         self._layers(embeds[None].to(self.dtype), pos, BatchPlan((), []), attend)
         return torch.stack(ks), torch.stack(vs)
 
+    @cpu_kernels
     @torch.inference_mode()
     def decode_static(self, input_ids: torch.Tensor, pos: torch.Tensor, plan: BatchPlan, kv_len: int,
                       rope_pos: torch.Tensor | None = None) -> torch.Tensor:
@@ -159,10 +194,8 @@ class ModelRunner:
             kc, vc = self.cache.k[li], self.cache.v[li]
             kc.view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim))
             vc.view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim))
-            o = F.scaled_dot_product_attention(
-                q.reshape(B, self.n_kv, G, self.head_dim), kc[:B, :, :kv_len], vc[:B, :, :kv_len],
-                attn_mask=masks[self.windows[li]], scale=attn.scaling,
-            )  # [B, kvh, G, hd]
+            o = self._sdpa(q.reshape(B, self.n_kv, G, self.head_dim), kc[:B, :, :kv_len], vc[:B, :, :kv_len],
+                           masks[self.windows[li]], attn.scaling, False, decode=True)  # [B, kvh, G, hd]
             return o.reshape(B, self.n_heads, 1, self.head_dim)
 
         x = self._layers(self.inner.embed_tokens(input_ids), (pos if rope_pos is None else rope_pos)[:, None], plan,

@@ -30,7 +30,7 @@ def main() -> None:
     out: dict = {}
     plain = LiveServer(tmp / "plain")
     settings = Settings(model=str(TINY), store=tmp / "store", host="127.0.0.1", port=18321, device="cpu",
-                        max_new_tokens_limit=256, max_batch_size=4, device_slots=4)
+                        dtype="float32", max_new_tokens_limit=256, max_batch_size=4, device_slots=4)  # as LiveServer
     t0 = time.time()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 18321})

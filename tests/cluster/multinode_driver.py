@@ -55,7 +55,7 @@ def main() -> None:
     port = free_port()
     exe = Path(sys.executable).with_name("adapter-server")
     cmd = [str(exe), "cluster", "--address", cluster.address, "--model", str(TINY), "--store", str(tmp / "store"),
-           "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--max-batch-size", "2",
+           "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port), "--max-batch-size", "2",
            "--max-new-tokens-limit", "256", "--min-replicas", "1", "--max-replicas", "2", "--cpus-per-replica", "0.8",
            "--upscale-delay-s", "1", "--downscale-delay-s", "3", "--proxy-location", "HeadOnly"]
     log = open(tmp / "cluster.log", "w")  # noqa: SIM115
