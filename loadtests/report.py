@@ -165,6 +165,37 @@ def gpu_section(g: dict, source: str) -> list[str]:
     return md
 
 
+def precision_section(p: dict, source: str) -> list[str]:
+    """Tables of one `server.bench_precision` run (CPU: float32, bfloat16, int8, int4, llama.cpp)."""
+    runs = p["runs"]
+    bs = list(next(r for r in runs.values() if "decode_tok_s (bare)" in r)["decode_tok_s (bare)"])
+    md = ["## Precision and quantization on the CPU (`python -m server.bench_precision`)", "",
+          f"{p['model']}; {p['date']}; `{p['command']}`; raw numbers: `{source}`. Decode tokens/s of one static "
+          "batch (best of three, 48 new tokens), bare and with rows cycling over 8 adapters of four families; "
+          "memory: the weights' bytes and the process's resident memory after loading; drift: the base model's "
+          "next-token distribution on the benchmark prompts against float32's (teacher forced).", "",
+          "| base | bare, batch " + " / ".join(bs) + " | 8 mixed adapters, batch " + " / ".join(bs)
+          + " | weights MB | resident MB | greedy = float32 | mean / max abs logprob diff |",
+          "|---|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        if "decode_tok_s (bare)" not in r:
+            continue
+        bare = " / ".join(f"{v:.1f}" for v in r["decode_tok_s (bare)"].values())
+        mixed = r.get("decode_tok_s (8 mixed adapters)")
+        mixed_s = " / ".join(f"{v:.1f}" for v in mixed.values()) if mixed else "(no adapters)"
+        d = r.get("drift_from_float32")
+        drift = (f"{pct(d['greedy_agreement'])} of {d['positions']} | {d['mean_abs_logprob_diff']:.4f} / "
+                 f"{d['max_abs_logprob_diff']:.3f}") if d else " | "
+        label = f"llama.cpp {r['version']} (GGUF Q4_1)" if name == "llama.cpp" else name
+        md.append(f"| {label} | {bare} | {mixed_s} | {r['weights_mb']:.0f} | {r['rss_after_load_mb']:.0f} | {drift} |")
+    mem = {k.split()[1]: v["rss_mb"] for k, v in runs.items() if k.startswith("memory ") and "rss_mb" in v}
+    if mem:
+        md += ["", "Resident MB over 1,500 batches of random sizes and prompt lengths (a tiny random Llama, the "
+               "engine driven inline; after 250 batches, then every 250):", ""]
+        md += [f"- {k}: " + ", ".join(f"{m:.0f}" for _, m in v) for k, v in mem.items()]
+    return md + [""]
+
+
 def targets(b: dict | None, c: dict | None) -> list[str]:
     rows = ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
 
@@ -224,6 +255,8 @@ def main() -> None:
         md += bench_section(b)
     if c:
         md += load_section(c)
+    if (PLOTS / "precision.json").exists():
+        md += precision_section(json.loads((PLOTS / "precision.json").read_text()), "loadtests/results/precision.json")
     for f in sorted(PLOTS.glob("gpu-*.json"), key=lambda f: f.stem):  # gpu-h200 before gpu-h200-adapters
         md += gpu_section(json.loads(f.read_text()), str(f.relative_to(ROOT)))
     if (ROOT / "loadtests" / "GPU_NOTES.md").exists():

@@ -1,8 +1,16 @@
-"""Groundwork for bfloat16 on the CPU (`python -m server.bench_precision`): decode speed of the embedded
-model at batch 1, 4 and 16 in float32 and in bfloat16, the latter with torch's oneDNN (mkldnn) kernels
-on and off; and resident memory over 1,500 batches of random shapes on the tiny test model, same
-three ways. Each configuration runs in a child process (the oneDNN switch and memory are per process).
-Writes JSON.
+"""Precision and quantization on the CPU (`python -m server.bench_precision`): the embedded SmolLM2 in
+float32, bfloat16, int8 and int4 (weight-only, bfloat16 activations), each in its own process:
+
+- decode tokens/s of one static batch at batch 1, 4 and 16 (best of three), bare and with 8 mixed
+  adapters of four families ((IA)3, LoRA, DoRA, bottlenecks: rows cycle over them);
+- resident memory after loading, and the bytes of the model's weights;
+- drift from float32: the base model's next-token distribution on the benchmark prompts, teacher
+  forced (greedy agreement with float32, and |logprob difference| of float32's chosen token);
+- llama.cpp (llama-cpp-python, optional: `pip install -r loadtests/requirements.txt`) on the same
+  model's GGUF (Q4_1) with the same threads, batches decoded together through its batch API.
+
+Then resident memory over 1,500 batches of random shapes on a tiny random Llama, in float32 and in
+bfloat16 (oneDNN's per-shape caches, bounded in server/__init__.py). Writes JSON.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONFIGS = {"float32": ("float32", True), "bfloat16": ("bfloat16", True), "bfloat16, oneDNN off": ("bfloat16", False)}
+CONFIGS = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"), "int8": ("bfloat16", "int8"),
+           "int4": ("bfloat16", "int4")}
+MIXED = ["ia3", "lora", "dora", "seq_bn", "ia3", "lora", "par_bn", "seq_bn"]  # 8 adapters, 4 families
 
 
 def _rss_mb() -> float:
@@ -27,33 +37,126 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def speed(dtype: str, batches: list[int], new: int) -> dict[int, float]:
-    """Decode tokens/s of one static batch per size (best of three), the embedded model on the CPU."""
-    from .bench import PROMPTS, make_engine
+def _prompts(tok: Any) -> list[list[int]]:
+    from .bench import PROMPTS
+
+    return [tok(p).input_ids for p in PROMPTS]
+
+
+def speed(name: str, batches: list[int], new: int) -> dict[str, Any]:
+    """Decode tokens/s per batch size, bare and on 8 mixed adapters; memory; the drift logits."""
+    import torch
+
+    from .adapters.synth import write_demo
+    from .bench import make_engine
     from .config import ModelConfig
     from .engine.model_loader import load_base_model
     from .engine.types import GenerationRequest, GenerationResult, SamplingParams
 
-    loaded = load_base_model(ModelConfig("smollm2", "cpu", dtype))  # type: ignore[arg-type]
-    eng = make_engine(loaded, Path(tempfile.mkdtemp()) / "store")
+    dtype, quant = CONFIGS[name]
+    rss0 = _rss_mb()
+    loaded = load_base_model(ModelConfig("smollm2", "cpu", dtype, Path(".cache/models"), quant))  # type: ignore[arg-type]
+    model = loaded.model
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    out: dict[str, Any] = {"weights_mb": weights / 2**20, "rss_after_load_mb": _rss_mb(), "rss_before_load_mb": rss0}
+    eng = make_engine(loaded, Path(tempfile.mkdtemp()) / "store", merge="never")
+    src = Path(tempfile.mkdtemp())
+    for i, kind in enumerate(MIXED):
+        eng.registry.add_folder(f"m{i}", write_demo(kind, src / f"m{i}", model.config, seed=i))
+    prompts = _prompts(eng.tokenizer)
 
-    def run(B: int, n: int) -> float:
+    def run(adapters: list[str | None], n: int) -> float:
         done: list[object] = []
-        for i in range(B):
-            ids = tuple(eng.tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids)
-            eng.submit(GenerationRequest(f"b{i}", ids, None, SamplingParams(max_new_tokens=n, ignore_eos=True)),
+        for i, a in enumerate(adapters):
+            eng.submit(GenerationRequest(f"b{i}", tuple(prompts[i % len(prompts)]), a,
+                                         SamplingParams(max_new_tokens=n, ignore_eos=True)),
                        lambda ev: done.append(ev) if isinstance(ev, (GenerationResult, Exception)) else None)
         eng.step()  # admit and prefill
         t0, steps = time.perf_counter(), 0
-        while len(done) < B:
+        while len(done) < len(adapters):
             eng.step()
             steps += 1
-        return B * (steps - 1) / (time.perf_counter() - t0)
+        bad = [d for d in done if not isinstance(d, GenerationResult)]
+        if bad:
+            raise RuntimeError(f"{name}: {bad[0]}")
+        return len(adapters) * (steps - 1) / (time.perf_counter() - t0)
 
-    out = {}
+    for label, pick in (("bare", lambda i: None), ("8 mixed adapters", lambda i: f"m{i % 8}")):
+        rates = {}
+        for B in batches:
+            rows = [pick(i) for i in range(B)]
+            run(rows, 4)
+            rates[B] = max(run(rows, new) for _ in range(3))
+        out[f"decode_tok_s ({label})"] = rates
+    out["rss_after_runs_mb"] = _rss_mb()
+    with torch.inference_mode():  # the base model's own distribution over each prompt, for the drift
+        out["logprobs"] = [torch.log_softmax(model(torch.tensor([p])).logits[0].float(), -1).tolist() for p in prompts]
+    out["threads"] = torch.get_num_threads()
+    return out
+
+
+def llama_cpp_speed(batches: list[int], new: int, threads: int) -> dict[str, Any]:
+    """llama.cpp on the embedded GGUF: each batch's sequences prefilled, then decoded together, greedy,
+    one llama_decode per step (its batch API), best of three."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    from .engine.model_loader import embedded_gguf
+
+    rss0 = _rss_mb()
+    nmax = max(batches)
+    llama_cpp.llama_backend_init()
+    model = llama_cpp.llama_model_load_from_file(str(embedded_gguf()).encode(), llama_cpp.llama_model_default_params())
+    cp = llama_cpp.llama_context_default_params()  # the high-level Llama() sets no n_seq_max: one sequence only
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max, cp.kv_unified = nmax * 256, 2048, 512, nmax, True
+    cp.n_threads = cp.n_threads_batch = threads
+    ctx = llama_cpp.llama_init_from_model(model, cp)
+    vocab = llama_cpp.llama_n_vocab(llama_cpp.llama_model_get_vocab(model))
+    from transformers import AutoTokenizer
+
+    from .engine.model_loader import embedded_folder
+
+    prompts = _prompts(AutoTokenizer.from_pretrained(embedded_folder(Path(".cache/models"))))
+    batch = llama_cpp.llama_batch_init(4096, 0, nmax)
+
+    def put(items: list[tuple[int, int, int, bool]]) -> None:
+        batch.n_tokens = len(items)
+        for k, (tok, pos, seq, want) in enumerate(items):
+            batch.token[k], batch.pos[k], batch.n_seq_id[k] = tok, pos, 1
+            batch.seq_id[k][0], batch.logits[k] = seq, want
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def argmax(k: int) -> int:
+        ptr = llama_cpp.llama_get_logits_ith(ctx, k)
+        return int(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(vocab,)).argmax())
+
+    def run(B: int, n: int) -> float:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        seqs = [prompts[i % len(prompts)] for i in range(B)]
+        nxt, pos = [], []
+        for s, p in enumerate(seqs):  # prefill, one sequence per call
+            put([(t, j, s, j == len(p) - 1) for j, t in enumerate(p)])
+            nxt.append(argmax(len(p) - 1))
+            pos.append(len(p))
+        t0 = time.perf_counter()
+        for _ in range(n - 1):
+            put([(nxt[s], pos[s], s, True) for s in range(B)])
+            nxt = [argmax(s) for s in range(B)]
+            pos = [p + 1 for p in pos]
+        return B * (n - 1) / (time.perf_counter() - t0)
+
+    rates = {}
     for B in batches:
-        run(B, 8)
-        out[B] = max(run(B, new) for _ in range(3))
+        run(B, 4)
+        rates[B] = max(run(B, new) for _ in range(3))
+    out = {"decode_tok_s (bare)": rates, "rss_after_load_mb": _rss_mb(), "rss_before_load_mb": rss0,
+           "weights_mb": embedded_gguf().stat().st_size / 2**20, "threads": threads, "version": llama_cpp.__version__}
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)
     return out
 
 
@@ -94,13 +197,28 @@ def memory(dtype: str, batches: int) -> list[tuple[int, float]]:
     return out
 
 
-def child(name: str, batches: list[int], new: int, mem_batches: int) -> dict[str, Any]:
+def child(name: str, batches: list[int], new: int, mem_batches: int, threads: int) -> dict[str, Any]:
+    if name == "llama.cpp":
+        return llama_cpp_speed(batches, new, threads)
+    if name.startswith("memory "):
+        return {"rss_mb": memory(name.split()[1], mem_batches)}
+    return speed(name, batches, new)
+
+
+def drift(ref: list[list[list[float]]], got: list[list[list[float]]]) -> dict[str, float]:
+    """Greedy agreement with float32 over every position of the prompts, and |logprob| differences of
+    float32's chosen token (mean, max)."""
     import torch
 
-    dtype, onednn = CONFIGS[name]
-    torch.backends.mkldnn.enabled = onednn  # type: ignore[assignment]
-    return {"decode_tok_s": speed(dtype, batches, new), "rss_mb": memory(dtype, mem_batches),
-            "threads": torch.get_num_threads()}
+    agree, diffs = [], []
+    for r, g in zip(ref, got, strict=True):
+        rt, gt = torch.tensor(r), torch.tensor(g)
+        top = rt.argmax(-1)
+        agree.append((gt.argmax(-1) == top).float())
+        diffs.append((gt.gather(-1, top[:, None]) - rt.gather(-1, top[:, None])).abs()[:, 0])
+    a, d = torch.cat(agree), torch.cat(diffs)
+    return {"greedy_agreement": a.mean().item(), "positions": a.numel(), "mean_abs_logprob_diff": d.mean().item(),
+            "max_abs_logprob_diff": d.max().item()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,24 +226,42 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--new", type=int, default=48)
     ap.add_argument("--memory-batches", type=int, default=1500)
+    ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads (default: torch's)")
+    ap.add_argument("--only", default="", help="comma-separated configurations (default: all)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=Path("bench_results/precision.json"))
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     if args.child:
-        sys.stdout.write("RESULT " + json.dumps(child(args.child, batches, args.new, args.memory_batches)) + "\n")
+        import torch
+
+        threads = args.threads or torch.get_num_threads()
+        res = child(args.child, batches, args.new, args.memory_batches, threads)
+        sys.stdout.write("RESULT " + json.dumps(res) + "\n")
         return
-    report: dict[str, Any] = {"model": "SmolLM2-135M-Instruct (speed), a tiny random Llama (memory)",
-                              "command": "python -m server.bench_precision " + " ".join(argv or sys.argv[1:]), "runs": {}}
-    for name in CONFIGS:
+    names = [*CONFIGS, "llama.cpp", "memory float32", "memory bfloat16"]
+    if args.only:
+        names = [n for n in names if n in args.only.split(",")]
+    report: dict[str, Any] = {"model": "SmolLM2-135M-Instruct (speed, drift), a tiny random Llama (memory soak)",
+                              "command": "python -m server.bench_precision " + " ".join(argv or sys.argv[1:]),
+                              "date": time.strftime("%Y-%m-%d"), "runs": {}}
+    for name in names:
         p = subprocess.run([sys.executable, "-m", "server.bench_precision", "--child", name, "--batches", args.batches,
-                            "--new", str(args.new), "--memory-batches", str(args.memory_batches)],
-                           capture_output=True, text=True, check=True)
-        res = json.loads(next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+                            "--new", str(args.new), "--memory-batches", str(args.memory_batches),
+                            "--threads", str(args.threads)], capture_output=True, text=True)
+        lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+        if p.returncode != 0 or not lines:
+            report["runs"][name] = {"error": (p.stderr or p.stdout)[-800:]}
+            sys.stdout.write(f"{name}: failed ({p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode})\n")
+            continue
+        res = json.loads(lines[-1][len("RESULT "):])
         report["runs"][name] = res
-        tok = ", ".join(f"b{b} {v:.1f}" for b, v in res["decode_tok_s"].items())
-        rss = ", ".join(f"{i}: {m:.0f}" for i, m in res["rss_mb"])
-        sys.stdout.write(f"{name:22s} decode tok/s {tok}; resident MB after n batches {rss}\n")
+        sys.stdout.write(f"{name:16s} " + "; ".join(f"{k} {v}" for k, v in res.items() if k != "logprobs") + "\n")
+    ref = report["runs"].get("float32", {}).get("logprobs")
+    for name, res in report["runs"].items():
+        if ref and "logprobs" in res:
+            res["drift_from_float32"] = drift(ref, res.pop("logprobs"))
+            sys.stdout.write(f"{name:16s} drift from float32: {res['drift_from_float32']}\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
 

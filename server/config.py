@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+Quantization = Literal["none", "int8", "int4"]
 MergePolicy = Literal["auto", "never"]
 Graphs = Literal["auto", "on", "off"]
 
@@ -21,6 +22,7 @@ class ModelConfig:
     device: Device = "auto"
     dtype: DType = "auto"
     cache_dir: Path = Path(".cache/models")
+    quantization: Quantization = "none"
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     device: Device = _M.device
     dtype: DType = _M.dtype
+    quantization: Quantization = _M.quantization
     cache_dir: Path = _M.cache_dir
     max_batch_size: int = Field(_E.max_batch_size, ge=1, le=1024)
     max_model_len: int = Field(_E.max_model_len, ge=16)
@@ -88,7 +91,7 @@ class Settings(BaseSettings):
         return v
 
     def model_cfg(self) -> ModelConfig:
-        return ModelConfig(self.model, self.device, self.dtype, self.cache_dir)
+        return ModelConfig(self.model, self.device, self.dtype, self.cache_dir, self.quantization)
 
     def engine_cfg(self) -> EngineConfig:
         return EngineConfig(**{f.name: getattr(self, f.name) for f in fields(EngineConfig)})

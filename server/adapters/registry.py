@@ -51,9 +51,13 @@ class AdapterRecord:
     def tier(self, resident: frozenset[Key]) -> str:
         return "device" if self.key in resident else "host" if self.weights is not None else "disk"
 
-    def info(self, resident: frozenset[Key]) -> dict:
+    def info(self, resident: frozenset[Key], quantization: str = "none") -> dict:
         keys = ("method", "format", "variant", "num_parameters", "size_bytes", "mergeable", "created_at")
-        return {"adapter_id": self.adapter_id, **{k: self.manifest.get(k) for k in keys}, "tier": self.tier(resident)}
+        out = {"adapter_id": self.adapter_id, **{k: self.manifest.get(k) for k in keys}, "tier": self.tier(resident)}
+        if quantization != "none" and out["mergeable"]:  # served on top, never folded into quantized weights
+            out["mergeable"] = False
+            out["merge_note"] = f"folding is off: the base model's weights are quantized ({quantization})"
+        return out
 
 
 @dataclass(frozen=True)
@@ -193,7 +197,7 @@ class Registry:
                 self.store.discard(staging)
         self._report_tiers()
         with self._lock:
-            return rec.info(self._resident)
+            return rec.info(self._resident, self.base.quantization)
 
     def add_folder(self, adapter_id: str, folder: Path, replace: bool = False, origin: str | None = None) -> dict:
         """Copy a saved adapter folder into the store (the CLI, tests and vLLM's load_lora_adapter)."""
@@ -249,7 +253,7 @@ class Registry:
             rec = self._current.get(adapter_id)
             if rec is None:
                 raise self._missing(adapter_id)
-            return rec.info(self._resident)
+            return rec.info(self._resident, self.base.quantization)
 
     def resident_ids(self) -> list[str]:
         """Adapters on the device now, as the engine last published (current versions only)."""
@@ -259,7 +263,7 @@ class Registry:
     def infos(self) -> list[dict]:
         self.sync()
         with self._lock:
-            return [r.info(self._resident) for _, r in sorted(self._current.items())]
+            return [r.info(self._resident, self.base.quantization) for _, r in sorted(self._current.items())]
 
     # -- requests -----------------------------------------------------------------------------
     def acquire(self, adapter_id: str) -> AdapterRef:

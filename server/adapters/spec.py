@@ -28,6 +28,7 @@ class BaseModelInfo:
     num_attention_heads: int = 0
     num_kv_heads: int = 0
     head_dim: int = 0
+    quantization: str = "none"  # the Linears' weights: "none", "int8", "int4"; nothing folds into quantized ones
 
     @staticmethod
     def from_model(model: Any) -> BaseModelInfo:
@@ -39,8 +40,10 @@ class BaseModelInfo:
         }
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        quant = next((m.scheme for name, m in model.named_modules() if ".layers." in name and getattr(m, "quantized", False)),
+                     "none")
         return BaseModelInfo(cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, linears, heads,
-                             getattr(cfg, "num_key_value_heads", None) or heads, head_dim)
+                             getattr(cfg, "num_key_value_heads", None) or heads, head_dim, quant)
 
     @staticmethod
     def split(module: str) -> tuple[int, str]:

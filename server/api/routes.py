@@ -65,7 +65,8 @@ async def _sse(g: Generation):  # noqa: ANN202
 
 
 # -- adapters ---------------------------------------------------------------------------------
-@router.post("/adapters", status_code=201, response_model=AdapterInfo, dependencies=[AdminAuth])
+@router.post("/adapters", status_code=201, response_model=AdapterInfo, response_model_exclude_none=True,
+             dependencies=[AdminAuth])
 async def upload_adapter(request: Request, s: ReadyDep, replace: bool = False) -> dict[str, Any]:
     """Multipart upload: `adapter_id` and one or more `files` (a saved adapter folder's files)."""
     form = await request.form(max_files=64, max_fields=16)
@@ -101,12 +102,13 @@ def _stage_and_add(s: Ready, adapter_id: str, uploads: list[UploadFile], replace
         registry.store.discard(staging)
 
 
-@router.get("/adapters", response_model=AdapterList, dependencies=[UserAuth])
+@router.get("/adapters", response_model=AdapterList, response_model_exclude_none=True, dependencies=[UserAuth])
 async def list_adapters(s: ReadyDep) -> dict[str, Any]:
     return {"adapters": s.registry.infos()}
 
 
-@router.get("/adapters/{adapter_id}", response_model=AdapterInfo, dependencies=[UserAuth])
+@router.get("/adapters/{adapter_id}", response_model=AdapterInfo, response_model_exclude_none=True,
+            dependencies=[UserAuth])
 async def get_adapter(adapter_id: str, s: ReadyDep) -> dict[str, Any]:
     return s.registry.info(adapter_id)
 

@@ -90,6 +90,7 @@ class AdapterInfo(BaseModel):
     mergeable: bool
     tier: Literal["device", "host", "disk"]
     created_at: str
+    merge_note: str | None = Field(None, description="why a linear adapter is not folded here (a quantized base)")
 
 
 class AdapterList(BaseModel):

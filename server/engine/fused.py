@@ -85,6 +85,8 @@ class Packed:
 
     @staticmethod
     def possible(linears: list[Any]) -> bool:
+        if any(getattr(m, "quantized", False) for m in linears):
+            return False
         ws = [m.weight for m in linears]
         same_bias = len({m.bias is None for m in linears}) == 1
         return same_bias and len({(w.shape[1], w.dtype, w.device) for w in ws}) == 1

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from ..config import ModelConfig
 from ..errors import ModelLoadError
+from .quant import quantize_model
 
 log = logging.getLogger(__name__)
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -46,9 +47,20 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 products in hardware (AVX512-BF16 or AMX), as torch reports."""
+    cpu: Any = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def resolve_dtype(dtype: str, device: torch.device, quantization: str = "none") -> torch.dtype:
+    """`auto`: bfloat16 on CUDA and on CPUs that compute it natively (and whenever weights are quantized:
+    the quantized kernels take bfloat16 activations), float32 elsewhere."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or native_bf16() or quantization != "none" else torch.float32
+    if quantization != "none" and dtype == "float32":
+        raise ModelLoadError(f"--quantization {quantization} computes in bfloat16 or float16: use --dtype auto, "
+                             "bfloat16 or float16")
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
@@ -92,7 +104,7 @@ def embedded_folder(cache_dir: Path) -> Path:
 def load_base_model(cfg: ModelConfig) -> LoadedModel:
     """The frozen base model on its device, eval mode, no gradients, and its tokenizer."""
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, cfg.quantization)
     if cfg.model == EMBEDDED:
         folder, name = embedded_folder(Path(cfg.cache_dir)), EMBEDDED_NAME
     else:
@@ -104,6 +116,7 @@ def load_base_model(cfg: ModelConfig) -> LoadedModel:
     if mtype not in SUPPORTED_TYPES:
         raise ModelLoadError(f"model type {mtype!r} is not supported; supported: {', '.join(SUPPORTED_TYPES)}")
     model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    quantize_model(model, cfg.quantization, dtype)  # on the CPU, before the move: the device never holds both
     model = model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return LoadedModel(freeze(model), tokenizer, name, device, dtype)

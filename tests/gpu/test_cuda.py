@@ -16,41 +16,15 @@ from tests.helpers import (
     PEFT_DIR,
     Collector,
     fixture_dir,
-    full_logits,
-    input_ids,
     make_engine,
-    parse_folder,
+    our_logits,
+    peft_logits,
     refs,
     run_until_done,
-    runner_and_slots,
     tiny_model,
 )
 
 NAMES = sorted(p.name for p in PEFT_DIR.iterdir()) + sorted(p.name for p in AH_DIR.iterdir())
-
-
-def our_logits(model, name: str | None, device, dtype) -> torch.Tensor:
-    """Logits [B, T, V] of the fixture inputs through our runner on the model's device (after the
-    adapter's KV prefix, for prompt and prefix tuning, as the engine places it)."""
-    runner, slots = runner_and_slots(model, 4, 4)
-    assert runner.device.type == torch.device(device).type and runner.dtype == dtype
-    if name is not None:
-        slots.write(1, parse_folder(fixture_dir(name), model))
-    ids = input_ids()
-    return full_logits(runner, slots, ids, [1 if name else 0] * ids.shape[0]).cpu()
-
-
-def peft_logits(model, name: str) -> torch.Tensor:
-    """PEFT's own forward; prompt learning one row at a time (PEFT is not pad-aware there), at the real
-    tokens only, as the references were made (tests/fixtures/make_fixtures.py)."""
-    from peft import PeftModel
-
-    pm = PeftModel.from_pretrained(model, str(fixture_dir(name))).eval()
-    ids = input_ids().to(next(model.parameters()).device)
-    with torch.inference_mode():
-        if not pm.peft_config["default"].is_prompt_learning:
-            return pm(ids).logits.float().cpu()
-        return torch.cat([pm(ids[b : b + 1]).logits[:, -ids.shape[1] :] for b in range(ids.shape[0])]).float().cpu()
 
 
 @pytest.fixture(scope="module")

@@ -174,7 +174,8 @@ class IA3Method(AdapterMethod):
 
     # -- folding into the base weights -------------------------------------------------------
     def can_merge(self, slot: int) -> bool:
-        return slot in self.by_slot
+        """Not into quantized weights: the fold would be rounded away (and the layers keep no weight to fold into)."""
+        return slot in self.by_slot and self.ctx.base.quantization == "none"
 
     @property
     def merged_slot(self) -> int | None:

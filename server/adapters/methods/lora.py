@@ -364,8 +364,9 @@ class LoRAMethod(AdapterMethod):
 
     # -- folding into the base weights -------------------------------------------------------
     def can_merge(self, slot: int) -> bool:
+        """Not into quantized weights: the fold would be rounded away (and the layers keep no weight to fold into)."""
         ws = [per[slot] for per in self.mods.values() if slot in per]
-        return bool(ws) and all(w.sb is None for w in ws)
+        return bool(ws) and all(w.sb is None for w in ws) and self.ctx.base.quantization == "none"
 
     @property
     def merged_slot(self) -> int | None:

@@ -1,0 +1,144 @@
+"""Weight-only quantization of the base model's Linear layers: int8 or int4 weights, activations in the
+model's dtype (bfloat16), adapters untouched on top (the QLoRA setting).
+
+- int8: one scale per output channel, symmetric (w ~ q * s, q in [-127, 127]);
+- int4: groups of 32 inputs per output channel, each with a scale and a zero point (asymmetric, the
+  layout of GGUF's Q4_1 and of tinygemm: w ~ (q - 8) * s + z, q in [0, 15]). The LM head takes int8
+  when the layers take int4 (llama.cpp keeps its output layer at higher precision too: the logits
+  are what sampling and logprobs read).
+
+The products run in PyTorch's own CPU kernels for weight-only quantized matrices
+(`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`), which read the packed weights
+directly. torchao 0.18 was compared and not used: its int8 weight-only tensor dequantizes in every
+call unless compiled (5 to 12 times slower than bfloat16 at batch 1 on this project's CPU), and its
+int4 packing formats have CUDA kernels only. Elsewhere (CUDA) a layer dequantizes its weight for each
+product: correct and four times lighter in memory, not faster.
+
+What reads a quantized layer's `weight` (DoRA's norms when an adapter is written) gets the
+dequantized matrix. Nothing may fold into it: adapter methods see `BaseModelInfo.quantization`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Quantization
+
+log = logging.getLogger(__name__)
+GROUP = 32  # int4 group size along the input dimension
+BLOCK = 64  # int4: the CPU packing interleaves output rows in blocks of 64
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q int8 [N, K], s float32 [N]) with w ~ q * s."""
+    s = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    return torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8), s
+
+
+def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q int32 [N, K] in 0..15, s [K/32, N], z [K/32, N]) with w ~ (q - 8) * s + z."""
+    N, K = w.shape
+    g = w.reshape(N, K // GROUP, GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    s = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((g - lo[..., None]) / s[..., None]).clamp(0, 15).to(torch.int32).reshape(N, K)
+    return q, s.t().contiguous(), (lo + 8 * s).t().contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """The inverse of `aten._convert_weight_to_int4pack_for_cpu(q, 1)`: packed uint8 [N, K/2] -> q [N, K].
+    In each block of 64 output rows, byte (k // 2, (k % 2) * 32 + n % 32) holds row n's k-th value, in
+    its low nibble for the block's first 32 rows. (Checked against the kernel by the tests.)"""
+    b = packed.reshape(N // BLOCK, K // 2, BLOCK)
+    x = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(N // BLOCK, K // 2, 2, BLOCK // 2, 2)
+    return x.permute(0, 4, 3, 1, 2).reshape(N, K).to(torch.int32)
+
+
+def can_quantize(lin: torch.nn.Linear, scheme: Quantization) -> bool:
+    N, K = lin.out_features, lin.in_features
+    return scheme == "int8" or (N % BLOCK == 0 and K % GROUP == 0)
+
+
+class QuantLinear(torch.nn.Linear):
+    """A frozen Linear whose weight is stored quantized. Subclasses nn.Linear so that whatever finds the
+    model's Linears (adapter targets, PEFT in the tests) finds it; its `weight` is computed on demand."""
+
+    quantized = True
+    qweight: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(self, lin: torch.nn.Linear, scheme: Quantization, dtype: torch.dtype) -> None:
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features, self.scheme = lin.in_features, lin.out_features, scheme
+        self.bias = None if lin.bias is None else torch.nn.Parameter(lin.bias.detach().to(dtype), requires_grad=False)
+        w = lin.weight.detach().to(torch.float32)
+        if scheme == "int8":
+            q, s = quantize_int8(w)
+            self.register_buffer("qweight", q)
+            self.register_buffer("scales", s.to(dtype))
+        else:
+            q, s, z = quantize_int4(w)
+            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1))
+            self.register_buffer("scales", torch.stack([s, z], dim=-1).to(dtype).contiguous())  # [K/32, N, 2]
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        """The dequantized weight [N, K] in the activations' dtype."""
+        N, K = self.out_features, self.in_features
+        if self.scheme == "int8":
+            return self.qweight.to(self.scales.dtype) * self.scales[:, None]
+        q = unpack_int4(self.qweight, N, K).to(self.scales.dtype).reshape(N, K // GROUP, GROUP)
+        s, z = self.scales[..., 0].t()[..., None], self.scales[..., 1].t()[..., None]  # [N, K/32, 1]
+        return ((q - 8) * s + z).reshape(N, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.device.type != "cpu":
+            y = F.linear(x2, self.weight)
+        elif self.scheme == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, GROUP, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}"
+
+
+def release_freed_memory() -> None:
+    """Hand the replaced full-precision weights' memory back to the system: glibc keeps freed blocks in
+    its arenas, so without this the process stays as large as before quantizing."""
+    gc.collect()
+    with contextlib.suppress(OSError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def quantize_model(model: Any, scheme: Quantization, dtype: torch.dtype) -> int:
+    """Replace the decoder layers' Linears (and the LM head: int8) by QuantLinear, in place. Returns how
+    many were replaced; a Linear whose shape the int4 packing cannot take is quantized to int8."""
+    if scheme == "none":
+        return 0
+    n = 0
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and (".layers." in name or name == "lm_head")]
+    for name, lin in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        s: Quantization = "int8" if name == "lm_head" or not can_quantize(lin, scheme) else scheme
+        setattr(parent, attr, QuantLinear(lin, s, dtype))
+        n += 1
+    release_freed_memory()
+    log.info("quantized %d Linear layers (%s weights, %s activations)", n, scheme, str(dtype).removeprefix("torch."))
+    return n
+
+
