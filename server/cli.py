@@ -1,4 +1,5 @@
-"""Command line: `adapter-server serve`, `cluster`, `merge` and `demo-adapters`. Flags map onto Settings fields."""
+"""Command line: `adapter-server serve`, `cluster`, `merge`, `demo-adapters` and `client`. Serve flags map onto
+Settings fields."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from . import client
 from .config import Settings
 from .errors import AdapterServerError
 
@@ -126,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="ia3, seq_bn, double_seq_bn, par_bn, compacter, lora or dora (rank 16), lora<r> or dora<r>, "
                         "prompt or prefix (20 virtual tokens), prompt<n> or prefix<n>")
     d.add_argument("--seed", type=int, default=0)
+    client.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.cmd == "client":
+        return client.run(args)
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "merge":
