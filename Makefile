@@ -9,7 +9,7 @@ PY          := $(BIN)/python
 STAMP       := $(VENV)/.installed
 RAY_STAMP   := $(VENV)/.installed-cluster
 
-.PHONY: install install-cluster serve cluster test test-gpu gpu-wheels bench bench-gpu loadtest report prometheus clean
+.PHONY: install install-cluster serve cluster test browser test-gpu gpu-wheels bench bench-gpu loadtest report prometheus clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,12 @@ serve: $(STAMP)
 cluster: $(RAY_STAMP)
 	$(BIN)/adapter-server cluster --replicas 2
 
+# The playground's browser test drives Debian's Chromium: installed here where apt can (as root), else it skips.
+browser:
+	@command -v chromedriver >/dev/null 2>&1 || ( [ "$$(id -u)" = 0 ] && ( (apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver)) >/dev/null 2>&1 ) ) || echo "Chromium could not be installed here: tests/api/test_playground.py will skip"
+
 # Second command of the README.
-test: $(STAMP) $(RAY_STAMP) prometheus
+test: $(STAMP) $(RAY_STAMP) prometheus browser
 	$(BIN)/pytest -q
 
 # On a machine with CUDA: the CUDA tests (parity on CUDA, graphs against the CPU engine) and the engine tests

@@ -38,7 +38,9 @@ def main() -> int:
     p = subprocess.run([sys.executable, "-c", py], cwd=work, capture_output=True, text=True)
     sys.stdout.write(f"--- curl block (rc {r.returncode})\n{out}\n{r.stderr}\n--- OpenAI block (rc {p.returncode})\n"
                      f"{p.stdout}\n{p.stderr[-2000:]}\n")
-    ok = r.returncode == 0 and p.returncode == 0 and '"error"' not in out and out.rstrip().endswith("204")
+    # the curl block ends with the DELETE's 204; the client block with the deleted adapter's 404 (exit 1)
+    ok = (r.returncode == 0 and p.returncode == 0 and '"error"' not in out and "\n204\n" in out
+          and out.rstrip().endswith("exit 1: gone"))
     sys.stdout.write("walk-through: " + ("every call succeeded" if ok else "FAILED") + "\n")
     return 0 if ok else 1
 

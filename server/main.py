@@ -6,9 +6,11 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from .api import errors as api_errors
 from .api.deps import Services
@@ -18,6 +20,8 @@ from .api.routes import router
 from .api.vllm import router as vllm_router
 from .config import Settings
 from .metrics import Metrics
+
+PLAYGROUND = Path(__file__).parent / "static" / "playground"
 
 log = logging.getLogger(__name__)
 JSON_BODY_LIMIT = 4 * 1024 * 1024
@@ -75,6 +79,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(router)
     app.include_router(openai_router)
     app.include_router(vllm_router)
+    # the playground page: static files shipped in the package, no build step, nothing from a CDN
+    app.mount("/playground", StaticFiles(directory=PLAYGROUND, html=True), name="playground")
     upload_limit = settings.max_upload_bytes
 
     def limit_for(scope: MutableMapping[str, Any]) -> int:
