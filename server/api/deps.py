@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
 
@@ -44,6 +44,7 @@ class Ready:
     registry: Registry
     generation: GenerationService
     model_name: str
+    model_config: Any = None  # the base model's HF config (demo adapters are written for its shapes)
 
 
 def get_services(request: Request) -> Services:
@@ -54,7 +55,8 @@ def get_ready(request: Request) -> Ready:
     s: Services = request.app.state.services
     if not s.ready or s.registry is None or s.generation is None:
         raise NotReadyError(s.load_error or "the model is still loading; retry shortly")
-    return Ready(s.settings, s.metrics, s.registry, s.generation, s.model_name)
+    assert s.engine is not None
+    return Ready(s.settings, s.metrics, s.registry, s.generation, s.model_name, s.engine.runner.cfg)
 
 
 def _presented_key(request: Request) -> str:

@@ -96,6 +96,11 @@ def test_the_playground_uploads_and_compares_two_adapters_and_the_bare_model(ser
         assert len({tuple(t) for t in got.values()}) == 3  # three different answers: each column its own adapter
 
         wait(lambda: d.find_element(By.ID, "m-batch").text not in ("", "-"), timeout=10, what="the live panel")
+        d.find_element(By.ID, "demo").click()  # the demo adapters, for a first look without files at hand
+        wait(lambda: len(d.find_elements(By.CSS_SELECTOR, "#adapter-rows tr[data-adapter^=demo-]")) == 3, what="demos")
+        assert {a["method"] for a in httpx.get(server.url + "/adapters").json()["adapters"]} == {"ia3", "lora", "bottleneck"}
+        again = httpx.post(server.url + "/adapters/demo")
+        assert again.status_code == 201 and again.json() == {"adapters": []}  # ids taken: nothing replaced
         ARTEFACTS.mkdir(exist_ok=True)
         assert d.save_screenshot(str(ARTEFACTS / "playground.png"))
     finally:

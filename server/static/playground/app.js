@@ -134,6 +134,17 @@ function setupUpload() {
     dropped = entries.length ? (await Promise.all(entries.map(entryFiles))).flat() : [...e.dataTransfer.files];
     $("upload-status").textContent = `${dropped.length} files dropped: ${dropped.map((f) => f.name).join(", ")}`;
   };
+  $("demo").onclick = async () => {
+    $("upload-status").textContent = "writing demo adapters…";
+    try {
+      const added = (await (await call("/adapters/demo", { method: "POST" })).json()).adapters;
+      $("upload-status").textContent = added.length ? `added ${added.map((a) => a.adapter_id).join(", ")}` : "the demo adapters are there";
+    } catch (e) {
+      $("upload-status").textContent = e.message;
+    }
+    await loadAdapters();
+    for (const c of document.querySelectorAll(".choice")) if (c.value.startsWith("demo-")) c.checked = true;
+  };
   $("upload").onsubmit = (e) => {
     e.preventDefault();
     const files = dropped.length ? dropped : [...$("files").files, ...$("folder").files];
