@@ -164,6 +164,8 @@ function params() {
     ignore_eos: $("ignore-eos").checked,
   };
   if ($("seed").value !== "") p.seed = num("seed");
+  const stop = $("stop").value.split("|").filter((x) => x);
+  if (stop.length) p.stop = stop;
   return p;
 }
 
