@@ -39,7 +39,7 @@ def main() -> int:
     sys.stdout.write(f"--- curl block (rc {r.returncode})\n{out}\n{r.stderr}\n--- OpenAI block (rc {p.returncode})\n"
                      f"{p.stdout}\n{p.stderr[-2000:]}\n")
     # the curl block ends with the DELETE's 204; the client block with the deleted adapter's 404 (exit 1)
-    ok = (r.returncode == 0 and p.returncode == 0 and '"error"' not in out and "\n204\n" in out
+    ok = (r.returncode == 0 and p.returncode == 0 and '"error"' not in out and "204\n" in out
           and out.rstrip().endswith("exit 1: gone"))
     sys.stdout.write("walk-through: " + ("every call succeeded" if ok else "FAILED") + "\n")
     return 0 if ok else 1
