@@ -37,7 +37,7 @@ class EngineConfig:
     max_queue: int = 256
     request_timeout_s: float = 600.0
     cuda_graphs: Graphs = "auto"
-    compile_kernels: bool = True  # CUDA graphs only: fuse the decode step's elementwise chains
+    compile_kernels: bool = True  # pack sibling projections; with CUDA graphs, fuse the decode step's elementwise chains
     device_slots: int = 16  # adapters resident on the device at once
 
 
