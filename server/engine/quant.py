@@ -20,9 +20,6 @@ dequantized matrix. Nothing may fold into it: adapter methods see `BaseModelInfo
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import logging
 from typing import Any
 
@@ -115,14 +112,6 @@ class QuantLinear(torch.nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}"
 
 
-def release_freed_memory() -> None:
-    """Hand the replaced full-precision weights' memory back to the system: glibc keeps freed blocks in
-    its arenas, so without this the process stays as large as before quantizing."""
-    gc.collect()
-    with contextlib.suppress(OSError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def quantize_model(model: Any, scheme: Quantization, dtype: torch.dtype) -> int:
     """Replace the decoder layers' Linears (and the LM head: int8) by QuantLinear, in place. Returns how
     many were replaced; a Linear whose shape the int4 packing cannot take is quantized to int8."""
@@ -137,7 +126,6 @@ def quantize_model(model: Any, scheme: Quantization, dtype: torch.dtype) -> int:
         s: Quantization = "int8" if name == "lm_head" or not can_quantize(lin, scheme) else scheme
         setattr(parent, attr, QuantLinear(lin, s, dtype))
         n += 1
-    release_freed_memory()
     log.info("quantized %d Linear layers (%s weights, %s activations)", n, scheme, str(dtype).removeprefix("torch."))
     return n
 
