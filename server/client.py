@@ -19,6 +19,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import quote
 
 import httpx
 
@@ -71,6 +72,16 @@ class Client:
             raise _error(r)
         return r
 
+    def _json(self, method: str, path: str, **kw: Any) -> Any:
+        r = self._call(method, path, **kw)
+        try:
+            return r.json()
+        except ValueError as e:
+            raise ClientError(f"{r.status_code}: not a JSON answer from {self.http.base_url}{path}") from e
+
+    def close(self) -> None:
+        self.http.close()
+
     def upload(self, folder: Path, adapter_id: str, replace: bool = False, progress: bool = True) -> dict:
         if not folder.is_dir():
             raise ClientError(f"{folder} is not a folder")
@@ -82,28 +93,32 @@ class Client:
 
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"upload {adapter_id}",
                   disable=not progress or total < BAR_BYTES, file=sys.stderr) as bar:
-            handles = [p.open("rb") for p in paths]
+            handles: list[IO[bytes]] = []
             try:
+                for p in paths:
+                    handles.append(p.open("rb"))
                 files = [("files", (p.name, _Progress(h, bar), "application/octet-stream"))
                          for p, h in zip(paths, handles, strict=True)]
-                r = self._call("POST", "/adapters", params={"replace": "true"} if replace else None,
-                               data={"adapter_id": adapter_id}, files=files)
+                return self._json("POST", "/adapters",  # type: ignore[no-any-return]
+                                  params={"replace": "true"} if replace else None,
+                                  data={"adapter_id": adapter_id}, files=files)
+            except OSError as e:
+                raise ClientError(f"cannot read {e.filename}: {e.strerror}") from e
             finally:
                 for h in handles:
                     h.close()
-        return r.json()  # type: ignore[no-any-return]
 
     def list(self) -> list[dict]:
-        return self._call("GET", "/adapters").json()["adapters"]  # type: ignore[no-any-return]
+        return self._json("GET", "/adapters")["adapters"]  # type: ignore[no-any-return]
 
     def show(self, adapter_id: str) -> dict:
-        return self._call("GET", f"/adapters/{adapter_id}").json()  # type: ignore[no-any-return]
+        return self._json("GET", f"/adapters/{quote(adapter_id, safe='')}")  # type: ignore[no-any-return]
 
     def delete(self, adapter_id: str) -> None:
-        self._call("DELETE", f"/adapters/{adapter_id}")
+        self._call("DELETE", f"/adapters/{quote(adapter_id, safe='')}")
 
     def generate(self, prompt: str, adapter_id: str | None = None, **params: Any) -> dict:
-        return self._call("POST", "/generate", json={"prompt": prompt, "adapter_id": adapter_id, **params}).json()  # type: ignore[no-any-return]
+        return self._json("POST", "/generate", json={"prompt": prompt, "adapter_id": adapter_id, **params})  # type: ignore[no-any-return]
 
     def stream(self, prompt: str, adapter_id: str | None = None, **params: Any) -> Iterator[dict]:
         """Each event of a streamed generation: the tokens' {"token_id", "text", "logprob"}, then the final
@@ -120,7 +135,10 @@ class Client:
                     data = line[5:].strip()
                     if data == "[DONE]":
                         return
-                    ev = json.loads(data)
+                    try:
+                        ev = json.loads(data)
+                    except ValueError as e:
+                        raise ClientError(f"a malformed event in the stream: {data[:100]!r}") from e
                     if "error" in ev:
                         raise ClientError(f"{ev['error'].get('type')}: {ev['error'].get('message')}")
                     yield ev
@@ -133,7 +151,7 @@ TABLE = ("adapter_id", "method", "variant", "num_parameters", "size_bytes", "tie
 
 def _table(rows: list[dict]) -> str:
     cells = [[str(r.get(k, "")) for k in TABLE] for r in rows]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(TABLE)]
+    widths = [max([len(k), *(len(c[i]) for c in cells)]) for i, k in enumerate(TABLE)]
     lines = ["  ".join(k.ljust(w) for k, w in zip(TABLE, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
@@ -167,8 +185,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = sys.stdout
+    c = Client(args.url, args.api_key)
     try:
-        c = Client(args.url, args.api_key)
         cmd = args.client_cmd
         if cmd == "upload":
             info = c.upload(args.folder, args.adapter_id, args.replace)
@@ -202,4 +220,6 @@ def run(args: argparse.Namespace) -> int:
     except ClientError as e:
         sys.stderr.write(f"error: {e}\n")
         return e.code
+    finally:
+        c.close()
     return 0

@@ -15,7 +15,7 @@ from starlette.datastructures import UploadFile
 from ..adapters.store import safe_filename
 from ..engine.service import Generation
 from ..engine.types import GenerationResult, SamplingParams
-from ..errors import InvalidAdapterError, InvalidRequestError
+from ..errors import AdapterExistsError, InvalidAdapterError, InvalidRequestError
 from .deps import AdminAuth, Ready, ReadyDep, ServicesDep, UserAuth
 from .disconnect import until_disconnected
 from .errors import inband_error
@@ -105,6 +105,8 @@ def _add_demo(s: Ready) -> list[dict[str, Any]]:
         try:
             write_demo(kind, staging, s.model_config, seed=i)
             out.append(s.registry.add(adapter_id, staging, False))
+        except AdapterExistsError:
+            continue  # taken meanwhile (a second click): left as it is
         finally:
             s.registry.store.discard(staging)
     return out

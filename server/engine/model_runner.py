@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,6 +21,7 @@ from .fused import FusedOps, pack_layers
 from .kv_cache import KVCache
 
 Fn = TypeVar("Fn", bound=Callable[..., Any])
+_MKLDNN = threading.RLock()
 
 
 def cpu_kernels(fn: Fn) -> Fn:
@@ -31,12 +33,13 @@ def cpu_kernels(fn: Fn) -> Fn:
     def wrapped(self: ModelRunner, input_ids: torch.Tensor, *args: Any, **kw: Any) -> Any:
         if self.device.type != "cpu" or self.dtype != torch.bfloat16:
             return fn(self, input_ids, *args, **kw)
-        was = torch._C._get_mkldnn_enabled()
-        torch._C._set_mkldnn_enabled(input_ids.numel() > 1)
-        try:
-            return fn(self, input_ids, *args, **kw)
-        finally:
-            torch._C._set_mkldnn_enabled(was)
+        with _MKLDNN:  # the switch is the process's: two engines in one process take turns
+            was = torch._C._get_mkldnn_enabled()
+            torch._C._set_mkldnn_enabled(input_ids.numel() > 1)
+            try:
+                return fn(self, input_ids, *args, **kw)
+            finally:
+                torch._C._set_mkldnn_enabled(was)
 
     return wrapped  # type: ignore[return-value]
 

@@ -12,7 +12,7 @@ The products run in PyTorch's own CPU kernels for weight-only quantized matrices
 directly. torchao 0.18 was compared and not used: its int8 weight-only tensor dequantizes in every
 call unless compiled (5 to 12 times slower than bfloat16 at batch 1 on this project's CPU), and its
 int4 packing formats have CUDA kernels only. Elsewhere (CUDA) a layer dequantizes its weight for each
-product: correct and four times lighter in memory, not faster.
+product: correct, and half (int8) or a quarter (int4) of bfloat16's weight memory; not faster.
 
 What reads a quantized layer's `weight` (DoRA's norms when an adapter is written) gets the
 dequantized matrix. Nothing may fold into it: adapter methods see `BaseModelInfo.quantization`.
@@ -97,7 +97,7 @@ class QuantLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        x2 = x.reshape(-1, shape[-1]).contiguous()  # the kernels take contiguous rows only
         if x2.device.type != "cpu":
             y = F.linear(x2, self.weight)
         elif self.scheme == "int8":
@@ -118,11 +118,12 @@ def quantize_model(model: Any, scheme: Quantization, dtype: torch.dtype) -> int:
     if scheme == "none":
         return 0
     n = 0
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and (".layers." in name or name == "lm_head")]
-    for name, lin in targets:
+    names = [name for name, m in model.named_modules()  # names only: each full-precision Linear is freed as it goes
+             if isinstance(m, torch.nn.Linear) and (".layers." in name or name == "lm_head")]
+    for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        lin = getattr(parent, attr)
         s: Quantization = "int8" if name == "lm_head" or not can_quantize(lin, scheme) else scheme
         setattr(parent, attr, QuantLinear(lin, s, dtype))
         n += 1

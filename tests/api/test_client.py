@@ -78,6 +78,9 @@ def test_api_key_and_upload_progress(tmp_path, capsys):
         folder = tmp_path / "big"
         shutil.copytree(fixture_dir("lora_qv"), folder)
         (folder / "README.md").write_bytes(b"x" * (3 << 20))  # extra files are ignored by the server
+        code, out, _ = cli(capsys, "--url", s.url, "--api-key", "user-key", "list")
+        assert code == 0 and out.split() == ["adapter_id", "method", "variant", "num_parameters", "size_bytes", "tier",
+                                             "created_at"]  # an empty store: the header alone
         code, _, err = cli(capsys, "--url", s.url, "upload", str(folder), "--id", "big")
         assert code == 1 and "401" in err
         code, out, err = cli(capsys, "--url", s.url, "--api-key", "admin-key", "upload", str(folder), "--id", "big")

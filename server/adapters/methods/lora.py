@@ -16,8 +16,8 @@ operations. Rows of plain LoRA, or of no adapter, have g = 1, where those extra 
 
 For graph replay, a static layout mirrors every slot zero-padded to a common rank per module (built
 on first use, written in place after): the products gather the blocks of the batch's distinct slots,
-or, when the batch uses most of them, take every slot's block side by side; each row keeps its own
-columns.
+or, when those are a third of the slots or more, take every slot's block side by side; each row keeps
+its own columns. Compiled (CUDA), the hooks read each row's own block instead (`fused_delta`).
 """
 
 from __future__ import annotations

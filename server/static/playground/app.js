@@ -107,6 +107,7 @@ async function upload(id, files, replace) {
   form.append("adapter_id", id);
   for (const f of files) form.append("files", f, f.name);
   status.textContent = `uploading ${id} (${files.length} files)…`;
+  dropped = []; // used once: the next upload takes what is chosen or dropped then
   try {
     const info = await (await call(`/adapters${replace ? "?replace=true" : ""}`, { method: "POST", body: form })).json();
     status.textContent = `${replace ? "replaced" : "uploaded"} ${info.adapter_id}: ${info.method}, ${info.variant}`;
@@ -119,7 +120,12 @@ async function upload(id, files, replace) {
 async function entryFiles(entry) {
   if (entry.isFile) return [await new Promise((ok, bad) => entry.file(ok, bad))];
   const reader = entry.createReader();
-  const entries = await new Promise((ok, bad) => reader.readEntries(ok, bad));
+  const entries = [];
+  for (;;) { // readEntries gives at most 100 at a time
+    const batch = await new Promise((ok, bad) => reader.readEntries(ok, bad));
+    if (!batch.length) break;
+    entries.push(...batch);
+  }
   return (await Promise.all(entries.filter((e) => e.isFile).map(entryFiles))).flat();
 }
 
@@ -145,6 +151,7 @@ function setupUpload() {
     await loadAdapters();
     for (const c of document.querySelectorAll(".choice")) if (c.value.startsWith("demo-")) c.checked = true;
   };
+  $("files").onchange = $("folder").onchange = () => { dropped = []; };
   $("upload").onsubmit = (e) => {
     e.preventDefault();
     const files = dropped.length ? dropped : [...$("files").files, ...$("folder").files];
@@ -192,7 +199,7 @@ async function stream(col, body) {
   const ids = [];
   const show = (extra) => {
     const ttft = first === null ? "-" : `${Math.round(first - t0)} ms`;
-    const rate = ids.length > 1 ? ((ids.length - 1) / ((last - first) / 1000)).toFixed(1) : "-";
+    const rate = ids.length > 1 && last > first ? ((ids.length - 1) / ((last - first) / 1000)).toFixed(1) : "-";
     stats.textContent = `first token ${ttft} · ${rate} tokens/s · ${ids.length} tokens${extra || ""}`;
   };
   try {
