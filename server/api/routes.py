@@ -98,8 +98,9 @@ def _add_demo(s: Ready) -> list[dict[str, Any]]:
     from ..adapters.synth import write_demo
 
     out = []
+    taken = {a["adapter_id"] for a in s.registry.infos()}
     for i, (adapter_id, kind) in enumerate(DEMO.items()):
-        if any(a["adapter_id"] == adapter_id for a in s.registry.infos()):
+        if adapter_id in taken:
             continue
         staging = s.registry.store.staging_dir()
         try:
