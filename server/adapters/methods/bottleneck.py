@@ -28,7 +28,7 @@ from transformers.activations import get_activation
 from ...compiled import Compiled
 from ..families import Method
 from ..spec import AdapterWeights, Location
-from .base import AdapterMethod, MethodPlan, Routing, SlotContext, StepTimer
+from .base import AdapterMethod, MethodPlan, Routing, SlotContext, StepTimer, outgrown
 
 
 @dataclass(frozen=True)
@@ -349,9 +349,9 @@ class BottleneckMethod(AdapterMethod):
         if had:
             self._static_put(slot)
             if self._static is not None and any(
-                    2 * max((b.down_w.shape[0] for b in self.sites.get(k, {}).values()), default=0) <= st.R
+                    outgrown(st.R, (b.down_w.shape[0] for b in self.sites.get(k, {}).values()))
                     for k, st in self._static.items()):
-                self._static = None  # the widest block left: every slot was padded to at least twice what remains
+                self._static = None  # rebuilt at the next static plan, to the widths that remain
 
     # -- graph replay ---------------------------------------------------------------------------
     def _static_put(self, slot: int) -> None:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ...compiled import Compiled
 from ..families import Method
 from ..spec import AdapterWeights
-from .base import AdapterMethod, MethodPlan, Routing, SlotContext, StepTimer
+from .base import AdapterMethod, MethodPlan, Routing, SlotContext, StepTimer, outgrown
 
 F32 = torch.float32
 NAME: Method = "lora"
@@ -261,10 +261,9 @@ class LoRAMethod(AdapterMethod):
             slots.pop(slot, None)
         self.written.discard(slot)
         self._static_put(slot)
-        if self._static is not None and any(
-                2 * max((w.A.shape[0] for w in self.mods.get(m, {}).values()), default=0) <= st.R
-                for m, st in self._static.items()):
-            self._static = None  # the highest rank left: every slot was padded to at least twice what remains
+        if self._static is not None and any(outgrown(st.R, (w.A.shape[0] for w in self.mods.get(m, {}).values()))
+                                            for m, st in self._static.items()):
+            self._static = None  # rebuilt at the next static plan, to the ranks that remain
 
     # -- graph replay ---------------------------------------------------------------------------
     def _static_put(self, slot: int) -> None:
