@@ -177,6 +177,23 @@ def run_until_done(engine, collectors: list[Collector], max_steps: int = 2000) -
     raise AssertionError("requests did not finish")
 
 
+def req(engine, i: int, adapter: str | None, prompt: str, **kw):  # noqa: ANN001, ANN003, ANN201
+    """Request "r{i}": the prompt through the engine's tokenizer, 12 new tokens without stopping at EOS,
+    with logprobs; `kw` overrides any sampling field."""
+    from server.engine.types import GenerationRequest, SamplingParams
+
+    p = SamplingParams(**{"max_new_tokens": 12, "ignore_eos": True, "logprobs": True, **kw})
+    return GenerationRequest(f"r{i}", tuple(engine.tokenizer(prompt).input_ids), adapter, p)
+
+
+def solo(engine, r):  # noqa: ANN001, ANN201
+    """Run one request alone to its end; its result."""
+    c = Collector()
+    engine.submit(r, c)
+    run_until_done(engine, [c])
+    return c.result
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     import socket
@@ -188,6 +205,13 @@ def free_port() -> int:
 
 # a chat template for the tiny model's tokenizer, which has none
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+
+
+def openai_client(server: LiveServer):  # noqa: ANN201
+    """The OpenAI SDK pointed at a live server's /v1, never retrying (a retry would hide an error)."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
 def lora_server(store: Path, **overrides) -> LiveServer:  # noqa: ANN003

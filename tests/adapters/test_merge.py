@@ -10,7 +10,6 @@ from transformers import AutoModelForCausalLM
 from server.config import ModelConfig
 from server.errors import NotMergeableError
 from server.export import export_merged
-from tests.engine.test_engine import req, solo
 from tests.helpers import (
     TINY,
     fixture_dir,
@@ -19,7 +18,9 @@ from tests.helpers import (
     make_engine,
     parse_folder,
     refs,
+    req,
     runner_and_slots,
+    solo,
     tiny_model,
 )
 

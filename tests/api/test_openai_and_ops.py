@@ -8,9 +8,16 @@ import time
 
 import httpx
 import pytest
-from openai import NotFoundError, OpenAI
+from openai import NotFoundError
 
-from tests.helpers import CHAT_TEMPLATE, LiveServer, fixture_dir, free_port, upload_files
+from tests.helpers import (
+    CHAT_TEMPLATE,
+    LiveServer,
+    fixture_dir,
+    free_port,
+    openai_client,
+    upload_files,
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +32,7 @@ def live(tmp_path_factory):
 
 @pytest.fixture()
 def oai(live):
-    return OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+    return openai_client(live)
 
 
 def test_models_list(oai, live):

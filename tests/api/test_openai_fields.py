@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from openai import BadRequestError, NotFoundError, OpenAI
+from openai import BadRequestError, NotFoundError
 
-from tests.helpers import LiveServer, lora_server
+from tests.helpers import LiveServer, lora_server, openai_client
 
 IGNORE_EOS = {"ignore_eos": True}
 
@@ -28,7 +28,7 @@ def live(tmp_path_factory):
 
 @pytest.fixture()
 def oai(live):
-    return OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+    return openai_client(live)
 
 
 def one(oai, **kw):

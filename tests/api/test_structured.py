@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import jsonschema
 import pytest
-from openai import BadRequestError, OpenAI
+from openai import BadRequestError
 
-from tests.helpers import lora_server
+from tests.helpers import lora_server, openai_client
 
 # bounded, so a random model finishes it within the token budget
 PERSON = {"type": "object", "properties": {
@@ -41,7 +41,7 @@ def live(tmp_path_factory):
 
 @pytest.fixture()
 def oai(live):
-    return OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+    return openai_client(live)
 
 
 def chat(oai, **kw):

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.types import GenerationRequest, GenerationResult, SamplingParams, TokenEvent
-from tests.helpers import CORPUS, Collector, fixture_dir, make_engine, run_until_done
+from server.engine.types import GenerationRequest, GenerationResult, TokenEvent
+from tests.helpers import CORPUS, Collector, fixture_dir, make_engine, req, run_until_done
 
 LONG = CORPUS[:150]  # about 30 tokens of the tiny tokenizer
 
 
-def req(engine, i: int, adapter: str | None, prompt: str, new: int) -> GenerationRequest:
-    p = SamplingParams(max_new_tokens=new, ignore_eos=True, logprobs=True)
-    return GenerationRequest(f"r{i}", tuple(engine.tokenizer(prompt).input_ids), adapter, p)
+def case_req(engine, i: int, adapter: str | None, prompt: str, new: int) -> GenerationRequest:
+    return req(engine, i, adapter, prompt, max_new_tokens=new)
 
 
 def build(tmp_path, name: str, budget: int, graphs: str):
@@ -35,7 +34,7 @@ def test_long_prompt_is_chunked_while_running_rows_decode(tmp_path, graphs, long
     solo = []
     for i, case in enumerate([*shorts, long_case]):
         c = Collector()
-        ref.submit(req(ref, i, *case), c)
+        ref.submit(case_req(ref, i, *case), c)
         run_until_done(ref, [c])
         solo.append(c.result)
     n_long = len(ref.tokenizer(LONG).input_ids)
@@ -45,10 +44,10 @@ def test_long_prompt_is_chunked_while_running_rows_decode(tmp_path, graphs, long
     e = build(tmp_path, "chunked", budget, graphs)
     cols = [Collector() for _ in range(4)]
     for i, case in enumerate(shorts):
-        e.submit(req(e, i, *case), cols[i])
+        e.submit(case_req(e, i, *case), cols[i])
     while not all(tokens(c) for c in cols[:3]):  # (a short prompt over 6 tokens is chunked too)
         e.step()
-    e.submit(req(e, 3, *long_case), cols[3])
+    e.submit(case_req(e, 3, *long_case), cols[3])
     before = [tokens(c) for c in cols[:3]]
     steps = 0
     while tokens(cols[3]) == 0:
@@ -75,7 +74,7 @@ def test_long_prompt_is_chunked_while_running_rows_decode(tmp_path, graphs, long
 def test_cancel_during_chunked_prefill_frees_the_row_and_the_pin(tmp_path):
     e = build(tmp_path, "c", 6, "off")
     c = Collector()
-    h = e.submit(req(e, 0, "seq_bn", LONG, 8), c)
+    h = e.submit(req(e, 0, "seq_bn", LONG, max_new_tokens=8), c)
     e.step()
     assert e._prefilling is not None
     h.cancel()
@@ -83,6 +82,6 @@ def test_cancel_during_chunked_prefill_frees_the_row_and_the_pin(tmp_path):
     assert e._prefilling is None and isinstance(c.result, GenerationResult) and c.result.finish_reason == "cancelled"
     assert e.registry.record("seq_bn").pins == 0
     after = Collector()
-    e.submit(req(e, 1, "seq_bn", "hello world", 4), after)
+    e.submit(req(e, 1, "seq_bn", "hello world", max_new_tokens=4), after)
     run_until_done(e, [after])
     assert after.result.finish_reason == "length"

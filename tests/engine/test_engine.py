@@ -6,17 +6,12 @@ import pytest
 import torch
 
 from server.engine.types import GenerationRequest, GenerationResult, SamplingParams
-from tests.helpers import Collector, fixture_dir, make_engine, run_until_done
+from tests.helpers import Collector, fixture_dir, make_engine, req, run_until_done, solo
 
 ADAPTERS = ["ia3_default", "ia3_ff_in", "seq_bn", "double_seq_bn", "par_bn", "seq_bn_ln", "par_bn_mh",
             "lora_qv", "lora_patterns", "lora_bias", "dora_qv", "hub_lora_all", "compacter",
             "prompt_tuning", "p_tuning_lstm", "prefix_tuning", "prefix_tuning_proj", "hub_prefix", "hub_prefix_flat"]
 PROMPTS = ["the quick brown fox", "hello world", "adapters serve many tasks on one", "numbers 0123"]
-
-
-def req(engine, i: int, adapter: str | None, prompt: str, **kw) -> GenerationRequest:
-    p = SamplingParams(**{"max_new_tokens": 12, "ignore_eos": True, "logprobs": True, **kw})
-    return GenerationRequest(f"r{i}", tuple(engine.tokenizer(prompt).input_ids), adapter, p)
 
 
 @pytest.fixture()
@@ -25,13 +20,6 @@ def engine(tmp_path):
     for name in ADAPTERS:
         e.registry.add_folder(name, fixture_dir(name))
     return e
-
-
-def solo(engine, r: GenerationRequest) -> GenerationResult:
-    c = Collector()
-    engine.submit(r, c)
-    run_until_done(engine, [c])
-    return c.result
 
 
 def test_mixed_batch_rows_equal_solo_runs_with_requests_joining_mid_flight(engine):

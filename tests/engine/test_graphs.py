@@ -12,7 +12,7 @@ import torch
 
 from server.engine.graphs import batch_buckets
 from server.engine.types import GenerationRequest, GenerationResult, SamplingParams
-from tests.helpers import Collector, fixture_dir, make_engine, run_until_done
+from tests.helpers import Collector, fixture_dir, make_engine, req, run_until_done
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ADAPTERS = ["ia3_default", "ia3_ff_in", "seq_bn", "par_bn", "double_seq_bn", "seq_bn_ln", "par_bn_mh", "seq_bn_tanh_float",
@@ -20,11 +20,6 @@ ADAPTERS = ["ia3_default", "ia3_ff_in", "seq_bn", "par_bn", "double_seq_bn", "se
             "lora_qv", "lora_bias", "lora_patterns", "dora_qv", "dora_rslora_all", "compacter", "hub_lora_all",
             "prompt_tuning", "prefix_tuning", "hub_prefix"]
 PROMPTS = ["the quick brown fox", "hello world", "adapters serve many tasks on one", "numbers 0123"]
-
-
-def req(engine, i: int, adapter: str | None, prompt: str, **kw) -> GenerationRequest:
-    p = SamplingParams(**{"max_new_tokens": 10, "ignore_eos": True, "logprobs": True, **kw})
-    return GenerationRequest(f"r{i}", tuple(engine.tokenizer(prompt).input_ids), adapter, p)
 
 
 def engine_on(tmp_path, device: str, graphs: str, name: str):
@@ -35,6 +30,7 @@ def engine_on(tmp_path, device: str, graphs: str, name: str):
 
 
 def run_mixed(engine, cases, **kw) -> list[GenerationResult]:
+    kw = {"max_new_tokens": 10, **kw}
     cols = [Collector() for _ in cases]
     half = len(cases) // 2
     for i in range(half):

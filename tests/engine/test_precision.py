@@ -29,6 +29,7 @@ from tests.helpers import (
     our_logits,
     peft_logits,
     refs,
+    req,
     run_until_done,
     tiny_model,
 )
@@ -144,8 +145,6 @@ def test_nothing_folds_into_quantized_weights_and_adapter_info_says_so(tmp_path)
         info = e.registry.info(a)
         assert info["mergeable"] is False and "quantized (int8)" in info["merge_note"]
     cols = [Collector() for _ in range(4)]
-    from tests.engine.test_graphs import req
-
     for i, c in enumerate(cols):
         e.submit(req(e, i, "ia3_default", "hello world", max_new_tokens=12), c)
     run_until_done(e, cols)  # every row on one foldable adapter for 12 steps: would fold on a plain base

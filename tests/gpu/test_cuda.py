@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine.types import GenerationRequest, SamplingParams
 from tests.helpers import (
     AH_DIR,
     PEFT_DIR,
@@ -20,6 +19,7 @@ from tests.helpers import (
     our_logits,
     peft_logits,
     refs,
+    req,
     run_until_done,
     tiny_model,
 )
@@ -71,11 +71,6 @@ def test_bfloat16_adapterhub_close_to_float32(bf16_model, cuda, name):
     err = (ours - ref).abs().max().item()
     print(f"bf16 {name}: ours {err:.3e} bare model {base_err:.3e}")
     assert err <= 3 * base_err + 2e-2
-
-
-def req(engine, i, adapter, prompt, **kw):
-    p = SamplingParams(**{"max_new_tokens": 12, "ignore_eos": True, "logprobs": True, **kw})
-    return GenerationRequest(f"r{i}", tuple(engine.tokenizer(prompt).input_ids), adapter, p)
 
 
 def run_joined(engine, cases, **kw):
