@@ -30,7 +30,7 @@ from ..config import Quantization
 
 log = logging.getLogger(__name__)
 GROUP = 32  # int4 group size along the input dimension
-BLOCK = 64  # int4: the CPU packing interleaves output rows in blocks of 64
+BLOCK = 64  # int4: the CPU packing takes output rows in multiples of 64
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,11 +51,24 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
     """The inverse of `aten._convert_weight_to_int4pack_for_cpu(q, 1)`: packed uint8 [N, K/2] -> q [N, K].
-    In each block of 64 output rows, byte (k // 2, (k % 2) * 32 + n % 32) holds row n's k-th value, in
-    its low nibble for the block's first 32 rows. (Checked against the kernel by the tests.)"""
-    b = packed.reshape(N // BLOCK, K // 2, BLOCK)
-    x = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(N // BLOCK, K // 2, 2, BLOCK // 2, 2)
-    return x.permute(0, 4, 3, 1, 2).reshape(N, K).to(torch.int32)
+    The packing's layout depends on the CPU's instruction set (AVX-512 and AVX2 builds interleave rows
+    differently), so it is read back through the kernel itself: the identity times the weight with
+    scale 1 and zero point 8 is q exactly (integers 0..15 are exact in bfloat16)."""
+    probe = torch.stack([torch.ones(K // GROUP, N), torch.full((K // GROUP, N), 8.0)], dim=-1).to(torch.bfloat16)
+    eye = torch.eye(K, dtype=torch.bfloat16)
+    cols = [torch.ops.aten._weight_int4pack_mm_for_cpu(eye[i : i + 1024], packed, GROUP, probe.contiguous())
+            for i in range(0, K, 1024)]  # [<=1024, N] each
+    return torch.cat(cols).t().round().to(torch.int32)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """q int [N, K] in 0..15 -> uint8 [N, K/2], two values a byte in plain order (off the CPU)."""
+    q8 = q.to(torch.uint8)
+    return q8[:, 0::2] | (q8[:, 1::2] << 4)
+
+
+def unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
+    return torch.stack([b & 0xF, b >> 4], dim=-1).reshape(b.shape[0], -1).to(torch.int32)
 
 
 def can_quantize(lin: torch.nn.Linear, scheme: Quantization) -> bool:
@@ -84,6 +97,15 @@ class QuantLinear(torch.nn.Linear):
             q, s, z = quantize_int4(w)
             self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1))
             self.register_buffer("scales", torch.stack([s, z], dim=-1).to(dtype).contiguous())  # [K/32, N, 2]
+        self.cpu_packed = scheme == "int4"  # the CPU kernel's layout; off the CPU, plain nibbles (`_apply`)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """Leaving the CPU, int4 weights are repacked in a plain layout: the CPU packing's layout is the
+        host's own and only its kernel reads it."""
+        if self.cpu_packed and fn(torch.zeros(1)).device.type != "cpu":
+            self.qweight = pack_nibbles(unpack_int4(self.qweight, self.out_features, self.in_features))
+            self.cpu_packed = False
+        return super()._apply(fn, recurse)
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
@@ -91,7 +113,8 @@ class QuantLinear(torch.nn.Linear):
         N, K = self.out_features, self.in_features
         if self.scheme == "int8":
             return self.qweight.to(self.scales.dtype) * self.scales[:, None]
-        q = unpack_int4(self.qweight, N, K).to(self.scales.dtype).reshape(N, K // GROUP, GROUP)
+        q = unpack_int4(self.qweight, N, K) if self.cpu_packed else unpack_nibbles(self.qweight)
+        q = q.to(self.scales.dtype).reshape(N, K // GROUP, GROUP)
         s, z = self.scales[..., 0].t()[..., None], self.scales[..., 1].t()[..., None]  # [N, K/32, 1]
         return ((q - 8) * s + z).reshape(N, K)
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from server.config import ModelConfig
 from server.engine.model_loader import load_base_model, native_bf16, resolve_dtype
-from server.engine.quant import QuantLinear, quantize_model
+from server.engine.quant import QuantLinear, pack_nibbles, quantize_int4, quantize_model, unpack_int4, unpack_nibbles
 from server.errors import ModelLoadError
 from tests.fixtures.make_fixtures import BF16_AH, MODEL_DIR
 from tests.helpers import (
@@ -56,8 +56,8 @@ def bf16_model():
 
 @pytest.mark.parametrize("name", PEFT_BF16)
 def test_bfloat16_rows_equal_peft_on_a_bfloat16_base(bf16_model, name):
-    """PEFT upcasts LoRA and (IA)3 to float32 over a bfloat16 base and casts the sum back (ADAPTERS.md
-    section 8), as the engine does, so the two agree bit for bit here, not just within bf16 noise;
+    """PEFT upcasts LoRA and (IA)3 to float32 over a bfloat16 base and casts the sum back (docs/adapters.md
+    §7), as the engine does, so the two agree bit for bit here, not just within bf16 noise;
     DoRA within one bfloat16 step of the logits (its magnitude scale is rounded at another point)."""
     ours = our_logits(bf16_model, name, "cpu", BF16)
     lib = peft_logits(tiny_model().to(BF16), name)
@@ -150,3 +150,14 @@ def test_nothing_folds_into_quantized_weights_and_adapter_info_says_so(tmp_path)
     run_until_done(e, cols)  # every row on one foldable adapter for 12 steps: would fold on a plain base
     assert e.slots.merged_slot is None and e.slots.methods["ia3"].merged_slot is None
     assert all(c.result.finish_reason == "length" for c in cols)
+
+
+def test_int4_weights_read_back_on_any_cpu_and_repack_plainly_for_other_devices():
+    """The CPU packing's layout is the host's own (AVX2 and AVX-512 differ): reading it back goes through
+    the kernel, and the plain layout used off the CPU holds the same values."""
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(128, 64, bias=False)
+    q = QuantLinear(lin, "int4", BF16)
+    vals = quantize_int4(lin.weight.detach())[0]
+    assert torch.equal(unpack_int4(q.qweight, 64, 128), vals)
+    assert torch.equal(unpack_nibbles(pack_nibbles(vals)), vals)
