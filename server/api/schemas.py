@@ -1,4 +1,4 @@
-"""Pydantic models at the HTTP edge: inputs validated here, outputs shaped here (API.md)."""
+"""Pydantic models at the HTTP edge: inputs validated here, outputs shaped here (docs/api.md §4-§6)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """AdapterHub `adapters` checkpoints: bottleneck (seq_bn, double_seq_bn, par_bn, ...), (IA)3, LoRA
-(ADAPTERS.md 2, 3, 7) and prefix tuning (section 9, in adapterhub_prefix.py)."""
+(docs/adapters.md §5, §3.3, §4.4) and prefix tuning (§6.3, in adapterhub_prefix.py)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ ACTIVATIONS = set(ACT2FN) | {"leakyrelu"}
 
 def _refuse(c: dict) -> None:
     """Options the library offers that we refuse rather than serve wrongly."""
-    if c.get("phm_layer"):  # Compacter: the PHM options whose exact meaning was checked (ADAPTERS.md 10)
+    if c.get("phm_layer"):  # Compacter: the PHM options whose exact meaning was checked (docs/adapters.md §5.5)
         for field, ok in (("factorized_phm_rule", False), ("shared_phm_rule", True), ("shared_W_phm", False),
                           ("factorized_phm_W", True), ("phm_bias", True), ("learn_phm", True)):
             if c.get(field, ok) != ok:
@@ -219,7 +219,7 @@ def _parse_ia3(meta: dict, files: dict[str, Path], base: BaseModelInfo) -> Adapt
     return AdapterWeights("ia3", "adapterhub", "ia3", IA3Weights(vectors), config=c)
 
 
-# AdapterHub's LoRA placement on Llama (ADAPTERS.md section 7): which Linears each flag wraps
+# AdapterHub's LoRA placement on Llama (docs/adapters.md §4.4): which Linears each flag wraps
 HUB_LORA_PLACES = {"selfattn_lora": ("self_attn", ("q", "k", "v")), "intermediate_lora": ("mlp", ("down",)),
                    "output_lora": ("mlp", ("up",))}
 
@@ -290,7 +290,7 @@ def _phm_dense(rule: torch.Tensor, w_left: torch.Tensor, w_right: torch.Tensor) 
 def _dense_from_phm(tensors: dict[str, torch.Tensor], c: dict, name: str, H: int, k: int
                     ) -> tuple[dict[str, torch.Tensor], int]:
     """Compacter's PHM layers rebuilt, once at load, into the dense bottleneck tensors they compute
-    (ADAPTERS.md section 10); also returns the number of trained PHM parameters."""
+    (docs/adapters.md §5.5); also returns the number of trained PHM parameters."""
     n = c.get("phm_dim", 4)
     rule_key = f"model.shared_parameters.{name}.phm_rule"
     rule = tensors.pop(rule_key, None)

@@ -1,4 +1,4 @@
-"""AdapterHub prefix tuning (ADAPTERS.md section 9): the saved prefix MLP (or flat tensor) evaluated once
+"""AdapterHub prefix tuning (docs/adapters.md §6.3): the saved prefix MLP (or flat tensor) evaluated once
 at load into every layer's keys and values. Unlike PEFT, real positions are not shifted by the prefix."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """HF PEFT (IA)3, LoRA, prompt, P- and prefix tuning: adapter_config.json + adapter_model.safetensors|.bin
-(ADAPTERS.md sections 1, 6, 8)."""
+(docs/adapters.md §3.2, §4.1-§4.3, §6)."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def parse(cfg: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeig
     return AdapterWeights(method="ia3", format="peft", variant="ia3", payload=IA3Weights(vectors), config=cfg)
 
 
-# LoRA options whose meaning we do not reproduce (ADAPTERS.md section 6): refused, naming the field.
+# LoRA options whose meaning we do not reproduce (docs/adapters.md §4.2): refused, naming the field.
 LORA_REFUSED = {
     "modules_to_save": "modules_to_save replaces whole modules (for example lm_head)",
     "trainable_token_indices": "trainable tokens replace embedding rows",
@@ -194,7 +194,7 @@ def _expect(cfg: dict, field: str, want: int, what: str) -> None:
 
 
 def parse_prompt(cfg: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
-    """PEFT prompt tuning, P-tuning and prefix tuning (ADAPTERS.md section 8): one tensor,
+    """PEFT prompt tuning, P-tuning and prefix tuning (docs/adapters.md §6.1, §6.2, §6.4): one tensor,
     `prompt_embeddings`, already the encoder's output for P-tuning and projected prefixes."""
     variant = PROMPT_VARIANTS[cfg["peft_type"]]
     n = cfg.get("num_virtual_tokens")

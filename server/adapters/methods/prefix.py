@@ -1,6 +1,6 @@
 """Prompt tuning, P-tuning and prefix tuning: key/value entries a row's KV cache holds before its prompt.
 
-All three reduce to the same thing at serving time (ADAPTERS.md sections 8 and 9):
+All three reduce to the same thing at serving time (docs/adapters.md §6):
 - prefix tuning saves, for N virtual positions, each layer's keys and values as they go into the
   cache (post-rotary: they are never rotated again);
 - prompt tuning and P-tuning save N input embeddings placed before the prompt. Attention is causal

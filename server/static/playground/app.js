@@ -1,4 +1,4 @@
-// adapter-server playground: plain JavaScript against the server's own HTTP API (API.md); no build step,
+// adapter-server playground: plain JavaScript against the server's own HTTP API (docs/api.md); no build step,
 // nothing fetched from elsewhere. The API key, when the server asks for one, lives in this tab's memory.
 "use strict";
 
