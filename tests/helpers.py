@@ -69,8 +69,8 @@ def full_logits(runner: ModelRunner, slots: AdapterSlots, ids: torch.Tensor, row
             runner.cache.write_prefix(b, p.keys, p.values)
     shifts = [0 if p is None else p.rope_shift for p in prefixes]
     dev = runner.device
-    return runner.forward(ids.to(dev), torch.tensor(starts, device=dev), torch.full((B,), T, device=dev), 0,
-                          slots.plan(row_slots), all_logits=True,
+    return runner.forward(ids.to(dev), start=torch.tensor(starts, device=dev), lengths=torch.full((B,), T, device=dev),
+                          row0=0, plan=slots.plan(row_slots), all_logits=True,
                           rope_shift=torch.tensor(shifts, device=dev) if any(shifts) else None)
 
 

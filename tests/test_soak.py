@@ -112,7 +112,7 @@ def test_soak_mixed_traffic_with_adapter_churn(tmp_path):
         rss_end = rss_mb()
         eng = s.services.engine
         deadline = time.time() + 10
-        while time.time() < deadline and (eng._running or eng._waiting):
+        while time.time() < deadline and (eng.rows.running or eng.rows.waiting):
             time.sleep(0.05)
         leaked_pins = {i["adapter_id"]: s.services.registry.record(i["adapter_id"]).pins for i in s.services.registry.infos()}
         report = {k: (len(v) if k == "failures" else v) for k, v in stats.items()}
@@ -125,7 +125,7 @@ def test_soak_mixed_traffic_with_adapter_churn(tmp_path):
         assert stats["failures"] == [], stats["failures"][:10]
         assert stats["requests"] >= SECONDS, report  # the soak really ran traffic
         assert stats["uploads"] > 5 and stats["deletes"] > 2
-        assert eng._running == [] and not eng._waiting
+        assert eng.rows.running == [] and not eng.rows.waiting
         assert all(p == 0 for p in leaked_pins.values()), leaked_pins
         assert rss_end - rss_start < RSS_BOUND_MB, report
     finally:

@@ -55,10 +55,12 @@ def _params(body: _OpenAIBase, default_max: int | None, seed: int | None, logpro
             top: int = 0, grammar: GrammarSpec | None = None) -> SamplingParams:
     """`default_max`: OpenAI's default when the client sets no limit (16 for completions; None, the server
     limit, for chat). The engine checks the lengths."""
-    return SamplingParams(body.max_completion_tokens or body.max_tokens, default_max, body.temperature, body.top_p,
-                          body.top_k, seed, body.stops(), body.ignore_eos, logprobs, top, body.presence_penalty,
-                          body.frequency_penalty, body.repetition_penalty, body.bias(), body.min_tokens,
-                          grammar or _response_format(body))
+    return SamplingParams(
+        max_new_tokens=body.max_completion_tokens or body.max_tokens, default_new_tokens=default_max,
+        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=seed, stop=body.stops(),
+        ignore_eos=body.ignore_eos, logprobs=logprobs, top_logprobs=top, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+        logit_bias=body.bias(), min_tokens=body.min_tokens, grammar=grammar or _response_format(body))
 
 
 def _response_format(body: _OpenAIBase) -> GrammarSpec | None:

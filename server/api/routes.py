@@ -1,4 +1,4 @@
-"""Native routes: /generate, /adapters, /health, /metrics (API.md). Handlers validate, delegate, shape."""
+"""Native routes: /generate, /adapters, /health, /metrics (docs/api.md §4, §5, §8). Handlers validate, delegate, shape."""
 
 from __future__ import annotations
 
@@ -28,10 +28,11 @@ router = APIRouter()
 def params_of(body: GenerateIn) -> SamplingParams:
     """The engine checks lengths: an explicit max_new_tokens over the limit is refused, the default capped."""
     asked = body.max_new_tokens if "max_new_tokens" in body.model_fields_set else None
-    return SamplingParams(asked, GenerateIn.model_fields["max_new_tokens"].default, body.temperature, body.top_p,
-                          body.top_k, body.seed, tuple(body.stop), body.ignore_eos, body.logprobs,
-                          presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                          repetition_penalty=body.repetition_penalty, grammar=_grammar(body))
+    return SamplingParams(
+        max_new_tokens=asked, default_new_tokens=GenerateIn.model_fields["max_new_tokens"].default,
+        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=tuple(body.stop),
+        ignore_eos=body.ignore_eos, logprobs=body.logprobs, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty, grammar=_grammar(body))
 
 
 def _grammar(body: GenerateIn) -> tuple[str, str] | None:

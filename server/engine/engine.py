@@ -21,8 +21,7 @@ import queue
 import random
 import threading
 import time
-from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 
 import torch
@@ -38,7 +37,6 @@ from ..errors import (
     GenerationFailedError,
     InvalidRequestError,
     NotReadyError,
-    OverloadedError,
     RequestTimeoutError,
 )
 from ..metrics import Metrics
@@ -48,6 +46,7 @@ from .merge import MergePolicy
 from .model_loader import LoadedModel
 from .model_runner import ModelRunner
 from .passes import Passes, PromptScore
+from .rows import Rows
 from .sampling import RowSampling, sample_rows
 from .scheduler import Scheduler
 from .sequence import RequestHandle, Retire, Seq, Sink
@@ -98,14 +97,10 @@ class Engine:
         self._eos_tuple = tuple(sorted(self.eos))  # what min_tokens bans, handed to the sampler each step
         self._inbox: queue.SimpleQueue[list[Seq] | Retire] = queue.SimpleQueue()
         registry.on_retire(self._retired)
-        self._waiting: deque[Seq] = deque()
-        self._running: list[Seq] = []  # index == KV cache row
-        self._prefilling: Seq | None = None  # a long prompt part-way through chunked prefill, in row len(_running)
+        self.rows = Rows(self.runner.cache, cfg.max_queue)  # waiting, running and chunked rows; the queue count
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._queued = 0  # inbox + waiting, for the bounded queue
-        self._qlock = threading.Lock()
         self.steps = 0
         self.decode_steps = 0
 
@@ -179,7 +174,7 @@ class Engine:
             for seq in seqs:
                 if seq.ref is not None:
                     self.registry.release(seq.ref)
-                self._dequeued()
+                self.rows.unreserve()
             raise
         self._inbox.put(seqs)
         self._wake.set()
@@ -190,10 +185,7 @@ class Engine:
         p = req.params
         max_new = self.check(len(req.prompt_ids), p)
         matcher = self.grammars.matcher(p.grammar) if p.grammar is not None else None  # a bad grammar: 400 here
-        with self._qlock:
-            if self._queued >= self.cfg.max_queue:
-                raise OverloadedError(f"{self._queued} requests are queued (limit {self.cfg.max_queue}); retry later")
-            self._queued += 1
+        self.rows.reserve()
         try:
             ref = self.registry.acquire(req.adapter_id) if req.adapter_id is not None else None
             if ref is not None and ref.virtual_tokens:
@@ -203,22 +195,18 @@ class Engine:
                     self.registry.release(ref)
                     raise
         except BaseException:
-            self._dequeued()
+            self.rows.unreserve()
             raise
         now = time.perf_counter()
         seed = p.seed if p.seed is not None else random.getrandbits(63)
         return Seq(req, sink, ref, TextStream(self.tokenizer, p.stop), seed, max_new, now,
-                   now + self.cfg.request_timeout_s, label(ref.method if ref else None),
+                   now + self.cfg.request_timeout_s, ref.method if ref else None,
                    prefix_len=ref.virtual_tokens if ref else 0, matcher=matcher)
 
     def _retired(self, key: Key) -> None:
         """Any thread: the registry replaced or deleted a version; the engine thread clears its slot."""
         self._inbox.put(Retire(key))
         self._wake.set()
-
-    def _dequeued(self) -> None:
-        with self._qlock:
-            self._queued -= 1
 
     # -- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -232,48 +220,43 @@ class Engine:
             if not worked:
                 self._wake.wait(0.05)
                 self._wake.clear()
-        for s in [*self._running, *self._waiting, *self._chunking()]:
+        for s in [*self.rows.batch(), *self.rows.waiting]:
             self._fail(s, NotReadyError("the server is shutting down; retry on another replica or later"))
 
     def step(self) -> bool:
         """One iteration; False when there was nothing to do."""
         self._drain()
-        joined: list[Seq] = []
-        if self._prefilling is None:
-            adm = self.scheduler.admit(self._waiting, self._running, self._grant)
-            for s in [*adm.joined, *([adm.chunked] if adm.chunked else [])]:
-                self._dequeued()
-                s.t_admit = time.perf_counter()
-            joined, self._prefilling = adm.joined, adm.chunked
+        rows, joined = self.rows, []
+        if rows.chunking is None:
+            adm = self.scheduler.admit(rows.waiting, rows.running, self._grant)
+            rows.admitted(adm.joined, adm.chunked)
+            joined = adm.joined
         if joined:
-            self._pass(joined, "prefill")
-        chunked = self._prefilling is not None
-        if self._prefilling is not None:
-            self._pass([self._prefilling], "chunk")
-        if self._running:
-            self._pass(list(self._running), "decode")
+            self._prefill(joined)
+        chunked = rows.chunking is not None
+        if rows.chunking is not None:
+            self._chunk(rows.chunking)
+        if rows.running:
+            self._decode()
         self._publish_load()
-        return bool(joined or chunked or self._running)
+        return bool(joined or chunked or rows.running)
 
     def load(self) -> tuple[int, int]:
         """(rows in the batch, requests queued): read from any thread, for routing."""
-        return len(self._running) + (self._prefilling is not None), self._queued  # submitted, not yet admitted
+        return self.rows.load()
 
     def _publish_load(self) -> None:
         """Queue and batch state for the metrics, vLLM's names included."""
-        m, batch = self.metrics, [*self._running, *self._chunking()]
-        m.queue_depth.set(len(self._waiting))
-        m.vllm_waiting.set(len(self._waiting))
+        m, batch, waiting = self.metrics, self.rows.batch(), self.rows.waiting
+        m.queue_depth.set(len(waiting))
+        m.vllm_waiting.set(len(waiting))
         m.vllm_running.set(len(batch))
         m.vllm_kv_usage.set(min(1.0, sum(s.cache_len for s in batch) / self.cfg.kv_cache_tokens))
 
         def ids(seqs: Iterable[Seq]) -> list[str]:
             return sorted({s.req.adapter_id for s in seqs if s.req.adapter_id is not None})
 
-        m.set_lora_info(self.cfg.device_slots, ids(batch), ids(self._waiting))
-
-    def _chunking(self) -> list[Seq]:
-        return [self._prefilling] if self._prefilling is not None else []
+        m.set_lora_info(self.cfg.device_slots, ids(batch), ids(waiting))
 
     def _drain(self) -> None:
         """Take what the inbox holds; end requests that were cancelled or ran out of time."""
@@ -285,13 +268,12 @@ class Engine:
             if isinstance(item, Retire):
                 self.adapters.retire(item.key)
             else:
-                self._waiting.extend(item)
+                self.rows.enqueue(item)
         now = time.perf_counter()
-        for s in [s for s in self._waiting if s.cancelled or now > s.deadline]:
-            self._waiting.remove(s)
-            self._dequeued()
+        for s in [s for s in self.rows.waiting if s.cancelled or now > s.deadline]:
+            self.rows.drop_waiting(s)
             self._end_early(s)
-        for s in [s for s in [*self._running, *self._chunking()] if s.cancelled or now > s.deadline]:
+        for s in [s for s in self.rows.batch() if s.cancelled or now > s.deadline]:
             self._end_early(s)
 
     def _end_early(self, s: Seq) -> None:
@@ -311,59 +293,86 @@ class Engine:
         s.slot, written = grant
         if written:
             self.metrics.load.labels("host").observe(time.perf_counter() - t0)
+        held = p.length if (p := self.slots.prefix(s.slot)) is not None else 0
+        if held != s.prefix_len:  # the manifest sized the request, the slot's entries place it: they must agree
+            self.rows.drop_waiting(s)
+            self._fail(s, GenerationFailedError(f"adapter {s.ref.adapter_id!r}: its manifest says {s.prefix_len} "
+                                                f"virtual tokens, its weights hold {held}"))
+            return False
         return True
 
     def _resident_changed(self, keys: frozenset[Key]) -> None:
         self.registry.set_resident(keys)
         self.metrics.adapter_device_bytes.set(self.adapters.device_bytes())
 
-    def _used(self) -> tuple[int, int]:
-        """Cache rows in use (running, then the one prefilled in chunks) and the longest row's length."""
-        rows = [*self._running, *self._chunking()]
-        return len(rows), max((r.cache_len for r in rows), default=0)
+    # -- the three steps ----------------------------------------------------------------------
+    def _prefill(self, seqs: list[Seq]) -> None:
+        """Newly admitted rows' whole prompts, in the cache rows after the running ones; they join the batch."""
+        self.merge.reconcile([*self.rows.running, *seqs])
+        out = self._forward("prefill", seqs, lambda: self.passes.prefill(seqs, self.rows))
+        if out is None:
+            return
+        (logits, scores), t0 = out
+        self._add_scores(seqs, scores)
+        self.rows.join(seqs)
+        for s in seqs:
+            s.cache_len = s.context_len
+        self._sample_and_emit(seqs, logits, t0)
 
-    # -- one forward pass ---------------------------------------------------------------------
-    def _pass(self, seqs: list[Seq], kind: str) -> None:
-        """Run one pass over `seqs` ("prefill", "chunk" or "decode"), then sample and emit for its rows.
-        A failed pass fails every row in it; a failed row fails alone."""
-        self.merge.reconcile([*self._running, *seqs] if kind != "decode" else seqs)
+    def _chunk(self, s: Seq) -> None:
+        """The next chunk of the long prompt in row len(running); after its last chunk the row joins the batch."""
+        self.merge.reconcile([*self.rows.running, s])
+        size = min(self.cfg.prefill_token_budget, s.prompt_len - s.prompt_done)
+        out = self._forward("chunk", [s], lambda: self.passes.chunk(s, size, self.rows))
+        if out is None:
+            return
+        (logits, scores), t0 = out
+        self._add_scores([s], scores)
+        if s.prompt_done + size < s.prompt_len:  # not the last chunk: nothing to sample
+            s.cache_len = s.prefix_len + s.prompt_done + size
+            self._record_step([s], time.perf_counter() - t0)
+            return
+        self.rows.chunk_done()
+        s.cache_len = s.context_len
+        self._sample_and_emit([s], logits, t0)
+
+    def _decode(self) -> None:
+        """One new token for every running row."""
+        seqs = list(self.rows.running)
+        self.merge.reconcile(seqs)
+        out = self._forward("decode", seqs, lambda: (self.passes.decode(seqs, self.rows), {}))
+        if out is None:
+            return
+        (logits, _), t0 = out
+        self.decode_steps += 1
+        for s in seqs:
+            s.cache_len += 1
+        self._sample_and_emit(seqs, logits, t0)
+
+    def _forward(self, kind: str, seqs: list[Seq], run: Callable[[], tuple[torch.Tensor, dict[int, list[PromptScore]]]]
+                 ) -> tuple[tuple[torch.Tensor, dict[int, list[PromptScore]]], float] | None:
+        """One forward pass and when it started; a failed pass fails every row in it (None)."""
         t0 = time.perf_counter()
-        size = 0
         try:
-            scores: dict[int, list[PromptScore]] = {}
-            if kind == "prefill":
-                logits, scores = self.passes.prefill(seqs, self._running, self._used())
-            elif kind == "chunk":
-                s = seqs[0]
-                size = min(self.cfg.prefill_token_budget, s.prompt_len - s.prompt_done)
-                logits, scores = self.passes.chunk(s, size, self._running, self._used())
-            else:
-                logits = self.passes.decode(seqs, self._used())
+            return run(), t0
         except Exception as e:
             log.exception("%s pass failed for %d rows", kind, len(seqs))
             for s in seqs:
                 self._fail(s, GenerationFailedError(f"forward pass failed: {e}"))
-            return
+            return None
+
+    @staticmethod
+    def _add_scores(seqs: list[Seq], scores: dict[int, list[PromptScore]]) -> None:
         for i, part in scores.items():
             seqs[i].prompt_scores.extend(part)
-        if kind == "chunk" and seqs[0].prompt_done + size < seqs[0].prompt_len:
-            seqs[0].cache_len = seqs[0].prefix_len + seqs[0].prompt_done + size  # not the last chunk: nothing to sample
-            self._record_step(seqs, time.perf_counter() - t0)
-            return
+
+    def _sample_and_emit(self, seqs: list[Seq], logits: torch.Tensor, t0: float) -> None:
+        """Sample each row's next token from `logits` [rows, V] and emit it; a failed row fails alone.
+        Every row's cache length is already current: finishing a row moves another row's cache."""
         rows = [RowSampling(s.req.params, s.seed, len(s.tokens), s.req.prompt_ids, s.tokens,
                             () if s.req.params.ignore_eos else self._eos_tuple, s.matcher) for s in seqs]
         got, errors = sample_rows(logits, rows, any(s.req.params.logprobs for s in seqs))
         self._record_step(seqs, time.perf_counter() - t0)
-        if kind == "decode":
-            self.decode_steps += 1
-        elif kind == "chunk":
-            self._prefilling = None
-            self._running.append(seqs[0])  # its row is already len(_running)
-        else:
-            self._running.extend(seqs)
-        for s in seqs:  # every row's length first: finishing a row moves another row's cache
-            s.cache_len = s.cache_len + 1 if kind == "decode" else s.context_len
-            s.adapter_type = self.slots.adapter_type(s.slot)
         for i, s in enumerate(seqs):
             if (err := errors[i]) is not None:
                 self._fail(s, err)
@@ -407,19 +416,13 @@ class Engine:
             self._finish(s, reason)
 
     # -- leaving ------------------------------------------------------------------------------
+    def _label(self, s: Seq) -> str:
+        """The request's metric label now: the slots know whether its adapter is folded in."""
+        return self.slots.adapter_type(s.slot) if s.slot else label(s.method)
+
     def _leave(self, s: Seq) -> None:
         """Free whatever the request holds: its cache row (packing the rows), its slot row, its pin."""
-        if s is self._prefilling:
-            self._prefilling = None  # its row is past the running rows: nothing to move
-        if s in self._running:
-            i, last = self._running.index(s), len(self._running) - 1
-            if i != last:
-                moved = self._running[last]
-                self.runner.cache.move_row(last, i, moved.cache_len)
-                self._running[i] = moved
-            self._running.pop()
-            if self._prefilling is not None:  # keep it right after the running rows
-                self.runner.cache.move_row(last + 1, last, self._prefilling.cache_len)
+        self.rows.leave(s)
         if s.slot:
             self.adapters.release(s.slot)
             s.slot = 0
@@ -430,12 +433,14 @@ class Engine:
 
     def _fail(self, s: Seq, err: AdapterServerError) -> None:
         """The request ends with a typed error: it leaves its row, is counted, and its sink gets the error."""
+        t = self._label(s)
         self._leave(s)
-        self.metrics.requests.labels(s.adapter_type, "error").inc()
+        self.metrics.requests.labels(t, "error").inc()
         s.sink(err)
 
     def _finish(self, s: Seq, reason: FinishReason) -> None:
         """The request ends normally (stop, length) or by its own cancel: one GenerationResult."""
+        t = self._label(s)
         self._leave(s)
         now = time.perf_counter()
         first = s.t_first or now
@@ -444,11 +449,11 @@ class Engine:
             token_ids=tuple(s.tokens), finish_reason=reason, prompt_tokens=s.prompt_len,
             logprobs=tuple(s.logprobs) if s.req.params.logprobs else None,
             timings=Timings((s.t_admit or now) - s.t_arrival, first - s.t_arrival, now - s.t_arrival),
-            adapter_type=s.adapter_type,
+            adapter_type=t,
             top_logprobs=tuple(s.top_logprobs) if s.req.params.logprobs and s.req.params.top_logprobs else None,
             prompt_logprobs=tuple(s.prompt_scores) if s.req.params.prompt_logprobs is not None else None,
         )
-        m, t = self.metrics, s.adapter_type
+        m = self.metrics
         status = "cancelled" if reason == "cancelled" else "ok"
         m.requests.labels(t, status).inc()
         if status == "ok":

@@ -94,15 +94,16 @@ class ModelRunner:
             m &= j > q[:, :, None] - window
         return m[:, None]
 
-    def forward(self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, row0: int,
+    def forward(self, input_ids: torch.Tensor, *, start: torch.Tensor, lengths: torch.Tensor, row0: int,
                 plan: BatchPlan, all_logits: bool = False, kv_len: int | None = None,
                 start0: int | None = None, rope_shift: torch.Tensor | None = None) -> torch.Tensor:
         """`forward_full` without the extra rows' logits."""
-        return self.forward_full(input_ids, start, lengths, row0, plan, all_logits, kv_len, start0, rope_shift)[0]
+        return self.forward_full(input_ids, start=start, lengths=lengths, row0=row0, plan=plan, all_logits=all_logits,
+                                 kv_len=kv_len, start0=start0, rope_shift=rope_shift)[0]
 
     @cpu_kernels
     @torch.inference_mode()
-    def forward_full(self, input_ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, row0: int,
+    def forward_full(self, input_ids: torch.Tensor, *, start: torch.Tensor, lengths: torch.Tensor, row0: int,
                      plan: BatchPlan, all_logits: bool = False, kv_len: int | None = None,
                      start0: int | None = None, rope_shift: torch.Tensor | None = None,
                      full_rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -2,8 +2,8 @@
 
 Three kinds: a prefill of newly admitted rows (right-padded, in the rows after the running ones), a
 chunk of a long prompt (in the row after the running ones), and a decode step of the running rows,
-replayed from a CUDA graph where one is captured, else eager. The engine decides which rows; this
-module only turns them into tensors and logits [rows, V] float32.
+replayed from a CUDA graph where one is captured, else eager. The engine decides which rows, and
+`rows.Rows` where they sit; this module only turns them into tensors and logits [rows, V] float32.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from ..adapters.slots import AdapterSlots
 from .graphs import DecodeGraphs
 from .model_runner import ModelRunner
+from .rows import Rows
 from .sequence import Seq
 from .types import TopLogprobs
 
@@ -39,9 +40,11 @@ class Passes:
         self.runner, self.slots, self.graphs = runner, slots, graphs
         self.device = runner.device
 
-    def _fit(self, rows: int, needed: int, used: tuple[int, int]) -> None:
-        """Make the cache hold `rows` rows reaching `needed` positions, keeping the `used` (rows, length)."""
-        self.runner.cache.fit(rows, needed, *used)
+    def _fit(self, rows: Rows, extra: int, needed: int) -> None:
+        """Make the cache hold the rows in use and `extra` more, reaching `needed` positions (at least what
+        the running rows reach), keeping what the rows in use hold."""
+        used = rows.used()
+        self.runner.cache.fit(used[0] + extra, max(needed, rows.reach()), *used)
 
     def _prefixes(self, seqs: list[Seq], row0: int) -> list[int]:
         """Copy each new row's adapter prefix (prompt and prefix tuning) into its cache row; the rotary
@@ -57,13 +60,12 @@ class Passes:
     def _shifts(self, seqs: list[Seq]) -> list[int]:
         return [p.rope_shift if (p := self.slots.prefix(s.slot)) is not None else 0 for s in seqs]
 
-    def prefill(self, seqs: list[Seq], running: list[Seq], used: tuple[int, int]
-                ) -> tuple[torch.Tensor, dict[int, list[PromptScore]]]:
-        """The whole prompts of new rows, in cache rows len(running).. on, each after its adapter's prefix.
+    def prefill(self, seqs: list[Seq], rows: Rows) -> tuple[torch.Tensor, dict[int, list[PromptScore]]]:
+        """The whole prompts of new rows, in cache rows rows.next_row.. on, each after its adapter's prefix.
         Rows with the same prompt, adapter slot and prefix (the `n` choices of one request) are computed
         once: the first of them is run, and its cache row copied to the others."""
-        B, row0 = len(seqs), len(running)
-        first: dict[tuple, int] = {}
+        B, row0 = len(seqs), rows.next_row
+        first: dict[tuple[tuple[int, ...], int, int], int] = {}
         lead = [first.setdefault((s.req.prompt_ids, s.slot, s.prefix_len), i) for i, s in enumerate(seqs)]
         uniq = [i for i in range(B) if lead[i] == i]
         at = {i: k for k, i in enumerate(uniq)}  # computed into rows row0 + k; each row i must end in row0 + i
@@ -71,7 +73,7 @@ class Passes:
         for j, s in enumerate(seqs):
             if (k := s.req.params.prompt_logprobs) is not None:
                 want[lead[j]] = max(want.get(lead[j], 0), k)
-        logits, full = self._prefill([seqs[i] for i in uniq], running, used, B, [at[i] for i in want])
+        logits, full = self._prefill([seqs[i] for i in uniq], rows, B, [at[i] for i in want])
         scores: dict[int, list[PromptScore]] = {}
         for r, (i, k) in enumerate(want.items()):
             got = prompt_scores(full[r, : seqs[i].prompt_len], seqs[i].req.prompt_ids, 0, k)  # type: ignore[index]
@@ -84,11 +86,11 @@ class Passes:
                 self.runner.cache.move_row(row0 + src, row0 + i, s.prefix_len + s.prompt_len)
         return logits[torch.tensor([at[lead[i]] for i in range(B)], device=logits.device)], scores
 
-    def _prefill(self, seqs: list[Seq], running: list[Seq], used: tuple[int, int], rows: int, scored: list[int]
+    def _prefill(self, seqs: list[Seq], rows: Rows, new_rows: int, scored: list[int]
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`seqs` in rows len(running).. on, with room made for `rows` new rows; every position's logits of
-        the rows `scored` too."""
-        B, dev, row0 = len(seqs), self.device, len(running)
+        """`seqs` in rows rows.next_row.. on, with room made for `new_rows` new rows; every position's logits
+        of the rows `scored` too."""
+        B, dev, row0 = len(seqs), self.device, rows.next_row
         lens = [s.prompt_len for s in seqs]
         starts = [s.prefix_len for s in seqs]
         T = max(lens)
@@ -97,33 +99,34 @@ class Passes:
             ids[i, : lens[i]] = torch.tensor(s.req.prompt_ids)
         same = all(a == starts[0] for a in starts)  # else the runner writes only the real tokens
         reach = [starts[0] + T] if same else [a + n for a, n in zip(starts, lens, strict=True)]
-        self._fit(used[0] + rows, max(reach + [s.cache_len + 1 for s in running]), used)
+        self._fit(rows, new_rows, max(reach))
         shifts = self._prefixes(seqs, row0)
-        args = (ids.to(dev), torch.tensor(starts, device=dev), torch.tensor(lens, device=dev), row0,
-                self.slots.plan([s.slot for s in seqs]), False, max(a + n for a, n in zip(starts, lens, strict=True)),
-                starts[0] if same else None, torch.tensor(shifts, device=dev) if any(shifts) else None)
+        args = dict(start=torch.tensor(starts, device=dev), lengths=torch.tensor(lens, device=dev), row0=row0,
+                    plan=self.slots.plan([s.slot for s in seqs]),
+                    kv_len=max(a + n for a, n in zip(starts, lens, strict=True)), start0=starts[0] if same else None,
+                    rope_shift=torch.tensor(shifts, device=dev) if any(shifts) else None)
         if not scored:
-            return self.runner.forward(*args), None
-        return self.runner.forward_full(*args, full_rows=scored)
+            return self.runner.forward(ids.to(dev), **args), None  # type: ignore[arg-type]
+        return self.runner.forward_full(ids.to(dev), **args, full_rows=scored)  # type: ignore[arg-type]
 
-    def chunk(self, s: Seq, size: int, running: list[Seq], used: tuple[int, int]
-              ) -> tuple[torch.Tensor, dict[int, list[PromptScore]]]:
-        """The next `size` prompt tokens of a long prompt, in cache row len(running), after what it holds
+    def chunk(self, s: Seq, size: int, rows: Rows) -> tuple[torch.Tensor, dict[int, list[PromptScore]]]:
+        """The next `size` prompt tokens of a long prompt, in cache row rows.next_row, after what it holds
         (the first chunk after the adapter's prefix)."""
         done, dev = s.prompt_done, self.device
         c0 = s.prefix_len + done
-        self._fit(used[0], max([c0 + size] + [r.cache_len + 1 for r in running]), used)
-        shift = self._prefixes([s], len(running))[0]
-        args = (torch.tensor([s.req.prompt_ids[done : done + size]], device=dev), torch.tensor([c0], device=dev),
-                torch.tensor([size], device=dev), len(running), self.slots.plan([s.slot]), False, c0 + size, c0,
-                torch.tensor([shift], device=dev) if shift else None)
+        self._fit(rows, 0, c0 + size)
+        shift = self._prefixes([s], rows.next_row)[0]
+        ids = torch.tensor([s.req.prompt_ids[done : done + size]], device=dev)
+        args = dict(start=torch.tensor([c0], device=dev), lengths=torch.tensor([size], device=dev), row0=rows.next_row,
+                    plan=self.slots.plan([s.slot]), kv_len=c0 + size, start0=c0,
+                    rope_shift=torch.tensor([shift], device=dev) if shift else None)
         k = s.req.params.prompt_logprobs
         if k is None:
-            return self.runner.forward(*args), {}
-        logits, full = self.runner.forward_full(*args, full_rows=[0])
+            return self.runner.forward(ids, **args), {}  # type: ignore[arg-type]
+        logits, full = self.runner.forward_full(ids, **args, full_rows=[0])  # type: ignore[arg-type]
         return logits, {0: prompt_scores(full[0], s.req.prompt_ids, done, k)}  # type: ignore[index]
 
-    def decode(self, seqs: list[Seq], used: tuple[int, int]) -> torch.Tensor:
+    def decode(self, seqs: list[Seq], rows: Rows) -> torch.Tensor:
         """One new token for each running row (rows 0..n-1), each at its own position."""
         slots = [s.slot for s in seqs]
         pos = [s.cache_len for s in seqs]
@@ -133,9 +136,10 @@ class Passes:
             rope = [p + d for p, d in zip(pos, shift, strict=True)] if any(shift) else None
             return self.graphs.run([s.tokens[-1] for s in seqs], pos, slots, key, rope)
         dev = self.device
-        self._fit(used[0], needed, used)
+        self._fit(rows, 0, needed)
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=dev)  # [B, 1]
-        return self.runner.forward(ids, torch.tensor(pos, device=dev), torch.ones(len(seqs), dtype=torch.long, device=dev),
-                                   0, self.slots.plan(slots), kv_len=needed,
+        return self.runner.forward(ids, start=torch.tensor(pos, device=dev),
+                                   lengths=torch.ones(len(seqs), dtype=torch.long, device=dev), row0=0,
+                                   plan=self.slots.plan(slots), kv_len=needed,
                                    start0=pos[0] if all(p == pos[0] for p in pos) else None,
                                    rope_shift=torch.tensor(shift, device=dev) if any(shift) else None)

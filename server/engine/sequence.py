@@ -25,7 +25,7 @@ class Seq:
     max_new: int
     t_arrival: float
     deadline: float
-    adapter_type: str  # the metric label, known at submit from the pinned adapter
+    method: str | None  # the pinned adapter's method (None: the bare model); its label is the slots' to give
     slot: int = 0  # the device slot granted at admission (0: no adapter, or not admitted yet)
     prefix_len: int = 0  # KV entries its adapter puts before the prompt (prompt and prefix tuning)
     cache_len: int = 0  # positions of its KV cache row written so far (prefix included)

@@ -9,8 +9,10 @@ FinishReason = Literal["stop", "length", "cancelled"]  # failures are exceptions
 GrammarSpec = tuple[str, str]  # structured output: (kind, text), see engine/grammar.py
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SamplingParams:
+    """How one request samples. Keyword-only: several fields share a type, so a swap would pass silently."""
+
     max_new_tokens: int | None = None  # what the client asked for; None: it did not ask
     default_new_tokens: int | None = None  # the API's own default then (capped by the server limit); None: the limit
     temperature: float = 0.0

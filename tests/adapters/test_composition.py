@@ -60,8 +60,8 @@ def logits(plans: list[MethodPlan]) -> torch.Tensor:
     ids = input_ids()[:1].repeat(4, 1)
     B, T = ids.shape
     runner.cache.fit(B, T, 0, 0)
-    return runner.forward(ids, torch.zeros(B, dtype=torch.long), torch.full((B,), T), 0, BatchPlan((), plans),
-                          all_logits=True)
+    return runner.forward(ids, start=torch.zeros(B, dtype=torch.long), lengths=torch.full((B,), T), row0=0,
+                          plan=BatchPlan((), plans), all_logits=True)
 
 
 def test_two_methods_on_one_linear_both_run():

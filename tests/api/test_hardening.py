@@ -186,7 +186,7 @@ def test_request_timeout_is_504_and_frees_the_row(tmp_path):
         r = httpx.post(s.url + "/generate", json={"prompt": "slow", "max_new_tokens": 500, "ignore_eos": True}, timeout=60)
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
         eng = s.services.engine
-        assert eng._running == [] and len(eng._waiting) == 0
+        assert eng.rows.running == [] and len(eng.rows.waiting) == 0
         assert httpx.post(s.url + "/generate", json={"prompt": "quick", "max_new_tokens": 2}).status_code == 200
     finally:
         s.close()
@@ -202,9 +202,9 @@ def test_client_disconnect_cancels_and_frees(live):
             if line.startswith("data:"):
                 break  # one token, then hang up
     deadline = time.time() + 10
-    while time.time() < deadline and (eng._running or live.services.registry.record("good").pins):
+    while time.time() < deadline and (eng.rows.running or live.services.registry.record("good").pins):
         time.sleep(0.05)
-    assert eng._running == [] and live.services.registry.record("good").pins == 0
+    assert eng.rows.running == [] and live.services.registry.record("good").pins == 0
     # either it was cancelled, or it had already finished; with 64 tokens on this model, cancelled
     assert m.requests.labels("bottleneck", "cancelled")._value.get() >= before
 
@@ -221,7 +221,7 @@ def test_kv_and_adapter_memory_stay_within_limits(tmp_path):
             t0 = time.time()
             while time.time() - t0 < 30 and not done:
                 peak["kv"] = max(peak["kv"], eng.runner.cache.rows * eng.runner.cache.cap)
-                peak["rows"] = max(peak["rows"], len(eng._running))
+                peak["rows"] = max(peak["rows"], len(eng.rows.running))
                 time.sleep(0.002)
 
         done = False

@@ -76,10 +76,10 @@ def test_cancel_during_chunked_prefill_frees_the_row_and_the_pin(tmp_path):
     c = Collector()
     h = e.submit(req(e, 0, "seq_bn", LONG, max_new_tokens=8), c)
     e.step()
-    assert e._prefilling is not None
+    assert e.rows.chunking is not None
     h.cancel()
     e.step()
-    assert e._prefilling is None and isinstance(c.result, GenerationResult) and c.result.finish_reason == "cancelled"
+    assert e.rows.chunking is None and isinstance(c.result, GenerationResult) and c.result.finish_reason == "cancelled"
     assert e.registry.record("seq_bn").pins == 0
     after = Collector()
     e.submit(req(e, 1, "seq_bn", "hello world", max_new_tokens=4), after)

@@ -103,7 +103,7 @@ def test_cancel_frees_the_row(engine):
     h.cancel()
     run_until_done(engine, [c])
     assert c.result.finish_reason == "cancelled"
-    assert engine._running == [] and engine.registry.record("seq_bn").pins == 0
+    assert engine.rows.running == [] and engine.registry.record("seq_bn").pins == 0
 
 
 def test_requests_are_counted_under_their_adapter_type_whatever_their_fate(engine):
@@ -187,7 +187,7 @@ def test_vllm_load_metrics_say_what_runs_and_what_waits(tmp_path):
     (sample,) = [s for s in m.vllm_lora.collect()[0].samples]
     assert sample.labels == {"max_lora": "4", "running_lora_adapters": "lora_qv,prefix_tuning",
                              "waiting_lora_adapters": "seq_bn"}
-    used = sum(s.cache_len for s in e._running)
+    used = sum(s.cache_len for s in e.rows.running)
     assert used > 6 and m.vllm_kv_usage._value.get() == pytest.approx(used / e.cfg.kv_cache_tokens)
     run_until_done(e, cols)
     assert m.vllm_running._value.get() == 0 and m.vllm_waiting._value.get() == 0

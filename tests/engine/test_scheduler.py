@@ -11,7 +11,7 @@ from server.engine.types import GenerationRequest
 
 def seq(i: int, n: int, new: int = 10, adapter: str | None = None) -> Seq:
     return Seq(GenerationRequest(f"r{i}", tuple(range(1, n + 1)), adapter), sink=lambda ev: None, ref=None,
-               stream=None, seed=0, max_new=new, t_arrival=0.0, deadline=1e9, adapter_type="none")  # type: ignore[arg-type]
+               stream=None, seed=0, max_new=new, t_arrival=0.0, deadline=1e9, method=None)  # type: ignore[arg-type]
 
 
 def sched(rows: int = 4, budget: int = 100, kv: int = 10_000) -> Scheduler:
