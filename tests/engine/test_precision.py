@@ -19,7 +19,14 @@ from safetensors.torch import load_file
 
 from server.config import ModelConfig
 from server.engine.model_loader import load_base_model, native_bf16, resolve_dtype
-from server.engine.quant import QuantLinear, pack_nibbles, quantize_int4, quantize_model, unpack_int4, unpack_nibbles
+from server.engine.quant import (
+    QuantLinear,
+    pack_nibbles,
+    quantize_int4,
+    quantize_model,
+    unpack_int4,
+    unpack_nibbles,
+)
 from server.errors import ModelLoadError
 from tests.fixtures.make_fixtures import BF16_AH, MODEL_DIR
 from tests.helpers import (
