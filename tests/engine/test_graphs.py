@@ -199,7 +199,7 @@ def test_slot_layouts_shrink_when_the_widest_adapter_leaves(tmp_path):
     lora = e.slots.methods["lora"]
 
     def widths() -> set[int]:
-        return {st.R for st in (lora._static or {}).values()}
+        return {st.R for st in lora.static.current().values()}
 
     run_mixed(e, [("wide", PROMPTS[0]), ("a", PROMPTS[1])])
     assert widths() == {32}

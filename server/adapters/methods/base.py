@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -107,13 +107,6 @@ class Routing:
         """Whether to gather the batch's distinct blocks (a copy: about three times their bytes moved)
         rather than take one product over every slot's block in place (each slot's bytes once)."""
         return 3 * self.uniq.shape[0] < num_slots
-
-
-def outgrown(padded: int, widths: Iterable[int]) -> bool:
-    """Whether a static layout padded to `padded` should be rebuilt for the blocks left at a site (their
-    ranks or widths): when the widest is at most half the padding. Halving, not any shrink, so an
-    adapter that comes and goes does not rebuild the layout every time."""
-    return 2 * max(widths, default=0) <= padded
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ from transformers.activations import get_activation
 from ...compiled import Compiled
 from ..families import Method
 from ..spec import AdapterWeights, Location
-from .base import AdapterMethod, MethodPlan, Routing, SlotContext, StepTimer, outgrown
+from .base import AdapterMethod, MethodPlan, Routing, SlotContext, StepTimer
+from .layout import StaticLayout
 
 
 @dataclass(frozen=True)
@@ -315,10 +316,9 @@ class BottleneckMethod(AdapterMethod):
         self.sites: dict[tuple[int, Location], dict[int, _Block]] = {}
         self.options: dict[int, BottleneckOptions] = {}
         # graph replay only: built on the first static plan, then kept in step with writes
-        self._static: dict[tuple[int, Location], _StaticSite] | None = None
+        self.static = StaticLayout[tuple[int, Location], _StaticSite](self)
         self._act_names: list[str] = []
         self._acts: dict[tuple[str, ...], tuple[object, ...]] = {}
-        self._layout = 0
         self._residual = Compiled(static_residual, ctx.compile)
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
@@ -333,7 +333,7 @@ class BottleneckMethod(AdapterMethod):
         for b in w.blocks:
             self.sites.setdefault((b.layer, b.location), {})[slot] = self._block(b, put)
         self.options[slot] = w.options
-        self._static_put(slot)
+        self.static.written(slot)
 
     @staticmethod
     def _block(b: BottleneckBlock, put) -> _Block:  # noqa: ANN001
@@ -347,32 +347,26 @@ class BottleneckMethod(AdapterMethod):
         for blocks in self.sites.values():
             blocks.pop(slot, None)
         if had:
-            self._static_put(slot)
-            if self._static is not None and any(
-                    outgrown(st.R, (b.down_w.shape[0] for b in self.sites.get(k, {}).values()))
-                    for k, st in self._static.items()):
-                self._static = None  # rebuilt at the next static plan, to the widths that remain
+            self.static.cleared(slot)
 
-    # -- graph replay ---------------------------------------------------------------------------
-    def _static_put(self, slot: int) -> None:
-        """Mirror one slot into the static layout in place; a block that does not fit (wider, a new
-        site, a new activation or layer norm) drops the layout, to be rebuilt at the next static plan."""
-        if self._static is None:
-            return
+    # -- graph replay: the static layout's sites are the residual adds (layout.py) ----------------
+    def fits_static(self, slot: int, tables: dict[tuple[int, Location], _StaticSite]) -> bool:
+        """A wider block, a new site, a new activation or layer norm does not fit."""
         opts = self.options.get(slot)
         if opts is not None and opts.non_linearity not in self._act_names:
-            self._static = None
-            return
-        for key, blocks in self.sites.items():
-            b, st = blocks.get(slot), self._static.get(key)
-            if b is not None and (st is None or not st.fits(b)):
-                self._static = None
-                return
-        act = self._act_names.index(opts.non_linearity) if opts is not None else 0
-        for key, st in self._static.items():
-            st.put(slot, self.sites.get(key, {}).get(slot), opts, act)
+            return False
+        return all(slot not in blocks or (key in tables and tables[key].fits(blocks[slot]))
+                   for key, blocks in self.sites.items())
 
-    def _build_static(self) -> dict[tuple[int, Location], _StaticSite]:
+    def put_static(self, key: tuple[int, Location], table: _StaticSite, slot: int) -> None:
+        opts = self.options.get(slot)
+        table.put(slot, self.sites.get(key, {}).get(slot), opts,
+                  self._act_names.index(opts.non_linearity) if opts is not None else 0)
+
+    def widths(self, key: tuple[int, Location]) -> list[int]:
+        return [b.down_w.shape[0] for b in self.sites.get(key, {}).values()]
+
+    def build_static(self) -> dict[tuple[int, Location], _StaticSite]:
         S, H, dev, dt = self.ctx.num_slots, self.ctx.base.hidden_size, self.ctx.device, self.ctx.dtype
         self._act_names = sorted({o.non_linearity for o in self.options.values()}) or ["relu"]
         out = {}
@@ -386,25 +380,21 @@ class BottleneckMethod(AdapterMethod):
                 opts = self.options[slot]
                 st.put(slot, b, opts, self._act_names.index(opts.non_linearity))
             out[key] = st
-        self._layout += 1
         return out
 
     def uses(self, slots: list[int]) -> bool:
         return any(s in self.options for s in slots)
 
     def static_plan(self, routing: Routing) -> MethodPlan | None:
-        if self._static is None:
-            self._static = self._build_static()
+        tables = self.static.tables()
         names = tuple(self._act_names)
         if names not in self._acts:  # the same function objects every time: a compiled hook guards on them
             self._acts[names] = tuple(activation(n) for n in names)
-        return BottleneckStaticPlan(self._static, self._acts[names], routing, self._residual)
+        return BottleneckStaticPlan(tables, self._acts[names], routing, self._residual)
 
     @property
     def layout_version(self) -> int:
-        if self._static is None:  # the next static plan rebuilds: that is a new layout
-            return self._layout + 1
-        return self._layout
+        return self.static.version
 
     def device_bytes(self) -> int:
         return sum(b.nbytes() for blocks in self.sites.values() for b in blocks.values())

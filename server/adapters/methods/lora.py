@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from ...compiled import Compiled
 from ..families import Method
 from ..spec import AdapterWeights
-from .base import AdapterMethod, MethodPlan, Routing, SlotContext, StepTimer, outgrown
+from .base import AdapterMethod, MethodPlan, Routing, SlotContext, StepTimer
+from .layout import StaticLayout
 
 F32 = torch.float32
 NAME: Method = "lora"
@@ -224,8 +225,7 @@ class LoRAMethod(AdapterMethod):
         super().__init__(ctx, timer)
         self.mods: dict[str, dict[int, _Slot]] = {}  # module -> slot -> weights
         self.written: set[int] = set()  # slots holding an adapter: `uses` runs every step, in O(rows)
-        self._static: dict[str, _StaticModule] | None = None  # graph replay only, built on first use
-        self._layout = 0
+        self.static = StaticLayout[str, _StaticModule](self)  # graph replay only, built on first use
         self._merged: int | None = None
         self._backup: dict[str, torch.Tensor] = {}  # module -> base weight, while a slot is folded in
         self._routed = Compiled(routed_delta, ctx.compile)
@@ -240,7 +240,7 @@ class LoRAMethod(AdapterMethod):
             sb = None if m.bias is None else (m.bias * m.scale).to(dev)
             self.mods.setdefault(m.module, {})[slot] = _Slot(m.A.to(dev), (m.B * m.scale).to(dev), sb, self._g(m))
         self.written.add(slot)
-        self._static_put(slot)
+        self.static.written(slot)
 
     def _g(self, m: LoRAModule) -> torch.Tensor | None:
         """DoRA's per-row scale, from the base weight as it is now: unfolded, since AdapterSlots.write
@@ -260,26 +260,21 @@ class LoRAMethod(AdapterMethod):
         for slots in self.mods.values():
             slots.pop(slot, None)
         self.written.discard(slot)
-        self._static_put(slot)
-        if self._static is not None and any(outgrown(st.R, (w.A.shape[0] for w in self.mods.get(m, {}).values()))
-                                            for m, st in self._static.items()):
-            self._static = None  # rebuilt at the next static plan, to the ranks that remain
+        self.static.cleared(slot)
 
-    # -- graph replay ---------------------------------------------------------------------------
-    def _static_put(self, slot: int) -> None:
-        """Mirror one slot into the static layout in place; a block that does not fit (a new module, a
-        higher rank) drops the layout, to be rebuilt at the next static plan."""
-        if self._static is None:
-            return
-        for module, per in self.mods.items():
-            w, st = per.get(slot), self._static.get(module)
-            if w is not None and (st is None or w.A.shape[0] > st.R):
-                self._static = None
-                return
-        for module, st in self._static.items():
-            st.put(slot, self.mods.get(module, {}).get(slot))
+    # -- graph replay: the static layout's sites are the adapted Linears (layout.py) ---------------
+    def fits_static(self, slot: int, tables: dict[str, _StaticModule]) -> bool:
+        """A new module, or a higher rank, does not fit."""
+        return all(slot not in per or (module in tables and per[slot].A.shape[0] <= tables[module].R)
+                   for module, per in self.mods.items())
 
-    def _build_static(self) -> dict[str, _StaticModule]:
+    def put_static(self, key: str, table: _StaticModule, slot: int) -> None:
+        table.put(slot, self.mods.get(key, {}).get(slot))
+
+    def widths(self, key: str) -> list[int]:
+        return [w.A.shape[0] for w in self.mods.get(key, {}).values()]
+
+    def build_static(self) -> dict[str, _StaticModule]:
         out = {}
         for module, per in self.mods.items():
             if not per:
@@ -292,19 +287,16 @@ class LoRAMethod(AdapterMethod):
             for slot, w in per.items():
                 st.put(slot, w)
             out[module] = st
-        self._layout += 1
         return out
 
     def static_plan(self, routing: Routing) -> MethodPlan | None:
-        if self._static is None:
-            self._static = self._build_static()
         split = self.ctx.base.split
-        return LoRAStaticPlan({split(m): st for m, st in self._static.items()}, routing, self.magnitude, self._routed,
-                              self._fused)
+        return LoRAStaticPlan({split(m): st for m, st in self.static.tables().items()}, routing, self.magnitude,
+                              self._routed, self._fused)
 
     @property
     def layout_version(self) -> int:
-        return self._layout + 1 if self._static is None else self._layout
+        return self.static.version
 
     def uses(self, slots: list[int]) -> bool:
         return any(s in self.written and s != self._merged for s in slots)
