@@ -66,7 +66,7 @@ def write_demo_adapters(settings: Settings, out: Path, count: int = 0, kinds: li
     """Untrained adapters that fit the served model, for trying the API: they change outputs, not skills."""
     from transformers import AutoConfig
 
-    from .adapters.synth import write_demo
+    from .adapters.methods import write_demo
     from .engine.model_loader import EMBEDDED, embedded_folder
 
     folder = embedded_folder(settings.cache_dir) if settings.model == EMBEDDED else Path(settings.model)

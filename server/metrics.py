@@ -1,17 +1,16 @@
 """Every Prometheus metric (prefix adapter_server_, base units, bounded labels) and its record helpers.
 
-Labels are closed sets: adapter_type from adapters.families (none, each method, each mergeable method
-folded), never an adapter id or prompt. The one exception is vLLM's `vllm:lora_requests_info`, whose
+Labels are closed sets: adapter_type is one of the labels the engine declares (none, each method, each
+mergeable method folded: `methods.ADAPTER_TYPES`), never an adapter id or prompt. The one exception is vLLM's `vllm:lora_requests_info`, whose
 labels are adapter ids by that protocol's definition: it holds one series, the current one.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-from .adapters.families import ADAPTER_TYPES
 
 LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
@@ -53,14 +52,18 @@ class Metrics:
                                "(value: when this was last set, unix seconds)",
                                ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
         self._lora_info: tuple[str, str, str] | None = None
-        for t in ADAPTER_TYPES:  # every series exists from the start, so rates and ratios are defined
-            self.adapter_compute.labels(t)
-            for s in ("ok", "error", "cancelled"):
-                self.requests.labels(t, s)
+        self.declare_adapter_types(("none",))
         for e in ("hit", "miss", "evict"):
             self.cache.labels(e)
         for tier in ("device", "host", "disk"):
             self.adapters.labels(tier).set(0)
+
+    def declare_adapter_types(self, types: Iterable[str]) -> None:
+        """Create every series of these labels now, so rates and ratios are defined from the start."""
+        for t in types:
+            self.adapter_compute.labels(t)
+            for s in ("ok", "error", "cancelled"):
+                self.requests.labels(t, s)
 
     def set_tiers(self, counts: dict[str, int]) -> None:
         for tier, n in counts.items():

@@ -83,7 +83,7 @@ def test_smollm2_end_to_end(loaded, tmp_path):
         # each PEFT adapter's logprobs equal PEFT's forward over the whole sequence (teacher forcing)
         from peft import PeftModel
 
-        from server.adapters.synth import write_demo
+        from server.adapters.methods import write_demo
 
         n = ids.shape[1]
 

@@ -1,13 +1,14 @@
-"""The adapter method names and their metric labels, in one place, as plain data (no torch): the API
-and the metrics read them here; each method class in `methods/` names its entry."""
+"""The adapter method names and their metric labels, as plain data (no torch): the API reads them here.
+
+Everything else about a method (its implementation, whether it folds, its labels) is registered once,
+in `methods.RECORDS`, which checks that it registers exactly these names.
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
 Method = Literal["ia3", "bottleneck", "lora", "dora", "prompt", "prefix"]
-METHODS: tuple[Method, ...] = ("ia3", "bottleneck", "lora", "dora", "prompt", "prefix")
-MERGEABLE: frozenset[str] = frozenset({"ia3", "lora", "dora"})  # linear in the weights: can be folded in
 
 
 def label(method: str | None, merged: bool = False) -> str:
@@ -15,6 +16,3 @@ def label(method: str | None, merged: bool = False) -> str:
     if method is None:
         return "none"
     return f"{method}_merged" if merged else method
-
-
-ADAPTER_TYPES: tuple[str, ...] = ("none", *METHODS, *(label(m, merged=True) for m in METHODS if m in MERGEABLE))

@@ -12,7 +12,7 @@ import torch
 
 from ..compiled import raise_recompile_limit
 from .families import label
-from .methods import METHODS, AdapterMethod, MethodPlan, Routing, StepTimer
+from .methods import RECORDS, AdapterMethod, MethodPlan, Routing, StepTimer
 from .methods.base import KVPrefix, SlotContext
 from .methods.prefix import Encoder
 from .spec import AdapterWeights, BaseModelInfo, Location
@@ -70,8 +70,9 @@ class AdapterSlots:
         self.timer = timer
         self.num_slots = num_slots
         self.device = device
-        self.methods: dict[str, AdapterMethod] = {n: cls(ctx, timer) for n, cls in METHODS.items()}
+        self.methods: dict[str, AdapterMethod] = {n: r.impl(ctx, timer) for n, r in RECORDS.items()}
         self.slot_method: dict[int, str] = {}
+        self._foldable: set[int] = set()  # slots whose adapter folds exactly (AdapterWeights.mergeable)
         self._plans: OrderedDict[tuple[int, ...], BatchPlan] = OrderedDict()
         self._plan_cache = plan_cache
 
@@ -83,10 +84,13 @@ class AdapterSlots:
         self.clear(slot)
         self.methods[weights.method].write(slot, weights)
         self.slot_method[slot] = weights.method
+        if weights.mergeable:
+            self._foldable.add(slot)
         self._plans.clear()
 
     def clear(self, slot: int) -> None:
         m = self.slot_method.pop(slot, None)
+        self._foldable.discard(slot)
         if m is not None:
             self.methods[m].clear(slot)
             self._plans.clear()
@@ -124,8 +128,10 @@ class AdapterSlots:
 
     # -- merging ------------------------------------------------------------------------------
     def can_merge(self, slot: int) -> bool:
+        """The adapter folds exactly, the base weights take a fold, and its method can fold it."""
         m = self.slot_method.get(slot)
-        return m is not None and self.methods[m].can_merge(slot)
+        return (slot in self._foldable and self.base.fold_refusal is None and m is not None
+                and self.methods[m].can_merge(slot))
 
     @property
     def merged_slot(self) -> int | None:

@@ -10,7 +10,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from .families import MERGEABLE, Method
+from .families import Method
 
 Format = Literal["peft", "adapterhub"]
 Location = Literal["attn", "mlp"]
@@ -45,6 +45,14 @@ class BaseModelInfo:
         return BaseModelInfo(cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, linears, heads,
                              getattr(cfg, "num_key_value_heads", None) or heads, head_dim, quant)
 
+    @property
+    def fold_refusal(self) -> str | None:
+        """Why no adapter may be folded into these weights, or None: a fold into quantized weights would be
+        rounded away (and the layers keep no weight to fold into)."""
+        if self.quantization != "none":
+            return f"folding is off: the base model's weights are quantized ({self.quantization})"
+        return None
+
     @staticmethod
     def split(module: str) -> tuple[int, str]:
         """'model.layers.3.self_attn.k_proj' -> (3, 'k_proj')."""
@@ -54,9 +62,20 @@ class BaseModelInfo:
 
 
 class MethodWeights(Protocol):
-    """A method's own weights type (defined in its module under methods/): what it writes into a slot."""
+    """A method's own weights type (defined in its module under methods/, subclassing this): what it writes
+    into a slot. The optional traits have their defaults here."""
 
     def tensors(self) -> list[torch.Tensor]: ...
+
+    @property
+    def mergeable(self) -> bool:
+        """This adapter folds into the base weights exactly (its method's fold holds all it has)."""
+        return False
+
+    @property
+    def virtual_tokens(self) -> int:
+        """Positions the adapter puts before every prompt (prompt and prefix tuning)."""
+        return 0
 
 
 @dataclass
@@ -72,14 +91,12 @@ class AdapterWeights:
 
     @property
     def mergeable(self) -> bool:
-        """Its method folds into the weights, and this adapter has nothing the fold cannot hold."""
-        return self.method in MERGEABLE and bool(getattr(self.payload, "mergeable", True))
+        return self.payload.mergeable
 
     @property
     def virtual_tokens(self) -> int:
-        """Positions the adapter puts before every prompt (prompt and prefix tuning); they count against
-        the context window."""
-        return int(getattr(self.payload, "virtual_tokens", 0))
+        """They count against the context window."""
+        return self.payload.virtual_tokens
 
     @property
     def num_parameters(self) -> int:

@@ -151,20 +151,26 @@ def write_peft_prompt(out: Path, cfg: Any, n: int = 20, seed: int = 0, prefix: b
     return out
 
 
-def write_demo(kind: str, out: Path, cfg: Any, seed: int = 0) -> Path:
-    """An untrained adapter of `kind` ("ia3", "lora", "lora<r>", "dora", "dora<r>", "prompt", "prompt<n>",
-    "prefix", "prefix<n>", "compacter", or a preset of BN_PRESETS) for a model of
-    config `cfg`, in its library's own layout: PEFT for (IA)3, LoRA, DoRA, prompt and prefix tuning,
-    AdapterHub for the bottlenecks and Compacter."""
-    if kind == "ia3":
-        return write_peft_ia3(out, cfg.num_hidden_layers, linear_dims_from_config(cfg), seed=seed)
+# One writer per method, as methods' records name them: (kind, folder, model config, seed) -> the folder.
+def synth_ia3(kind: str, out: Path, cfg: Any, seed: int) -> Path:
+    return write_peft_ia3(out, cfg.num_hidden_layers, linear_dims_from_config(cfg), seed=seed)
+
+
+def synth_lora(kind: str, out: Path, cfg: Any, seed: int) -> Path:
+    """"lora", "lora<r>", "dora", "dora<r>" (rank 16 by default)."""
+    return write_peft_lora(out, cfg.num_hidden_layers, linear_dims_from_config(cfg), r=int(kind[4:] or 16), seed=seed,
+                           dora=kind.startswith("dora"))
+
+
+def synth_prompt(kind: str, out: Path, cfg: Any, seed: int) -> Path:
+    """"prompt", "prompt<n>", "prefix", "prefix<n>" (20 virtual tokens by default)."""
+    return write_peft_prompt(out, cfg, n=int(kind[6:] or 20), seed=seed, prefix=kind.startswith("prefix"))
+
+
+def synth_bottleneck(kind: str, out: Path, cfg: Any, seed: int) -> Path:
+    """"compacter", or a preset of BN_PRESETS."""
     if kind == "compacter":
         return write_adapterhub_compacter(out, cfg.num_hidden_layers, cfg.hidden_size, seed=seed, name=kind)
-    if kind.startswith(("prompt", "prefix")):
-        return write_peft_prompt(out, cfg, n=int(kind[6:] or 20), seed=seed, prefix=kind.startswith("prefix"))
-    if kind.startswith(("lora", "dora")):
-        return write_peft_lora(out, cfg.num_hidden_layers, linear_dims_from_config(cfg), r=int(kind[4:] or 16), seed=seed,
-                               dora=kind.startswith("dora"))
     return write_adapterhub_bn(out, cfg.num_hidden_layers, cfg.hidden_size, kind, seed=seed, name=kind)
 
 

@@ -83,20 +83,17 @@ async def upload_adapter(request: Request, s: ReadyDep, replace: bool = False) -
         await form.close()
 
 
-DEMO = {"demo-ia3": "ia3", "demo-lora": "lora", "demo-seq-bn": "seq_bn"}  # id -> synth kind
-
-
 @router.post("/adapters/demo", status_code=201, response_model=AdapterList, response_model_exclude_none=True,
              dependencies=[AdminAuth])
 async def add_demo_adapters(s: ReadyDep) -> dict[str, Any]:
-    """Untrained demo adapters for the served model ((IA)3, LoRA, a bottleneck: `adapter-server
-    demo-adapters` writes the same), registered as demo-ia3, demo-lora, demo-seq-bn where those ids are
+    """Untrained demo adapters for the served model ((IA)3, a bottleneck, LoRA: `adapter-server
+    demo-adapters` writes the same), registered as demo-ia3, demo-seq-bn, demo-lora where those ids are
     free. The playground's "add demo adapters" button; they change outputs, they teach nothing."""
     return {"adapters": await asyncio.to_thread(_add_demo, s)}
 
 
 def _add_demo(s: Ready) -> list[dict[str, Any]]:
-    from ..adapters.synth import write_demo
+    from ..adapters.methods import DEMO, write_demo  # torch: the upload path, never at import
 
     out = []
     taken = {a["adapter_id"] for a in s.registry.infos()}

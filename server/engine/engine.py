@@ -28,7 +28,7 @@ import torch
 
 from ..adapters.families import label
 from ..adapters.manager import AdapterManager
-from ..adapters.methods import StepTimer
+from ..adapters.methods import ADAPTER_TYPES, StepTimer
 from ..adapters.registry import Key, Registry
 from ..adapters.slots import AdapterSlots
 from ..config import EngineConfig
@@ -72,6 +72,7 @@ class Engine:
         self.registry = registry
         self.cfg = cfg
         self.metrics = metrics or Metrics()
+        self.metrics.declare_adapter_types(ADAPTER_TYPES)
         self.timer = StepTimer(loaded.device)
         model_max = getattr(loaded.model.config, "max_position_embeddings", None) or cfg.max_model_len  # type: ignore[union-attr]
         self.max_len = min(cfg.max_model_len, int(model_max))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.adapters.synth import write_demo
+from server.adapters.methods import write_demo
 from tests.helpers import full_logits, input_ids, parse_folder, runner_and_slots, tiny_model
 
 

@@ -190,7 +190,7 @@ def test_a_prefix_row_beside_a_near_full_prompt_fits_the_static_cache(tmp_path, 
 def test_slot_layouts_shrink_when_the_widest_adapter_leaves(tmp_path):
     """Every slot of a static layout is padded to the widest block resident: once a rank-32 LoRA is
     evicted for rank-4 ones, the layout (memory, and bytes read per step) follows them down."""
-    from server.adapters.synth import write_demo
+    from server.adapters.methods import write_demo
 
     e = make_engine(tmp_path / "e", slots=2, graphs="on")
     cfg = e.runner.model.config

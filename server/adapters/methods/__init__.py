@@ -1,6 +1,10 @@
 """Adapter methods: each owns its device slot storage and builds a per-batch plan. One file per method.
 
-How methods compose in one batch (`slots.BatchPlan`), in the order of METHODS:
+Each method registers one `MethodRecord` (its name, implementation, weights type, whether it folds,
+how to synthesise one); `RECORDS` lists them in the order below, and the method names, the metric
+labels and the synthetic adapters derive from it. Adding a method is its file and its line here.
+
+How methods compose in one batch (`slots.BatchPlan`), in the order of RECORDS:
 - at every Linear, each method may change the input (`linear_in`: input scales), then the base product
   runs once on the result, then each method may change the output (`linear_out`: output scales, then
   additive terms computed from the original input). So (IA)3, LoRA and DoRA on one Linear all apply;
@@ -14,15 +18,31 @@ How methods compose in one batch (`slots.BatchPlan`), in the order of METHODS:
 
 from __future__ import annotations
 
-from .. import families
-from .base import AdapterMethod, MethodPlan, Routing, StepTimer
-from .bottleneck import BottleneckMethod
-from .ia3 import IA3Method
-from .lora import DoRAMethod, LoRAMethod
-from .prefix import PrefixMethod, PromptMethod
+from pathlib import Path
+from typing import Any, get_args
 
-METHODS: dict[str, type[AdapterMethod]] = {
-    m.name: m for m in (IA3Method, BottleneckMethod, LoRAMethod, DoRAMethod, PromptMethod, PrefixMethod)}
-assert tuple(METHODS) == families.METHODS, "families.METHODS lists the methods, in this order"
+from ..families import Method
+from . import bottleneck, ia3, lora, prefix
+from .base import AdapterMethod, MethodPlan, MethodRecord, Routing, StepTimer
 
-__all__ = ["METHODS", "AdapterMethod", "MethodPlan", "Routing", "StepTimer"]
+RECORDS: dict[str, MethodRecord] = {r.name: r for r in (
+    ia3.RECORD, bottleneck.RECORD, lora.RECORD, lora.DORA_RECORD, prefix.PROMPT_RECORD, prefix.PREFIX_RECORD)}
+assert set(RECORDS) == set(get_args(Method)), "families.Method names exactly the registered methods"
+ADAPTER_TYPES: tuple[str, ...] = ("none", *(r.name for r in RECORDS.values()),
+                                  *(t for r in RECORDS.values() for t in r.labels[1:]))  # every metric label
+
+
+def write_demo(kind: str, out: Path, cfg: Any, seed: int = 0) -> Path:
+    """An untrained adapter of a synthetic `kind` (see each record's `kinds`: "ia3", "lora8", "seq_bn",
+    "compacter", "prefix20", ...) for a model of config `cfg`, in its library's own layout."""
+    for r in RECORDS.values():
+        if r.synth is not None and r.makes(kind):
+            return r.synth(kind, out, cfg, seed)
+    known = sorted(k for r in RECORDS.values() for k in r.kinds)
+    raise ValueError(f"no synthetic adapter of kind {kind!r} (kinds: {', '.join(known)}, some with a size)")
+
+
+DEMO: dict[str, str] = {f"demo-{r.demo.replace('_', '-')}": r.demo for r in RECORDS.values() if r.demo}  # id -> kind
+
+__all__ = ["ADAPTER_TYPES", "DEMO", "RECORDS", "AdapterMethod", "MethodPlan", "MethodRecord", "Routing", "StepTimer",
+           "write_demo"]

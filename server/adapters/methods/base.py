@@ -13,11 +13,13 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..families import Method
-from ..spec import AdapterWeights, BaseModelInfo, Location
+from ..families import Method, label
+from ..spec import AdapterWeights, BaseModelInfo, Location, MethodWeights
 
 
 class StepTimer:
@@ -109,6 +111,35 @@ class Routing:
         return 3 * self.uniq.shape[0] < num_slots
 
 
+Synth = Callable[[str, Path, Any, int], Path]  # (kind, folder, model config, seed) -> the folder, written
+
+
+@dataclass(frozen=True)
+class MethodRecord:
+    """One adapter method, registered once (`methods.RECORDS`): everything else about it derives from here.
+
+    `mergeable`: its adapters can be folded into the base weights (so rows may also be counted under
+    `<name>_merged`); whether one adapter can is its weights' `mergeable`. `synth` writes an untrained
+    adapter in its library's layout for the synthetic kinds named in `kinds` (a kind, or a kind followed by
+    a size: "lora8"); `demo` is the kind the playground's demo adapters use, if any."""
+
+    name: Method
+    impl: type[AdapterMethod]
+    weights: type[MethodWeights]
+    mergeable: bool = False
+    synth: Synth | None = None
+    kinds: tuple[str, ...] = ()
+    demo: str | None = None
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Its metric labels: its name, and folded, `<name>_merged`."""
+        return (label(self.name), *((label(self.name, merged=True),) if self.mergeable else ()))
+
+    def makes(self, kind: str) -> bool:
+        return any(kind == k or (kind.startswith(k) and kind[len(k):].isdigit()) for k in self.kinds)
+
+
 @dataclass(frozen=True)
 class KVPrefix:
     """Entries a row's KV cache holds before its prompt in every layer (prompt and prefix tuning)."""
@@ -186,6 +217,7 @@ class AdapterMethod(ABC):
 
     # Merging: only methods whose adapters are linear in the weights implement these.
     def can_merge(self, slot: int) -> bool:
+        """Whether the method can fold `slot` in (AdapterSlots also asks the adapter and the base weights)."""
         return False
 
     def merge(self, slot: int) -> None:

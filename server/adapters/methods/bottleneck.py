@@ -27,8 +27,9 @@ from transformers.activations import get_activation
 
 from ...compiled import Compiled
 from ..families import Method
-from ..spec import AdapterWeights, Location
-from .base import AdapterMethod, MethodPlan, Routing, SlotContext, StepTimer
+from ..spec import AdapterWeights, Location, MethodWeights
+from ..synth import BN_PRESETS, synth_bottleneck
+from .base import AdapterMethod, MethodPlan, MethodRecord, Routing, SlotContext, StepTimer
 from .layout import StaticLayout
 
 
@@ -64,7 +65,7 @@ class BottleneckBlock:
 
 
 @dataclass(frozen=True)
-class BottleneckWeights:
+class BottleneckWeights(MethodWeights):
     """A bottleneck adapter: its placement options and one block per (layer, location)."""
 
     options: BottleneckOptions
@@ -458,3 +459,7 @@ class BottleneckMethod(AdapterMethod):
             (lna_m1, lna_m2, lna_w, lna_b) if any_lna else None,
             torch.isin(slot_idx, torch.tensor(present, device=dev))[:, None, None],
         )
+
+
+RECORD = MethodRecord(NAME, BottleneckMethod, BottleneckWeights, synth=synth_bottleneck,
+                      kinds=(*BN_PRESETS, "compacter"), demo="seq_bn")

@@ -14,8 +14,9 @@ import torch
 
 from ...compiled import Compiled
 from ..families import Method
-from ..spec import AdapterWeights
-from .base import AdapterMethod, MethodPlan, Routing, SlotContext, StepTimer
+from ..spec import AdapterWeights, MethodWeights
+from ..synth import synth_ia3
+from .base import AdapterMethod, MethodPlan, MethodRecord, Routing, SlotContext, StepTimer
 
 F32 = torch.float32
 NAME: Method = "ia3"
@@ -31,10 +32,14 @@ class IA3Vector:
 
 
 @dataclass(frozen=True)
-class IA3Weights:
+class IA3Weights(MethodWeights):
     """An (IA)3 adapter: one vector per scaled Linear (PEFT's, or AdapterHub's "scale" on down_proj)."""
 
     vectors: list[IA3Vector]
+
+    @property
+    def mergeable(self) -> bool:
+        return True
 
     def tensors(self) -> list[torch.Tensor]:
         return [v.scale for v in self.vectors]
@@ -174,8 +179,7 @@ class IA3Method(AdapterMethod):
 
     # -- folding into the base weights -------------------------------------------------------
     def can_merge(self, slot: int) -> bool:
-        """Not into quantized weights: the fold would be rounded away (and the layers keep no weight to fold into)."""
-        return slot in self.by_slot and self.ctx.base.quantization == "none"
+        return slot in self.by_slot
 
     @property
     def merged_slot(self) -> int | None:
@@ -220,3 +224,6 @@ class IA3Method(AdapterMethod):
             if b is not None:
                 lin.bias.copy_(b)
         self._merged = None
+
+
+RECORD = MethodRecord(NAME, IA3Method, IA3Weights, mergeable=True, synth=synth_ia3, kinds=("ia3",), demo="ia3")

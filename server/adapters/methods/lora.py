@@ -30,8 +30,9 @@ import torch.nn.functional as F
 
 from ...compiled import Compiled
 from ..families import Method
-from ..spec import AdapterWeights
-from .base import AdapterMethod, MethodPlan, Routing, SlotContext, StepTimer
+from ..spec import AdapterWeights, MethodWeights
+from ..synth import synth_lora
+from .base import AdapterMethod, MethodPlan, MethodRecord, Routing, SlotContext, StepTimer
 from .layout import StaticLayout
 
 F32 = torch.float32
@@ -55,7 +56,7 @@ class LoRAModule:
 
 
 @dataclass(frozen=True)
-class LoRAWeights:
+class LoRAWeights(MethodWeights):
     modules: list[LoRAModule]
 
     @property
@@ -355,9 +356,8 @@ class LoRAMethod(AdapterMethod):
 
     # -- folding into the base weights -------------------------------------------------------
     def can_merge(self, slot: int) -> bool:
-        """Not into quantized weights: the fold would be rounded away (and the layers keep no weight to fold into)."""
-        ws = [per[slot] for per in self.mods.values() if slot in per]
-        return bool(ws) and all(w.sb is None for w in ws) and self.ctx.base.quantization == "none"
+        """Whether this adapter may be folded is its weights' `mergeable` and the base's (AdapterSlots asks both)."""
+        return slot in self.written
 
     @property
     def merged_slot(self) -> int | None:
@@ -395,5 +395,9 @@ class LoRAMethod(AdapterMethod):
 class DoRAMethod(LoRAMethod):
     """DoRA rows: LoRA's storage and plan, with the magnitude scale (its own family and label)."""
 
-    name = "dora"
+    name: Method = "dora"
     magnitude = True
+
+
+RECORD = MethodRecord(NAME, LoRAMethod, LoRAWeights, mergeable=True, synth=synth_lora, kinds=("lora",), demo="lora")
+DORA_RECORD = MethodRecord(DoRAMethod.name, DoRAMethod, LoRAWeights, mergeable=True, synth=synth_lora, kinds=("dora",))

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 import torch
 
 from ..families import Method
-from ..spec import AdapterWeights
-from .base import AdapterMethod, KVPrefix, MethodPlan, SlotContext, StepTimer
+from ..spec import AdapterWeights, MethodWeights
+from ..synth import synth_prompt
+from .base import AdapterMethod, KVPrefix, MethodPlan, MethodRecord, SlotContext, StepTimer
 
 
 @dataclass(frozen=True)
-class PrefixWeights:
+class PrefixWeights(MethodWeights):
     """Prefix tuning: each layer's keys and values for N virtual positions, [L, n_kv, N, d] each."""
 
     keys: torch.Tensor
@@ -44,7 +45,7 @@ class PrefixWeights:
 
 
 @dataclass(frozen=True)
-class PromptWeights:
+class PromptWeights(MethodWeights):
     """Prompt tuning and P-tuning: N input embeddings [N, H] placed before the prompt."""
 
     embeddings: torch.Tensor
@@ -99,3 +100,7 @@ class PromptMethod(PrefixMethod):
             raise RuntimeError("prompt tuning needs the model runner's prefix encoder in SlotContext")
         k, v = self.ctx.encode(w.embeddings.to(self.ctx.device, self.ctx.dtype))
         return KVPrefix(k, v, 0)
+
+
+PREFIX_RECORD = MethodRecord(PrefixMethod.name, PrefixMethod, PrefixWeights, synth=synth_prompt, kinds=("prefix",))
+PROMPT_RECORD = MethodRecord(PromptMethod.name, PromptMethod, PromptWeights, synth=synth_prompt, kinds=("prompt",))
