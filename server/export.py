@@ -30,8 +30,8 @@ def export_merged(model_cfg: ModelConfig, store_dir: Path, adapter_id: str, out:
     """Fold `adapter_id` from the store into the base model and save model + tokenizer to `out`."""
     store = AdapterStore(store_dir)
     manifest = store.manifest(adapter_id) if store.folder(adapter_id).is_dir() else None
-    if manifest is not None and not manifest.get("mergeable", False):  # refuse before loading any model
-        raise _not_mergeable(adapter_id, manifest.get("variant"))
+    if manifest is not None and not manifest.mergeable:  # refuse before loading any model
+        raise _not_mergeable(adapter_id, manifest.variant)
     loaded = load_base_model(ModelConfig(model_cfg.model, "cpu", "float32", model_cfg.cache_dir))
     weights = parse_adapter(store.files(adapter_id), BaseModelInfo.from_model(loaded.model))
     if not weights.mergeable:

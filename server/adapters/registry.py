@@ -16,20 +16,19 @@ import logging
 import shutil
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from ..config import RegistryConfig
 from ..errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterError
 from ..metrics import Metrics
-from .families import METHODS
 from .formats import parse_adapter
+from .methods import RECORDS
 from .spec import AdapterWeights, BaseModelInfo
-from .store import AdapterStore
+from .store import AdapterStore, Manifest
 
 log = logging.getLogger(__name__)
 Key = tuple[str, int]  # (adapter_id, version)
@@ -39,7 +38,7 @@ Key = tuple[str, int]  # (adapter_id, version)
 class AdapterRecord:
     adapter_id: str
     version: int
-    manifest: dict
+    manifest: Manifest
     weights: AdapterWeights | None = None  # host tier
     pins: int = 0
     current: bool = True  # False once replaced or deleted: lives only while pinned
@@ -51,12 +50,16 @@ class AdapterRecord:
     def tier(self, resident: frozenset[Key]) -> str:
         return "device" if self.key in resident else "host" if self.weights is not None else "disk"
 
-    def info(self, resident: frozenset[Key], quantization: str = "none") -> dict:
-        keys = ("method", "format", "variant", "num_parameters", "size_bytes", "mergeable", "created_at")
-        out = {"adapter_id": self.adapter_id, **{k: self.manifest.get(k) for k in keys}, "tier": self.tier(resident)}
-        if quantization != "none" and out["mergeable"]:  # served on top, never folded into quantized weights
+    def info(self, resident: frozenset[Key], fold_refusal: str | None = None) -> dict[str, Any]:
+        """`fold_refusal`: why the base model takes no fold (BaseModelInfo.fold_refusal), if it takes none."""
+        m = self.manifest
+        out: dict[str, Any] = {
+            "adapter_id": self.adapter_id, "method": m.method, "format": m.format, "variant": m.variant,
+            "num_parameters": m.num_parameters, "size_bytes": m.size_bytes, "mergeable": m.mergeable,
+            "created_at": m.created_at, "tier": self.tier(resident)}
+        if fold_refusal is not None and m.mergeable:  # served on top, never folded into these weights
             out["mergeable"] = False
-            out["merge_note"] = f"folding is off: the base model's weights are quantized ({quantization})"
+            out["merge_note"] = fold_refusal
         return out
 
 
@@ -87,17 +90,15 @@ class Events:
                       tiers=m.set_tiers)
 
 
-def _revision(manifest: dict) -> tuple:
-    """What tells two commits of one id apart (`revision` is new; older manifests have only the time)."""
-    return manifest.get("revision"), manifest.get("created_at")
+def manifest_for(adapter_id: str, w: AdapterWeights, files: list[str], origin: str | None = None) -> Manifest:
+    return Manifest.new(adapter_id, w.method, w.format, w.variant, w.num_parameters, w.size_bytes, w.mergeable,
+                        w.virtual_tokens, files, origin)
 
 
-def manifest_for(adapter_id: str, w: AdapterWeights, files: list[str]) -> dict:
-    return {
-        "adapter_id": adapter_id, "method": w.method, "format": w.format, "variant": w.variant,
-        "num_parameters": w.num_parameters, "size_bytes": w.size_bytes, "mergeable": w.mergeable,
-        "virtual_tokens": w.virtual_tokens, "revision": uuid.uuid4().hex, "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "files": sorted(files),
-    }
+def _served(m: Manifest) -> Manifest:
+    if m.method not in RECORDS:
+        raise ValueError(f"manifest names method {m.method!r}, which this server does not serve")
+    return m
 
 
 class Registry:
@@ -123,9 +124,7 @@ class Registry:
         self.store.recover()
         for adapter_id in self.store.ids():
             try:
-                manifest = self.store.manifest(adapter_id)  # validates the id
-                if manifest.get("method") not in METHODS:
-                    raise ValueError("manifest has no valid method")
+                manifest = _served(self.store.manifest(adapter_id))  # validates the id
                 self.store.check_files(adapter_id, manifest)
             except Exception as e:  # a corrupt entry is reported and skipped, the rest load
                 log.error("skipping adapter %r in the store: %s", adapter_id, e)
@@ -145,20 +144,18 @@ class Registry:
             gen = self.store.generation()
             if gen == self._generation:
                 return
-            on_disk: dict[str, dict] = {}
+            on_disk: dict[str, Manifest] = {}
             for adapter_id in self.store.ids():
                 try:
-                    m = self.store.manifest(adapter_id)
+                    on_disk[adapter_id] = _served(self.store.manifest(adapter_id))
                 except (OSError, ValueError):
                     continue  # not a committed adapter folder
-                if m.get("method") in METHODS:
-                    on_disk[adapter_id] = m
             with self._lock:
                 for adapter_id in [a for a in self._current if a not in on_disk]:
                     self._retire(self._current.pop(adapter_id))
                 for adapter_id, m in on_disk.items():
                     cur = self._current.get(adapter_id)
-                    if cur is None or _revision(cur.manifest) != _revision(m):
+                    if cur is None or cur.manifest.commit != m.commit:
                         self._install(AdapterRecord(adapter_id, self._bump(), m))
             self._generation = gen
         self._report_tiers()
@@ -169,7 +166,7 @@ class Registry:
         return v
 
     # -- catalogue operations -----------------------------------------------------------------
-    def add(self, adapter_id: str, staging: Path, replace: bool = False, origin: str | None = None) -> dict:
+    def add(self, adapter_id: str, staging: Path, replace: bool = False, origin: str | None = None) -> dict[str, Any]:
         """Validate the files in `staging` against the base model, then commit and register them.
         `origin` (kept in the manifest) names what added it, when not an upload.
 
@@ -182,7 +179,7 @@ class Registry:
             files = {p.name: p for p in staging.iterdir() if p.is_file()}
             t0 = time.perf_counter()
             weights = parse_adapter(files, self.base)
-            manifest = manifest_for(adapter_id, weights, list(files)) | ({"origin": origin} if origin else {})
+            manifest = manifest_for(adapter_id, weights, list(files), origin)
             with self._admin:  # one upload or delete at a time; the catalogue lock only for the swap
                 if not replace and self.exists(adapter_id):
                     raise AdapterExistsError(adapter_id)
@@ -197,9 +194,10 @@ class Registry:
                 self.store.discard(staging)
         self._report_tiers()
         with self._lock:
-            return rec.info(self._resident, self.base.quantization)
+            return rec.info(self._resident, self.base.fold_refusal)
 
-    def add_folder(self, adapter_id: str, folder: Path, replace: bool = False, origin: str | None = None) -> dict:
+    def add_folder(self, adapter_id: str, folder: Path, replace: bool = False, origin: str | None = None
+                   ) -> dict[str, Any]:
         """Copy a saved adapter folder into the store (the CLI, tests and vLLM's load_lora_adapter)."""
         staging = self.store.staging_dir()
         for p in Path(folder).iterdir():
@@ -247,23 +245,23 @@ class Registry:
         with self._lock:
             return adapter_id in self._current
 
-    def info(self, adapter_id: str) -> dict:
+    def info(self, adapter_id: str) -> dict[str, Any]:
         self.sync()
         with self._lock:
             rec = self._current.get(adapter_id)
             if rec is None:
                 raise self._missing(adapter_id)
-            return rec.info(self._resident, self.base.quantization)
+            return rec.info(self._resident, self.base.fold_refusal)
 
     def resident_ids(self) -> list[str]:
         """Adapters on the device now, as the engine last published (current versions only)."""
         with self._lock:
             return sorted(aid for aid, v in self._resident if (rec := self._current.get(aid)) is not None and rec.version == v)
 
-    def infos(self) -> list[dict]:
+    def infos(self) -> list[dict[str, Any]]:
         self.sync()
         with self._lock:
-            return [r.info(self._resident, self.base.quantization) for _, r in sorted(self._current.items())]
+            return [r.info(self._resident, self.base.fold_refusal) for _, r in sorted(self._current.items())]
 
     # -- requests -----------------------------------------------------------------------------
     def acquire(self, adapter_id: str) -> AdapterRef:
@@ -281,8 +279,7 @@ class Registry:
                     rec.pins += 1
                     self._host_touch(rec)
                     self.events.cache("hit" if rec.key in self._resident else "miss")
-                    return AdapterRef(rec.adapter_id, rec.version, rec.manifest["method"],
-                                      int(rec.manifest.get("virtual_tokens", 0)))
+                    return AdapterRef(rec.adapter_id, rec.version, rec.manifest.method, rec.manifest.virtual_tokens)
                 version = rec.version
             t0 = time.perf_counter()
             try:

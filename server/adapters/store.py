@@ -18,7 +18,10 @@ import os
 import re
 import shutil
 import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from ..errors import AdapterNotFoundError, InvalidAdapterIdError
 
@@ -27,6 +30,64 @@ ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MANIFEST = "manifest.json"
 STAGING, TRASH = ".staging", ".trash"
 GENERATION = ".generation"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What manifest.json records of a committed adapter: what it is (read without parsing its weights),
+    which files it has, and which commit of its id it is."""
+
+    adapter_id: str
+    method: str
+    format: str
+    variant: str
+    num_parameters: int
+    size_bytes: int
+    mergeable: bool
+    virtual_tokens: int  # positions it puts before every prompt: what sizes its requests before it is loaded
+    files: tuple[str, ...]
+    created_at: str
+    revision: str | None = None  # tells two commits of one id apart (older manifests have only the time)
+    origin: str | None = None  # what added it, when not an upload (vLLM's load_lora_adapter)
+
+    @staticmethod
+    def new(adapter_id: str, method: str, format: str, variant: str, num_parameters: int, size_bytes: int,
+            mergeable: bool, virtual_tokens: int, files: list[str], origin: str | None = None) -> Manifest:
+        """A manifest for a commit made now."""
+        return Manifest(adapter_id=adapter_id, method=method, format=format, variant=variant,
+                        num_parameters=num_parameters, size_bytes=size_bytes, mergeable=mergeable,
+                        virtual_tokens=virtual_tokens, files=tuple(sorted(files)),
+                        created_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                        revision=uuid.uuid4().hex, origin=origin)
+
+    @staticmethod
+    def from_json(data: Any) -> Manifest:
+        """Parse and check a manifest.json's content; ValueError says what is wrong."""
+        if not isinstance(data, dict):
+            raise ValueError("manifest is not a JSON object")
+        kinds: dict[str, type | tuple[type, ...]] = {
+            "adapter_id": str, "method": str, "format": str, "variant": str, "num_parameters": int, "size_bytes": int,
+            "mergeable": bool, "virtual_tokens": int, "files": list, "created_at": str}
+        # written before prompt and prefix tuning were served: none of those methods puts positions before a prompt
+        data = {"virtual_tokens": 0, **data}
+        for key, kind in kinds.items():
+            if not isinstance(data.get(key), kind):
+                raise ValueError(f"manifest field {key!r} is missing or not a {getattr(kind, '__name__', kind)}")
+        extra = {k: data.get(k) for k in ("revision", "origin")}
+        if not all(v is None or isinstance(v, str) for v in extra.values()):
+            raise ValueError("manifest fields 'revision' and 'origin' must be strings")
+        return Manifest(**{k: data[k] for k in kinds if k != "files"}, files=tuple(str(f) for f in data["files"]),
+                        **extra)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["files"] = list(self.files)
+        return {k: v for k, v in out.items() if v is not None}
+
+    @property
+    def commit(self) -> tuple[str | None, str]:
+        """What tells two commits of one id apart."""
+        return self.revision, self.created_at
 
 
 def validate_id(adapter_id: str) -> str:
@@ -76,11 +137,11 @@ class AdapterStore:
         """The adapter's folder: the one place an id becomes a path, so the one place ids are validated."""
         return self.root / validate_id(adapter_id)
 
-    def commit(self, adapter_id: str, staging: Path, manifest: dict) -> None:
+    def commit(self, adapter_id: str, staging: Path, manifest: Manifest) -> None:
         """Make `staging` the adapter's folder, atomically; an existing one is replaced."""
         target = self.folder(adapter_id)
         tmp = staging / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1))
+        tmp.write_text(json.dumps(manifest.to_json(), indent=1))
         os.replace(tmp, staging / MANIFEST)
         if target.exists():
             old = self.root / TRASH / f"{adapter_id}@{uuid.uuid4().hex}"
@@ -115,15 +176,16 @@ class AdapterStore:
     def ids(self) -> list[str]:
         return sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
-    def manifest(self, adapter_id: str) -> dict:
-        return json.loads((self.folder(adapter_id) / MANIFEST).read_text())
+    def manifest(self, adapter_id: str) -> Manifest:
+        """The adapter's manifest; OSError when unreadable, ValueError when malformed."""
+        return Manifest.from_json(json.loads((self.folder(adapter_id) / MANIFEST).read_text()))
 
-    def check_files(self, adapter_id: str, manifest: dict) -> None:
+    def check_files(self, adapter_id: str, manifest: Manifest) -> None:
         """Cheap start-up check: every file the manifest lists is there, safetensors headers parse."""
         from safetensors import safe_open
 
         d = self.folder(adapter_id)
-        for name in manifest.get("files", []):
+        for name in manifest.files:
             p = d / name
             if not p.is_file():
                 raise ValueError(f"file {name} listed in the manifest is missing")

@@ -67,7 +67,7 @@ async def unload_lora_adapter(body: UnloadIn, s: ReadyDep) -> str:
     rec = s.registry.record(body.lora_name)
     if rec is None:
         raise AdapterNotFoundError(body.lora_name)
-    if rec.manifest.get("origin") != LOADED_FROM:
+    if rec.manifest.origin != LOADED_FROM:
         raise ConflictError(f"adapter {body.lora_name!r} was uploaded, not loaded by load_lora_adapter: "
                             "remove it with DELETE /adapters/{id}")
     await asyncio.to_thread(s.registry.delete, body.lora_name)
