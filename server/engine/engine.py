@@ -93,7 +93,8 @@ class Engine:
         self.passes = Passes(self.runner, self.slots, self.graphs)
         self.scheduler = Scheduler(self.max_rows, cfg.prefill_token_budget, cfg.kv_cache_tokens,
                                    self.runner.cache.tokens_for)
-        self.merge = MergePolicy(self.slots, self.timer, cfg.merge_policy != "never", cfg.merge_after_steps)
+        self.merge = MergePolicy(self.slots, self.timer, cfg.merge_policy != "never", cfg.merge_after_steps,
+                                 on_change=self._count_device_bytes)
         self.eos = self._eos_ids()
         self._eos_tuple = tuple(sorted(self.eos))  # what min_tokens bans, handed to the sampler each step
         self._inbox: queue.SimpleQueue[list[Seq] | Retire] = queue.SimpleQueue()
@@ -304,6 +305,9 @@ class Engine:
 
     def _resident_changed(self, keys: frozenset[Key]) -> None:
         self.registry.set_resident(keys)
+        self._count_device_bytes()
+
+    def _count_device_bytes(self) -> None:
         self.metrics.adapter_device_bytes.set(self.adapters.device_bytes())
 
     # -- the three steps ----------------------------------------------------------------------

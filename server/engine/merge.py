@@ -18,8 +18,10 @@ from .sequence import Seq
 
 
 class MergePolicy:
-    def __init__(self, slots: AdapterSlots, timer: StepTimer, enabled: bool, after_steps: int) -> None:
+    def __init__(self, slots: AdapterSlots, timer: StepTimer, enabled: bool, after_steps: int,
+                 on_change: Callable[[], None] = lambda: None) -> None:
         self.slots, self.timer = slots, timer
+        self.on_change = on_change  # after a fold or unfold (it holds, then frees, a copy of the base weights)
         self.enabled, self.after_steps = enabled, after_steps
         self._uniform_steps = 0
         self._uniform_slot: int | None = None
@@ -59,6 +61,7 @@ class MergePolicy:
         t0 = time.perf_counter()
         fn()
         dt = time.perf_counter() - t0
+        self.on_change()
         self.timer.add(label(self.slots.method_of(slot), merged=True), dt)
         est = 2 * dt  # a fold is followed by an unfold of the same size
         self._fold_s = est if self._fold_s is None else 0.8 * self._fold_s + 0.2 * est

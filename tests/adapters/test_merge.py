@@ -7,7 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from server.adapters.methods import StepTimer
+from server.adapters.slots import AdapterSlots
 from server.config import ModelConfig
+from server.engine.model_runner import ModelRunner
 from server.errors import NotMergeableError
 from server.export import export_merged
 from tests.helpers import (
@@ -150,3 +153,26 @@ def test_switching_uniform_adapter_never_runs_on_the_other_folded_in(tmp_path):
     want = solo(ref, req(ref, 1, "y", "the quick brown fox", max_new_tokens=12))
     assert got.adapter_type == "ia3" and got.token_ids == want.token_ids
     assert max(abs(a - b) for a, b in zip(got.logprobs, want.logprobs, strict=True)) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["ia3_all_out", "ia3_ff_in", "lora_all_linear", "dora_qv"])
+def test_a_fold_keeps_the_packed_products_current_and_its_copy_is_held_only_while_folded(name):
+    """q/k/v and gate/up run as one packed product whose weight the Linears' weights are views of: a fold
+    through any method must write into those views (a new tensor would leave the packed product stale,
+    with no error). The copy of the base weights a fold keeps is counted, and freed by the unfold."""
+    model = tiny_model()
+    runner = ModelRunner(model, 8, 512, pack=True)
+    slots = AdapterSlots(model, 8, runner.device, runner.dtype, StepTimer(runner.device), encode=runner.prefix_kv)
+    assert runner.packed and all("qkv" in p and "gate_up" in p for p in runner.packed)
+    slots.write(2, parse_folder(fixture_dir(name), model))
+    resident = slots.device_bytes()
+    bare = full_logits(runner, slots, input_ids(), [0, 0])
+    unmerged = full_logits(runner, slots, input_ids(), [2, 2])
+    slots.merge(2)
+    assert slots.device_bytes() > resident  # the base weights it changed, kept to restore them
+    merged = full_logits(runner, slots, input_ids(), [2, 2])  # the packed products read the folded weights
+    assert (merged - refs()[name]).abs().max().item() < 1e-5
+    assert (merged - unmerged).abs().max().item() < 1e-5
+    slots.unmerge()
+    assert slots.device_bytes() == resident
+    assert torch.equal(full_logits(runner, slots, input_ids(), [0, 0]), bare)  # the packed products restored too

@@ -117,7 +117,7 @@ class IA3Method(AdapterMethod):
         self.inp: dict[str, _Table] = {}
         self.by_slot: dict[int, list[tuple[str, str]]] = {}  # slot -> [(module, 'in'|'out')]  # slot -> [(module, side)]
         self._merged: int | None = None
-        self._backup: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._backup: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # while folded: the base weights
         self._layout = 0
         self._scale = Compiled(scale_rows, ctx.compile)
 
@@ -174,8 +174,10 @@ class IA3Method(AdapterMethod):
         return self._layout
 
     def device_bytes(self) -> int:
-        """The resident adapters' rows of the tables (the tables themselves hold a row for every slot)."""
-        return sum(len(t.slots) * t.data.shape[1] * 4 for t in [*self.out.values(), *self.inp.values()])
+        """The resident adapters' rows of the tables (the tables themselves hold a row for every slot), and
+        while an adapter is folded in, the copy of the base weights it changed."""
+        rows = sum(len(t.slots) * t.data.shape[1] * 4 for t in [*self.out.values(), *self.inp.values()])
+        return rows + sum(t.numel() * t.element_size() for pair in self._backup.values() for t in pair if t is not None)
 
     # -- folding into the base weights -------------------------------------------------------
     def can_merge(self, slot: int) -> bool:
@@ -187,19 +189,16 @@ class IA3Method(AdapterMethod):
 
     @torch.no_grad()
     def merge(self, slot: int) -> None:
-        """W' = W * l (rows for output scaling, bias too; columns for input scaling). Keeps a copy to restore."""
+        """W' = W * l (rows for output scaling, bias too; columns for input scaling), in place (so packed
+        sibling products, which hold views of these weights, see it). Keeps a copy to restore while folded."""
         if self._merged == slot:
             return
         if self._merged is not None:
             self.unmerge()
         entries = self.by_slot[slot]
-        for module in {m for m, _ in entries}:  # keep the base weights once, reused by later merges
+        for module in {m for m, _ in entries}:
             lin = self.ctx.modules[module]
-            if module not in self._backup:
-                self._backup[module] = (
-                    lin.weight.detach().clone(),
-                    None if lin.bias is None else lin.bias.detach().clone(),
-                )
+            self._backup[module] = (lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone())
         for module, side in entries:  # weights are the base ones here: any earlier merge was undone
             lin = self.ctx.modules[module]
             w = lin.weight
@@ -217,12 +216,12 @@ class IA3Method(AdapterMethod):
         """Restore the base weights bit for bit from the copies kept at merge time (never divides)."""
         if self._merged is None:
             return
-        for module, _side in self.by_slot.get(self._merged, []):
+        for module, (w, b) in self._backup.items():
             lin = self.ctx.modules[module]
-            w, b = self._backup[module]
             lin.weight.copy_(w)
             if b is not None:
                 lin.bias.copy_(b)
+        self._backup.clear()  # a full copy of every folded Linear: not kept past the fold
         self._merged = None
 
 

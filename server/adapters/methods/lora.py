@@ -303,7 +303,9 @@ class LoRAMethod(AdapterMethod):
         return any(s in self.written and s != self._merged for s in slots)
 
     def device_bytes(self) -> int:
-        return sum(w.nbytes() for per in self.mods.values() for w in per.values())
+        """The slots' blocks, and while an adapter is folded in, the copy of the base weights it changed."""
+        blocks = sum(w.nbytes() for per in self.mods.values() for w in per.values())
+        return blocks + sum(t.numel() * t.element_size() for t in self._backup.values())
 
     def plan(self, slots: list[int], slot_idx: torch.Tensor) -> MethodPlan | None:
         mods = {}
