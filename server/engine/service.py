@@ -74,8 +74,21 @@ class GenerationService:
         """Submit several requests together, all or none (see Engine.submit_group)."""
         loop = asyncio.get_running_loop()
         reqs = [(GenerationRequest(rid or new_id("gen"), ids, adapter, p), _Bridge(loop)) for ids, adapter, p, rid in items]
-        handles = await asyncio.to_thread(self.engine.submit_group, reqs)  # type: ignore[arg-type]
+        submitting = asyncio.ensure_future(asyncio.to_thread(self.engine.submit_group, reqs))  # type: ignore[arg-type]
+        try:
+            handles = await asyncio.shield(submitting)
+        except asyncio.CancelledError:
+            # The caller went away while the requests were being queued (pinning an adapter may read the
+            # disk): the thread queues them all the same, so they are cancelled as soon as it has.
+            submitting.add_done_callback(_cancel_submitted)
+            raise
         return [Generation(req, h, bridge) for (req, bridge), h in zip(reqs, handles, strict=True)]
+
+
+def _cancel_submitted(done: asyncio.Future[list[RequestHandle]]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        for h in done.result():
+            h.cancel()
 
 
 class Generation:

@@ -193,3 +193,69 @@ def test_vllm_load_metrics_say_what_runs_and_what_waits(tmp_path):
     assert m.vllm_running._value.get() == 0 and m.vllm_waiting._value.get() == 0
     (sample,) = [s for s in m.vllm_lora.collect()[0].samples]
     assert sample.labels["running_lora_adapters"] == "" and sample.labels["waiting_lora_adapters"] == ""
+
+
+def test_a_request_abandoned_while_queued_is_counted_cancelled_under_its_adapter(tmp_path):
+    """A queued request (every row busy) whose client gives up ends as cancelled, counted under its own
+    adapter's label, never as ok or under another label; the row that ran is untouched."""
+    e = make_engine(tmp_path, max_batch=1)
+    e.registry.add_folder("seq_bn", fixture_dir("seq_bn"))
+    running, queued = Collector(), Collector()
+    e.submit(req(e, 0, None, "the quick brown fox", max_new_tokens=8), running)
+    handle = e.submit(req(e, 1, "seq_bn", "hello world", max_new_tokens=8), queued)
+    e.step()
+    assert [s.req.request_id for s in e.rows.waiting] == ["r1"]  # no row free: it waits
+    handle.cancel()
+    run_until_done(e, [running, queued])
+    assert queued.result.finish_reason == "cancelled" and queued.result.token_ids == ()
+    assert queued.result.adapter_type == "bottleneck"
+    assert running.result.finish_reason == "length"
+    count = lambda t, s: e.metrics.requests.labels(t, s)._value.get()  # noqa: E731
+    assert count("bottleneck", "cancelled") == 1 and count("bottleneck", "ok") == 0
+    assert count("none", "cancelled") == 0 and count("none", "ok") == 1
+    assert e.rows.queued == 0 and e.registry.record("seq_bn").pins == 0
+
+
+def test_a_request_whose_caller_goes_away_while_it_is_being_queued_is_cancelled(tmp_path):
+    """The HTTP layer submits from a worker thread (pinning an adapter may read it from disk). If the
+    caller's task is cancelled meanwhile, the submit still queues the request: it must then be cancelled,
+    not run to the end for nobody and counted as served."""
+    import asyncio
+    import threading
+
+    from server.engine.service import GenerationService
+
+    e = make_engine(tmp_path)
+    e.registry.add_folder("seq_bn", fixture_dir("seq_bn"))
+    gate, reading = threading.Event(), threading.Event()
+    acquire = e.registry.acquire
+
+    def slow_acquire(adapter_id):  # noqa: ANN001, ANN202
+        reading.set()
+        gate.wait(10)
+        return acquire(adapter_id)
+
+    e.registry.acquire = slow_acquire  # type: ignore[method-assign]
+    service = GenerationService(e, "tiny")
+
+    async def abandon() -> None:
+        task = asyncio.ensure_future(service.start(req(e, 0, "seq_bn", "hello").prompt_ids, "seq_bn",
+                                                   SamplingParams(max_new_tokens=8, ignore_eos=True)))
+        await asyncio.to_thread(reading.wait, 10)
+        task.cancel()  # the client went away while its request was being queued
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        gate.set()
+        for _ in range(500):  # the worker thread finishes queueing the request
+            if e._inbox.qsize():
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # the thread returns; the loop runs the submit's done callback
+        for _ in range(5):
+            e.step()
+
+    asyncio.run(abandon())
+    assert not e.rows.waiting and not e.rows.running
+    count = lambda t, s: e.metrics.requests.labels(t, s)._value.get()  # noqa: E731
+    assert count("bottleneck", "cancelled") == 1 and count("bottleneck", "ok") == 0
+    assert e.registry.record("seq_bn").pins == 0
