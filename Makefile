@@ -61,17 +61,17 @@ prometheus:
 	  else echo "prometheus not installed (needs root and apt-get): its scrape test will be skipped"; fi; }
 
 lint: $(STAMP)
-	$(BIN)/ruff check server tests loadtests
+	$(BIN)/ruff check server tests loadtests benchmarks
 	$(BIN)/mypy server
 
 # In-process engine benchmark -> bench_results/bench.json, then BENCHMARKS.md.
 bench: $(STAMP)
-	$(PY) -m server.bench
+	$(PY) -m benchmarks.bench
 	$(PY) -m loadtests.report
 
 # Decode speed on a GPU: Llama-3.2-1B and 3.1-8B shapes (random weights, bf16) against HF generate and the floor.
 bench-gpu: $(STAMP)
-	$(PY) -m server.bench_gpu --out bench_results/gpu.json
+	$(PY) -m benchmarks.gpu --out bench_results/gpu.json
 
 # Load tests against live servers (ours, the PEFT baseline, plain generate) -> bench_results/load/, then BENCHMARKS.md.
 loadtest: $(STAMP)

@@ -87,11 +87,11 @@ def load_section(c: dict) -> list[str]:
 
 
 def gpu_section(g: dict, source: str) -> list[str]:
-    """Tables of one `server.bench_gpu` run."""
+    """Tables of one `benchmarks.gpu` run."""
     md = [f"## GPU: decode on {g['device']} (`make bench-gpu`)", "",
           f"torch {g['torch']}, transformers {g['transformers']}, {g['date']}. Random weights in the shapes of the "
           f"public configs, bfloat16. Device-to-device copy: {g['copy_bandwidth_gb_s']:.0f} GB/s (read + write). "
-          f"Raw numbers: `{source}`. Command: `python -m server.bench_gpu` (prompt 128, 64 new tokens; "
+          f"Raw numbers: `{source}`. Command: `python -m benchmarks.gpu` (prompt 128, 64 new tokens; "
           "decode steps only; best of two interleaved runs).", ""]
     if g.get("note"):
         md += [g["note"], ""]
@@ -166,10 +166,10 @@ def gpu_section(g: dict, source: str) -> list[str]:
 
 
 def precision_section(p: dict, source: str) -> list[str]:
-    """Tables of one `server.bench_precision` run (CPU: float32, bfloat16, int8, int4, llama.cpp)."""
+    """Tables of one `benchmarks.precision` run (CPU: float32, bfloat16, int8, int4, llama.cpp)."""
     runs = p["runs"]
     bs = list(next(r for r in runs.values() if "decode_tok_s (bare)" in r)["decode_tok_s (bare)"])
-    md = ["## Precision and quantization on the CPU (`python -m server.bench_precision`)", "",
+    md = ["## Precision and quantization on the CPU (`python -m benchmarks.precision`)", "",
           f"{p['model']}; {p['date']}; `{p['command']}`; raw numbers: `{source}`. Decode tokens/s of one static "
           "batch (best of three, 48 new tokens), bare and with rows cycling over 8 adapters of four families; "
           "memory: the weights' bytes and the process's resident memory after loading; drift: the base model's "

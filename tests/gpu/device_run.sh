@@ -16,6 +16,6 @@ TESTS=${TESTS:-tests/gpu tests/engine}
 timeout "${TEST_S:-240}" python3 -m pytest -q -s -p no:cacheprovider $TESTS 2>&1 | tee "$OUT/test-gpu.log" | grep -E "^(f32|bf16)|passed|failed|Error|error" | tail -60
 echo "tests rc=${PIPESTATUS[0]}"
 if [ "${BENCH:-1}" = 1 ]; then
-  timeout "${BENCH_S:-300}" python3 -m server.bench_gpu --out "$OUT/gpu.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench-gpu.log" | grep -vE "^ |^\{|^\}" | tail -40
+  timeout "${BENCH_S:-300}" python3 -m benchmarks.gpu --out "$OUT/gpu.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench-gpu.log" | grep -vE "^ |^\{|^\}" | tail -40
   echo "bench rc=${PIPESTATUS[0]}"
 fi

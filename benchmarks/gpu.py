@@ -26,16 +26,16 @@ from typing import Any
 
 import torch
 
-from .adapters.methods.lora import LoRAMethod
-from .adapters.registry import Registry
-from .adapters.spec import BaseModelInfo
-from .adapters.store import AdapterStore
-from .adapters.synth import write_demo
-from .config import EngineConfig, RegistryConfig
-from .engine.engine import Engine
-from .engine.model_loader import LoadedModel, freeze
-from .engine.types import GenerationRequest, GenerationResult, SamplingParams
-from .metrics import Metrics
+from server.adapters.methods import write_demo
+from server.adapters.methods.lora import LoRAMethod
+from server.adapters.registry import Registry
+from server.adapters.spec import BaseModelInfo
+from server.adapters.store import AdapterStore
+from server.config import EngineConfig, RegistryConfig
+from server.engine.engine import Engine
+from server.engine.model_loader import LoadedModel, freeze
+from server.engine.types import GenerationRequest, GenerationResult, SamplingParams
+from server.metrics import Metrics
 
 LLAMA: dict[str, dict[str, Any]] = {  # the public configs' shapes; weights are random
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,

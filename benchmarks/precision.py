@@ -1,4 +1,4 @@
-"""Precision and quantization on the CPU (`python -m server.bench_precision`): the embedded SmolLM2 in
+"""Precision and quantization on the CPU (`python -m benchmarks.precision`): the embedded SmolLM2 in
 float32, bfloat16, int8 and int4 (weight-only, bfloat16 activations), each in its own process:
 
 - decode tokens/s of one static batch at batch 1, 4 and 16 (best of three), bare and with 8 mixed
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from typing import Any
 CONFIGS = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"), "int8": ("bfloat16", "int8"),
            "int4": ("bfloat16", "int4")}
 MIXED = ["ia3", "lora", "dora", "seq_bn", "ia3", "lora", "par_bn", "seq_bn"]  # 8 adapters, 4 families
+ROOT = Path(__file__).resolve().parent.parent  # the repository root: where `-m benchmarks.precision` imports from
 
 
 def _rss_mb() -> float:
@@ -38,24 +40,24 @@ def _rss_mb() -> float:
 
 
 def _prompts(tok: Any) -> list[list[int]]:
-    from .bench import PROMPTS
+    from benchmarks.bench import PROMPTS
 
     return [tok(p).input_ids for p in PROMPTS]
 
 
-def speed(name: str, batches: list[int], new: int) -> dict[str, Any]:
+def speed(name: str, batches: list[int], new: int, model_name: str = "smollm2") -> dict[str, Any]:
     """Decode tokens/s per batch size, bare and on 8 mixed adapters; memory; the drift logits."""
     import torch
 
-    from .adapters.synth import write_demo
-    from .bench import make_engine
-    from .config import ModelConfig
-    from .engine.model_loader import load_base_model
-    from .engine.types import GenerationRequest, GenerationResult, SamplingParams
+    from benchmarks.bench import make_engine
+    from server.adapters.methods import write_demo
+    from server.config import ModelConfig
+    from server.engine.model_loader import load_base_model
+    from server.engine.types import GenerationRequest, GenerationResult, SamplingParams
 
     dtype, quant = CONFIGS[name]
     rss0 = _rss_mb()
-    loaded = load_base_model(ModelConfig("smollm2", "cpu", dtype, Path(".cache/models"), quant))  # type: ignore[arg-type]
+    loaded = load_base_model(ModelConfig(model_name, "cpu", dtype, Path(".cache/models"), quant))  # type: ignore[arg-type]
     model = loaded.model
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     out: dict[str, Any] = {"weights_mb": weights / 2**20, "rss_after_load_mb": _rss_mb(), "rss_before_load_mb": rss0}
@@ -103,7 +105,7 @@ def llama_cpp_speed(batches: list[int], new: int, threads: int) -> dict[str, Any
     import llama_cpp
     import numpy as np
 
-    from .engine.model_loader import embedded_gguf
+    from server.engine.model_loader import embedded_gguf
 
     rss0 = _rss_mb()
     nmax = max(batches)
@@ -116,7 +118,7 @@ def llama_cpp_speed(batches: list[int], new: int, threads: int) -> dict[str, Any
     vocab = llama_cpp.llama_n_vocab(llama_cpp.llama_model_get_vocab(model))
     from transformers import AutoTokenizer
 
-    from .engine.model_loader import embedded_folder
+    from server.engine.model_loader import embedded_folder
 
     prompts = _prompts(AutoTokenizer.from_pretrained(embedded_folder(Path(".cache/models"))))
     batch = llama_cpp.llama_batch_init(4096, 0, nmax)
@@ -160,16 +162,16 @@ def llama_cpp_speed(batches: list[int], new: int, threads: int) -> dict[str, Any
     return out
 
 
-def memory(dtype: str, batches: int) -> list[tuple[int, float]]:
-    """Resident MB every 250 batches of random sizes and prompt lengths (a tiny random Llama, the engine
-    driven inline)."""
+def memory(dtype: str, batches: int, every: int = 250) -> list[tuple[int, float]]:
+    """Resident MB every `every` batches of random sizes and prompt lengths (a tiny random Llama, the
+    engine driven inline)."""
     import gc
 
     import torch
 
-    from .bench_gpu import build_model, engine_for, word_tokenizer
-    from .engine.model_loader import LoadedModel
-    from .engine.types import GenerationRequest, GenerationResult, SamplingParams
+    from benchmarks.gpu import build_model, engine_for, word_tokenizer
+    from server.engine.model_loader import LoadedModel
+    from server.engine.types import GenerationRequest, GenerationResult, SamplingParams
 
     dt = getattr(torch, dtype)
     model = build_model("tiny", dt)
@@ -191,18 +193,19 @@ def memory(dtype: str, batches: int) -> list[tuple[int, float]]:
                                        SamplingParams(max_new_tokens=rng.randint(2, 12), ignore_eos=True)), sink)
         while len(done) < n:
             e.step()
-        if it % 250 == 0:
+        if it % every == 0:
             gc.collect()
             out.append((it, _rss_mb()))
     return out
 
 
-def child(name: str, batches: list[int], new: int, mem_batches: int, threads: int) -> dict[str, Any]:
+def child(name: str, batches: list[int], new: int, mem_batches: int, threads: int, model: str = "smollm2",
+          mem_every: int = 250) -> dict[str, Any]:
     if name == "llama.cpp":
         return llama_cpp_speed(batches, new, threads)
     if name.startswith("memory "):
-        return {"rss_mb": memory(name.split()[1], mem_batches)}
-    return speed(name, batches, new)
+        return {"rss_mb": memory(name.split()[1], mem_batches, mem_every)}
+    return speed(name, batches, new, model)
 
 
 def drift(ref: list[list[list[float]]], got: list[list[list[float]]]) -> dict[str, float]:
@@ -226,6 +229,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--new", type=int, default=48)
     ap.add_argument("--memory-batches", type=int, default=1500)
+    ap.add_argument("--memory-every", type=int, default=250, help="batches between resident-memory samples")
+    ap.add_argument("--model", default="smollm2", help="the model of the dtype/quantization runs (llama.cpp always "
+                    "runs the embedded SmolLM2's GGUF)")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison (llama-cpp-python)")
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads (default: torch's)")
     ap.add_argument("--only", default="", help="comma-separated configurations (default: all)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -236,19 +243,25 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         threads = args.threads or torch.get_num_threads()
-        res = child(args.child, batches, args.new, args.memory_batches, threads)
+        res = child(args.child, batches, args.new, args.memory_batches, threads, args.model, args.memory_every)
         sys.stdout.write("RESULT " + json.dumps(res) + "\n")
         return
     names = [*CONFIGS, "llama.cpp", "memory float32", "memory bfloat16"]
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
-    report: dict[str, Any] = {"model": "SmolLM2-135M-Instruct (speed, drift), a tiny random Llama (memory soak)",
-                              "command": "python -m server.bench_precision " + " ".join(argv or sys.argv[1:]),
+    if args.no_llama_cpp:
+        names = [n for n in names if n != "llama.cpp"]
+    speed_model = "SmolLM2-135M-Instruct" if args.model == "smollm2" else args.model
+    report: dict[str, Any] = {"model": f"{speed_model} (speed, drift), a tiny random Llama (memory soak)",
+                              "command": "python -m benchmarks.precision " + " ".join(argv or sys.argv[1:]),
                               "date": time.strftime("%Y-%m-%d"), "runs": {}}
+    # `benchmarks` is not installed: the children import it from the repository root, from any directory
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)}
     for name in names:
-        p = subprocess.run([sys.executable, "-m", "server.bench_precision", "--child", name, "--batches", args.batches,
+        p = subprocess.run([sys.executable, "-m", "benchmarks.precision", "--child", name, "--batches", args.batches,
                             "--new", str(args.new), "--memory-batches", str(args.memory_batches),
-                            "--threads", str(args.threads)], capture_output=True, text=True)
+                            "--memory-every", str(args.memory_every), "--model", args.model,
+                            "--threads", str(args.threads)], capture_output=True, text=True, env=env)
         lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
         if p.returncode != 0 or not lines:
             report["runs"][name] = {"error": (p.stderr or p.stdout)[-800:]}

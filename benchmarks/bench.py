@@ -21,15 +21,15 @@ from typing import Any
 
 import torch
 
-from .adapters.registry import Registry
-from .adapters.spec import BaseModelInfo
-from .adapters.store import AdapterStore
-from .adapters.synth import write_demo
-from .config import EngineConfig, ModelConfig, RegistryConfig
-from .engine.engine import Engine
-from .engine.model_loader import LoadedModel, load_base_model
-from .engine.types import GenerationRequest, GenerationResult, SamplingParams
-from .metrics import Metrics
+from server.adapters.methods import write_demo
+from server.adapters.registry import Registry
+from server.adapters.spec import BaseModelInfo
+from server.adapters.store import AdapterStore
+from server.config import EngineConfig, ModelConfig, RegistryConfig
+from server.engine.engine import Engine
+from server.engine.model_loader import LoadedModel, load_base_model
+from server.engine.types import GenerationRequest, GenerationResult, SamplingParams
+from server.metrics import Metrics
 
 PROMPTS = [
     "Explain why the sky is blue.", "Write a haiku about autumn leaves.", "What is a transformer model?",
@@ -143,6 +143,9 @@ def _decode_timer(eng: Engine, slots: list[int], ctx: int = 64) -> Callable[[], 
     tokens; a row of a prompt or prefix adapter holds its virtual positions before them)."""
     runner, B = eng.runner, len(slots)
     dev = runner.device
+    # random token ids in 100..999, or in as much of that range as a smaller vocabulary has
+    hi = min(1000, int(eng.loaded.model.config.vocab_size))  # type: ignore[union-attr]
+    lo = min(100, hi // 2)
     prefixes = [eng.slots.prefix(s) for s in slots]
     pre = [0 if p is None else p.length for p in prefixes]
     shift = [0 if p is None else p.rope_shift for p in prefixes]
@@ -150,11 +153,12 @@ def _decode_timer(eng: Engine, slots: list[int], ctx: int = 64) -> Callable[[], 
     for b, p in enumerate(prefixes):
         if p is not None:
             runner.cache.write_prefix(b, p.keys, p.values)
-    ids = torch.randint(100, 1000, (B, ctx), device=dev)
+    ids = torch.randint(lo, hi, (B, ctx), device=dev)
     rope = torch.tensor(shift, device=dev) if any(shift) else None
     plan = eng.slots.plan(slots)
-    runner.forward(ids, torch.tensor(pre, device=dev), torch.full((B,), ctx, device=dev), 0, plan, rope_shift=rope)
-    one = torch.randint(100, 1000, (B, 1), device=dev)
+    runner.forward(ids, start=torch.tensor(pre, device=dev), lengths=torch.full((B,), ctx, device=dev), row0=0, plan=plan,
+                   rope_shift=rope)
+    one = torch.randint(lo, hi, (B, 1), device=dev)
     start, ones = torch.tensor([a + ctx for a in pre], device=dev), torch.ones(B, dtype=torch.long, device=dev)
     same = pre[0] + ctx if all(a == pre[0] for a in pre) else None
     eng.timer.enabled = False  # time the pass itself, not our instrumentation
@@ -162,7 +166,8 @@ def _decode_timer(eng: Engine, slots: list[int], ctx: int = 64) -> Callable[[], 
     def step() -> float:
         _sync(dev)
         t0 = time.perf_counter()
-        runner.forward(one, start, ones, 0, eng.slots.plan(slots), kv_len=max(pre) + ctx + 1, start0=same, rope_shift=rope)
+        runner.forward(one, start=start, lengths=ones, row0=0, plan=eng.slots.plan(slots), kv_len=max(pre) + ctx + 1,
+                       start0=same, rope_shift=rope)
         _sync(dev)
         return time.perf_counter() - t0
 
@@ -343,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
                     "device_name": torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu",
                     "dtype": str(loaded.dtype), "torch": torch.__version__},
         "model": loaded.name, "batch": 16, "max_new_tokens": args.max_new,
-        "command": "make bench  (python -m server.bench " + " ".join(argv or sys.argv[1:]) + ")",
+        "command": "make bench  (python -m benchmarks.bench " + " ".join(argv or sys.argv[1:]) + ")",
     }
     report["flops_share"] = flops_share(loaded)
     report["decode"] = decode_overhead(loaded, store, names, args.steps)
