@@ -82,7 +82,7 @@ class Client:
     def close(self) -> None:
         self.http.close()
 
-    def upload(self, folder: Path, adapter_id: str, replace: bool = False, progress: bool = True) -> dict:
+    def upload(self, folder: Path, adapter_id: str, replace: bool = False, progress: bool = True) -> dict[str, Any]:
         if not folder.is_dir():
             raise ClientError(f"{folder} is not a folder")
         paths = sorted(p for p in folder.iterdir() if p.is_file())
@@ -108,19 +108,19 @@ class Client:
                 for h in handles:
                     h.close()
 
-    def list(self) -> list[dict]:
+    def list(self) -> list[dict[str, Any]]:
         return self._json("GET", "/adapters")["adapters"]  # type: ignore[no-any-return]
 
-    def show(self, adapter_id: str) -> dict:
+    def show(self, adapter_id: str) -> dict[str, Any]:
         return self._json("GET", f"/adapters/{quote(adapter_id, safe='')}")  # type: ignore[no-any-return]
 
     def delete(self, adapter_id: str) -> None:
         self._call("DELETE", f"/adapters/{quote(adapter_id, safe='')}")
 
-    def generate(self, prompt: str, adapter_id: str | None = None, **params: Any) -> dict:
+    def generate(self, prompt: str, adapter_id: str | None = None, **params: Any) -> dict[str, Any]:
         return self._json("POST", "/generate", json={"prompt": prompt, "adapter_id": adapter_id, **params})  # type: ignore[no-any-return]
 
-    def stream(self, prompt: str, adapter_id: str | None = None, **params: Any) -> Iterator[dict]:
+    def stream(self, prompt: str, adapter_id: str | None = None, **params: Any) -> Iterator[dict[str, Any]]:
         """Each event of a streamed generation: the tokens' {"token_id", "text", "logprob"}, then the final
         response object."""
         body = {"prompt": prompt, "adapter_id": adapter_id, **params, "stream": True}
@@ -149,7 +149,7 @@ class Client:
 TABLE = ("adapter_id", "method", "variant", "num_parameters", "size_bytes", "tier", "created_at")
 
 
-def _table(rows: list[dict]) -> str:
+def _table(rows: list[dict[str, Any]]) -> str:
     cells = [[str(r.get(k, "")) for k in TABLE] for r in rows]
     widths = [max([len(k), *(len(c[i]) for c in cells)]) for i, k in enumerate(TABLE)]
     lines = ["  ".join(k.ljust(w) for k, w in zip(TABLE, widths, strict=True))]
@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
             params = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
                       if getattr(args, k) is not None}
             if args.stream:
-                final: dict = {}
+                final: dict[str, Any] = {}
                 for ev in c.stream(args.prompt, args.adapter_id, **params):
                     if "token_id" in ev and "finish_reason" not in ev:
                         out.write(ev.get("text", ""))

@@ -65,7 +65,7 @@ class AdapterSlots:
         modules = {n: m for n, m in model.named_modules() if n in base.linears}
         if compile_kernels:
             raise_recompile_limit()
-        ctx = SlotContext(base, num_slots + 1, device, dtype, modules, compile_kernels, encode)  # type: ignore[arg-type]
+        ctx = SlotContext(base, num_slots + 1, device, dtype, modules, compile_kernels, encode)
         self.base = base
         self.timer = timer
         self.num_slots = num_slots

@@ -86,7 +86,7 @@ class AdapterWeights:
     format: Format
     variant: str
     payload: MethodWeights  # the method's own weights type: IA3Weights, BottleneckWeights
-    config: dict = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
     extra_parameters: int = 0  # trained parameters held outside `tensors()` (a learned or channel scaling)
 
     @property

@@ -14,16 +14,16 @@ from typing import Any
 
 
 async def call(app: Any, method: str, path: str, query: str, headers: list[tuple[str, str]], body: bytes,
-               extra_headers: list[tuple[str, str]]) -> AsyncIterator[dict | bytes]:
+               extra_headers: list[tuple[str, str]]) -> AsyncIterator[dict[str, Any] | bytes]:
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
              "path": path, "raw_path": path.encode(), "query_string": query.encode(), "root_path": "",
              "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
              "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 80)}
-    out: asyncio.Queue[dict | None] = asyncio.Queue()
+    out: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     gone = asyncio.Event()
     delivered = False
 
-    async def receive() -> dict:
+    async def receive() -> dict[str, Any]:
         nonlocal delivered
         if not delivered:
             delivered = True
@@ -31,7 +31,7 @@ async def call(app: Any, method: str, path: str, query: str, headers: list[tuple
         await gone.wait()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict) -> None:
+    async def send(message: dict[str, Any]) -> None:
         await out.put(message)
 
     async def run() -> None:

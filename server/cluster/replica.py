@@ -51,7 +51,7 @@ class EngineReplica:
             await asyncio.sleep(PUSH_PERIOD_S)
 
     async def handle(self, method: str, path: str, query: str, headers: list[tuple[str, str]],
-                     body: bytes) -> AsyncIterator[dict | bytes]:
+                     body: bytes) -> AsyncIterator[dict[str, Any] | bytes]:
         """One HTTP request through this replica's app: the status and headers, then the body's chunks."""
         async for item in call(self.app, method, path, query, headers, body, [("x-replica-id", self.replica_id)]):
             yield item

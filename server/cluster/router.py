@@ -12,10 +12,12 @@ completion): a burst of short requests saturates a replica between two reports.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 
-def _stats(r: RunningReplica) -> dict:
+def _stats(r: RunningReplica) -> dict[str, Any]:
     return r.routing_stats or {}
 
 

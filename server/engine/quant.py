@@ -105,7 +105,7 @@ class QuantLinear(torch.nn.Linear):
         if self.cpu_packed and fn(torch.zeros(1)).device.type != "cpu":
             self.qweight = pack_nibbles(unpack_int4(self.qweight, self.out_features, self.in_features))
             self.cpu_packed = False
-        return super()._apply(fn, recurse)
+        return super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]

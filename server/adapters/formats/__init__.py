@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from ...errors import InvalidAdapterError
 from ..spec import AdapterWeights, BaseModelInfo
@@ -12,7 +13,7 @@ from . import adapterhub, peft
 CONFIG_FILE = "adapter_config.json"
 
 
-def read_config(files: dict[str, Path]) -> dict:
+def read_config(files: dict[str, Path]) -> dict[str, Any]:
     """The adapter_config.json of an upload, parsed, or a typed error."""
     path = files.get(CONFIG_FILE)
     if path is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers.activations import ACT2FN
@@ -24,7 +25,7 @@ IA3_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.loras\.(
 ACTIVATIONS = set(ACT2FN) | {"leakyrelu"}
 
 
-def _refuse(c: dict) -> None:
+def _refuse(c: dict[str, Any]) -> None:
     """Options the library offers that we refuse rather than serve wrongly."""
     if c.get("phm_layer"):  # Compacter: the PHM options whose exact meaning was checked (docs/adapters.md §5.5)
         for field, ok in (("factorized_phm_rule", False), ("shared_phm_rule", True), ("shared_W_phm", False),
@@ -41,14 +42,14 @@ def _refuse(c: dict) -> None:
         raise UnsupportedAdapterError("residual_before_ln 'post_add' is not served", key="config.residual_before_ln")
 
 
-def _bool(c: dict, name: str, default: bool) -> bool:
+def _bool(c: dict[str, Any], name: str, default: bool) -> bool:
     v = c.get(name, default)
     if not isinstance(v, bool):
         raise InvalidAdapterError(f"{name} must be true or false", key=f"config.{name}")
     return v
 
 
-def parse(meta: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
+def parse(meta: dict[str, Any], files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
     c = meta["config"]
     hidden = meta.get("hidden_size")
     if hidden is not None and hidden != base.hidden_size:
@@ -67,7 +68,7 @@ def parse(meta: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWei
     return _parse_bottleneck(meta, files, base)
 
 
-def _options(c: dict) -> BottleneckOptions:
+def _options(c: dict[str, Any]) -> BottleneckOptions:
     _refuse(c)
     act = str(c.get("non_linearity", "relu")).lower()
     if act not in ACTIVATIONS:
@@ -85,21 +86,21 @@ def _options(c: dict) -> BottleneckOptions:
     )
 
 
-def _scaling(c: dict) -> float | str:
+def _scaling(c: dict[str, Any]) -> float | str:
     s = c.get("scaling", 1.0)
     if isinstance(s, bool) or not (isinstance(s, (int, float)) or s in ("learned", "channel")):
         raise InvalidAdapterError(f"scaling must be a number, 'learned' or 'channel', got {s!r}", key="config.scaling")
     return float(s) if isinstance(s, (int, float)) else s
 
 
-def _leave_out(c: dict, num_layers: int) -> set[int]:
+def _leave_out(c: dict[str, Any], num_layers: int) -> set[int]:
     lo = c.get("leave_out") or []
     if not isinstance(lo, list) or not all(isinstance(i, int) for i in lo):
         raise InvalidAdapterError("leave_out must be a list of layer indices", key="config.leave_out")
     return set(lo)
 
 
-def _parse_bottleneck(meta: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
+def _parse_bottleneck(meta: dict[str, Any], files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
     c = meta["config"]
     opts = _options(c)
     scaling = _scaling(c)
@@ -140,7 +141,7 @@ def _parse_bottleneck(meta: dict, files: dict[str, Path], base: BaseModelInfo) -
     for (layer, loc), p in sorted(groups.items()):
         prefix = f"model.layers.{layer}.{'attention_adapters' if loc == 'attn' else 'output_adapters'}.adapters.{name}."
 
-        def need(param: str, shape: tuple[int, ...], p: dict = p, prefix: str = prefix) -> torch.Tensor:
+        def need(param: str, shape: tuple[int, ...], p: dict[str, Any] = p, prefix: str = prefix) -> torch.Tensor:
             if param not in p:
                 raise InvalidAdapterError("missing tensor", key=prefix + param)
             expect_shape(prefix + param, p[param], shape)
@@ -197,7 +198,7 @@ def _lora_layout(key: str, name: object, what: str) -> tuple[int, str, str, str]
     return layer, block, lin, which
 
 
-def _parse_ia3(meta: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
+def _parse_ia3(meta: dict[str, Any], files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
     """AdapterHub (IA)3: OUTPUT scaling of every wrapped module by lora_B.flatten() * alpha."""
     c = meta["config"]
     name = meta.get("name")
@@ -229,7 +230,7 @@ def _version_below(version: object, major: int, minor: int, patch: int) -> bool:
     return m is not None and tuple(int(x) for x in m.groups()) < (major, minor, patch)
 
 
-def _parse_lora(meta: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
+def _parse_lora(meta: dict[str, Any], files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
     """AdapterHub LoRA ("add"): y = W x + ((x A^T) B^T) * alpha / r on the Linears its flags wrap."""
     c = meta["config"]
     for field in ("use_gating", "use_dora"):
@@ -287,7 +288,7 @@ def _phm_dense(rule: torch.Tensor, w_left: torch.Tensor, w_right: torch.Tensor) 
     return Hm.t().contiguous()  # type: ignore[union-attr]
 
 
-def _dense_from_phm(tensors: dict[str, torch.Tensor], c: dict, name: str, H: int, k: int
+def _dense_from_phm(tensors: dict[str, torch.Tensor], c: dict[str, Any], name: str, H: int, k: int
                     ) -> tuple[dict[str, torch.Tensor], int]:
     """Compacter's PHM layers rebuilt, once at load, into the dense bottleneck tensors they compute
     (docs/adapters.md §5.5); also returns the number of trained PHM parameters."""

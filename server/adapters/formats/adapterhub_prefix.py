@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ KEY = re.compile(r"^(?:model\.layers\.(\d+)\.self_attn\.prefix_tuning\.pool|mode
 MLP = ("wte.weight", "control_trans.0.weight", "control_trans.0.bias", "control_trans.2.weight", "control_trans.2.bias")
 
 
-def parse_prefix(meta: dict, files: dict[str, Path], base: BaseModelInfo, weight_files: tuple[str, ...]) -> AdapterWeights:
+def parse_prefix(meta: dict[str, Any], files: dict[str, Path], base: BaseModelInfo, weight_files: tuple[str, ...]) -> AdapterWeights:
     c = meta["config"]
     if c.get("use_gating"):
         raise UnsupportedAdapterError("gated prefix tuning (use_gating) is not served", key="config.use_gating")

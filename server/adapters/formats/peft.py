@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ def _matches(name: str, spec: str | list[str] | None, *, plain_endswith: bool = 
     return any(name == e or name.endswith("." + e) for e in spec)
 
 
-def _check_spec(cfg: dict, field: str) -> str | list[str] | None:
+def _check_spec(cfg: dict[str, Any], field: str) -> str | list[str] | None:
     v = cfg.get(field)
     if v is None or isinstance(v, str):
         if isinstance(v, str):
@@ -46,7 +47,7 @@ def _check_spec(cfg: dict, field: str) -> str | list[str] | None:
     raise InvalidAdapterError(f"{field} must be a list of names or one regex string", key=field)
 
 
-def parse(cfg: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
+def parse(cfg: dict[str, Any], files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
     ptype = cfg.get("peft_type")
     if ptype == "LORA":
         return parse_lora(cfg, files, base)
@@ -102,7 +103,7 @@ LORA_INITS = (True, False, "gaussian", "orthogonal", "eva")  # inits that leave 
 LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)$")
 
 
-def _refuse_lora_options(cfg: dict) -> None:
+def _refuse_lora_options(cfg: dict[str, Any]) -> None:
     for field, why in LORA_REFUSED.items():
         if cfg.get(field) not in (None, False, [], {}):
             raise UnsupportedAdapterError(f"{field} is set: {why}", key=field)
@@ -117,7 +118,7 @@ def _refuse_lora_options(cfg: dict) -> None:
         raise UnsupportedAdapterError("fan_in_fan_out is for Conv1D models, not this one", key="fan_in_fan_out")
 
 
-def _alpha(cfg: dict, module: str) -> float:
+def _alpha(cfg: dict[str, Any], module: str) -> float:
     """The first alpha_pattern key, in file order, that matches the module path; else lora_alpha."""
     for key, value in (cfg.get("alpha_pattern") or {}).items():
         try:
@@ -132,7 +133,7 @@ def _alpha(cfg: dict, module: str) -> float:
     return float(alpha)
 
 
-def parse_lora(cfg: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
+def parse_lora(cfg: dict[str, Any], files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
     """Modules and ranks come from the tensors (they already reflect target_modules, rank_pattern and
     layers_to_transform); alpha from alpha_pattern / lora_alpha; scaling alpha / r or alpha / sqrt(r)."""
     _refuse_lora_options(cfg)
@@ -188,12 +189,12 @@ PROMPT_VARIANTS = {"PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning", "PR
 PROMPT_KEY = "prompt_embeddings"
 
 
-def _expect(cfg: dict, field: str, want: int, what: str) -> None:
+def _expect(cfg: dict[str, Any], field: str, want: int, what: str) -> None:
     if cfg.get(field, want) != want:
         raise InvalidAdapterError(f"{field} is {cfg.get(field)!r}, but the base model's {what} is {want}", key=field)
 
 
-def parse_prompt(cfg: dict, files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
+def parse_prompt(cfg: dict[str, Any], files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
     """PEFT prompt tuning, P-tuning and prefix tuning (docs/adapters.md §6.1, §6.2, §6.4): one tensor,
     `prompt_embeddings`, already the encoder's output for P-tuning and projected prefixes."""
     variant = PROMPT_VARIANTS[cfg["peft_type"]]

@@ -24,7 +24,7 @@ class Padded(Protocol):
     R: int  # the width every slot's block is padded to
 
 
-class StaticSites(Protocol[K, T]):  # type: ignore[misc]  # T is read and written: invariant
+class StaticSites(Protocol[K, T]):
     """What a method with per-slot blocks provides for its static layout."""
 
     def build_static(self) -> dict[K, T]:
