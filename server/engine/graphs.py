@@ -5,7 +5,7 @@ overhead, not by reading the weights. Here a decode step of fixed shape is captu
 
 - shapes are fixed by a batch bucket (rows, padded up) and a KV length bucket (a power of two that
   covers every row's position); rows past the real batch are padding: token 0 written at the last
-  position of a cache row past the running ones. No row ever reads a position it has not written
+  position of a cache row past the running ones (where rows sit: `rows.py`). No row ever reads a position it has not written
   itself first (a row writes position p in the step that reads up to p), so even the row of a prompt
   part-way through chunked prefill is safe;
 - inputs live in one static buffer [6, rows]: token ids, cache positions, adapter slots, rotary
