@@ -116,7 +116,7 @@ def load_base_model(cfg: ModelConfig) -> LoadedModel:
     if mtype not in SUPPORTED_TYPES:
         raise ModelLoadError(f"model type {mtype!r} is not supported; supported: {', '.join(SUPPORTED_TYPES)}")
     model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    quantize_model(model, cfg.quantization, dtype)  # on the CPU, before the move: the device never holds both
+    quantize_model(model, cfg.quantization, dtype, device)  # on the CPU, before the move: the device never holds both
     model = model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return LoadedModel(freeze(model), tokenizer, name, device, dtype)

@@ -49,16 +49,29 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return q, s.t().contiguous(), (lo + 8 * s).t().contiguous()
 
 
+def int4_layout(N: int, K: int) -> torch.Tensor:
+    """Where `aten._convert_weight_to_int4pack_for_cpu` puts each value of an [N, K] matrix: for every
+    nibble of its output (bytes in memory order, low nibble first), the flat index n * K + k it holds.
+    The layout depends on the CPU's instruction set (AVX-512 and AVX2 builds interleave rows
+    differently), so it is measured, not assumed: packing the indices themselves, four bits at a time."""
+    idx = torch.arange(N * K, dtype=torch.int64)
+    where = torch.zeros(N * K, dtype=torch.int64)
+    for shift in range(0, max(1, (N * K - 1).bit_length()), 4):
+        q = ((idx >> shift) & 0xF).to(torch.int32).reshape(N, K)
+        where |= nibbles(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)) << shift
+    return where
+
+
+def nibbles(b: torch.Tensor) -> torch.Tensor:
+    """uint8 [...] -> int64 [2 * numel]: each byte's low nibble, then its high one, in memory order."""
+    return torch.stack([b & 0xF, b >> 4], dim=-1).reshape(-1).to(torch.int64)
+
+
 def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """The inverse of `aten._convert_weight_to_int4pack_for_cpu(q, 1)`: packed uint8 [N, K/2] -> q [N, K].
-    The packing's layout depends on the CPU's instruction set (AVX-512 and AVX2 builds interleave rows
-    differently), so it is read back through the kernel itself: the identity times the weight with
-    scale 1 and zero point 8 is q exactly (integers 0..15 are exact in bfloat16)."""
-    probe = torch.stack([torch.ones(K // GROUP, N), torch.full((K // GROUP, N), 8.0)], dim=-1).to(torch.bfloat16)
-    eye = torch.eye(K, dtype=torch.bfloat16)
-    cols = [torch.ops.aten._weight_int4pack_mm_for_cpu(eye[i : i + 1024], packed, GROUP, probe.contiguous())
-            for i in range(0, K, 1024)]  # [<=1024, N] each
-    return torch.cat(cols).t().round().to(torch.int32)
+    """The inverse of `aten._convert_weight_to_int4pack_for_cpu(q, 1)`: packed uint8 [N, K/2] -> q [N, K]."""
+    q = torch.empty(N * K, dtype=torch.int64)
+    q[int4_layout(N, K)] = nibbles(packed)
+    return q.reshape(N, K).to(torch.int32)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -84,7 +97,8 @@ class QuantLinear(torch.nn.Linear):
     qweight: torch.Tensor
     scales: torch.Tensor
 
-    def __init__(self, lin: torch.nn.Linear, scheme: Quantization, dtype: torch.dtype) -> None:
+    def __init__(self, lin: torch.nn.Linear, scheme: Quantization, dtype: torch.dtype, cpu: bool = True) -> None:
+        """`cpu`: the layer runs on the CPU (its int4 kernel's packing); elsewhere int4 is held as plain nibbles."""
         torch.nn.Module.__init__(self)
         self.in_features, self.out_features, self.scheme = lin.in_features, lin.out_features, scheme
         self.bias = None if lin.bias is None else torch.nn.Parameter(lin.bias.detach().to(dtype), requires_grad=False)
@@ -95,13 +109,14 @@ class QuantLinear(torch.nn.Linear):
             self.register_buffer("scales", s.to(dtype))
         else:
             q, s, z = quantize_int4(w)
-            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1))
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1) if cpu else pack_nibbles(q)
+            self.register_buffer("qweight", packed)
             self.register_buffer("scales", torch.stack([s, z], dim=-1).to(dtype).contiguous())  # [K/32, N, 2]
-        self.cpu_packed = scheme == "int4"  # the CPU kernel's layout; off the CPU, plain nibbles (`_apply`)
+        self.cpu_packed = scheme == "int4" and cpu  # the CPU kernel's layout; else plain nibbles
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        """Leaving the CPU, int4 weights are repacked in a plain layout: the CPU packing's layout is the
-        host's own and only its kernel reads it."""
+        """Leaving the CPU, int4 weights in the CPU packing are repacked plainly: that layout is the host's
+        own and only its kernel reads it (a model quantized for another device is packed plainly already)."""
         if self.cpu_packed and fn(torch.zeros(1)).device.type != "cpu":
             self.qweight = pack_nibbles(unpack_int4(self.qweight, self.out_features, self.in_features))
             self.cpu_packed = False
@@ -121,7 +136,7 @@ class QuantLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()  # the kernels take contiguous rows only
-        if x2.device.type != "cpu":
+        if x2.device.type != "cpu" or (self.scheme == "int4" and not self.cpu_packed):
             y = F.linear(x2, self.weight)
         elif self.scheme == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
@@ -135,9 +150,11 @@ class QuantLinear(torch.nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}"
 
 
-def quantize_model(model: Any, scheme: Quantization, dtype: torch.dtype) -> int:
-    """Replace the decoder layers' Linears (and the LM head: int8) by QuantLinear, in place. Returns how
-    many were replaced; a Linear whose shape the int4 packing cannot take is quantized to int8."""
+def quantize_model(model: Any, scheme: Quantization, dtype: torch.dtype, device: torch.device | None = None) -> int:
+    """Replace the decoder layers' Linears (and the LM head: int8) by QuantLinear, in place, for a model
+    that runs on `device` (default the CPU). Returns how many were replaced; a Linear whose shape the
+    int4 packing cannot take is quantized to int8."""
+    cpu = device is None or device.type == "cpu"
     if scheme == "none":
         return 0
     n = 0
@@ -148,7 +165,7 @@ def quantize_model(model: Any, scheme: Quantization, dtype: torch.dtype) -> int:
         parent = model.get_submodule(parent_name) if parent_name else model
         lin = getattr(parent, attr)
         s: Quantization = "int8" if name == "lm_head" or not can_quantize(lin, scheme) else scheme
-        setattr(parent, attr, QuantLinear(lin, s, dtype))
+        setattr(parent, attr, QuantLinear(lin, s, dtype, cpu))
         n += 1
     log.info("quantized %d Linear layers (%s weights, %s activations)", n, scheme, str(dtype).removeprefix("torch."))
     return n

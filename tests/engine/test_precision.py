@@ -168,3 +168,9 @@ def test_int4_weights_read_back_on_any_cpu_and_repack_plainly_for_other_devices(
     vals = quantize_int4(lin.weight.detach())[0]
     assert torch.equal(unpack_int4(q.qweight, 64, 128), vals)
     assert torch.equal(unpack_nibbles(pack_nibbles(vals)), vals)
+    plain = QuantLinear(lin, "int4", BF16, cpu=False)  # quantized for another device: never the CPU packing
+    assert not plain.cpu_packed and torch.equal(plain.weight, q.weight)
+    x = torch.randn(3, 128, dtype=BF16)
+    assert torch.equal(plain(x), F.linear(x, q.weight))  # back on the CPU, it computes from its plain layout
+    q._apply(lambda t: t)  # a move that stays on the CPU keeps the kernel's packing
+    assert q.cpu_packed
