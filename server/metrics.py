@@ -41,7 +41,7 @@ class Metrics:
                               buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 5), registry=r)
         self.tokens = Counter(p + "generated_tokens_total", "Generated tokens", ["adapter_type"], registry=r)
         self.kv_bytes = Gauge(p + "kv_cache_bytes", "Bytes held by the KV cache", registry=r)
-        self.adapter_device_bytes = Gauge(p + "adapter_device_bytes", "Bytes of adapter weights on the device", registry=r)
+        self.adapter_device_bytes = Gauge(p + "adapter_device_bytes", "Bytes of adapter weights on the device, and of the base weights a folded adapter keeps to unfold", registry=r)
         # vLLM's names, with the meanings the gateways that route by them read (README, Scale out)
         self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Requests queued, not yet in the batch", registry=r)
         self.vllm_running = Gauge("vllm:num_requests_running", "Requests in the batch (prefilling or decoding)",

@@ -80,6 +80,9 @@ class AdapterSlots:
         """Overwrite `slot` with an adapter (1 <= slot <= num_slots)."""
         if not 1 <= slot <= self.num_slots:
             raise ValueError(f"slot {slot} out of range 1..{self.num_slots}")
+        if not isinstance(weights.payload, RECORDS[weights.method].weights):
+            raise TypeError(f"a {weights.method} slot takes {RECORDS[weights.method].weights.__name__}, "
+                            f"not {type(weights.payload).__name__}")
         self.unmerge()  # a method may read the base weights as it writes (DoRA's norms): never a folded one
         self.clear(slot)
         self.methods[weights.method].write(slot, weights)

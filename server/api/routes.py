@@ -86,8 +86,8 @@ async def upload_adapter(request: Request, s: ReadyDep, replace: bool = False) -
 @router.post("/adapters/demo", status_code=201, response_model=AdapterList, response_model_exclude_none=True,
              dependencies=[AdminAuth])
 async def add_demo_adapters(s: ReadyDep) -> dict[str, Any]:
-    """Untrained demo adapters for the served model ((IA)3, a bottleneck, LoRA: `adapter-server
-    demo-adapters` writes the same), registered as demo-ia3, demo-seq-bn, demo-lora where those ids are
+    """Untrained demo adapters for the served model ((IA)3, LoRA, a bottleneck: `adapter-server
+    demo-adapters` writes the same), registered as demo-ia3, demo-lora, demo-seq-bn where those ids are
     free. The playground's "add demo adapters" button; they change outputs, they teach nothing."""
     return {"adapters": await asyncio.to_thread(_add_demo, s)}
 
@@ -97,12 +97,12 @@ def _add_demo(s: Ready) -> list[dict[str, Any]]:
 
     out = []
     taken = {a["adapter_id"] for a in s.registry.infos()}
-    for i, (adapter_id, kind) in enumerate(DEMO.items()):
+    for adapter_id, (kind, seed) in DEMO.items():
         if adapter_id in taken:
             continue
         staging = s.registry.store.staging_dir()
         try:
-            write_demo(kind, staging, s.model_config, seed=i)
+            write_demo(kind, staging, s.model_config, seed=seed)
             out.append(s.registry.add(adapter_id, staging, False))
         except AdapterExistsError:
             continue  # taken meanwhile (a second click): left as it is

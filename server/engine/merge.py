@@ -8,6 +8,7 @@ other adapter, or of none, need the base weights: the fold is undone first.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -15,6 +16,8 @@ from ..adapters.families import label
 from ..adapters.methods import StepTimer
 from ..adapters.slots import AdapterSlots
 from .sequence import Seq
+
+log = logging.getLogger(__name__)
 
 
 class MergePolicy:
@@ -59,7 +62,14 @@ class MergePolicy:
     def _timed(self, fn: Callable[[], None], slot: int) -> None:
         """A fold or unfold of `slot`; its time counts as adapter compute under the folded label."""
         t0 = time.perf_counter()
-        fn()
+        try:
+            fn()
+        except Exception:  # out of memory for the copy, say: serve unfolded from now on, never stuck retrying
+            log.exception("folding an adapter failed; folding is off from now on")
+            self.enabled = False
+            self.slots.unmerge()
+            self.on_change()
+            return
         dt = time.perf_counter() - t0
         self.on_change()
         self.timer.add(label(self.slots.method_of(slot), merged=True), dt)

@@ -42,7 +42,9 @@ def write_demo(kind: str, out: Path, cfg: Any, seed: int = 0) -> Path:
     raise ValueError(f"no synthetic adapter of kind {kind!r} (kinds: {', '.join(known)}, some with a size)")
 
 
-DEMO: dict[str, str] = {f"demo-{r.demo.replace('_', '-')}": r.demo for r in RECORDS.values() if r.demo}  # id -> kind
+# the playground's demo adapters: id -> (synthetic kind, seed), in the order of their seeds
+DEMO: dict[str, tuple[str, int]] = {f"demo-{kind.replace('_', '-')}": (kind, seed) for kind, seed in
+                                    sorted((r.demo for r in RECORDS.values() if r.demo), key=lambda d: d[1])}
 
 __all__ = ["ADAPTER_TYPES", "DEMO", "RECORDS", "AdapterMethod", "MethodPlan", "MethodRecord", "Routing", "StepTimer",
            "write_demo"]

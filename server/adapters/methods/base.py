@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,10 +118,11 @@ Synth = Callable[[str, Path, Any, int], Path]  # (kind, folder, model config, se
 class MethodRecord:
     """One adapter method, registered once (`methods.RECORDS`): everything else about it derives from here.
 
-    `mergeable`: its adapters can be folded into the base weights (so rows may also be counted under
-    `<name>_merged`); whether one adapter can is its weights' `mergeable`. `synth` writes an untrained
-    adapter in its library's layout for the synthetic kinds named in `kinds` (a kind, or a kind followed by
-    a size: "lora8"); `demo` is the kind the playground's demo adapters use, if any."""
+    `weights`: the payload type its slots take. `mergeable`: its adapters can be folded into the base
+    weights (so rows may also be counted under `<name>_merged`); whether one adapter can is its weights'
+    `mergeable`. `synth` writes an untrained adapter in its library's layout for the synthetic kinds in
+    `kinds` (with `sized`, a kind may be followed by a size: "lora8"). `demo`: the kind and seed of the
+    playground's demo adapter of this method, if it has one."""
 
     name: Method
     impl: type[AdapterMethod]
@@ -129,7 +130,8 @@ class MethodRecord:
     mergeable: bool = False
     synth: Synth | None = None
     kinds: tuple[str, ...] = ()
-    demo: str | None = None
+    sized: bool = False
+    demo: tuple[str, int] | None = None
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -137,7 +139,11 @@ class MethodRecord:
         return (label(self.name), *((label(self.name, merged=True),) if self.mergeable else ()))
 
     def makes(self, kind: str) -> bool:
-        return any(kind == k or (kind.startswith(k) and kind[len(k):].isdigit()) for k in self.kinds)
+        return any(kind == k or (self.sized and kind.startswith(k) and kind[len(k):].isdigit()) for k in self.kinds)
+
+
+def nbytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 @dataclass(frozen=True)

@@ -462,4 +462,4 @@ class BottleneckMethod(AdapterMethod):
 
 
 RECORD = MethodRecord(NAME, BottleneckMethod, BottleneckWeights, synth=synth_bottleneck,
-                      kinds=(*BN_PRESETS, "compacter"), demo="seq_bn")
+                      kinds=(*BN_PRESETS, "compacter"), demo=("seq_bn", 2))

@@ -16,7 +16,7 @@ from ...compiled import Compiled
 from ..families import Method
 from ..spec import AdapterWeights, MethodWeights
 from ..synth import synth_ia3
-from .base import AdapterMethod, MethodPlan, MethodRecord, Routing, SlotContext, StepTimer
+from .base import AdapterMethod, MethodPlan, MethodRecord, Routing, SlotContext, StepTimer, nbytes
 
 F32 = torch.float32
 NAME: Method = "ia3"
@@ -177,7 +177,7 @@ class IA3Method(AdapterMethod):
         """The resident adapters' rows of the tables (the tables themselves hold a row for every slot), and
         while an adapter is folded in, the copy of the base weights it changed."""
         rows = sum(len(t.slots) * t.data.shape[1] * 4 for t in [*self.out.values(), *self.inp.values()])
-        return rows + sum(t.numel() * t.element_size() for pair in self._backup.values() for t in pair if t is not None)
+        return rows + nbytes(t for pair in self._backup.values() for t in pair)
 
     # -- folding into the base weights -------------------------------------------------------
     def can_merge(self, slot: int) -> bool:
@@ -196,9 +196,15 @@ class IA3Method(AdapterMethod):
         if self._merged is not None:
             self.unmerge()
         entries = self.by_slot[slot]
-        for module in {m for m, _ in entries}:
-            lin = self.ctx.modules[module]
-            self._backup[module] = (lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone())
+        try:
+            for module in {m for m, _ in entries}:
+                lin = self.ctx.modules[module]
+                self._backup[module] = (lin.weight.detach().clone(),
+                                        None if lin.bias is None else lin.bias.detach().clone())
+        except BaseException:  # nothing is scaled yet: drop the partial copy
+            self._backup.clear()
+            raise
+        self._merged = slot  # from here an unmerge restores whatever the loop below has scaled
         for module, side in entries:  # weights are the base ones here: any earlier merge was undone
             lin = self.ctx.modules[module]
             w = lin.weight
@@ -209,7 +215,6 @@ class IA3Method(AdapterMethod):
                     _scale(lin.bias, l_vec)
             else:
                 _scale(w, l_vec[None, :])
-        self._merged = slot
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -225,4 +230,4 @@ class IA3Method(AdapterMethod):
         self._merged = None
 
 
-RECORD = MethodRecord(NAME, IA3Method, IA3Weights, mergeable=True, synth=synth_ia3, kinds=("ia3",), demo="ia3")
+RECORD = MethodRecord(NAME, IA3Method, IA3Weights, mergeable=True, synth=synth_ia3, kinds=("ia3",), demo=("ia3", 0))

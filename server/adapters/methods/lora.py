@@ -32,7 +32,7 @@ from ...compiled import Compiled
 from ..families import Method
 from ..spec import AdapterWeights, MethodWeights
 from ..synth import synth_lora
-from .base import AdapterMethod, MethodPlan, MethodRecord, Routing, SlotContext, StepTimer
+from .base import AdapterMethod, MethodPlan, MethodRecord, Routing, SlotContext, StepTimer, nbytes
 from .layout import StaticLayout
 
 F32 = torch.float32
@@ -305,7 +305,7 @@ class LoRAMethod(AdapterMethod):
     def device_bytes(self) -> int:
         """The slots' blocks, and while an adapter is folded in, the copy of the base weights it changed."""
         blocks = sum(w.nbytes() for per in self.mods.values() for w in per.values())
-        return blocks + sum(t.numel() * t.element_size() for t in self._backup.values())
+        return blocks + nbytes(self._backup.values())
 
     def plan(self, slots: list[int], slot_idx: torch.Tensor) -> MethodPlan | None:
         mods = {}
@@ -372,6 +372,7 @@ class LoRAMethod(AdapterMethod):
         if self._merged == slot:
             return
         self.unmerge()
+        self._merged = slot  # from here an unmerge restores every module copied so far, should a copy fail
         for module, per in self.mods.items():
             w = per.get(slot)
             if w is None:
@@ -382,7 +383,6 @@ class LoRAMethod(AdapterMethod):
             if w.g is not None:
                 new = w.g[:, None] * new
             weight.copy_(new.to(weight.dtype))
-        self._merged = slot
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -401,5 +401,7 @@ class DoRAMethod(LoRAMethod):
     magnitude = True
 
 
-RECORD = MethodRecord(NAME, LoRAMethod, LoRAWeights, mergeable=True, synth=synth_lora, kinds=("lora",), demo="lora")
-DORA_RECORD = MethodRecord(DoRAMethod.name, DoRAMethod, LoRAWeights, mergeable=True, synth=synth_lora, kinds=("dora",))
+RECORD = MethodRecord(NAME, LoRAMethod, LoRAWeights, mergeable=True, synth=synth_lora, kinds=("lora",), sized=True,
+                      demo=("lora", 1))
+DORA_RECORD = MethodRecord(DoRAMethod.name, DoRAMethod, LoRAWeights, mergeable=True, synth=synth_lora, kinds=("dora",),
+                           sized=True)

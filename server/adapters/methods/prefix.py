@@ -102,5 +102,7 @@ class PromptMethod(PrefixMethod):
         return KVPrefix(k, v, 0)
 
 
-PREFIX_RECORD = MethodRecord(PrefixMethod.name, PrefixMethod, PrefixWeights, synth=synth_prompt, kinds=("prefix",))
-PROMPT_RECORD = MethodRecord(PromptMethod.name, PromptMethod, PromptWeights, synth=synth_prompt, kinds=("prompt",))
+PREFIX_RECORD = MethodRecord(PrefixMethod.name, PrefixMethod, PrefixWeights, synth=synth_prompt, kinds=("prefix",),
+                             sized=True)
+PROMPT_RECORD = MethodRecord(PromptMethod.name, PromptMethod, PromptWeights, synth=synth_prompt, kinds=("prompt",),
+                             sized=True)
