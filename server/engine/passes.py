@@ -101,13 +101,11 @@ class Passes:
         reach = [starts[0] + T] if same else [a + n for a, n in zip(starts, lens, strict=True)]
         self._fit(rows, new_rows, max(reach))
         shifts = self._prefixes(seqs, row0)
-        args = dict(start=torch.tensor(starts, device=dev), lengths=torch.tensor(lens, device=dev), row0=row0,
-                    plan=self.slots.plan([s.slot for s in seqs]),
-                    kv_len=max(a + n for a, n in zip(starts, lens, strict=True)), start0=starts[0] if same else None,
-                    rope_shift=torch.tensor(shifts, device=dev) if any(shifts) else None)
-        if not scored:
-            return self.runner.forward(ids.to(dev), **args), None  # type: ignore[arg-type]
-        return self.runner.forward_full(ids.to(dev), **args, full_rows=scored)  # type: ignore[arg-type]
+        return self.runner.forward_full(
+            ids.to(dev), start=torch.tensor(starts, device=dev), lengths=torch.tensor(lens, device=dev), row0=row0,
+            plan=self.slots.plan([s.slot for s in seqs]), kv_len=max(a + n for a, n in zip(starts, lens, strict=True)),
+            start0=starts[0] if same else None, rope_shift=torch.tensor(shifts, device=dev) if any(shifts) else None,
+            full_rows=scored or None)
 
     def chunk(self, s: Seq, size: int, rows: Rows) -> tuple[torch.Tensor, dict[int, list[PromptScore]]]:
         """The next `size` prompt tokens of a long prompt, in cache row rows.next_row, after what it holds
@@ -116,15 +114,15 @@ class Passes:
         c0 = s.prefix_len + done
         self._fit(rows, 0, c0 + size)
         shift = self._prefixes([s], rows.next_row)[0]
-        ids = torch.tensor([s.req.prompt_ids[done : done + size]], device=dev)
-        args = dict(start=torch.tensor([c0], device=dev), lengths=torch.tensor([size], device=dev), row0=rows.next_row,
-                    plan=self.slots.plan([s.slot]), kv_len=c0 + size, start0=c0,
-                    rope_shift=torch.tensor([shift], device=dev) if shift else None)
         k = s.req.params.prompt_logprobs
-        if k is None:
-            return self.runner.forward(ids, **args), {}  # type: ignore[arg-type]
-        logits, full = self.runner.forward_full(ids, **args, full_rows=[0])  # type: ignore[arg-type]
-        return logits, {0: prompt_scores(full[0], s.req.prompt_ids, done, k)}  # type: ignore[index]
+        logits, full = self.runner.forward_full(
+            torch.tensor([s.req.prompt_ids[done : done + size]], device=dev), start=torch.tensor([c0], device=dev),
+            lengths=torch.tensor([size], device=dev), row0=rows.next_row, plan=self.slots.plan([s.slot]),
+            kv_len=c0 + size, start0=c0, rope_shift=torch.tensor([shift], device=dev) if shift else None,
+            full_rows=None if k is None else [0])
+        if k is None or full is None:
+            return logits, {}
+        return logits, {0: prompt_scores(full[0], s.req.prompt_ids, done, k)}
 
     def decode(self, seqs: list[Seq], rows: Rows) -> torch.Tensor:
         """One new token for each running row (rows 0..n-1), each at its own position."""

@@ -3,8 +3,8 @@
 This module is the one owner of the rule that ties requests to cache rows:
 - running rows sit packed at cache rows 0..n-1, in the order of `running`;
 - a long prompt prefilled a chunk per iteration (`chunking`) sits in row n = len(running), right
-  after them, and joins `running` in that same row once its last chunk is in (admitted in the same
-  iteration as rows prefilled whole, it writes its first chunk after they have joined);
+  after them, and joins `running` in that same row once its last chunk is in (it is admitted
+  alone: no other row joins while it is prefilled);
 - newly admitted rows are prefilled into rows n.. on (`next_row`), then join `running` in order;
 - a leaving row is filled by moving the last running row into it, and the chunked row then moves
   down one so that it stays right after them.

@@ -30,8 +30,9 @@ class Scheduler:
         self.kv_tokens_for = kv_tokens_for  # (rows, longest reach) -> token slots the cache would hold
 
     def admit(self, waiting: deque[Seq], running: list[Seq], grant: Callable[[Seq], bool]) -> Admission:
-        """Take admitted requests out of `waiting`. `grant` gives a request its device slot (True) or
-        says every slot is busy (False)."""
+        """Take admitted requests out of `waiting`. `grant` gives a request its device slot (True), or
+        says it cannot have one now (False): every slot is busy, or the engine has ended the request (its
+        adapter's weights disagree with its manifest) and taken it out of `waiting` (this walks a copy)."""
         joined: list[Seq] = []
         budget = self.prefill_budget
         reserve = max((s.still_needs for s in running), default=0)

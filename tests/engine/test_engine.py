@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from server.engine.types import GenerationRequest, GenerationResult, SamplingParams
+from server.errors import GenerationFailedError
 from tests.helpers import Collector, fixture_dir, make_engine, req, run_until_done, solo
 
 ADAPTERS = ["ia3_default", "ia3_ff_in", "seq_bn", "double_seq_bn", "par_bn", "seq_bn_ln", "par_bn_mh",
@@ -246,16 +247,37 @@ def test_a_request_whose_caller_goes_away_while_it_is_being_queued_is_cancelled(
         with pytest.raises(asyncio.CancelledError):
             await task
         gate.set()
-        for _ in range(500):  # the worker thread finishes queueing the request
-            if e._inbox.qsize():
+        for _ in range(1000):  # until the request has ended one way or the other (bounded: at most 10 s)
+            if ended("cancelled") or ended("ok"):
                 break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # the thread returns; the loop runs the submit's done callback
-        for _ in range(5):
+            await asyncio.sleep(0.01)  # the worker thread queues it; the loop runs the submit's done callback
             e.step()
 
+    count = lambda t, s: e.metrics.requests.labels(t, s)._value.get()  # noqa: E731
+    ended = lambda status: count("bottleneck", status) > 0  # noqa: E731
     asyncio.run(abandon())
     assert not e.rows.waiting and not e.rows.running
-    count = lambda t, s: e.metrics.requests.labels(t, s)._value.get()  # noqa: E731
     assert count("bottleneck", "cancelled") == 1 and count("bottleneck", "ok") == 0
     assert e.registry.record("seq_bn").pins == 0
+
+
+def test_a_slot_whose_prefix_disagrees_with_the_manifest_fails_only_its_request(tmp_path):
+    """The manifest's virtual_tokens sizes a request before its adapter is loaded; the slot's entries place
+    it. Should the two disagree (a manifest edited by hand), the request fails with a clear error at
+    admission, its pin and slot are freed, and the rows beside it are served."""
+    import json
+
+    e = make_engine(tmp_path / "a")
+    e.registry.add_folder("prefix_tuning", fixture_dir("prefix_tuning"))
+    path = tmp_path / "a" / "prefix_tuning" / "manifest.json"
+    m = json.loads(path.read_text())
+    path.write_text(json.dumps({**m, "virtual_tokens": m["virtual_tokens"] + 1}))
+    e = make_engine(tmp_path / "a")  # a fresh process reads the store
+    bad, good = Collector(), Collector()
+    e.submit(req(e, 0, "prefix_tuning", "hello world", max_new_tokens=4), bad)
+    e.submit(req(e, 1, None, "hello world", max_new_tokens=4), good)
+    run_until_done(e, [bad, good])
+    assert isinstance(bad.result, GenerationFailedError) and "virtual tokens" in str(bad.result)
+    assert good.result.finish_reason == "length"
+    assert e.registry.record("prefix_tuning").pins == 0
+    assert e.rows.queued == 0 and not e.rows.waiting

@@ -20,13 +20,13 @@ def test_identical_prompts_are_prefilled_once_and_each_choice_is_exact(tmp_path,
     a = tuple(e.tokenizer("the quick brown fox").input_ids)
     b = tuple(e.tokenizer("hello world, numbers 0123").input_ids)
     rows = []
-    spy = e.runner.forward
+    spy = e.runner.forward_full  # every pass runs through it
 
     def forward(ids, *args, **kw):
         rows.append(ids.shape[0] if ids.shape[1] > 1 else 0)  # prefill rows (decode steps: 0)
         return spy(ids, *args, **kw)
 
-    e.runner.forward = forward
+    e.runner.forward_full = forward
     cases = [(a, 1), (b, 2), (a, 3), (a, 4)]  # three choices of prompt a around another prompt
     params = [SamplingParams(max_new_tokens=8, temperature=1.0, seed=s, ignore_eos=True, logprobs=True) for _, s in cases]
     cols = [Collector() for _ in cases]
@@ -36,7 +36,7 @@ def test_identical_prompts_are_prefilled_once_and_each_choice_is_exact(tmp_path,
     assert [r for r in rows if r] == [2]  # one prefill pass of two rows: a once, b once
     together = [c.result for c in cols]
     assert len({together[i].token_ids for i in (0, 2, 3)}) > 1  # different seeds, different samples
-    e.runner.forward = spy
+    e.runner.forward_full = spy
     for i, ((ids, _), p) in enumerate(zip(cases, params, strict=True)):
         solo = Collector()
         e.submit(GenerationRequest(f"s{i}", ids, adapter, p), solo)
