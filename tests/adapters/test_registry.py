@@ -341,3 +341,34 @@ def test_two_processes_sharing_a_store_see_each_others_changes(tmp_path):
     b.release(ref2)
     b.add_folder("y", fixture_dir("seq_bn"))  # and the other way round
     assert a.info("y")["method"] == "bottleneck"
+
+
+def test_manifests_round_trip_and_older_ones_still_load(tmp_path):
+    """A manifest reads back as it was written; one written before revisions, virtual tokens and origins
+    existed still loads and serves; one naming a method not served, or with a field of the wrong type,
+    is skipped at start with the reason, and the rest load."""
+    import json
+
+    from server.adapters.store import MANIFEST, Manifest
+
+    r = make(tmp_path)
+    for aid in ("old", "alien", "broken", "fine"):
+        r.add_folder(aid, fixture_dir("ia3_default"))
+    m = r.store.manifest("fine")
+    assert Manifest.from_json(json.loads(json.dumps(m.to_json()))) == m
+    assert m.method == "ia3" and m.virtual_tokens == 0 and m.revision and m.origin is None and m.files
+    root = tmp_path / "store"
+    old = json.loads((root / "old" / MANIFEST).read_text())
+    for key in ("revision", "virtual_tokens"):
+        del old[key]
+    (root / "old" / MANIFEST).write_text(json.dumps(old))
+    (root / "alien" / MANIFEST).write_text(json.dumps({**old, "method": "adalora"}))
+    (root / "broken" / MANIFEST).write_text(json.dumps({**old, "num_parameters": "many"}))
+    again = make(tmp_path)
+    assert {i["adapter_id"] for i in again.infos()} == {"old", "fine"}
+    assert "adalora" in again.skipped["alien"] and "num_parameters" in again.skipped["broken"]
+    info = again.info("old")
+    assert info == {**r.info("fine"), "adapter_id": "old", "created_at": old["created_at"], "tier": "disk"}
+    ref = again.acquire("old")  # served: read from disk, pinned, with no virtual tokens
+    assert ref.virtual_tokens == 0 and again.weights(ref).method == "ia3"
+    again.release(ref)
