@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,10 @@ def build(services: Services) -> None:
              len(registry.infos()))
 
 
-def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, services: Services | None = None,
+               on_load_failed: Callable[[str], None] | None = None) -> FastAPI:
+    """The app. If loading fails, /health answers 503 saying why, and `on_load_failed` hears why (`run`
+    ends the process then: a supervisor must not read "loading failed" as "still starting")."""
     settings = settings or Settings()
     services = services or Services(settings, Metrics())
 
@@ -64,6 +67,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             except Exception as e:  # /health stays 503 and says why
                 log.exception("loading failed")
                 services.load_error = f"loading failed: {e}"
+                if on_load_failed is not None:
+                    on_load_failed(services.load_error)
 
         task = None if services.engine is not None else asyncio.create_task(load())
         yield
@@ -91,7 +96,20 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
 
 def run(settings: Settings) -> None:
+    """Serve until stopped; a model that cannot be loaded ends the process with exit status 1 and says why."""
     import uvicorn
 
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=10)
+    failed: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def stop(why: str) -> None:
+        failed.append(why)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_load_failed=stop)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                           timeout_graceful_shutdown=10))
+    server.run()
+    if failed:
+        raise SystemExit(f"adapter-server: {failed[0]}")
