@@ -46,12 +46,12 @@ def test_models_retrieve(oai):
 
 def test_n_samples_and_best_of(oai, live):
     runner = live.services.engine.runner
-    spy, rows = runner.forward, []
-    runner.forward = lambda ids, *a, **k: (rows.append(ids.shape[0]) if ids.shape[1] > 1 else None, spy(ids, *a, **k))[1]
+    spy, rows = runner.forward_full, []  # every pass runs through it
+    runner.forward_full = lambda ids, *a, **k: (rows.append(ids.shape[0]) if ids.shape[1] > 1 else None, spy(ids, *a, **k))[1]
     try:
         r = one(oai, n=3, temperature=1.0, seed=5)
     finally:
-        runner.forward = spy
+        runner.forward_full = spy
     assert rows == [1]  # the three choices share one prefill of the prompt
     assert [c.index for c in r.choices] == [0, 1, 2] and r.usage.completion_tokens == 18
     assert len({c.text for c in r.choices}) > 1  # distinct samples
