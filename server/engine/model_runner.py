@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters.slots import BatchPlan
+from ..architectures import architecture
 from .fused import FusedOps, pack_layers
 from .kv_cache import KVCache
 
@@ -52,6 +53,7 @@ class ModelRunner:
         self.cfg = cfg
         self.inner: Any = model.model
         self.layers = list(self.inner.layers)
+        self.arch = architecture(cfg.model_type)
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.rope = importlib.import_module(type(model).__module__).apply_rotary_pos_emb
@@ -237,11 +239,15 @@ class ModelRunner:
                 return [plan.linear_out(li, n, x, y) for n, y in zip(names, pk[group](x), strict=True)]
             return [plan.linear(li, n, getattr(module, n), x) for n in names]
 
+        qk_norm = self.arch.qk_norm
         x = norm(self.layers[0].input_layernorm, h)
         for li, layer in enumerate(self.layers):
             attn: Any = layer.self_attn
             q, k, v = project(li, attn, ("q_proj", "k_proj", "v_proj"), "qkv", x)
-            q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))  # [B, T, heads, hd]
+            if qk_norm:  # each head's queries and keys normed before rotary, as the library does
+                q, k = norm(attn.q_norm, q), norm(attn.k_norm, k)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             q, k = rope(q, k, cos, sin)  # [B, heads, T, hd], [B, kvh, T, hd]
             o = attend(li, attn, q, k, v).transpose(1, 2).reshape(B, T, -1)
             h, x = add_norm(li, "attn", h, plan.linear(li, "o_proj", attn.o_proj, o), layer.post_attention_layernorm)

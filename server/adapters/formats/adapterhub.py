@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from transformers.activations import ACT2FN
 
+from ...architectures import architecture
 from ...errors import InvalidAdapterError, UnsupportedAdapterError
 from ..methods.bottleneck import BottleneckBlock, BottleneckOptions, BottleneckWeights
 from ..methods.ia3 import IA3Vector, IA3Weights
@@ -50,6 +51,10 @@ def _bool(c: dict[str, Any], name: str, default: bool) -> bool:
 
 
 def parse(meta: dict[str, Any], files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
+    if not architecture(base.model_type).adapterhub:
+        raise UnsupportedAdapterError(
+            f"AdapterHub adapters are not served on {base.model_type} base models yet (where the library places "
+            "them there is not checked); PEFT adapters are", key="config")
     c = meta["config"]
     hidden = meta.get("hidden_size")
     if hidden is not None and hidden != base.hidden_size:
