@@ -16,7 +16,7 @@ from server.architectures import architecture
 from server.engine.model_loader import freeze
 from server.errors import UnsupportedAdapterError
 from tests.engine.test_graphs import PROMPTS, run_mixed
-from tests.fixtures.make_fixtures import QWEN3_DIR, QWEN3_PEFT
+from tests.fixtures.make_fixtures import QWEN3_DIR, QWEN3_PEFT, QWEN3_PEFT_DIR
 from tests.helpers import (
     FIXTURES,
     fixture_dir,
@@ -29,6 +29,10 @@ from tests.helpers import (
 )
 
 QWEN3 = list(QWEN3_PEFT)
+
+
+def qwen3_dir(name: str):  # noqa: ANN201
+    return QWEN3_PEFT_DIR / name
 
 
 def qwen3():  # noqa: ANN201
@@ -50,7 +54,7 @@ def test_qwen3_every_peft_family_alone_and_in_one_mixed_batch_equals_peft():
     model = qwen3()
     runner, slots = runner_and_slots(model, num_slots=len(QWEN3), rows=16)
     for s, name in enumerate(QWEN3, start=1):
-        slots.write(s, parse_folder(fixture_dir(name), model))
+        slots.write(s, parse_folder(qwen3_dir(name), model))
         got = full_logits(runner, slots, input_ids(), [s, s])
         assert (got - refs()[name]).abs().max().item() < 1e-5, name
     ids = input_ids().repeat(len(QWEN3) + 1, 1)  # every family and the bare model, both prompts, one pass
@@ -64,7 +68,7 @@ def test_qwen3_every_peft_family_alone_and_in_one_mixed_batch_equals_peft():
 def test_qwen3_folding_stays_exact(name):
     model = qwen3()
     runner, slots = runner_and_slots(model)
-    slots.write(1, parse_folder(fixture_dir(name), model))
+    slots.write(1, parse_folder(qwen3_dir(name), model))
     slots.merge(1)
     assert slots.merged_slot == 1
     assert (full_logits(runner, slots, input_ids(), [1, 1]) - refs()[name]).abs().max().item() < 1e-5
@@ -76,7 +80,7 @@ def test_qwen3_fixed_shape_decode_step_equals_the_dynamic_one(tmp_path):
     def engine(graphs: str, sub: str):  # noqa: ANN202
         e = make_engine(tmp_path / sub, slots=len(QWEN3), model=qwen3(), graphs=graphs)
         for a in QWEN3:
-            e.registry.add_folder(a, fixture_dir(a))
+            e.registry.add_folder(a, qwen3_dir(a))
         return e
 
     ref = run_mixed(engine("off", "a"), cases)
