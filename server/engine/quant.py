@@ -81,7 +81,8 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
-    return torch.stack([b & 0xF, b >> 4], dim=-1).reshape(b.shape[0], -1).to(torch.int32)
+    """The inverse of `pack_nibbles`: uint8 [N, K/2] -> q int32 [N, K]."""
+    return nibbles(b).reshape(b.shape[0], -1).to(torch.int32)
 
 
 def can_quantize(lin: torch.nn.Linear, scheme: Quantization) -> bool:

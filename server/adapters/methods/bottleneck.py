@@ -29,7 +29,7 @@ from ...compiled import Compiled
 from ..families import Method
 from ..spec import AdapterWeights, Location, MethodWeights
 from ..synth import BN_PRESETS, synth_bottleneck
-from .base import AdapterMethod, MethodPlan, MethodRecord, Routing, SlotContext, StepTimer
+from .base import AdapterMethod, MethodPlan, MethodRecord, Routing, SlotContext, StepTimer, nbytes
 from .layout import StaticLayout
 
 
@@ -112,9 +112,8 @@ class _Block:
     ln_after: tuple[torch.Tensor, torch.Tensor] | None
 
     def nbytes(self) -> int:
-        ts = [self.down_w, self.down_b, self.up_w, self.up_b]
-        ts += [t for p in (self.ln_before, self.ln_after) if p for t in p]
-        return sum(t.numel() * t.element_size() for t in ts)
+        return nbytes([self.down_w, self.down_b, self.up_w, self.up_b,
+                       *(t for p in (self.ln_before, self.ln_after) if p for t in p)])
 
 
 @dataclass

@@ -76,7 +76,7 @@ class _Slot:
     g: torch.Tensor | None = None  # [out] DoRA's m / ||W + s B A||_row
 
     def nbytes(self) -> int:
-        return sum(t.numel() * 4 for t in (self.A, self.sB, self.sb, self.g) if t is not None)
+        return nbytes((self.A, self.sB, self.sb, self.g))  # float32, all
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 from ..families import Method
 from ..spec import AdapterWeights, MethodWeights
 from ..synth import synth_prompt
-from .base import AdapterMethod, KVPrefix, MethodPlan, MethodRecord, SlotContext, StepTimer
+from .base import AdapterMethod, KVPrefix, MethodPlan, MethodRecord, SlotContext, StepTimer, nbytes
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class PrefixMethod(AdapterMethod):
         return self.slots.get(slot)
 
     def device_bytes(self) -> int:
-        return sum(2 * p.keys.numel() * p.keys.element_size() for p in self.slots.values())
+        return nbytes(t for p in self.slots.values() for t in (p.keys, p.values))
 
 
 class PromptMethod(PrefixMethod):
