@@ -44,6 +44,15 @@ class BatchPlan:
     def changes_input(self, layer: int, name: str) -> bool:
         return any(p.changes_input(layer, name) for p in self.plans)
 
+    def experts_out(self, layer: int, name: str, x: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor,
+                    y: torch.Tensor) -> torch.Tensor:
+        """Every method's change of a routed MLP's expert product `name` (gate_up_proj, down_proj), per
+        (token, expert) pair: inputs x [P, in], each pair's expert and batch row [P], outputs y [P, out]."""
+        for p in self.plans:
+            if (t := p.experts_out(layer, name, x, experts, rows, y)) is not None:
+                y = t
+        return y
+
     def residual(self, layer: int, loc: Location, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
         """One method's sub-block output, or, where several act at this site, each row's own method's;
         None where none acts (the plain decoder layer's h + a, which the runner may fuse with the next norm)."""

@@ -10,9 +10,11 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from ..architectures import architecture, text_config
 from .families import Method
 
 Format = Literal["peft", "adapterhub"]
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # a routed MLP's fused expert weights, [E, out, in] each
 Location = Literal["attn", "mlp"]
 
 
@@ -29,21 +31,36 @@ class BaseModelInfo:
     num_kv_heads: int = 0
     head_dim: int = 0
     quantization: str = "none"  # the Linears' weights: "none", "int8", "int4"; nothing folds into quantized ones
+    # (module path prefix, what it is) of the model's parts outside the text decoder (a vision tower)
+    refused: tuple[tuple[str, str], ...] = ()
+    # a routed MLP's experts module path -> {parameter: (experts, out, in)} (transformers' fused 3-D weights)
+    experts: dict[str, dict[str, tuple[int, int, int]]] = field(default_factory=dict)
 
     @staticmethod
     def from_model(model: Any) -> BaseModelInfo:
-        cfg = model.config
+        arch = architecture(model.config.model_type)
+        cfg: Any = text_config(model.config)
+        layers = arch.decoder + ".layers."
         linears = {
             name: (m.out_features, m.in_features)
             for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and ".layers." in name
+            if isinstance(m, torch.nn.Linear) and name.startswith(layers)
         }
+        experts: dict[str, dict[str, tuple[int, int, int]]] = {}
+        for name, m in model.named_modules():
+            if arch.moe and name.startswith(layers) and hasattr(m, "experts") and hasattr(m, "gate"):
+                linears[f"{name}.gate"] = tuple(m.gate.weight.shape)  # the router: F.linear with a [E, H] weight
+                experts[f"{name}.experts"] = {p: tuple(getattr(m.experts, p).shape) for p in EXPERT_PARAMS}
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        quant = next((m.scheme for name, m in model.named_modules() if ".layers." in name and getattr(m, "quantized", False)),
+        quant = next((m.scheme for name, m in model.named_modules() if name.startswith(layers) and getattr(m, "quantized", False)),
                      "none")
-        return BaseModelInfo(cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, linears, heads,
-                             getattr(cfg, "num_key_value_heads", None) or heads, head_dim, quant)
+        return BaseModelInfo(model.config.model_type, cfg.hidden_size, cfg.num_hidden_layers, linears, heads,
+                             getattr(cfg, "num_key_value_heads", None) or heads, head_dim, quant, arch.refused_modules, experts)
+
+    def outside(self, module: str) -> str | None:
+        """What part of the model `module` belongs to where that part is not served (the vision tower), or None."""
+        return next((what for prefix, what in self.refused if module == prefix or module.startswith(prefix + ".")), None)
 
     @property
     def fold_refusal(self) -> str | None:

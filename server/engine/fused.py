@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..architectures import Architecture
 from ..compiled import Compiled
 
 
@@ -49,8 +50,7 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 class FusedOps:
     """The compiled functions, or None where the model's modules are not the ones they reproduce."""
 
-    def __init__(self, model: Any) -> None:
-        cfg, inner = model.config, model.model
+    def __init__(self, cfg: Any, inner: Any) -> None:
         norms = [inner.norm] + [m for layer in inner.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
         ok = all(type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") for m in norms)
         ok = ok and getattr(cfg, "hidden_act", None) == "silu"
@@ -95,11 +95,14 @@ class Packed:
         return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
 
 
-def pack_layers(layers: list[Any]) -> list[dict[str, Packed]]:
-    """Pack q/k/v and gate/up of every layer where the shapes allow it."""
+def pack_layers(layers: list[Any], arch: Architecture) -> list[dict[str, Packed]]:
+    """Pack q/k/v and gate/up of every layer where they are separate Linears and the shapes allow it
+    (a fused projection is one product already; a routed MLP has no gate and up Linears)."""
     out = []
     for layer in layers:
         a, m = layer.self_attn, layer.mlp
-        groups = {"qkv": [a.q_proj, a.k_proj, a.v_proj], "gate_up": [m.gate_proj, m.up_proj]}
-        out.append({k: Packed(v) for k, v in groups.items() if Packed.possible(v)})
+        groups = {"qkv": [getattr(a, n) for n in arch.qkv]}
+        if all(hasattr(m, n) for n in arch.gate_up):
+            groups["gate_up"] = [getattr(m, n) for n in arch.gate_up]
+        out.append({k: Packed(v) for k, v in groups.items() if len(v) > 1 and Packed.possible(v)})
     return out

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from ..architectures import architecture
+from ..architectures import architecture, decoder
 from ..config import ModelConfig
 from ..errors import ModelLoadError
 from .quant import quantize_model
@@ -124,6 +124,13 @@ def load_base_model(cfg: ModelConfig) -> LoadedModel:
 
 
 def freeze(model: Any) -> Any:
+    """Inference mode, no gradients. A MoE router (`mlp.gate`: a [E, H] weight applied with F.linear,
+    not an nn.Linear) gets `bias = None`, so adapters read it as the bias-free Linear it computes."""
     model.eval()
     model.requires_grad_(False)
+    if architecture(model.config.model_type).moe:
+        for layer in decoder(model).layers:  # type: ignore[attr-defined]
+            gate = getattr(layer.mlp, "gate", None)
+            if hasattr(layer.mlp, "experts") and gate is not None and not hasattr(gate, "bias"):
+                gate.bias = None
     return model

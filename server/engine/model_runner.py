@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters.slots import BatchPlan
-from ..architectures import architecture
+from ..architectures import architecture, decoder, text_config
 from .fused import FusedOps, pack_layers
 from .kv_cache import KVCache
+from .moe import routed_experts
 
 Fn = TypeVar("Fn", bound=Callable[..., Any])
 _MKLDNN = threading.RLock()
@@ -49,34 +50,66 @@ class ModelRunner:
     def __init__(self, model: Any, max_rows: int, max_len: int, static_cache: bool = False,
                  compile_kernels: bool = False, pack: bool = False) -> None:
         self.model = model
-        cfg = model.config
+        self.arch = arch = architecture(model.config.model_type)
+        cfg: Any = text_config(model.config)
         self.cfg = cfg
-        self.inner: Any = model.model
+        self.inner: Any = decoder(model)
         self.layers = list(self.inner.layers)
-        self.arch = architecture(cfg.model_type)
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.rope = importlib.import_module(type(model).__module__).apply_rotary_pos_emb
+        self.qkv_sizes = [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
+        self.rope = importlib.import_module(type(self.layers[0]).__module__).apply_rotary_pos_emb
         self.windows = self._windows(cfg)
+        self.layer_types: list[str] = list(getattr(cfg, "layer_types", None) or ["full_attention"] * len(self.layers))
+        self.attn_softcap: float | None = getattr(cfg, arch.attn_softcap, None) if arch.attn_softcap else None
+        self.final_softcap: float | None = getattr(cfg, arch.final_softcap, None) if arch.final_softcap else None
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.cache = KVCache(len(self.layers), max_rows, self.n_kv, self.head_dim, max_len, self.dtype, self.device,
                              static=static_cache)
-        fused = FusedOps(model) if compile_kernels else None
+        fused = FusedOps(cfg, self.inner) if compile_kernels and arch.llama_layout else None
         self.fused = fused if fused is not None and fused.enabled else None  # decode_static only
-        self.packed = pack_layers(self.layers) if pack else None
+        self.packed = pack_layers(self.layers, arch) if pack else None
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
               gqa: bool, decode: bool) -> torch.Tensor:
         """Attention over the cache. A decode step on the CPU in bfloat16 computes it in float32: torch's
         bfloat16 CPU kernel is 2.4x (40 keys) to 5x (300 keys) slower there at batch 16 (SmolLM2's
         shapes), more than the casts cost, and float32 only adds precision. Prefill keeps the model's
-        dtype, as the libraries compute it."""
+        dtype, as the libraries compute it. With attention-logit soft-capping (Gemma 2), which SDPA
+        cannot apply, the library's eager attention: scores, cap, mask, float32 softmax, values."""
+        if self.attn_softcap is not None:
+            return self._capped_attention(q, k, v, mask, scale, self.attn_softcap)
         if decode and self.device.type == "cpu" and self.dtype == torch.bfloat16:
             o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale,
                                                enable_gqa=gqa)
             return o.to(self.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+    @staticmethod
+    def _capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                          cap: float) -> torch.Tensor:
+        """q [B, H, T, d] over k, v [B, kvh, Lk, d] (H a multiple of kvh: each K/V head serves H / kvh
+        consecutive query heads, as repeat_kv lays them out); mask boolean or additive, broadcast to
+        [B, 1, T, Lk]."""
+        B, H, T, d = q.shape
+        kvh = k.shape[1]
+        qg = q.reshape(B, kvh, H // kvh * T, d)  # the query heads of one K/V head as one block of rows
+        s = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, kvh, G * T, Lk]
+        s = torch.tanh(s / cap) * cap
+        s = s.view(B, kvh, H // kvh, T, -1)
+        m = mask[:, :, None] if mask.dim() == 4 else mask  # [B, 1, 1, T, Lk]
+        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype).view(B, kvh, H // kvh * T, -1)
+        return torch.matmul(p, v).view(B, H, T, d)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head on normed hidden states, soft-capped where the architecture caps (in the model's
+        dtype, as the library does), as float32."""
+        logits = self.model.lm_head(h)
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits.float()
 
     @staticmethod
     def _windows(cfg) -> list[int | None]:  # noqa: ANN001
@@ -150,10 +183,10 @@ class ModelRunner:
 
         rope_pos = pos if rope_shift is None else pos + rope_shift[:, None]
         h = self._layers(self.inner.embed_tokens(input_ids), rope_pos, plan, attend, packed=self.packed)
-        full = None if not full_rows else self.model.lm_head(self.inner.norm(h[full_rows])).float()
+        full = None if not full_rows else self._logits(self.inner.norm(h[full_rows]))
         if not all_logits:
             h = h[torch.arange(B, device=self.device), lengths - 1]  # [B, H]
-        return self.model.lm_head(self.inner.norm(h)).float(), full
+        return self._logits(self.inner.norm(h)), full
 
     @torch.inference_mode()
     def prefix_kv(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,11 +196,13 @@ class ModelRunner:
         ks: list[torch.Tensor] = []
         vs: list[torch.Tensor] = []
 
+        zero, n = torch.zeros(1, dtype=torch.long, device=self.device), torch.tensor([N], device=self.device)
+        masks = {w: self._mask(zero, n, N, N, w) for w in set(self.windows)}
+
         def attend(li: int, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             ks.append(k[0])
             vs.append(v[0])
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
-                                                  enable_gqa=self.n_heads != self.n_kv)
+            return self._sdpa(q, k, v, masks[self.windows[li]], attn.scaling, self.n_heads != self.n_kv, decode=False)
 
         pos = torch.arange(N, device=self.device)[None, :]
         self._layers(embeds[None].to(self.dtype), pos, BatchPlan((), []), attend)
@@ -206,18 +241,28 @@ class ModelRunner:
 
         x = self._layers(self.inner.embed_tokens(input_ids), (pos if rope_pos is None else rope_pos)[:, None], plan,
                          attend, self.fused, self.packed, final_norm=self.inner.norm)
-        return self.model.lm_head(x[:, 0]).float()
+        return self._logits(x[:, 0])
+
+    def _rotary(self, h: torch.Tensor, pos: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) per layer: one rotary embedding, or one per layer type with its own base (Gemma 3)."""
+        if not self.arch.rope_per_layer_type:
+            return [self.inner.rotary_emb(h, pos)] * len(self.layers)
+        by_type = {t: self.inner.rotary_emb(h, pos, t) for t in set(self.layer_types)}
+        return [by_type[t] for t in self.layer_types]
 
     def _layers(self, h: torch.Tensor, pos: torch.Tensor, plan: BatchPlan, attend: Any,
                 fused: FusedOps | None = None, packed: list[dict[str, Any]] | None = None,
                 final_norm: Any = None) -> torch.Tensor:
-        """Every decoder layer over h [B, T, H]: the HF submodules in order, adapters at the hook points.
+        """Every decoder layer over h [B, T, H]: the library's submodules in the order the architecture
+        describes, adapters at the hook points (each Linear by its own name, fused ones included; the
+        residual add of each sub-block, after the sub-block's own output norm where it has one).
         With `fused`, the norms, rotary embedding, SiLU-and-multiply and each residual add with the norm
         that reads it run as compiled equivalents; with `packed`, sibling projections run as one product
         wherever no adapter of the batch changes their input (output changes apply to each slice).
         With `final_norm`, returns the normed output of the last layer."""
+        A = self.arch
         B, T = h.shape[:2]
-        cos, sin = self.inner.rotary_emb(h, pos)
+        rotary = self._rotary(h, pos)
         if fused is None:
             norm = lambda m, x: m(x)  # noqa: E731
             rope, act_mul = self.rope, None
@@ -239,21 +284,56 @@ class ModelRunner:
                 return [plan.linear_out(li, n, x, y) for n, y in zip(names, pk[group](x), strict=True)]
             return [plan.linear(li, n, getattr(module, n), x) for n in names]
 
-        qk_norm = self.arch.qk_norm
         x = norm(self.layers[0].input_layernorm, h)
         for li, layer in enumerate(self.layers):
             attn: Any = layer.self_attn
-            q, k, v = project(li, attn, ("q_proj", "k_proj", "v_proj"), "qkv", x)
+            qkv = project(li, attn, A.qkv, "qkv", x)
+            q, k, v = qkv[0].split(self.qkv_sizes, dim=-1) if A.fused_qkv else qkv
             q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))  # [B, T, heads, hd]
-            if qk_norm:  # each head's queries and keys normed before rotary, as the library does
+            if A.qk_norm:  # each head's queries and keys normed before rotary, as the library does
                 q, k = norm(attn.q_norm, q), norm(attn.k_norm, k)
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-            q, k = rope(q, k, cos, sin)  # [B, heads, T, hd], [B, kvh, T, hd]
+            q, k = rope(q, k, *rotary[li])  # [B, heads, T, hd], [B, kvh, T, hd]
             o = attend(li, attn, q, k, v).transpose(1, 2).reshape(B, T, -1)
-            h, x = add_norm(li, "attn", h, plan.linear(li, "o_proj", attn.o_proj, o), layer.post_attention_layernorm)
-            mlp: Any = layer.mlp
-            g, u = project(li, mlp, ("gate_proj", "up_proj"), "gate_up", x)
-            a = plan.linear(li, "down_proj", mlp.down_proj, mlp.act_fn(g) * u if act_mul is None else act_mul(g, u))
+            o = plan.linear(li, "o_proj", attn.o_proj, o)
+            if A.attn_out_norm:
+                o = getattr(layer, A.attn_out_norm)(o)
+            h, x = add_norm(li, "attn", h, o, getattr(layer, A.mlp_in_norm))
+            a = self._mlp(li, layer.mlp, x, plan, project, act_mul)
+            if A.mlp_out_norm:
+                a = getattr(layer, A.mlp_out_norm)(a)
             nxt = self.layers[li + 1].input_layernorm if li + 1 < len(self.layers) else final_norm
             h, x = add_norm(li, "mlp", h, a, nxt)
         return h if final_norm is None else x
+
+    def _mlp(self, li: int, mlp: Any, x: torch.Tensor, plan: BatchPlan, project: Any, act_mul: Any) -> torch.Tensor:
+        """The MLP of layer li on x [B, T, H]: gated (gate and up as two Linears or one fused), or a
+        routed block (the library's router and grouped experts; a dense layer of a MoE model is gated)."""
+        A = self.arch
+        if A.moe and hasattr(mlp, "experts"):
+            return self._moe(li, mlp, x, plan)
+        gu = project(li, mlp, A.gate_up, "gate_up", x)
+        g, u = gu[0].chunk(2, dim=-1) if A.fused_gate_up else gu
+        act = getattr(mlp, A.act)
+        return plan.linear(li, "down_proj", mlp.down_proj, act(g) * u if act_mul is None else act_mul(g, u))
+
+    def _moe(self, li: int, mlp: Any, x: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
+        """A routed MLP: the router's logits (a Linear to the adapters: LoRA may change them), the top-k
+        experts as the library picks and weighs them, then the grouped expert products (moe.py), with
+        the adapters' per-pair hook after each."""
+        B, T, H = x.shape
+        router = mlp.gate
+        logits = plan.linear(li, "gate", lambda t: F.linear(t, router.weight), x)  # [B, T, E]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        top, index = torch.topk(probs, router.top_k, dim=-1)
+        if not self.arch.moe_renormalize or getattr(self.cfg, self.arch.moe_renormalize):
+            top = top / top.sum(dim=-1, keepdim=True)
+        if self.arch.moe_weights_in_model_dtype:
+            top = top.to(logits.dtype)
+        rows = torch.arange(B, device=x.device).repeat_interleave(T)
+
+        def hook(name: str, xp: torch.Tensor, ep: torch.Tensor, rp: torch.Tensor, yp: torch.Tensor) -> torch.Tensor:
+            return plan.experts_out(li, name, xp, ep, rp, yp)
+
+        k = router.top_k
+        return routed_experts(mlp.experts, x.reshape(-1, H), index.reshape(-1, k), top.reshape(-1, k), rows, hook).view_as(x)

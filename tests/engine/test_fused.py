@@ -30,4 +30,5 @@ def test_fused_functions_equal_the_modules_bit_for_bit():
             assert torch.equal(a, b)
         gate, up = torch.randn(3, 1, 8, generator=g).to(dtype), torch.randn(3, 1, 8, generator=g).to(dtype)
         assert torch.equal(silu_mul(gate, up), layer.mlp.act_fn(gate) * up)
-    assert FusedOps(model.float()).enabled
+    model = model.float()
+    assert FusedOps(model.config, model.model).enabled

@@ -12,9 +12,9 @@ import torch
 
 from ...errors import InvalidAdapterError, UnsupportedAdapterError
 from ..methods.ia3 import IA3Vector, IA3Weights
-from ..methods.lora import LoRAModule, LoRAWeights
+from ..methods.lora import LoRAExperts, LoRAModule, LoRAWeights
 from ..methods.prefix import PrefixWeights, PromptWeights
-from ..spec import AdapterWeights, BaseModelInfo
+from ..spec import EXPERT_PARAMS, AdapterWeights, BaseModelInfo
 from .tensors import expect_shape, load_tensors, pick_weight_file
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -47,6 +47,13 @@ def _check_spec(cfg: dict[str, Any], field: str) -> str | list[str] | None:
     raise InvalidAdapterError(f"{field} must be a list of names or one regex string", key=field)
 
 
+def _refuse_outside(base: BaseModelInfo, module: str, key: str) -> None:
+    what = base.outside(module)
+    if what is not None:
+        raise UnsupportedAdapterError(f"the adapter targets {what} ({module}) of this {base.model_type} model; "
+                                      "adapters are served on its text decoder only", key=key)
+
+
 def parse(cfg: dict[str, Any], files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
     ptype = cfg.get("peft_type")
     if ptype == "LORA":
@@ -67,6 +74,7 @@ def parse(cfg: dict[str, Any], files: dict[str, Path], base: BaseModelInfo) -> A
         if not (key.startswith(PREFIX) and key.endswith(SUFFIX)):
             raise InvalidAdapterError("not a PEFT (IA)3 tensor name (base_model.model.<module>.ia3_l)", key=key)
         module = key[len(PREFIX) : -len(SUFFIX)]
+        _refuse_outside(base, module, key)
         if module not in base.linears:
             raise InvalidAdapterError("the base model has no Linear module of that name in its layers", key=key)
         if targets is not None and not _matches(module, targets):
@@ -95,12 +103,14 @@ LORA_REFUSED = {
     "alora_invocation_tokens": "activated LoRA is not served",
     "use_bdlora": "block-diagonal LoRA is not served",
     "arrow_config": "Arrow routing is not served",
-    "target_parameters": "LoRA on raw parameters is not served",
     "use_qalora": "QA-LoRA is not served",
     "megatron_config": "Megatron-parallel LoRA is not served",
 }
 LORA_INITS = (True, False, "gaussian", "orthogonal", "eva")  # inits that leave the base weights as they are
 LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)$")
+# LoRA on a parameter (`target_parameters`): PEFT nests one wrapper per targeted parameter of a module, so
+# the saved keys are <module>(.base_layer)*.lora_A.weight and say nothing of which parameter each is.
+NESTED = re.compile(r"^(.+?)((?:\.base_layer)*)$")
 
 
 def _refuse_lora_options(cfg: dict[str, Any]) -> None:
@@ -141,6 +151,7 @@ def parse_lora(cfg: dict[str, Any], files: dict[str, Path], base: BaseModelInfo)
     if not tensors:
         raise InvalidAdapterError("weight file holds no tensors", key=WEIGHT_FILES[0])
     parts: dict[str, dict[str, torch.Tensor]] = {}
+    expert_parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = LORA_KEY.match(key)
         if m is None:
@@ -148,6 +159,13 @@ def parse_lora(cfg: dict[str, Any], files: dict[str, Path], base: BaseModelInfo)
                    else "not a PEFT LoRA tensor name (base_model.model.<module>.lora_A.weight / lora_B.weight / lora_B.bias)")
             raise UnsupportedAdapterError(why, key=key) if "embed" in key or "lm_head" in key else InvalidAdapterError(why, key=key)
         module, part = m.group(1), m.group(2)
+        _refuse_outside(base, module, key)
+        if module.endswith(".base_layer") and module not in base.linears and NESTED.match(module).group(1) in base.experts:  # type: ignore[union-attr]
+            expert_parts.setdefault(module, {})[part] = t
+            continue
+        if module in base.experts:
+            expert_parts.setdefault(module, {})[part] = t
+            continue
         if module not in base.linears:
             raise UnsupportedAdapterError("LoRA is served on the Linears of the decoder layers only", key=key)
         parts.setdefault(module, {})[part] = t
@@ -180,9 +198,54 @@ def parse_lora(cfg: dict[str, Any], files: dict[str, Path], base: BaseModelInfo)
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         modules.append(LoRAModule(module, A.clone(), B.clone(), None if bias is None else bias.clone(), scale,
                                   None if magnitude is None else magnitude.clone()))
+    experts = _expert_lora(cfg, expert_parts, base, rslora)
+    if experts and dora:
+        raise UnsupportedAdapterError("DoRA on expert parameters is not served", key="use_dora")
     variant = ("rs" if rslora else "") + ("dora" if dora else "lora")
     return AdapterWeights(method="dora" if dora else "lora", format="peft", variant=variant,
-                          payload=LoRAWeights(modules), config=cfg)
+                          payload=LoRAWeights(modules, experts), config=cfg)
+
+
+def _expert_lora(cfg: dict[str, Any], parts: dict[str, dict[str, torch.Tensor]], base: BaseModelInfo,
+                 rslora: bool) -> list[LoRAExperts]:
+    """LoRA on a routed MLP's fused 3-D expert weights (PEFT's ParamWrapper). lora_A [r * E, in] holds
+    expert e's A at rows e * r .. e * r + r - 1; lora_B [out, r * E] holds expert e's B at columns
+    e, E + e, 2E + e, ... (PEFT reshapes it [out, r, E]); the delta of expert e is s * B_e @ A_e, added to
+    its [out, in] weight. Which parameter a (nested) wrapper holds is read from the shapes: gate_up_proj
+    is [2I, H] per expert and down_proj [H, I], never the same."""
+    targets = cfg.get("target_parameters") or []
+    if parts and not (isinstance(targets, list) and targets):
+        raise InvalidAdapterError("LoRA tensors on expert weights without target_parameters", key="target_parameters")
+    for name in targets:
+        if not isinstance(name, str) or not (name.endswith(EXPERT_PARAMS) or name.endswith("gate.weight")):
+            raise UnsupportedAdapterError(f"target_parameters entry {name!r} is not served: LoRA on a routed "
+                                          "MLP's expert weights (gate_up_proj, down_proj) and its router (gate.weight) "
+                                          "is", key="target_parameters")
+    out: list[LoRAExperts] = []
+    seen: set[tuple[str, str]] = set()
+    for wrapper, p in sorted(parts.items()):
+        module = NESTED.match(wrapper).group(1)  # type: ignore[union-attr]
+        key = PREFIX + wrapper + ".lora_A.weight"
+        if "lora_A.weight" not in p or "lora_B.weight" not in p or set(p) - {"lora_A.weight", "lora_B.weight"}:
+            raise InvalidAdapterError("expert LoRA needs exactly lora_A.weight and lora_B.weight", key=key)
+        A, B = p["lora_A.weight"], p["lora_B.weight"]
+        shapes = base.experts[module]
+        fits = [n for n, (E, o, i) in shapes.items() if A.dim() == 2 and B.dim() == 2 and A.shape[1] == i
+                and B.shape[0] == o and A.shape[0] == B.shape[1] and A.shape[0] % E == 0 and A.shape[0] >= E]
+        if len(fits) != 1:
+            raise InvalidAdapterError(f"shapes {tuple(A.shape)}, {tuple(B.shape)} fit none of this module's expert "
+                                      f"weights {shapes} (lora_A [r * experts, in], lora_B [out, r * experts])", key=key)
+        name = fits[0]
+        if (module, name) in seen:
+            raise InvalidAdapterError(f"two LoRA wrappers on {module}.{name}", key=key)
+        seen.add((module, name))
+        E, o, i = shapes[name]
+        r = A.shape[0] // E
+        alpha = _alpha(cfg, f"{module}.{name}")
+        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        out.append(LoRAExperts(module, name, A.reshape(E, r, i).clone(), B.reshape(o, r, E).permute(2, 0, 1).contiguous(),
+                               scale))
+    return out
 
 
 PROMPT_VARIANTS = {"PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning", "PREFIX_TUNING": "prefix_tuning"}

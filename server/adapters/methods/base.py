@@ -79,6 +79,12 @@ class MethodPlan:
         read the Linear's original input `x`."""
         return None
 
+    def experts_out(self, layer: int, name: str, x: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor,
+                    y: torch.Tensor) -> torch.Tensor | None:
+        """A routed MLP's expert product `name` as this method changes it, per (token, expert) pair:
+        x [P, in], experts and rows [P] (each pair's expert and batch row), y [P, out]."""
+        return None
+
     def changes_input(self, layer: int, name: str) -> bool:
         """Whether `linear_in` has work here. If no method's has, the runner may compute this Linear in one
         product with its siblings (q/k/v, gate/up) and apply `linear_out` to its slice."""

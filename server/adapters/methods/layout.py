@@ -69,6 +69,11 @@ class StaticLayout(Generic[K, T]):
         """Changes when the tables are replaced; with none built, the version the next build will have."""
         return self._built + (self._tables is None)
 
+    def drop(self) -> None:
+        """Tables the captured graphs read were replaced elsewhere (a method's own graph-ready storage):
+        drop these too, so the version changes and graphs are captured again."""
+        self._tables = None
+
     def written(self, slot: int) -> None:
         """Mirror `slot` as it is now into the tables, or drop them when it does not fit."""
         if self._tables is None:

@@ -23,12 +23,13 @@ its own columns. Compiled (CUDA), the hooks read each row's own block instead (`
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ...compiled import Compiled
+from ...engine.moe import group_offsets, grouped_linear
 from ..families import Method
 from ..spec import AdapterWeights, MethodWeights
 from ..synth import synth_lora
@@ -56,16 +57,113 @@ class LoRAModule:
 
 
 @dataclass(frozen=True)
+class LoRAExperts:
+    """LoRA on one fused expert weight of a routed MLP (PEFT `target_parameters`): expert e's weight
+    [out, in] gains s * B[e] @ A[e]."""
+
+    module: str  # the experts module, e.g. model.layers.0.mlp.experts
+    param: str  # gate_up_proj or down_proj
+    A: torch.Tensor  # [E, r, in]
+    B: torch.Tensor  # [E, out, r]
+    scale: float
+
+
+@dataclass(frozen=True)
 class LoRAWeights(MethodWeights):
     modules: list[LoRAModule]
+    experts: list[LoRAExperts] = field(default_factory=list)
 
     @property
     def mergeable(self) -> bool:
-        """A LoRA bias would need a bias in the base Linear to fold into: Llama's have none."""
-        return all(m.bias is None for m in self.modules)
+        """A LoRA bias would need a bias in the base Linear to fold into: Llama's have none. Expert LoRA
+        is served unfolded."""
+        return all(m.bias is None for m in self.modules) and not self.experts
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for m in self.modules for t in (m.A, m.B, m.bias, m.magnitude) if t is not None]
+        return ([t for m in self.modules for t in (m.A, m.B, m.bias, m.magnitude) if t is not None]
+                + [t for x in self.experts for t in (x.A, x.B)])
+
+
+class _ExpertTable:
+    """One expert weight's LoRA for every slot at once, zero-padded to rank R: A [S * E, R, in] and
+    s * B [S * E, out, R] (group slot * E + e). Zero blocks add exactly 0, so the same products serve
+    rows of other slots and of none, and the tables serve graph replay unchanged (written in place)."""
+
+    def __init__(self, S: int, E: int, R: int, out: int, inp: int, dev: torch.device) -> None:
+        self.S, self.E, self.R = S, E, R
+        self.A = torch.zeros(S * E, R, inp, device=dev, dtype=F32)
+        self.sB = torch.zeros(S * E, out, R, device=dev, dtype=F32)
+
+    def grown(self, R: int) -> _ExpertTable:
+        t = _ExpertTable(self.S, self.E, R, self.sB.shape[1], self.A.shape[2], self.A.device)
+        t.A[:, : self.R], t.sB[:, :, : self.R] = self.A, self.sB
+        return t
+
+    def put(self, slot: int, x: LoRAExperts | None) -> None:
+        rows = slice(slot * self.E, (slot + 1) * self.E)
+        self.A[rows], self.sB[rows] = 0, 0
+        if x is not None:
+            r = x.A.shape[1]
+            self.A[rows, :r] = x.A.to(self.A.device)
+            self.sB[rows, :, :r] = (x.B * x.scale).to(self.A.device)
+
+    def nbytes(self) -> int:
+        return nbytes((self.A, self.sB))
+
+    def delta(self, x: torch.Tensor, experts: torch.Tensor, slots: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + s B A x per pair, its own (slot, expert) block: the pairs grouped by slot * E + e, two
+        grouped products (no loop, no host synchronisation)."""
+        group, perm = torch.sort(slots * self.E + experts)
+        offsets = group_offsets(group, self.S * self.E)
+        d = grouped_linear(x.to(F32)[perm], self.A, offsets)  # [P, R]
+        d = grouped_linear(d, self.sB, offsets)  # [P, out]
+        delta = torch.empty_like(d)
+        delta[perm] = d
+        return (y.to(F32) + delta).to(y.dtype)
+
+
+class _ExpertLoRA:
+    """The expert tables of one method: (layer, param) -> table, and which slots wrote which."""
+
+    def __init__(self, ctx: SlotContext) -> None:
+        self.ctx = ctx
+        self.tables: dict[tuple[int, str], _ExpertTable] = {}
+        self.owners: dict[tuple[int, str], set[int]] = {}
+
+    def write(self, slot: int, experts: list[LoRAExperts]) -> bool:
+        """Whether a table was added or replaced (graphs read the old ones)."""
+        changed = False
+        for x in experts:
+            key = (self.ctx.base.split(x.module)[0], x.param)
+            E, r = x.A.shape[0], x.A.shape[1]
+            t = self.tables.get(key)
+            if t is None:
+                _, out, inp = self.ctx.base.experts[x.module][x.param]
+                t, changed = _ExpertTable(self.ctx.num_slots, E, r, out, inp, self.ctx.device), True
+            elif r > t.R:
+                t, changed = t.grown(r), True
+            self.tables[key] = t
+            t.put(slot, x)
+            self.owners.setdefault(key, set()).add(slot)
+        return changed
+
+    def clear(self, slot: int) -> bool:
+        """Whether a table was removed."""
+        changed = False
+        for key, owners in list(self.owners.items()):
+            if slot in owners:
+                owners.discard(slot)
+                self.tables[key].put(slot, None)
+                if not owners:
+                    del self.tables[key], self.owners[key]
+                    changed = True
+        return changed
+
+    def used(self, slots: list[int]) -> dict[tuple[int, str], _ExpertTable]:
+        return {k: self.tables[k] for k, owners in self.owners.items() if any(s in owners for s in slots)}
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes() for t in self.tables.values())
 
 
 @dataclass
@@ -114,8 +212,18 @@ def add_delta(y: torch.Tensor, delta: torch.Tensor, g: torch.Tensor | None, base
 
 
 class LoRAPlan(MethodPlan):
-    def __init__(self, mods: dict[tuple[int, str], _ModulePlan], timer: StepTimer, label: str) -> None:
+    def __init__(self, mods: dict[tuple[int, str], _ModulePlan], timer: StepTimer, label: str,
+                 experts: dict[tuple[int, str], _ExpertTable] | None = None, slot_idx: torch.Tensor | None = None) -> None:
         self.mods, self.timer, self.label = mods, timer, label
+        self.experts, self.slot_idx = experts or {}, slot_idx
+
+    def experts_out(self, layer: int, name: str, x: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor,
+                    y: torch.Tensor) -> torch.Tensor | None:
+        t = self.experts.get((layer, name))
+        if t is None or self.slot_idx is None:
+            return None
+        with self.timer.span(self.label):
+            return t.delta(x, experts, self.slot_idx[rows], y)
 
     def linear_out(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         p = self.mods.get((layer, name))
@@ -200,9 +308,16 @@ class LoRAStaticPlan(MethodPlan):
     (`Routing.distinct`)."""
 
     def __init__(self, mods: dict[tuple[int, str], _StaticModule], routing: Routing, magnitude: bool,
-                 routed: Callable[..., torch.Tensor], fused: Callable[..., torch.Tensor] | None) -> None:
+                 routed: Callable[..., torch.Tensor], fused: Callable[..., torch.Tensor] | None,
+                 experts: dict[tuple[int, str], _ExpertTable] | None = None) -> None:
         self.mods, self.routing, self.magnitude = mods, routing, magnitude
         self.routed, self.fused = routed, fused
+        self.experts = experts or {}
+
+    def experts_out(self, layer: int, name: str, x: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor,
+                    y: torch.Tensor) -> torch.Tensor | None:
+        t = self.experts.get((layer, name))
+        return None if t is None else t.delta(x, experts, self.routing.slots[rows], y)
 
     def linear_out(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         st = self.mods.get((layer, name))
@@ -225,6 +340,7 @@ class LoRAMethod(AdapterMethod):
     def __init__(self, ctx: SlotContext, timer: StepTimer) -> None:
         super().__init__(ctx, timer)
         self.mods: dict[str, dict[int, _Slot]] = {}  # module -> slot -> weights
+        self.experts = _ExpertLoRA(ctx)  # LoRA on routed MLPs' expert weights: every slot's tables, also for graphs
         self.written: set[int] = set()  # slots holding an adapter: `uses` runs every step, in O(rows)
         self.static = StaticLayout[str, _StaticModule](self)  # graph replay only, built on first use
         self._merged: int | None = None
@@ -240,6 +356,8 @@ class LoRAMethod(AdapterMethod):
         for m in w.modules:
             sb = None if m.bias is None else (m.bias * m.scale).to(dev)
             self.mods.setdefault(m.module, {})[slot] = _Slot(m.A.to(dev), (m.B * m.scale).to(dev), sb, self._g(m))
+        if self.experts.write(slot, w.experts):
+            self.static.drop()
         self.written.add(slot)
         self.static.written(slot)
 
@@ -260,6 +378,8 @@ class LoRAMethod(AdapterMethod):
             return
         for slots in self.mods.values():
             slots.pop(slot, None)
+        if self.experts.clear(slot):
+            self.static.drop()
         self.written.discard(slot)
         self.static.cleared(slot)
 
@@ -293,7 +413,7 @@ class LoRAMethod(AdapterMethod):
     def static_plan(self, routing: Routing) -> MethodPlan | None:
         split = self.ctx.base.split
         return LoRAStaticPlan({split(m): st for m, st in self.static.tables().items()}, routing, self.magnitude,
-                              self._routed, self._fused)
+                              self._routed, self._fused, dict(self.experts.tables))
 
     @property
     def layout_version(self) -> int:
@@ -305,7 +425,7 @@ class LoRAMethod(AdapterMethod):
     def device_bytes(self) -> int:
         """The slots' blocks, and while an adapter is folded in, the copy of the base weights it changed."""
         blocks = sum(w.nbytes() for per in self.mods.values() for w in per.values())
-        return blocks + nbytes(self._backup.values())
+        return blocks + self.experts.nbytes() + nbytes(self._backup.values())
 
     def plan(self, slots: list[int], slot_idx: torch.Tensor) -> MethodPlan | None:
         mods = {}
@@ -313,7 +433,8 @@ class LoRAMethod(AdapterMethod):
             present = sorted({s for s in slots if s in per and s != self._merged})
             if present:
                 mods[self.ctx.base.split(module)] = self._module(module, slots, slot_idx, present, per)
-        return LoRAPlan(mods, self.timer, self.name) if mods else None
+        experts = self.experts.used([s for s in slots if s != self._merged])
+        return LoRAPlan(mods, self.timer, self.name, experts, slot_idx) if mods or experts else None
 
     def _module(self, module: str, slots: list[int], slot_idx: torch.Tensor, present: list[int],
                 per: dict[int, _Slot]) -> _ModulePlan:
