@@ -45,7 +45,10 @@ class Architecture:
     # cast back to the model's dtype (Qwen3-MoE) or kept in float32 (Mixtral), as the library does.
     moe_renormalize: str = ""
     moe_weights_in_model_dtype: bool = False
-    adapterhub: bool = False  # AdapterHub `adapters` places its adapters as on Llama (checked against the library)
+    # How AdapterHub `adapters` 1.3.0 attaches to this base: "modules" (its own Llama-family modules),
+    # "interface" (its plugin interface: bottlenecks hooked on the output of o_proj and down_proj, with the
+    # post-norm, if any, as the "original" layer norm; no prefix tuning), or "" (no support).
+    adapterhub: str = ""
 
     @property
     def fused_qkv(self) -> bool:
@@ -65,21 +68,26 @@ class Architecture:
 _GEMMA = dict(norm_w_plus_one=True, attn_out_norm="post_attention_layernorm", mlp_in_norm="pre_feedforward_layernorm",
               mlp_out_norm="post_feedforward_layernorm", final_softcap="final_logit_softcapping")
 
-LLAMA = Architecture("llama", ("llama", "mistral", "qwen2"), adapterhub=True)
-QWEN3 = Architecture("qwen3", ("qwen3",), qk_norm=True)
-GEMMA2 = Architecture("gemma2", ("gemma2",), attn_softcap="attn_logit_softcapping", **_GEMMA)  # type: ignore[arg-type]
-GEMMA3 = Architecture("gemma3", ("gemma3_text",), qk_norm=True, rope_per_layer_type=True, **_GEMMA)  # type: ignore[arg-type]
+LLAMA = Architecture("llama", ("llama", "mistral"), adapterhub="modules")
+QWEN2 = Architecture("qwen2", ("qwen2",), adapterhub="interface")
+QWEN3 = Architecture("qwen3", ("qwen3",), qk_norm=True, adapterhub="interface")
+GEMMA2 = Architecture("gemma2", ("gemma2",), attn_softcap="attn_logit_softcapping", adapterhub="interface",
+                      **_GEMMA)  # type: ignore[arg-type]
+GEMMA3 = Architecture("gemma3", ("gemma3_text",), qk_norm=True, rope_per_layer_type=True, adapterhub="interface",
+                      **_GEMMA)  # type: ignore[arg-type]
 GEMMA3_MM = Architecture("gemma3 (text of a multimodal folder)", ("gemma3",), decoder="model.language_model",
                          text_config="text_config", qk_norm=True, rope_per_layer_type=True,
                          refused_modules=(("model.vision_tower", "the vision tower"),
                                           ("model.multi_modal_projector", "the multimodal projector")),
-                         **_GEMMA)  # type: ignore[arg-type]
+                         **{**_GEMMA, "final_softcap": ""})  # type: ignore[arg-type]
+# (transformers' Gemma3ForConditionalGeneration never applies its text config's final_logit_softcapping,
+# which Gemma3ForCausalLM does; released Gemma 3 configs set none, so both agree on real checkpoints.)
 PHI3 = Architecture("phi3", ("phi3",), qkv=("qkv_proj",), gate_up=("gate_up_proj",), act="activation_fn")
 QWEN3_MOE = Architecture("qwen3_moe", ("qwen3_moe",), qk_norm=True, moe=True, moe_renormalize="norm_topk_prob",
                          moe_weights_in_model_dtype=True)
 MIXTRAL = Architecture("mixtral", ("mixtral",), moe=True)
 
-ARCHITECTURES = (LLAMA, QWEN3, GEMMA2, GEMMA3, GEMMA3_MM, PHI3, QWEN3_MOE, MIXTRAL)
+ARCHITECTURES = (LLAMA, QWEN2, QWEN3, GEMMA2, GEMMA3, GEMMA3_MM, PHI3, QWEN3_MOE, MIXTRAL)
 BY_MODEL_TYPE: dict[str, Architecture] = {t: a for a in ARCHITECTURES for t in a.model_types}
 SUPPORTED_TYPES: tuple[str, ...] = tuple(BY_MODEL_TYPE)
 # Model types people ask for that are refused with a reason rather than the generic list.

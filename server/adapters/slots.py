@@ -7,9 +7,11 @@ exist. Writing a slot is the only way adapters reach the model; the model itself
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
+from ..architectures import architecture, decoder
 from ..compiled import raise_recompile_limit
 from .families import label
 from .methods import RECORDS, AdapterMethod, MethodPlan, Routing, StepTimer
@@ -55,13 +57,22 @@ class BatchPlan:
 
     def residual(self, layer: int, loc: Location, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
         """One method's sub-block output, or, where several act at this site, each row's own method's;
-        None where none acts (the plain decoder layer's h + a, which the runner may fuse with the next norm)."""
+        None where none acts (the plain decoder layer's h + a, or h + N(a) where the architecture norms
+        the sub-layer's output before the add, which the runner may fuse with the next norm)."""
         out: torch.Tensor | None = None
         for p in self.plans:
             y = p.residual(layer, loc, h, a)
             if y is not None:
                 out = y if out is None else torch.where(p.residual_rows(layer, loc), y, out)
         return out
+
+
+def out_norms(model: torch.nn.Module) -> dict[tuple[int, str], Callable[[torch.Tensor], torch.Tensor]]:
+    """(layer, location) -> the norm the architecture puts on that sub-layer's output before its residual add."""
+    arch = architecture(model.config.model_type)  # type: ignore[union-attr]
+    names = {"attn": arch.attn_out_norm, "mlp": arch.mlp_out_norm}
+    layers = decoder(model).layers  # type: ignore[attr-defined]
+    return {(i, loc): getattr(layer, n) for i, layer in enumerate(layers) for loc, n in names.items() if n}
 
 
 class AdapterSlots:
@@ -74,7 +85,7 @@ class AdapterSlots:
         modules = {n: m for n, m in model.named_modules() if n in base.linears}
         if compile_kernels:
             raise_recompile_limit()
-        ctx = SlotContext(base, num_slots + 1, device, dtype, modules, compile_kernels, encode)
+        ctx = SlotContext(base, num_slots + 1, device, dtype, modules, compile_kernels, encode, out_norms(model))
         self.base = base
         self.timer = timer
         self.num_slots = num_slots

@@ -31,6 +31,7 @@ from ..adapters.manager import AdapterManager
 from ..adapters.methods import ADAPTER_TYPES, StepTimer
 from ..adapters.registry import Key, Registry
 from ..adapters.slots import AdapterSlots
+from ..architectures import text_config
 from ..config import EngineConfig
 from ..errors import (
     AdapterServerError,
@@ -68,13 +69,13 @@ class Engine:
     def __init__(self, loaded: LoadedModel, registry: Registry, cfg: EngineConfig, metrics: Metrics | None = None) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
-        self.grammars = Grammars(self.tokenizer, int(loaded.model.config.vocab_size))
+        self.grammars = Grammars(self.tokenizer, int(text_config(loaded.model.config).vocab_size))
         self.registry = registry
         self.cfg = cfg
         self.metrics = metrics or Metrics()
         self.metrics.declare_adapter_types(ADAPTER_TYPES)
         self.timer = StepTimer(loaded.device)
-        model_max = getattr(loaded.model.config, "max_position_embeddings", None) or cfg.max_model_len
+        model_max = getattr(text_config(loaded.model.config), "max_position_embeddings", None) or cfg.max_model_len
         self.max_len = min(cfg.max_model_len, int(model_max))
         if cfg.kv_cache_tokens < self.max_len:
             raise ValueError(f"kv_cache_tokens ({cfg.kv_cache_tokens}) must hold one full context ({self.max_len})")

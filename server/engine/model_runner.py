@@ -270,9 +270,14 @@ class ModelRunner:
             norm = lambda m, x: fused.rms_norm(x, m.weight, m.variance_epsilon)  # noqa: E731
             rope, act_mul = fused.rope, fused.silu_mul
 
-        def add_norm(li: int, loc: Any, h: torch.Tensor, a: torch.Tensor, m: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        def add_norm(li: int, loc: Any, h: torch.Tensor, a: torch.Tensor, m: Any,
+                     out_norm: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+            """h + a (h + out_norm(a) where the sub-block norms its output), as adapters change it, and the
+            next norm of it."""
             r = plan.residual(li, loc, h, a)
             if r is None:  # the plain decoder layer's h + a
+                if out_norm is not None:
+                    a = out_norm(a)
                 if fused is not None and m is not None:
                     return fused.add_rms_norm(h, a, m.weight, m.variance_epsilon)
                 r = h + a
@@ -296,14 +301,12 @@ class ModelRunner:
             q, k = rope(q, k, *rotary[li])  # [B, heads, T, hd], [B, kvh, T, hd]
             o = attend(li, attn, q, k, v).transpose(1, 2).reshape(B, T, -1)
             o = plan.linear(li, "o_proj", attn.o_proj, o)
-            if A.attn_out_norm:
-                o = getattr(layer, A.attn_out_norm)(o)
-            h, x = add_norm(li, "attn", h, o, getattr(layer, A.mlp_in_norm))
+            attn_norm = getattr(layer, A.attn_out_norm) if A.attn_out_norm else None
+            h, x = add_norm(li, "attn", h, o, getattr(layer, A.mlp_in_norm), attn_norm)
             a = self._mlp(li, layer.mlp, x, plan, project, act_mul)
-            if A.mlp_out_norm:
-                a = getattr(layer, A.mlp_out_norm)(a)
+            mlp_norm = getattr(layer, A.mlp_out_norm) if A.mlp_out_norm else None
             nxt = self.layers[li + 1].input_layernorm if li + 1 < len(self.layers) else final_norm
-            h, x = add_norm(li, "mlp", h, a, nxt)
+            h, x = add_norm(li, "mlp", h, a, nxt, mlp_norm)
         return h if final_norm is None else x
 
     def _mlp(self, li: int, mlp: Any, x: torch.Tensor, plan: BatchPlan, project: Any, act_mul: Any) -> torch.Tensor:

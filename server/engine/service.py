@@ -48,7 +48,7 @@ class GenerationService:
     @property
     def vocab_size(self) -> int:
         """Token ids the model scores (the logits' width)."""
-        return int(self.engine.runner.model.config.vocab_size)
+        return int(self.engine.runner.cfg.vocab_size)
 
     def encode(self, prompt: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(prompt).input_ids)

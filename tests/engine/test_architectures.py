@@ -20,7 +20,13 @@ from server.architectures import architecture
 from server.engine.model_loader import freeze
 from server.engine.types import GenerationRequest, SamplingParams
 from server.errors import UnsupportedAdapterError
-from tests.fixtures.make_arch_fixtures import ARCH_DIR, GREEDY_STEPS, PEFT_FAMILIES
+from tests.fixtures.make_arch_fixtures import (
+    ARCH_DIR,
+    GREEDY_STEPS,
+    HUB_ARCHS,
+    HUB_FAMILIES,
+    PEFT_FAMILIES,
+)
 from tests.helpers import (
     Collector,
     fixture_dir,
@@ -41,13 +47,23 @@ def families(arch: str) -> list[str]:
     return list(PEFT_FAMILIES[arch])
 
 
+HUB = list(HUB_FAMILIES)
+
+
+def hub_dir(arch: str, family: str):  # noqa: ANN201
+    return ARCH_DIR / arch / "hub" / family
+
+
 def model_of(arch: str):  # noqa: ANN201
     return freeze(AutoModelForCausalLM.from_pretrained(ARCH_DIR / arch / "model"))
 
 
 @functools.cache
 def refs(arch: str) -> dict[str, torch.Tensor]:
-    return load_file(ARCH_DIR / arch / "refs.safetensors")
+    """PEFT's references, and AdapterHub's where it serves the architecture (its names do not overlap)."""
+    out = load_file(ARCH_DIR / arch / "refs.safetensors")
+    hub = ARCH_DIR / arch / "refs_hub.safetensors"
+    return out | (load_file(hub) if hub.is_file() else {})
 
 
 def peft_dir(arch: str, family: str):  # noqa: ANN201
@@ -98,9 +114,9 @@ def test_folding_stays_exact(arch):
         assert err(full_logits(runner, slots, input_ids(), [0, 0]), refs(arch)["base"]) < 1e-5, name
 
 
-def greedy(engine, arch: str) -> dict[tuple[str, int], tuple[list[int], list[float]]]:  # noqa: ANN001
-    """Every family and the bare model on both prompts, GREEDY_STEPS tokens; half join while the rest decode."""
-    cases = [(a, b) for a in [None, *families(arch)] for b in range(input_ids().shape[0])]
+def greedy(engine, adapters: list[str]) -> dict[tuple[str, int], tuple[list[int], list[float]]]:  # noqa: ANN001
+    """These adapters and the bare model on both prompts, GREEDY_STEPS tokens; half join while the rest decode."""
+    cases = [(a, b) for a in [None, *adapters] for b in range(input_ids().shape[0])]
     cols = [Collector() for _ in cases]
     p = SamplingParams(max_new_tokens=GREEDY_STEPS, ignore_eos=True, logprobs=True)
     for i, (a, b) in enumerate(cases):
@@ -118,11 +134,40 @@ def test_greedy_decoding_of_every_family_mixed_equals_the_library(arch, graphs, 
     e = make_engine(tmp_path, slots=len(fams), model=model_of(arch), graphs=graphs)
     for a in fams:
         e.registry.add_folder(a, peft_dir(arch, a))
-    got = greedy(e, arch)
+    got = greedy(e, fams)
     if graphs == "on":
         assert e.graphs is not None and e.graphs.eager_steps > 0
     r = refs(arch)
     for (name, b), (tokens, logprobs) in got.items():
+        assert list(tokens) == r[f"greedy_tokens/{name}"][b].tolist(), (name, b)
+        assert err(torch.tensor(logprobs), r[f"greedy_logprobs/{name}"][b]) < 1e-5, (name, b)
+
+
+@pytest.mark.parametrize("arch", HUB_ARCHS)
+def test_every_adapterhub_family_alone_and_mixed_with_every_peft_family_equals_its_library(arch):
+    """AdapterHub 1.3.0 places bottlenecks on these bases through its plugin interface (on Gemma, around
+    the post-norms): each family equals the library alone, and in one batch with every PEFT family."""
+    model = model_of(arch)
+    names = [*HUB, *families(arch)]
+    runner, slots = runner_and_slots(model, num_slots=len(names), rows=2 * (len(names) + 1))
+    for s, name in enumerate(names, start=1):
+        slots.write(s, parse_folder(hub_dir(arch, name) if name in HUB else peft_dir(arch, name), model))
+        if name in HUB:
+            assert err(full_logits(runner, slots, input_ids(), [s, s]), refs(arch)[name]) < 1e-5, name
+    mixed = full_logits(runner, slots, input_ids().repeat(len(names) + 1, 1),
+                        [s for s in range(len(names) + 1) for _ in range(2)])
+    for s, name in enumerate(["base", *names]):
+        assert err(mixed[2 * s : 2 * s + 2], refs(arch)[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("graphs", ["off", "on"])
+@pytest.mark.parametrize("arch", HUB_ARCHS)
+def test_greedy_decoding_of_adapterhub_families_mixed_equals_the_library(arch, graphs, tmp_path):
+    e = make_engine(tmp_path, slots=len(HUB), model=model_of(arch), graphs=graphs)
+    for a in HUB:
+        e.registry.add_folder(a, hub_dir(arch, a))
+    r = refs(arch)
+    for (name, b), (tokens, logprobs) in greedy(e, HUB).items():
         assert list(tokens) == r[f"greedy_tokens/{name}"][b].tolist(), (name, b)
         assert err(torch.tensor(logprobs), r[f"greedy_logprobs/{name}"][b]) < 1e-5, (name, b)
 
@@ -144,7 +189,48 @@ def test_gemma3_ignores_the_attention_softcap_its_config_carries():
     assert runner.attn_softcap is None and runner.final_softcap == 3.0
 
 
-def test_adapterhub_adapters_are_refused_on_a_base_where_their_placement_is_unchecked():
-    base = BaseModelInfo.from_model(model_of("phi3"))
-    with pytest.raises(UnsupportedAdapterError, match="phi3"):
+@pytest.mark.parametrize("arch", ["phi3", "qwen3_moe", "mixtral"])
+def test_adapterhub_adapters_are_refused_where_the_library_has_no_support(arch):
+    base = BaseModelInfo.from_model(model_of(arch))
+    with pytest.raises(UnsupportedAdapterError, match=f"{arch}.*does not support"):
         parse_adapter(folder_files(fixture_dir("seq_bn")), base)
+
+
+@pytest.mark.parametrize("name, why", [("seq_bn_sigmoid_noorig", "original_ln_after"), ("hub_prefix", "no prefix tuning")])
+def test_what_adapterhub_refuses_on_its_interface_bases_is_refused(name, why):
+    """Saved on the tiny Llama (built-in modules), uploaded to Gemma 2: the library itself refuses both there."""
+    base = BaseModelInfo.from_model(model_of("gemma2"))
+    with pytest.raises(UnsupportedAdapterError, match=why):
+        parse_adapter(folder_files(fixture_dir(name)), base)
+
+
+def test_the_text_model_of_a_multimodal_gemma3_folder_is_served_and_its_vision_tower_refused(tmp_path):
+    """A `gemma3` folder (Gemma3ForConditionalGeneration, built here from a tiny config): the text decoder
+    equals the library's logits on text, and an adapter on the vision tower is a 400 naming it."""
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    from tests.fixtures.make_arch_fixtures import _config
+
+    cfg = tf.Gemma3Config(text_config=_config("gemma3").to_dict(), mm_tokens_per_image=1, image_token_index=255,
+                          boi_token_index=254, eoi_token_index=253,
+                          vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14))
+    torch.manual_seed(0)
+    tf.Gemma3ForConditionalGeneration(cfg).save_pretrained(tmp_path / "mm")
+    model = freeze(AutoModelForCausalLM.from_pretrained(tmp_path / "mm"))
+    assert architecture(model.config.model_type).decoder == "model.language_model"
+    with torch.no_grad():
+        want = model(input_ids()).logits
+    runner, slots = runner_and_slots(model)
+    assert err(full_logits(runner, slots, input_ids(), [0, 0]), want) < 1e-5
+    base = BaseModelInfo.from_model(model)
+    assert base.linears and all(n.startswith("model.language_model.layers.") for n in base.linears)
+    folder = tmp_path / "vision_lora"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 2}')
+    key = "base_model.model.model.vision_tower.encoder.layers.0.self_attn.q_proj"
+    save_file({f"{key}.lora_A.weight": torch.zeros(2, 32), f"{key}.lora_B.weight": torch.zeros(32, 2)},
+              folder / "adapter_model.safetensors")
+    with pytest.raises(UnsupportedAdapterError, match="vision tower"):
+        parse_adapter(folder_files(folder), base)

@@ -51,11 +51,19 @@ def _bool(c: dict[str, Any], name: str, default: bool) -> bool:
 
 
 def parse(meta: dict[str, Any], files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
-    if not architecture(base.model_type).adapterhub:
+    how = architecture(base.model_type).adapterhub
+    if not how:
         raise UnsupportedAdapterError(
-            f"AdapterHub adapters are not served on {base.model_type} base models yet (where the library places "
-            "them there is not checked); PEFT adapters are", key="config")
+            f"AdapterHub adapters are not served on {base.model_type} base models: AdapterHub 1.3.0 does not "
+            "support this architecture; PEFT adapters are", key="config")
     c = meta["config"]
+    if how == "interface":  # what the library itself refuses or lacks on the bases it serves through its interface
+        if c.get("architecture") == "prefix_tuning":
+            raise UnsupportedAdapterError(f"AdapterHub offers no prefix tuning on {base.model_type} (its plugin "
+                                          "interface has bottleneck, LoRA and (IA)3 only)", key="config.architecture")
+        if c.get("architecture") is None and c.get("original_ln_after", True) is False:
+            raise UnsupportedAdapterError(f"original_ln_after false: AdapterHub refuses it on {base.model_type} "
+                                          "(bottleneck layer hooking mode)", key="config.original_ln_after")
     hidden = meta.get("hidden_size")
     if hidden is not None and hidden != base.hidden_size:
         raise InvalidAdapterError(

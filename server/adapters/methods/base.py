@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,9 @@ class MethodPlan:
         return False
 
     def residual(self, layer: int, loc: Location, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
-        """The sub-block's output (h + a for a plain decoder layer) as this method computes it."""
+        """The sub-block's output (h + a for a plain decoder layer; h + N(a) where the architecture norms
+        the sub-layer's output before the add, as Gemma does: `SlotContext.out_norms`) as this method
+        computes it, from the sub-layer's output a."""
         return None
 
     def residual_rows(self, layer: int, loc: Location) -> torch.Tensor:
@@ -177,6 +179,9 @@ class SlotContext:
     compile: bool = False  # compile the graph-replay hooks into fused kernels (CUDA, --compile-kernels)
     # the bare model's keys and values [L, n_kv, N, d] for input embeddings [N, H] at positions 0..N-1
     encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # (layer, location) -> the norm the architecture applies to that sub-layer's output before the residual
+    # add (Gemma's post_attention_layernorm, post_feedforward_layernorm); empty where there is none
+    out_norms: dict[tuple[int, str], Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
 
 
 class AdapterMethod(ABC):

@@ -14,6 +14,14 @@ output), derived from AdapterHub's pre_forward / forward / post_forward:
     r = cra*a + crh*h                 residual added inside the adapter
     out = core(u, r) + cfh*h          core = u + r, LN_after(u) + r, or LN_after(u + r)
 A row without an adapter here gets u = 0, r = a, cfh = 1: out = a + h, exactly the base model.
+
+On bases AdapterHub serves through its plugin interface (Qwen3, Gemma) the bottleneck is hooked on the
+sub-layer's output and the model adds the residual itself (the library forces original_ln_after off).
+Without a post-norm that is the same formula. Where the architecture norms the sub-layer's output before
+the add (Gemma's post-norms N), N is the library's "original" layer norm: the input is z = N(a + h) when
+original_ln_before (N(a + h) is also the residual when residual_before_ln is false), and the sub-block
+returns h + N(core(u, r)); a row without an adapter gets h + N(a), the base model. (The library reads
+the last layer's norm as the "original" one at every layer: see `BottleneckMethod.norms`.)
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from ..spec import AdapterWeights, Location, MethodWeights
 from ..synth import BN_PRESETS, synth_bottleneck
 from .base import AdapterMethod, MethodPlan, MethodRecord, Routing, SlotContext, StepTimer, nbytes
 from .layout import StaticLayout
+
+Norm = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -141,22 +151,25 @@ class _SitePlan:
 
 
 class BottleneckPlan(MethodPlan):
-    def __init__(self, sites: dict[tuple[int, Location], _SitePlan], timer: StepTimer, hidden: int) -> None:
+    def __init__(self, sites: dict[tuple[int, Location], _SitePlan], timer: StepTimer, hidden: int,
+                 norms: Callable[[int, Location], tuple[Norm | None, Norm | None]]) -> None:
         self.sites = sites
         self.timer = timer
         self.hidden = hidden
+        self.norms = norms
 
     def residual(self, layer: int, loc: Location, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
         p = self.sites.get((layer, loc))
         if p is None:
             return None
         with self.timer.span(NAME):
-            return self._apply(p, h, a)
+            return self._apply(p, h, a, *self.norms(layer, loc))
 
     def residual_rows(self, layer: int, loc: Location) -> torch.Tensor:
         return self.sites[(layer, loc)].rows
 
-    def _apply(self, p: _SitePlan, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    def _apply(self, p: _SitePlan, h: torch.Tensor, a: torch.Tensor, out_norm: Norm | None,
+               hub_norm: Norm | None) -> torch.Tensor:
         cxa, cxh, cra, crh, cfh = p.coef
         if p.z_from == "a+h":
             z = a + h  # [B, T, H]
@@ -166,6 +179,10 @@ class BottleneckPlan(MethodPlan):
             z = h
         else:
             z = a * cxa + h * cxh
+        if out_norm is not None:  # hooked (module docstring): AdapterHub's "original" norm
+            lnz = (cxa == 1) & (cxh == 1)
+            zn = hub_norm(z)  # type: ignore[misc]
+            z = torch.where(lnz, zn, z)
         if p.lnb is not None:
             m, w, b = p.lnb
             z = torch.where(m, F.layer_norm(z, (self.hidden,), eps=LN_EPS) * w + b, z)
@@ -177,13 +194,15 @@ class BottleneckPlan(MethodPlan):
             d = torch.stack(parts).sum(0)
         if p.colmask is not None:
             d = torch.where(p.colmask, d, 0.0)
-        if p.plain_out:  # (a + h) + d @ W_up + b_up in one GEMM with the residual as its input term
+        if p.plain_out and out_norm is None:  # (a + h) + d @ W_up + b_up in one GEMM with the residual as its input term
             s = z if p.z_from == "a+h" else a + h
             H = self.hidden
             out = torch.addmm(s.reshape(-1, H), d.reshape(-1, d.shape[-1]), p.wu_t.t()).view_as(a)
             return out.add_(p.ub)
         u = F.linear(d, p.wu_t, p.ub) if p.colmask is None else F.linear(d, p.wu_t).add_(p.ub)  # [B, T, H]
         r = a * cra + h * crh
+        if out_norm is not None:
+            r = torch.where(lnz & (cra == 1) & (crh == 1), zn, r)  # residual_before_ln false: the normed input
         if p.lna is None:
             core = u + r
         else:
@@ -191,7 +210,7 @@ class BottleneckPlan(MethodPlan):
             ln_in = torch.where(m2, u + r, u)
             ln = F.layer_norm(ln_in, (self.hidden,), eps=LN_EPS) * w + b
             core = torch.where(m2, ln, torch.where(m1, ln + r, u + r))
-        return core + h * cfh
+        return core + h * cfh if out_norm is None else h + out_norm(core)
 
 
 IDENTITY = (1.0, 0.0, 1.0, 0.0, 1.0)  # cxa, cxh, cra, crh, cfh of a row without an adapter: a + h
@@ -245,7 +264,8 @@ class _StaticSite:
 def static_residual(h: torch.Tensor, a: torch.Tensor, i: torch.Tensor, u: torch.Tensor | None, j: torch.Tensor,
                     wd: torch.Tensor, bd: torch.Tensor, wu: torch.Tensor, ub: torch.Tensor, coef: torch.Tensor,
                     act: torch.Tensor, ln: torch.Tensor, lnw: torch.Tensor, lnb: torch.Tensor, has_lnb: bool,
-                    has_lna: bool, acts: tuple[object, ...]) -> torch.Tensor:
+                    has_lna: bool, acts: tuple[object, ...], out_norm: Norm | None = None,
+                    hub_norm: Norm | None = None) -> torch.Tensor:
     """The general formula for rows routed by slots i [B], over one site's padded tables (`_StaticSite`);
     h, a [B, T, H]. The two products take the blocks of the batch's distinct slots u [U] (gathered, each
     once; j [B] is each row's index in u), or with u None every slot's block in place (j = i); either
@@ -256,6 +276,10 @@ def static_residual(h: torch.Tensor, a: torch.Tensor, i: torch.Tensor, u: torch.
     lni = ln.index_select(0, i)[:, None, None, :]  # [B, 1, 1, 3]
     lw, lb = lnw.index_select(0, i)[:, :, None, :], lnb.index_select(0, i)[:, :, None, :]  # [B, 2, 1, H]
     z = a * cxa + h * cxh
+    if out_norm is not None:  # hooked: see BottleneckPlan._apply
+        lnz = (cxa == 1) & (cxh == 1)
+        zn = hub_norm(z)  # type: ignore[misc]
+        z = torch.where(lnz, zn, z)
     if has_lnb:
         z = torch.where(lni[..., 0], F.layer_norm(z, (H,), eps=LN_EPS) * lw[:, 0] + lb[:, 0], z)
     if u is not None:
@@ -276,13 +300,15 @@ def static_residual(h: torch.Tensor, a: torch.Tensor, i: torch.Tensor, u: torch.
         d = torch.where(own, d.view(B, T, N, R), 0.0).view(B, T, N * R)
     u_ = F.linear(d, wu.reshape(H, N * R)) + ub.index_select(0, i)[:, None, :]  # [B, T, H]
     r = a * cra + h * crh
+    if out_norm is not None:
+        r = torch.where(lnz & (cra == 1) & (crh == 1), zn, r)
     if has_lna:
         m1, m2 = lni[..., 1], lni[..., 2]
         x = F.layer_norm(torch.where(m2, u_ + r, u_), (H,), eps=LN_EPS) * lw[:, 1] + lb[:, 1]
         core = torch.where(m2, x, torch.where(m1, x + r, u_ + r))
     else:
         core = u_ + r
-    return core + h * cfh
+    return core + h * cfh if out_norm is None else h + out_norm(core)
 
 
 class BottleneckStaticPlan(MethodPlan):
@@ -292,8 +318,9 @@ class BottleneckStaticPlan(MethodPlan):
     was captured for (`Routing.distinct`), as the eager plan reads only the batch's adapters."""
 
     def __init__(self, sites: dict[tuple[int, Location], _StaticSite], acts: tuple[object, ...],
-                 routing: Routing, fn: Callable[..., torch.Tensor]) -> None:
-        self.sites, self.acts, self.routing, self.fn = sites, acts, routing, fn
+                 routing: Routing, fn: Callable[..., torch.Tensor],
+                 norms: Callable[[int, Location], tuple[Norm | None, Norm | None]]) -> None:
+        self.sites, self.acts, self.routing, self.fn, self.norms = sites, acts, routing, fn, norms
 
     def residual_rows(self, layer: int, loc: Location) -> torch.Tensor:
         return self.sites[(layer, loc)].has.index_select(0, self.routing.slots)[:, None, None]
@@ -305,7 +332,7 @@ class BottleneckStaticPlan(MethodPlan):
         r = self.routing
         u, j = (r.uniq, r.local) if r.distinct(st.wd.shape[0]) else (None, r.slots)
         return self.fn(h, a, r.slots, u, j, st.wd, st.bd, st.wu, st.ub, st.coef, st.act, st.ln, st.lnw, st.lnb,
-                       st.has_lnb, st.has_lna, self.acts)
+                       st.has_lnb, st.has_lna, self.acts, *self.norms(layer, loc))
 
 
 class BottleneckMethod(AdapterMethod):
@@ -390,7 +417,7 @@ class BottleneckMethod(AdapterMethod):
         names = tuple(self._act_names)
         if names not in self._acts:  # the same function objects every time: a compiled hook guards on them
             self._acts[names] = tuple(activation(n) for n in names)
-        return BottleneckStaticPlan(tables, self._acts[names], routing, self._residual)
+        return BottleneckStaticPlan(tables, self._acts[names], routing, self._residual, self.norms)
 
     @property
     def layout_version(self) -> int:
@@ -407,7 +434,15 @@ class BottleneckMethod(AdapterMethod):
             present = sorted({s for s in slots if s in blocks})
             if present:
                 sites[key] = self._site(slots, slot_idx, present, blocks)
-        return BottleneckPlan(sites, self.timer, self.ctx.base.hidden_size) if sites else None
+        return BottleneckPlan(sites, self.timer, self.ctx.base.hidden_size, self.norms) if sites else None
+
+    def norms(self, layer: int, loc: Location) -> tuple[Norm | None, Norm | None]:
+        """(the architecture's norm on this sub-layer's output, the norm AdapterHub hooks in as "original"):
+        AdapterHub 1.3.0's interface binds its norm getter late, in a loop over the layers, so every layer's
+        bottleneck reads the LAST layer's norm of that kind (adapters/methods/bottleneck.py, init_bottleneck).
+        That is what it trains and computes, so it is what we serve. (None, None) without output norms."""
+        own = self.ctx.out_norms.get((layer, loc))
+        return (None, None) if own is None else (own, self.ctx.out_norms[(self.ctx.base.num_layers - 1, loc)])
 
     def _site(self, slots: list[int], slot_idx: torch.Tensor, present: list[int], blocks: dict[int, _Block]) -> _SitePlan:
         dev, dt, H, B = self.ctx.device, self.ctx.dtype, self.ctx.base.hidden_size, len(slots)
