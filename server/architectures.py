@@ -12,6 +12,7 @@ fixtures from tests/fixtures/make_fixtures.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -107,13 +108,13 @@ def architecture(model_type: str) -> Architecture:
     return arch
 
 
-def text_config(config: object) -> object:
+def text_config(config: Any) -> Any:
     """The text decoder's config: the model's own, or its `text_config` for a multimodal folder."""
     arch = architecture(str(getattr(config, "model_type", "")))
     return getattr(config, arch.text_config) if arch.text_config else config
 
 
-def decoder(model: object) -> object:
+def decoder(model: Any) -> Any:
     """The text decoder module of a causal LM (its layers, embed_tokens, norm and rotary_emb)."""
     arch = architecture(str(getattr(getattr(model, "config", None), "model_type", "")))
     out = model

@@ -27,7 +27,7 @@ class BatchPlan:
         self.slots = slots
         self.plans = plans
 
-    def linear(self, layer: int, name: str, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, layer: int, name: str, module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Every method's input changes in order, the base product, then every method's output changes in
         order (see the methods package for the rule)."""
         xi = x
@@ -69,7 +69,7 @@ class BatchPlan:
 
 def out_norms(model: torch.nn.Module) -> dict[tuple[int, str], Callable[[torch.Tensor], torch.Tensor]]:
     """(layer, location) -> the norm the architecture puts on that sub-layer's output before its residual add."""
-    arch = architecture(model.config.model_type)  # type: ignore[union-attr]
+    arch = architecture(str(model.config.model_type))  # type: ignore[union-attr]
     names = {"attn": arch.attn_out_norm, "mlp": arch.mlp_out_norm}
     layers = decoder(model).layers  # type: ignore[attr-defined]
     return {(i, loc): getattr(layer, n) for i, layer in enumerate(layers) for loc, n in names.items() if n}
