@@ -9,7 +9,7 @@ PY          := $(BIN)/python
 STAMP       := $(VENV)/.installed
 RAY_STAMP   := $(VENV)/.installed-cluster
 
-.PHONY: install install-cluster serve cluster test browser test-gpu gpu-wheels bench bench-gpu loadtest report prometheus clean
+.PHONY: install install-cluster serve cluster test browser test-gpu gpu-wheels bench bench-ab bench-gpu loadtest report prometheus clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench
 	$(PY) -m loadtests.report
+
+# The bare model's decode step through this tree's runner against commit REV's, interleaved in one process.
+bench-ab: $(STAMP)
+	$(PY) -m benchmarks.runner_ab --rev $(REV)
 
 # Decode speed on a GPU: Llama-3.2-1B and 3.1-8B shapes (random weights, bf16) against HF generate and the floor.
 bench-gpu: $(STAMP)

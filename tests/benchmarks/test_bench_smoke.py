@@ -148,3 +148,13 @@ def test_precision(tmp_path, monkeypatch, capsys):
     p = subprocess.run([sys.executable, "-m", "benchmarks.precision", "--help"], cwd=tmp_path, env=env,
                        capture_output=True, text=True)
     assert p.returncode == 0 and "--no-llama-cpp" in p.stdout, p.stderr
+
+
+def test_runner_ab_against_this_commit():
+    """The A/B runner benchmark imports another commit's server package beside this one (HEAD here) and
+    times both on one model; on the tiny model, a few steps."""
+    from benchmarks import runner_ab
+
+    out = runner_ab.main(["--rev", "HEAD", "--model", str(TINY), "--batches", "1,2", "--steps", "8", "--prompt", "4",
+                          "--threads", "1"])
+    assert set(out) == {"1", "2"} and all(v["base_ms"] > 0 and v["this_ms"] > 0 for v in out.values())
