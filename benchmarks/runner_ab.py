@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ratio = statistics.median(n / o for n, o in zip(t["this"], t["base"], strict=True))
             results[str(batch)] = {"base_ms": 1000 * statistics.median(t["base"]),
                                    "this_ms": 1000 * statistics.median(t["this"]), "ratio": ratio}
-            print(f"batch {batch}: {a.rev} {results[str(batch)]['base_ms']:.2f} ms/step, this tree "
-                  f"{results[str(batch)]['this_ms']:.2f} ms/step; median ratio this/{a.rev} {ratio:.4f} "
-                  f"over {len(t['this'])} paired steps")
+            sys.stdout.write(f"batch {batch}: {a.rev} {results[str(batch)]['base_ms']:.2f} ms/step, this tree "
+                             f"{results[str(batch)]['this_ms']:.2f} ms/step; median ratio this/{a.rev} {ratio:.4f} "
+                             f"over {len(t['this'])} paired steps\n")
     return results
 
 
