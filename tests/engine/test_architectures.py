@@ -101,8 +101,10 @@ def test_every_peft_family_alone_and_in_one_mixed_batch_equals_peft(arch):
 def test_folding_stays_exact(arch):
     model = model_of(arch)
     runner, slots = runner_and_slots(model)
-    for name in MERGEABLE:
-        weights = parse_folder(peft_dir(arch, name), model)
+    folders = [(n, peft_dir(arch, n)) for n in MERGEABLE]
+    folders += [(n, hub_dir(arch, n)) for n in ("hub_lora", "hub_ia3")] if arch in HUB_ARCHS else []
+    for name, folder in folders:
+        weights = parse_folder(folder, model)
         if not weights.mergeable:  # LoRA on the experts is served unfolded (PEFT's all-linear reaches them on MoE)
             assert architecture(model.config.model_type).moe and weights.payload.experts, name
             continue
