@@ -2,11 +2,12 @@
 
 The model runner, the model loader and the adapter formats read these facts; nothing else asks which
 model type a base is. One runner serves every description: it calls the library's own modules (its
-norms, activations, rotary embedding, router and experts) in the order a description gives, over our
-KV cache, with the adapters' hook points at every Linear and at each sub-block's residual add.
+norms, activations, scaled embeddings and rotary embedding) in the order a description gives, over our
+KV cache, with the adapters' hook points at every Linear, at each routed MLP's expert products (whose
+router and expert weights it reads, engine/moe.py) and at each sub-block's residual add.
 
-Adding an architecture is one description here and a tiny-config test (tests/engine/test_architectures.py,
-fixtures from tests/fixtures/make_fixtures.py).
+Adding an architecture is one description here and a tiny config in tests/fixtures/make_arch_fixtures.py,
+whose fixtures tests/engine/test_architectures.py checks every family against.
 """
 
 from __future__ import annotations

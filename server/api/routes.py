@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 from typing import Any
 
@@ -15,13 +16,19 @@ from starlette.datastructures import UploadFile
 from ..adapters.store import safe_filename
 from ..engine.service import Generation
 from ..engine.types import GenerationResult, SamplingParams
-from ..errors import AdapterExistsError, InvalidAdapterError, InvalidRequestError
+from ..errors import (
+    AdapterExistsError,
+    InvalidAdapterError,
+    InvalidRequestError,
+    UnsupportedAdapterError,
+)
 from .deps import AdminAuth, Ready, ReadyDep, ServicesDep, UserAuth
 from .disconnect import until_disconnected
 from .errors import inband_error
 from .schemas import AdapterInfo, AdapterList, GenerateIn, GenerateOut, Health
 from .shape import result_json
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -106,6 +113,11 @@ def _add_demo(s: Ready) -> list[dict[str, Any]]:
             out.append(s.registry.add(adapter_id, staging, False))
         except AdapterExistsError:
             continue  # taken meanwhile (a second click): left as it is
+        except (InvalidAdapterError, UnsupportedAdapterError) as e:
+            # the synthetic layouts are Llama's module names: a base whose layers differ (fused projections,
+            # routed MLPs, a multimodal folder) or a family it does not serve gets the demos that fit
+            log.info("demo adapter %s skipped on this base: %s", adapter_id, e)
+            continue
         finally:
             s.registry.store.discard(staging)
     return out

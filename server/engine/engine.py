@@ -31,7 +31,7 @@ from ..adapters.manager import AdapterManager
 from ..adapters.methods import ADAPTER_TYPES, StepTimer
 from ..adapters.registry import Key, Registry
 from ..adapters.slots import AdapterSlots
-from ..architectures import text_config
+from ..architectures import architecture, text_config
 from ..config import EngineConfig
 from ..errors import (
     AdapterServerError,
@@ -46,6 +46,7 @@ from .graphs import DecodeGraphs
 from .merge import MergePolicy
 from .model_loader import LoadedModel
 from .model_runner import ModelRunner
+from .moe import capture_refusal
 from .passes import Passes, PromptScore
 from .rows import Rows
 from .sampling import RowSampling, sample_rows
@@ -81,6 +82,9 @@ class Engine:
             raise ValueError(f"kv_cache_tokens ({cfg.kv_cache_tokens}) must hold one full context ({self.max_len})")
         cuda = loaded.device.type == "cuda"
         static = cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and cuda)
+        if static and cuda and architecture(loaded.model.config.model_type).moe and (why := capture_refusal(loaded.device, loaded.dtype)):
+            log.warning("CUDA graphs off: %s", why)
+            static = False
         # a static cache pins a whole context per row, so the KV budget bounds the rows
         self.max_rows = min(cfg.max_batch_size, cfg.kv_cache_tokens // self.max_len) if static else cfg.max_batch_size
         self.runner = ModelRunner(loaded.model, self.max_rows, self.max_len, static_cache=static,

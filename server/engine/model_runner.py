@@ -63,6 +63,9 @@ class ModelRunner:
         self.layer_types: list[str] = list(getattr(cfg, "layer_types", None) or ["full_attention"] * len(self.layers))
         self.attn_softcap: float | None = getattr(cfg, arch.attn_softcap, None) if arch.attn_softcap else None
         self.final_softcap: float | None = getattr(cfg, arch.final_softcap, None) if arch.final_softcap else None
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        # LongRoPE's original context (its long factors apply past it), or 0: see `_longrope`
+        self.longrope = int(rope.get("original_max_position_embeddings") or 0) if rope.get("rope_type") == "longrope" else 0
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.cache = KVCache(len(self.layers), max_rows, self.n_kv, self.head_dim, max_len, self.dtype, self.device,
@@ -182,7 +185,8 @@ class ModelRunner:
                               self.n_heads != self.n_kv, decode=T == 1)  # [B, heads, T, hd]
 
         rope_pos = pos if rope_shift is None else pos + rope_shift[:, None]
-        h = self._layers(self.inner.embed_tokens(input_ids), rope_pos, plan, attend, packed=self.packed)
+        last = rope_pos[torch.arange(B, device=self.device), lengths - 1] if self.longrope else None
+        h = self._layers(self.inner.embed_tokens(input_ids), rope_pos, plan, attend, packed=self.packed, last=last)
         full = None if not full_rows else self._logits(self.inner.norm(h[full_rows]))
         if not all_logits:
             h = h[torch.arange(B, device=self.device), lengths - 1]  # [B, H]
@@ -243,16 +247,34 @@ class ModelRunner:
                          attend, self.fused, self.packed, final_norm=self.inner.norm)
         return self._logits(x[:, 0])
 
-    def _rotary(self, h: torch.Tensor, pos: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(cos, sin) per layer: one rotary embedding, or one per layer type with its own base (Gemma 3)."""
+    def _rotary(self, h: torch.Tensor, pos: torch.Tensor, last: torch.Tensor | None
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) per layer: one rotary embedding, or one per layer type with its own base (Gemma 3).
+        `last` [B]: each row's last real rotary position (None: every position of `pos` is real)."""
         if not self.arch.rope_per_layer_type:
-            return [self.inner.rotary_emb(h, pos)] * len(self.layers)
+            one = self._longrope(h, pos, last) if self.longrope else self.inner.rotary_emb(h, pos)
+            return [one] * len(self.layers)
         by_type = {t: self.inner.rotary_emb(h, pos, t) for t in set(self.layer_types)}
         return [by_type[t] for t in self.layer_types]
 
+    def _longrope(self, h: torch.Tensor, pos: torch.Tensor, last: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini) picks its long or short factors from the largest
+        position of the whole call; the library runs one sequence per call, so here each row picks by its
+        own largest position (a row's neighbours, or graph padding at the last position, must not switch
+        it). Both sets are computed for every row, on positions that force the choice, and each row keeps
+        its own. (A prompt past the original length prefilled in chunks takes the short factors for the
+        chunks before it; the library's one-call prefill takes the long ones for all.)"""
+        B, T = pos.shape
+        orig = self.longrope
+        long = (pos.amax(dim=1) if last is None else last) + 1 > orig  # [B], by each row's real tokens
+        cos_l, sin_l = self.inner.rotary_emb(h, torch.cat([pos, pos.new_full((B, 1), orig)], dim=1))
+        cos_s, sin_s = self.inner.rotary_emb(h, torch.where(long[:, None], 0, pos.clamp(max=orig - 1)))  # padding clamped
+        pick = long[:, None, None]
+        return torch.where(pick, cos_l[:, :T], cos_s), torch.where(pick, sin_l[:, :T], sin_s)
+
     def _layers(self, h: torch.Tensor, pos: torch.Tensor, plan: BatchPlan, attend: Any,
                 fused: FusedOps | None = None, packed: list[dict[str, Any]] | None = None,
-                final_norm: Any = None) -> torch.Tensor:
+                final_norm: Any = None, last: torch.Tensor | None = None) -> torch.Tensor:
         """Every decoder layer over h [B, T, H]: the library's submodules in the order the architecture
         describes, adapters at the hook points (each Linear by its own name, fused ones included; the
         residual add of each sub-block, after the sub-block's own output norm where it has one).
@@ -262,7 +284,7 @@ class ModelRunner:
         With `final_norm`, returns the normed output of the last layer."""
         A = self.arch
         B, T = h.shape[:2]
-        rotary = self._rotary(h, pos)
+        rotary = self._rotary(h, pos, last)
         if fused is None:
             norm = lambda m, x: m(x)  # noqa: E731
             rope, act_mul = self.rope, None

@@ -3,9 +3,10 @@ with a hook after each expert product where adapters act per (token, expert) pai
 
 The experts run as transformers' grouped products do (`grouped_mm_experts_forward`): the (token, expert)
 pairs sorted by expert, one grouped product for every expert's gate|up and one for down, weighted and
-summed per token. No Python loop over experts or tokens, and no host synchronisation. We use
-transformers' own grouped-product dispatcher (`integrations.moe._grouped_mm`: torch's grouped_mm where
-the device and dtype have it, its own fallback elsewhere), so the bare model's numbers are the library's.
+summed per token, with no Python loop over experts or tokens. We use transformers' own grouped-product
+dispatcher (`integrations.moe._grouped_mm`, a private helper: torch's grouped_mm where the device and
+dtype have it, its fallback elsewhere), so the bare model's numbers are the library's. Torch's native
+kernel never synchronises with the host; its fallback does (`capture_refusal`).
 """
 
 from __future__ import annotations
@@ -26,9 +27,21 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
 
 
 def group_offsets(groups: torch.Tensor, n: int) -> torch.Tensor:
-    """[n] int32 cumulative counts of sorted group ids `groups` (histc, as the library counts: no sync)."""
-    h = groups.float() if groups.device.type in ("cpu", "mps") else groups.int()
-    return torch.cumsum(torch.histc(h, bins=n, min=0, max=n - 1), dim=0, dtype=torch.int32)
+    """[n] int32 cumulative counts of the sorted group ids `groups`, counted exactly (searchsorted: a float
+    histogram, as the library counts, puts ids into the next bin once there are thousands of groups)."""
+    ids = torch.arange(n, device=groups.device, dtype=groups.dtype)
+    return torch.searchsorted(groups, ids, right=True).to(torch.int32)
+
+
+def capture_refusal(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why a routed MLP's step cannot be captured in a CUDA graph here, or None: torch's grouped product
+    runs natively only in bfloat16 on compute capability 9.x and 10.x; elsewhere its fallback reads the
+    group sizes on the host, which a capture forbids."""
+    if device.type != "cuda":
+        return None
+    if dtype != torch.bfloat16 or torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        return "a routed MLP's grouped products read group sizes on the host outside bfloat16 on sm90 / sm100"
+    return None
 
 
 def routed_experts(experts: Any, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor,

@@ -40,3 +40,17 @@ def test_a_server_on_the_architecture_serves_its_adapters_as_the_libraries_compu
                     assert (got - refs(arch)[f"greedy_logprobs/{family}"][b]).abs().max().item() < 1e-5, (family, b)
     finally:
         s.close()
+
+
+def test_demo_adapters_on_a_base_they_do_not_fit_are_skipped_not_a_500(tmp_path):
+    """The playground's demo button on Qwen3-MoE: the synthetic layouts are Llama's (gate_proj, up_proj and
+    down_proj in every layer; AdapterHub has no MoE support), so none fits; the call answers 201 with the
+    demos it could add (none) and the server keeps serving."""
+    s = LiveServer(tmp_path / "store", model=str(ARCH_DIR / "qwen3_moe" / "model"))
+    try:
+        r = httpx.post(s.url + "/adapters/demo", timeout=60)
+        assert r.status_code == 201, r.text
+        assert r.json()["adapters"] == [] and httpx.get(s.url + "/adapters", timeout=10).json()["adapters"] == []
+        assert httpx.post(s.url + "/generate", json={"prompt": "hi", "max_new_tokens": 2}, timeout=60).status_code == 200
+    finally:
+        s.close()

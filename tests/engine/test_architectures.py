@@ -281,6 +281,7 @@ def test_bfloat16_stays_within_the_librarys_own_bfloat16_drift(arch):
     ({"target_parameters": ["mlp.experts.down_proj", "mlp.shared_expert.weight"]}, "shared_expert.weight.*not served"),
     ({"use_dora": True}, "use_dora"),  # DoRA's magnitude on expert weights: PEFT saves no such adapter we serve
     ({"target_parameters": None}, "without target_parameters"),
+    ({"target_parameters": 1}, "must be a list"),
 ])
 def test_expert_adapters_we_do_not_serve_are_refused_naming_the_field(change, why, tmp_path):
     import json
@@ -294,3 +295,55 @@ def test_expert_adapters_we_do_not_serve_are_refused_naming_the_field(change, wh
 
     with pytest.raises((UnsupportedAdapterError, InvalidAdapterError), match=why):
         parse_folder(folder, model_of("qwen3_moe"))
+
+
+def test_expert_groups_are_counted_exactly_with_thousands_of_groups():
+    """33 slots x 128 experts: a float histogram (the library's count) puts some ids into the next bin."""
+    from server.engine.moe import group_offsets
+
+    g = torch.Generator().manual_seed(0)
+    ids, _ = torch.sort(torch.randint(0, 33 * 128, (5000,), generator=g))
+    want = torch.cumsum(torch.bincount(ids, minlength=33 * 128), 0).to(torch.int32)
+    assert torch.equal(group_offsets(ids, 33 * 128), want)
+
+
+def test_longrope_rows_each_pick_their_own_factors():
+    """Phi-3's LongRoPE switches to its long factors past the original context for a whole call; a row
+    batched with a longer one (or with graph padding) must keep the factors it has alone."""
+    import transformers as tf
+
+    from tests.fixtures.make_arch_fixtures import SMALL
+
+    half = 16 // 2 // 2  # head_dim 16, partial rotary 0.5: 4 frequencies
+    small = {k: v for k, v in SMALL.items() if k not in ("head_dim", "max_position_embeddings")}
+    cfg = tf.Phi3Config(**small, num_hidden_layers=2, partial_rotary_factor=0.5, max_position_embeddings=64,
+                        original_max_position_embeddings=8,
+                        rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+                                         "original_max_position_embeddings": 8, "short_factor": [1.0, 1.2, 1.5, 2.0][:half],
+                                         "long_factor": [3.0, 5.0, 9.0, 17.0][:half]})
+    torch.manual_seed(0)
+    model = freeze(tf.Phi3ForCausalLM(cfg).eval())
+    ids = input_ids()  # 12 tokens: past the original 8
+    with torch.no_grad():
+        long_alone = model(ids[:1]).logits[0, -1]
+        short_alone = model(ids[1:, :5]).logits[0, -1]
+    runner, slots = runner_and_slots(model)
+    runner.cache.fit(2, 12, 0, 0)
+    got = runner.forward(ids, start=torch.zeros(2, dtype=torch.long), lengths=torch.tensor([12, 5]), row0=0,
+                         plan=slots.plan([0, 0]))
+    assert err(got[0], long_alone) < 1e-5 and err(got[1], short_alone) < 1e-5
+    with torch.no_grad():
+        assert err(model(ids[1:, :5]).logits[0, -1], model(ids[1:]).logits[0, 4]) > 1e-3  # the factors matter
+
+
+def test_an_adapterhub_adapter_trained_through_another_interface_is_refused(tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "a"
+    shutil.copytree(hub_dir("gemma2", "seq_bn"), folder)
+    saved = json.loads((folder / "adapter_interface.json").read_text())
+    saved["interface"]["layer_ln_2"] = None  # a custom interface without Gemma's post-norm
+    (folder / "adapter_interface.json").write_text(json.dumps(saved))
+    with pytest.raises(UnsupportedAdapterError, match="layer_ln_2"):
+        parse_folder(folder, model_of("gemma2"))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ def parse(meta: dict[str, Any], files: dict[str, Path], base: BaseModelInfo) -> 
         raise UnsupportedAdapterError(
             f"AdapterHub adapters are not served on {base.model_type} base models: AdapterHub 1.3.0 does not "
             "support this architecture; PEFT adapters are", key="config")
+    _check_interface(files, base, how)
     c = meta["config"]
     if how == "interface":  # what the library itself refuses or lacks on the bases it serves through its interface
         if c.get("architecture") == "prefix_tuning":
@@ -79,6 +81,39 @@ def parse(meta: dict[str, Any], files: dict[str, Path], base: BaseModelInfo) -> 
     if arch is not None:
         raise UnsupportedAdapterError(f"AdapterHub architecture {arch!r} is not served", key="config.architecture")
     return _parse_bottleneck(meta, files, base)
+
+
+INTERFACE_FILE = "adapter_interface.json"
+
+
+def _check_interface(files: dict[str, Path], base: BaseModelInfo, how: str) -> None:
+    """An adapter saved through AdapterHub's plugin interface records the interface it was trained with.
+    We place adapters as adapters 1.3.0's own interface for this base does (derived from the architecture
+    description); one trained with another (a custom interface, or one on a base served by the library's
+    own modules) would be served wrongly, so it is refused naming the field that differs."""
+    path = files.get(INTERFACE_FILE)
+    if path is None:
+        return
+    try:
+        saved = json.loads(path.read_text())["interface"]
+        assert isinstance(saved, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        raise InvalidAdapterError(f"{INTERFACE_FILE} is not an AdapterHub interface file: {e}", key=INTERFACE_FILE) from e
+    if how != "interface":
+        raise UnsupportedAdapterError(f"the adapter was saved through a custom AdapterHub interface; on {base.model_type} "
+                                      "the library's own modules are served", key=INTERFACE_FILE)
+    arch = architecture(base.model_type)
+    q, k, v = arch.qkv if len(arch.qkv) == 3 else (None, None, None)
+    want = {"model_layers": "layers", "layer_self_attn": "self_attn", "attn_q_proj": q, "attn_k_proj": k,
+            "attn_v_proj": v, "attn_o_proj": "o_proj", "layer_intermediate_proj": "mlp.up_proj",
+            "layer_output_proj": "mlp.down_proj", "layer_pre_self_attn": "input_layernorm",
+            "layer_pre_ffn": arch.mlp_in_norm, "layer_ln_1": arch.attn_out_norm or None,
+            "layer_ln_2": arch.mlp_out_norm or None}
+    for field, value in want.items():
+        if saved.get(field) != value:
+            raise UnsupportedAdapterError(f"the adapter's interface sets {field} to {saved.get(field)!r}; adapters "
+                                          f"1.3.0's interface for {base.model_type}, which we serve, has {value!r}",
+                                          key=f"{INTERFACE_FILE}.{field}")
 
 
 def _options(c: dict[str, Any]) -> BottleneckOptions:

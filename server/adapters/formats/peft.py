@@ -194,7 +194,9 @@ def parse_lora(cfg: dict[str, Any], files: dict[str, Path], base: BaseModelInfo)
             if magnitude is None:
                 raise InvalidAdapterError("a DoRA module needs its lora_magnitude_vector", key=key + ".lora_magnitude_vector")
             expect_shape(key + ".lora_magnitude_vector", magnitude, (out_f,))
-        alpha = _alpha(cfg, module)
+        # a router is a parameter target (PEFT keys its patterns by the parameter's name)
+        router = module.endswith(".gate") and module[: -len(".gate")] + ".experts" in base.experts
+        alpha = _alpha(cfg, module + ".weight" if router else module)
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         modules.append(LoRAModule(module, A.clone(), B.clone(), None if bias is None else bias.clone(), scale,
                                   None if magnitude is None else magnitude.clone()))
@@ -214,7 +216,9 @@ def _expert_lora(cfg: dict[str, Any], parts: dict[str, dict[str, torch.Tensor]],
     its [out, in] weight. Which parameter a (nested) wrapper holds is read from the shapes: gate_up_proj
     is [2I, H] per expert and down_proj [H, I], never the same."""
     targets = cfg.get("target_parameters") or []
-    if parts and not (isinstance(targets, list) and targets):
+    if not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise InvalidAdapterError("target_parameters must be a list of parameter names", key="target_parameters")
+    if parts and not targets:
         raise InvalidAdapterError("LoRA tensors on expert weights without target_parameters", key="target_parameters")
     for name in targets:
         if not isinstance(name, str) or not (name.endswith(EXPERT_PARAMS) or name.endswith("gate.weight")):

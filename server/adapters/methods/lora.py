@@ -84,83 +84,121 @@ class LoRAWeights(MethodWeights):
                 + [t for x in self.experts for t in (x.A, x.B)])
 
 
+def _pad8(r: int) -> int:
+    """Ranks padded to a multiple of 8: torch's grouped product wants every stride a multiple of 16 bytes."""
+    return -(-r // 8) * 8
+
+
 class _ExpertTable:
-    """One expert weight's LoRA for every slot at once, zero-padded to rank R: A [S * E, R, in] and
-    s * B [S * E, out, R] (group slot * E + e). Zero blocks add exactly 0, so the same products serve
-    rows of other slots and of none, and the tables serve graph replay unchanged (written in place)."""
+    """One expert weight's LoRA for the slots that hold one: block row 1.. per owning slot, row 0 all
+    zeros, each zero-padded to rank R: A [rows * E, R, in], s * B [rows * E, out, R] (group row * E + e).
+    `row` [S] maps each slot to its block row (0: none), so rows of other slots and of none add exactly 0
+    and one table serves every batch and graph replay (`row` is written in place; the blocks are replaced,
+    which drops the captured graphs, only when they grow)."""
 
-    def __init__(self, S: int, E: int, R: int, out: int, inp: int, dev: torch.device) -> None:
-        self.S, self.E, self.R = S, E, R
-        self.A = torch.zeros(S * E, R, inp, device=dev, dtype=F32)
-        self.sB = torch.zeros(S * E, out, R, device=dev, dtype=F32)
+    def __init__(self, S: int, E: int, R: int, out: int, inp: int, dev: torch.device, capacity: int = 2) -> None:
+        self.E, self.R, self.out, self.inp, self.dev = E, R, out, inp, dev
+        self.A = torch.zeros(capacity * E, R, inp, device=dev, dtype=F32)
+        self.sB = torch.zeros(capacity * E, out, R, device=dev, dtype=F32)
+        self.row = torch.zeros(S, dtype=torch.long, device=dev)
+        self.rows: dict[int, int] = {}  # slot -> block row
+        self.free: list[int] = list(range(capacity - 1, 0, -1))
 
-    def grown(self, R: int) -> _ExpertTable:
-        t = _ExpertTable(self.S, self.E, R, self.sB.shape[1], self.A.shape[2], self.A.device)
-        t.A[:, : self.R], t.sB[:, :, : self.R] = self.A, self.sB
-        return t
+    @property
+    def capacity(self) -> int:
+        return self.A.shape[0] // self.E
 
-    def put(self, slot: int, x: LoRAExperts | None) -> None:
-        rows = slice(slot * self.E, (slot + 1) * self.E)
-        self.A[rows], self.sB[rows] = 0, 0
-        if x is not None:
-            r = x.A.shape[1]
-            self.A[rows, :r] = x.A.to(self.A.device)
-            self.sB[rows, :, :r] = (x.B * x.scale).to(self.A.device)
+    def _grow(self, capacity: int, R: int) -> None:
+        A = torch.zeros(capacity * self.E, R, self.inp, device=self.dev, dtype=F32)
+        sB = torch.zeros(capacity * self.E, self.out, R, device=self.dev, dtype=F32)
+        n = self.A.shape[0]
+        A[:n, : self.R], sB[:n, :, : self.R] = self.A, self.sB
+        self.free += list(range(capacity - 1, self.capacity - 1, -1))
+        self.A, self.sB, self.R = A, sB, R
+
+    def put(self, slot: int, x: LoRAExperts) -> bool:
+        """Write `slot`'s blocks; whether the tables were replaced (grown)."""
+        grown = False
+        R = max(self.R, _pad8(x.A.shape[1]))
+        if slot not in self.rows and not self.free:
+            self._grow(2 * self.capacity, R)
+            grown = True
+        elif R > self.R:
+            self._grow(self.capacity, R)
+            grown = True
+        k = self.rows[slot] if slot in self.rows else self.free.pop()
+        self.rows[slot] = k
+        blocks = slice(k * self.E, (k + 1) * self.E)
+        r = x.A.shape[1]
+        self.A[blocks], self.sB[blocks] = 0, 0
+        self.A[blocks, :r] = x.A.to(self.dev)
+        self.sB[blocks, :, :r] = (x.B * x.scale).to(self.dev)
+        self.row[slot] = k
+        return grown
+
+    def clear(self, slot: int) -> None:
+        k = self.rows.pop(slot)
+        self.row[slot] = 0
+        blocks = slice(k * self.E, (k + 1) * self.E)
+        self.A[blocks], self.sB[blocks] = 0, 0
+        self.free.append(k)
 
     def nbytes(self) -> int:
         return nbytes((self.A, self.sB))
 
     def delta(self, x: torch.Tensor, experts: torch.Tensor, slots: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y + s B A x per pair, its own (slot, expert) block: the pairs grouped by slot * E + e, two
-        grouped products (no loop, no host synchronisation)."""
-        group, perm = torch.sort(slots * self.E + experts)
-        offsets = group_offsets(group, self.S * self.E)
+        """y + s B A x per pair, from its own (slot, expert) block: the pairs grouped by block, two grouped
+        products (no loop over experts or adapters)."""
+        group, perm = torch.sort(self.row[slots] * self.E + experts)
+        offsets = group_offsets(group, self.A.shape[0])
         d = grouped_linear(x.to(F32)[perm], self.A, offsets)  # [P, R]
         d = grouped_linear(d, self.sB, offsets)  # [P, out]
         delta = torch.empty_like(d)
         delta[perm] = d
         return (y.to(F32) + delta).to(y.dtype)
 
+    def delta_static(self, x: torch.Tensor, experts: torch.Tensor, slots: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The same for the fixed-shape decode step: each pair's block gathered, batched products. Its
+        pairs are few (rows x top-k), and no grouped product means no host read of group sizes."""
+        g = self.row[slots] * self.E + experts
+        d = torch.bmm(self.A[g], x.to(F32)[:, :, None])  # [P, R, 1]
+        return (y.to(F32) + torch.bmm(self.sB[g], d)[:, :, 0]).to(y.dtype)
+
 
 class _ExpertLoRA:
-    """The expert tables of one method: (layer, param) -> table, and which slots wrote which."""
+    """The expert tables of one method: (layer, param) -> table."""
 
     def __init__(self, ctx: SlotContext) -> None:
         self.ctx = ctx
         self.tables: dict[tuple[int, str], _ExpertTable] = {}
-        self.owners: dict[tuple[int, str], set[int]] = {}
 
     def write(self, slot: int, experts: list[LoRAExperts]) -> bool:
         """Whether a table was added or replaced (graphs read the old ones)."""
         changed = False
         for x in experts:
             key = (self.ctx.base.split(x.module)[0], x.param)
-            E, r = x.A.shape[0], x.A.shape[1]
             t = self.tables.get(key)
             if t is None:
+                E, r = x.A.shape[0], x.A.shape[1]
                 _, out, inp = self.ctx.base.experts[x.module][x.param]
-                t, changed = _ExpertTable(self.ctx.num_slots, E, r, out, inp, self.ctx.device), True
-            elif r > t.R:
-                t, changed = t.grown(r), True
-            self.tables[key] = t
-            t.put(slot, x)
-            self.owners.setdefault(key, set()).add(slot)
+                t = self.tables[key] = _ExpertTable(self.ctx.num_slots, E, _pad8(r), out, inp, self.ctx.device)
+                changed = True
+            changed = t.put(slot, x) or changed
         return changed
 
     def clear(self, slot: int) -> bool:
-        """Whether a table was removed."""
+        """Whether a table was removed (its last owner left)."""
         changed = False
-        for key, owners in list(self.owners.items()):
-            if slot in owners:
-                owners.discard(slot)
-                self.tables[key].put(slot, None)
-                if not owners:
-                    del self.tables[key], self.owners[key]
+        for key, t in list(self.tables.items()):
+            if slot in t.rows:
+                t.clear(slot)
+                if not t.rows:
+                    del self.tables[key]
                     changed = True
         return changed
 
     def used(self, slots: list[int]) -> dict[tuple[int, str], _ExpertTable]:
-        return {k: self.tables[k] for k, owners in self.owners.items() if any(s in owners for s in slots)}
+        return {k: t for k, t in self.tables.items() if any(s in t.rows for s in slots)}
 
     def nbytes(self) -> int:
         return sum(t.nbytes() for t in self.tables.values())
@@ -317,7 +355,7 @@ class LoRAStaticPlan(MethodPlan):
     def experts_out(self, layer: int, name: str, x: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor,
                     y: torch.Tensor) -> torch.Tensor | None:
         t = self.experts.get((layer, name))
-        return None if t is None else t.delta(x, experts, self.routing.slots[rows], y)
+        return None if t is None else t.delta_static(x, experts, self.routing.slots[rows], y)
 
     def linear_out(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         st = self.mods.get((layer, name))
