@@ -333,7 +333,7 @@ class ModelRunner:
 
     def _mlp(self, li: int, mlp: Any, x: torch.Tensor, plan: BatchPlan, project: Any, act_mul: Any) -> torch.Tensor:
         """The MLP of layer li on x [B, T, H]: gated (gate and up as two Linears or one fused), or a
-        routed block (the library's router and grouped experts; a dense layer of a MoE model is gated)."""
+        routed block (`_moe`: its router's and experts' weights; a dense layer of a MoE model is gated)."""
         A = self.arch
         if A.moe and hasattr(mlp, "experts"):
             return self._moe(li, mlp, x, plan)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers.activations import ACT2FN
 
-from ...architectures import architecture
+from ...architectures import Architecture, architecture
 from ...errors import InvalidAdapterError, UnsupportedAdapterError
 from ..methods.bottleneck import BottleneckBlock, BottleneckOptions, BottleneckWeights
 from ..methods.ia3 import IA3Vector, IA3Weights
@@ -52,12 +52,13 @@ def _bool(c: dict[str, Any], name: str, default: bool) -> bool:
 
 
 def parse(meta: dict[str, Any], files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
-    how = architecture(base.model_type).adapterhub
+    arch = architecture(base.model_type)
+    how = arch.adapterhub
     if not how:
         raise UnsupportedAdapterError(
             f"AdapterHub adapters are not served on {base.model_type} base models: AdapterHub 1.3.0 does not "
             "support this architecture; PEFT adapters are", key="config")
-    _check_interface(files, base, how)
+    _check_interface(files, base, arch)
     c = meta["config"]
     if how == "interface":  # what the library itself refuses or lacks on the bases it serves through its interface
         if c.get("architecture") == "prefix_tuning":
@@ -86,7 +87,7 @@ def parse(meta: dict[str, Any], files: dict[str, Path], base: BaseModelInfo) -> 
 INTERFACE_FILE = "adapter_interface.json"
 
 
-def _check_interface(files: dict[str, Path], base: BaseModelInfo, how: str) -> None:
+def _check_interface(files: dict[str, Path], base: BaseModelInfo, arch: Architecture) -> None:
     """An adapter saved through AdapterHub's plugin interface records the interface it was trained with.
     We place adapters as adapters 1.3.0's own interface for this base does (derived from the architecture
     description); one trained with another (a custom interface, or one on a base served by the library's
@@ -99,10 +100,9 @@ def _check_interface(files: dict[str, Path], base: BaseModelInfo, how: str) -> N
         assert isinstance(saved, dict)
     except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
         raise InvalidAdapterError(f"{INTERFACE_FILE} is not an AdapterHub interface file: {e}", key=INTERFACE_FILE) from e
-    if how != "interface":
+    if arch.adapterhub != "interface":
         raise UnsupportedAdapterError(f"the adapter was saved through a custom AdapterHub interface; on {base.model_type} "
                                       "the library's own modules are served", key=INTERFACE_FILE)
-    arch = architecture(base.model_type)
     q, k, v = arch.qkv if len(arch.qkv) == 3 else (None, None, None)
     want = {"model_layers": "layers", "layer_self_attn": "self_attn", "attn_q_proj": q, "attn_k_proj": k,
             "attn_v_proj": v, "attn_o_proj": "o_proj", "layer_intermediate_proj": "mlp.up_proj",

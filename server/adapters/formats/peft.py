@@ -160,10 +160,7 @@ def parse_lora(cfg: dict[str, Any], files: dict[str, Path], base: BaseModelInfo)
             raise UnsupportedAdapterError(why, key=key) if "embed" in key or "lm_head" in key else InvalidAdapterError(why, key=key)
         module, part = m.group(1), m.group(2)
         _refuse_outside(base, module, key)
-        if module.endswith(".base_layer") and module not in base.linears and NESTED.match(module).group(1) in base.experts:  # type: ignore[union-attr]
-            expert_parts.setdefault(module, {})[part] = t
-            continue
-        if module in base.experts:
+        if NESTED.match(module).group(1) in base.experts:  # type: ignore[union-attr]  # a wrapper on expert weights
             expert_parts.setdefault(module, {})[part] = t
             continue
         if module not in base.linears:
@@ -221,7 +218,7 @@ def _expert_lora(cfg: dict[str, Any], parts: dict[str, dict[str, torch.Tensor]],
     if parts and not targets:
         raise InvalidAdapterError("LoRA tensors on expert weights without target_parameters", key="target_parameters")
     for name in targets:
-        if not isinstance(name, str) or not (name.endswith(EXPERT_PARAMS) or name.endswith("gate.weight")):
+        if not (name.endswith(EXPERT_PARAMS) or name.endswith("gate.weight")):
             raise UnsupportedAdapterError(f"target_parameters entry {name!r} is not served: LoRA on a routed "
                                           "MLP's expert weights (gate_up_proj, down_proj) and its router (gate.weight) "
                                           "is", key="target_parameters")

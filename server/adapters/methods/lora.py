@@ -251,14 +251,14 @@ def add_delta(y: torch.Tensor, delta: torch.Tensor, g: torch.Tensor | None, base
 
 class LoRAPlan(MethodPlan):
     def __init__(self, mods: dict[tuple[int, str], _ModulePlan], timer: StepTimer, label: str,
-                 experts: dict[tuple[int, str], _ExpertTable] | None = None, slot_idx: torch.Tensor | None = None) -> None:
+                 experts: dict[tuple[int, str], _ExpertTable], slot_idx: torch.Tensor) -> None:
         self.mods, self.timer, self.label = mods, timer, label
-        self.experts, self.slot_idx = experts or {}, slot_idx
+        self.experts, self.slot_idx = experts, slot_idx
 
     def experts_out(self, layer: int, name: str, x: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor,
                     y: torch.Tensor) -> torch.Tensor | None:
         t = self.experts.get((layer, name))
-        if t is None or self.slot_idx is None:
+        if t is None:
             return None
         with self.timer.span(self.label):
             return t.delta(x, experts, self.slot_idx[rows], y)
@@ -378,7 +378,7 @@ class LoRAMethod(AdapterMethod):
     def __init__(self, ctx: SlotContext, timer: StepTimer) -> None:
         super().__init__(ctx, timer)
         self.mods: dict[str, dict[int, _Slot]] = {}  # module -> slot -> weights
-        self.experts = _ExpertLoRA(ctx)  # LoRA on routed MLPs' expert weights: every slot's tables, also for graphs
+        self.experts = _ExpertLoRA(ctx)  # LoRA on routed MLPs' expert weights: the owning slots' tables, also for graphs
         self.written: set[int] = set()  # slots holding an adapter: `uses` runs every step, in O(rows)
         self.static = StaticLayout[str, _StaticModule](self)  # graph replay only, built on first use
         self._merged: int | None = None
