@@ -39,6 +39,7 @@ class EngineConfig:
     cuda_graphs: Graphs = "auto"
     compile_kernels: bool = True  # pack sibling projections; with CUDA graphs, fuse the decode step's elementwise chains
     device_slots: int = 16  # adapters resident on the device at once
+    adapter_device_bytes: int = 4 << 30  # device bytes they may hold together (0: no limit but the slot count)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Settings(BaseSettings):
     merge_policy: MergePolicy = _E.merge_policy
     merge_after_steps: int = Field(_E.merge_after_steps, ge=1)
     device_slots: int = Field(_E.device_slots, ge=1, le=4096)
+    adapter_device_bytes: int = Field(_E.adapter_device_bytes, ge=0)
     host_capacity: int = Field(_R.host_capacity, ge=1)
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     max_queue: int = Field(_E.max_queue, ge=1)

@@ -94,6 +94,19 @@ class ConflictError(AdapterServerError):
     kind = "conflict"
 
 
+class AdapterChangedError(ConflictError):
+    """The adapter was replaced while a request for it was being prepared, and the new version speaks
+    another vocabulary than the request was tokenised with: sending it again is safe."""
+
+    kind = "adapter_changed"
+
+
+class AdapterTooLargeError(InvalidAdapterError):
+    """An adapter that would take more device memory than the server's whole byte budget for adapters."""
+
+    kind = "adapter_too_large"
+
+
 class ForbiddenError(AdapterServerError):
     kind = "forbidden"
 

@@ -1,4 +1,6 @@
-"""`adapter-server merge`: a standalone HF model folder with one (IA)3 adapter folded into its weights."""
+"""`adapter-server merge`: a standalone HF model folder with one adapter written into its weights: (IA)3, LoRA
+and DoRA folded in; a trained embedding or LM head (and trained rows, LoRA on them) as the model's own tables,
+the vocabulary resized to the adapter's; and the adapter's own tokenizer where its folder has one."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Any
 import torch
 
 from .adapters.formats import parse_adapter
+from .adapters.formats.tokenizer import load_tokenizer
 from .adapters.methods import StepTimer
 from .adapters.slots import AdapterSlots
 from .adapters.spec import BaseModelInfo
@@ -27,23 +30,25 @@ def _not_mergeable(adapter_id: str, variant: object) -> NotMergeableError:
 
 
 def export_merged(model_cfg: ModelConfig, store_dir: Path, adapter_id: str, out: Path) -> Path:
-    """Fold `adapter_id` from the store into the base model and save model + tokenizer to `out`."""
+    """Write `adapter_id` from the store into the base model and save model + tokenizer to `out`."""
     store = AdapterStore(store_dir)
     manifest = store.manifest(adapter_id) if store.folder(adapter_id).is_dir() else None
-    if manifest is not None and not manifest.mergeable:  # refuse before loading any model
+    if manifest is not None and not manifest.can_export:  # refuse before loading any model
         raise _not_mergeable(adapter_id, manifest.variant)
     loaded = load_base_model(ModelConfig(model_cfg.model, "cpu", "float32", model_cfg.cache_dir))
-    weights = parse_adapter(store.files(adapter_id), BaseModelInfo.from_model(loaded.model))
-    if not weights.mergeable:
+    files = store.files(adapter_id)
+    weights = parse_adapter(files, BaseModelInfo.from_model(loaded.model, loaded.tokenizer))
+    if not weights.exportable:
         raise _not_mergeable(adapter_id, weights.variant)
     slots = AdapterSlots(loaded.model, 1, loaded.device, loaded.dtype, StepTimer(loaded.device))
     slots.write(1, weights)
-    slots.merge(1)
+    slots.export(1, loaded.model)
+    own = load_tokenizer(files)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model: Any = loaded.model
     with torch.no_grad():
         model.save_pretrained(out)
-    loaded.tokenizer.save_pretrained(out)
-    log.info("wrote %s: %s with %s folded in", out, loaded.name, adapter_id)
+    (loaded.tokenizer if own is None else own[1]).save_pretrained(out)
+    log.info("wrote %s: %s with %s written in", out, loaded.name, adapter_id)
     return out

@@ -39,7 +39,8 @@ def build(services: Services) -> None:
     st, m = services.settings, services.metrics
     loaded = load_base_model(st.model_cfg())
     events = Events.for_metrics(m)
-    registry = Registry(AdapterStore(st.store), BaseModelInfo.from_model(loaded.model), st.registry_cfg(), events)
+    registry = Registry(AdapterStore(st.store), BaseModelInfo.from_model(loaded.model, loaded.tokenizer),
+                        st.registry_cfg(), events)
     registry.scan()
     for adapter_id, why in registry.skipped.items():
         log.error("adapter %s in the store is corrupt and was skipped: %s", adapter_id, why)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-Method = Literal["ia3", "bottleneck", "lora", "dora", "prompt", "prefix"]
+Method = Literal["ia3", "bottleneck", "lora", "dora", "prompt", "prefix", "vocab"]
 
 
 def label(method: str | None, merged: bool = False) -> str:

@@ -25,7 +25,8 @@ from typing import Any
 from ..config import RegistryConfig
 from ..errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterError
 from ..metrics import Metrics
-from .formats import parse_adapter
+from .formats import parse_adapter, read_upload
+from .formats.tokenizer import load_tokenizer
 from .methods import RECORDS
 from .spec import AdapterWeights, BaseModelInfo
 from .store import AdapterStore, Manifest
@@ -56,7 +57,8 @@ class AdapterRecord:
         out: dict[str, Any] = {
             "adapter_id": self.adapter_id, "method": m.method, "format": m.format, "variant": m.variant,
             "num_parameters": m.num_parameters, "size_bytes": m.size_bytes, "mergeable": m.mergeable,
-            "created_at": m.created_at, "tier": self.tier(resident)}
+            "created_at": m.created_at, "tier": self.tier(resident), "vocab_size": m.vocab_size,
+            "tokenizer": m.tokenizer}
         if fold_refusal is not None and m.mergeable:  # served on top, never folded into these weights
             out["mergeable"] = False
             out["merge_note"] = fold_refusal
@@ -71,17 +73,26 @@ class AdapterRef:
     version: int
     method: str
     virtual_tokens: int = 0  # positions it puts before every prompt (prompt and prefix tuning)
+    tokenizer: str | None = None  # its own tokenizer's fingerprint (None: the base model's)
+    vocab_size: int | None = None  # token ids its rows have (None: the base model's)
+
+    @staticmethod
+    def of(rec: AdapterRecord) -> AdapterRef:
+        m = rec.manifest
+        return AdapterRef(rec.adapter_id, rec.version, m.method, m.virtual_tokens, m.tokenizer, m.vocab_size)
 
 
 @dataclass
 class Events:
-    """Callbacks: cache hit/miss/evict and load seconds by source (metrics), tier counts (metrics), and
-    `retire`, a version replaced or deleted (the engine forwards it to its AdapterManager)."""
+    """Callbacks: cache hit/miss/evict and load seconds by source (metrics), tier counts (metrics),
+    `retire`, a version replaced or deleted (the engine forwards it to its AdapterManager), and `check`,
+    what the engine refuses of an upload before it is stored."""
 
     cache: Callable[[str], None] = lambda event: None
     load: Callable[[str, float], None] = lambda source, seconds: None
     tiers: Callable[[dict[str, int]], None] = lambda counts: None
     retire: Callable[[Key], None] = lambda key: None
+    check: Callable[[AdapterWeights], object] = lambda weights: None
 
     @staticmethod
     def for_metrics(m: Metrics) -> Events:
@@ -90,9 +101,10 @@ class Events:
                       tiers=m.set_tiers)
 
 
-def manifest_for(adapter_id: str, w: AdapterWeights, files: list[str], origin: str | None = None) -> Manifest:
+def manifest_for(adapter_id: str, w: AdapterWeights, files: list[str], origin: str | None = None,
+                 tokenizer: str | None = None) -> Manifest:
     return Manifest.new(adapter_id, w.method, w.format, w.variant, w.num_parameters, w.size_bytes, w.mergeable,
-                        w.virtual_tokens, files, origin)
+                        w.virtual_tokens, files, origin, tokenizer, w.vocab_size or None, w.exportable)
 
 
 def _served(m: Manifest) -> Manifest:
@@ -178,8 +190,9 @@ class Registry:
                 raise AdapterExistsError(adapter_id)
             files = {p.name: p for p in staging.iterdir() if p.is_file()}
             t0 = time.perf_counter()
-            weights = parse_adapter(files, self.base)
-            manifest = manifest_for(adapter_id, weights, list(files), origin)
+            weights, tokenizer = read_upload(files, self.base)
+            self.events.check(weights)  # what the engine refuses outright (over its device byte budget)
+            manifest = manifest_for(adapter_id, weights, list(files), origin, tokenizer)
             with self._admin:  # one upload or delete at a time; the catalogue lock only for the swap
                 if not replace and self.exists(adapter_id):
                     raise AdapterExistsError(adapter_id)
@@ -279,7 +292,7 @@ class Registry:
                     rec.pins += 1
                     self._host_touch(rec)
                     self.events.cache("hit" if rec.key in self._resident else "miss")
-                    return AdapterRef(rec.adapter_id, rec.version, rec.manifest.method, rec.manifest.virtual_tokens)
+                    return AdapterRef.of(rec)
                 version = rec.version
             t0 = time.perf_counter()
             try:
@@ -321,6 +334,27 @@ class Registry:
     def on_retire(self, fn: Callable[[Key], None]) -> None:
         """Who hears of replaced and deleted versions: the engine, which owns the device slots."""
         self.events.retire = fn
+
+    def on_check(self, fn: Callable[[AdapterWeights], object]) -> None:
+        """What every upload must also pass before it is stored: the engine's refusals (a typed error)."""
+        self.events.check = fn
+
+    def vocabulary(self, adapter_id: str) -> tuple[str | None, int | None]:
+        """The current version's (tokenizer fingerprint, vocabulary size), None where it keeps the base
+        model's; AdapterNotFoundError for an unknown id."""
+        self.sync()
+        with self._lock:
+            rec = self._current.get(adapter_id)
+            if rec is None:
+                raise self._missing(adapter_id)
+            return rec.manifest.tokenizer, rec.manifest.vocab_size
+
+    def read_tokenizer(self, adapter_id: str) -> tuple[str, Any] | None:
+        """(fingerprint, tokenizer) of the tokenizer files in the adapter's folder now, or None (no files)."""
+        try:
+            return load_tokenizer(self.store.files(adapter_id))
+        except OSError as e:  # replaced or deleted while read: the caller compares fingerprints and retries
+            raise AdapterNotFoundError(adapter_id) from e
 
     def weights(self, ref: AdapterRef) -> AdapterWeights:
         """The host copy of a pinned version, for the engine to write into a device slot."""

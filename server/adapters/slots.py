@@ -55,6 +55,24 @@ class BatchPlan:
                 y = t
         return y
 
+    def embed(self, ids: torch.Tensor, embedding: torch.nn.Module) -> torch.Tensor:
+        """The input embeddings [B, T, H] of ids [B, T]: the base module's, or where a method gives rows
+        their own (an adapter's trained embedding), that method's."""
+        for p in self.plans:
+            if (e := p.embed(ids, embedding)) is not None:
+                return e
+        return embedding(ids)
+
+    def logits(self, h: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+               finish: Callable[[torch.Tensor], torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
+        """float32 logits [N, ..., V] of normed hidden states h [N, ..., H] (entry n is batch row rows[n], or
+        row n): `finish(head(h))`, or where a method gives rows their own LM head, that method's (rows of a
+        smaller vocabulary than the widest are -inf past theirs)."""
+        for p in self.plans:
+            if (z := p.logits(h, rows, head, finish)) is not None:
+                return z
+        return finish(head(h))
+
     def residual(self, layer: int, loc: Location, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
         """One method's sub-block output, or, where several act at this site, each row's own method's;
         None where none acts (the plain decoder layer's h + a, or h + N(a) where the architecture norms
@@ -85,38 +103,46 @@ class AdapterSlots:
         modules = {n: m for n, m in model.named_modules() if n in base.linears}
         if compile_kernels:
             raise_recompile_limit()
-        ctx = SlotContext(base, num_slots + 1, device, dtype, modules, compile_kernels, encode, out_norms(model))
+        ctx = SlotContext(base, num_slots + 1, device, dtype, modules, compile_kernels, encode, out_norms(model),
+                          model.get_input_embeddings(), model.get_output_embeddings())  # type: ignore[operator]
         self.base = base
         self.timer = timer
         self.num_slots = num_slots
         self.device = device
         self.methods: dict[str, AdapterMethod] = {n: r.impl(ctx, timer) for n, r in RECORDS.items()}
-        self.slot_method: dict[int, str] = {}
+        self.slot_method: dict[int, str] = {}  # slot -> its adapter's family
+        self._slot_parts: dict[int, list[str]] = {}  # slot -> every method holding a part of its adapter
         self._foldable: set[int] = set()  # slots whose adapter folds exactly (AdapterWeights.mergeable)
         self._plans: OrderedDict[tuple[int, ...], BatchPlan] = OrderedDict()
         self._plan_cache = plan_cache
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
-        """Overwrite `slot` with an adapter (1 <= slot <= num_slots)."""
+        """Overwrite `slot` with an adapter (1 <= slot <= num_slots): every part by the method that serves it."""
         if not 1 <= slot <= self.num_slots:
             raise ValueError(f"slot {slot} out of range 1..{self.num_slots}")
-        if not isinstance(weights.payload, RECORDS[weights.method].weights):
-            raise TypeError(f"a {weights.method} slot takes {RECORDS[weights.method].weights.__name__}, "
-                            f"not {type(weights.payload).__name__}")
+        for method, payload in weights.parts.items():
+            if not isinstance(payload, RECORDS[method].weights):
+                raise TypeError(f"a {method} part takes {RECORDS[method].weights.__name__}, not {type(payload).__name__}")
         self.unmerge()  # a method may read the base weights as it writes (DoRA's norms): never a folded one
         self.clear(slot)
-        self.methods[weights.method].write(slot, weights)
         self.slot_method[slot] = weights.method
+        self._slot_parts[slot] = list(weights.parts)
+        for method, payload in weights.parts.items():
+            self.methods[method].write(slot, payload)
         if weights.mergeable:
             self._foldable.add(slot)
         self._plans.clear()
 
     def clear(self, slot: int) -> None:
-        m = self.slot_method.pop(slot, None)
+        self.slot_method.pop(slot, None)
         self._foldable.discard(slot)
-        if m is not None:
+        for m in self._slot_parts.pop(slot, []):
             self.methods[m].clear(slot)
             self._plans.clear()
+
+    def bytes_for(self, weights: AdapterWeights) -> int:
+        """Device bytes a slot holding this adapter takes (what the device tier's byte budget counts)."""
+        return sum(self.methods[m].slot_bytes(p) for m, p in weights.parts.items())
 
     def plan(self, slots: list[int]) -> BatchPlan:
         key = tuple(slots)
@@ -169,6 +195,16 @@ class AdapterSlots:
             self.unmerge()
         self.methods[self.slot_method[slot]].merge(slot)
         self._plans.clear()
+
+    def export(self, slot: int, model: torch.nn.Module) -> None:
+        """Write every part of `slot`'s adapter into `model` for good (`adapter-server merge`): its family's
+        fold, and each other part's own export (a trained embedding or LM head). Not for a served model."""
+        family = self.slot_method[slot]
+        for m in self._slot_parts[slot]:
+            if m == family and slot in self._foldable:
+                self.merge(slot)
+            else:
+                self.methods[m].export(slot, model)
 
     def unmerge(self) -> None:
         for m in self.methods.values():

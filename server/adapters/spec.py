@@ -5,6 +5,7 @@ Tensors here live on the host in float32; methods copy them into device slots.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -35,9 +36,20 @@ class BaseModelInfo:
     refused: tuple[tuple[str, str], ...] = ()
     # a routed MLP's experts module path -> {parameter: (experts, out, in)} (transformers' fused 3-D weights)
     experts: dict[str, dict[str, tuple[int, int, int]]] = field(default_factory=dict)
+    # The vocabulary: the input embedding's and the LM head's module paths and rows (token ids), whether
+    # the checkpoint ties them (one table: what an adapter trains on one side may reach the other, as in
+    # PEFT), and how many tokens the base tokenizer has (0: not known here).
+    embed_module: str = "model.embed_tokens"
+    head_module: str = "lm_head"
+    vocab_size: int = 0
+    tied: bool = False
+    tokenizer_size: int = 0
+    # side ("embed", "head") -> the base table [V, H] as served (read only; an adapter's saved tables are
+    # compared with it row by row, to keep only the rows that differ)
+    tables: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
-    def from_model(model: Any) -> BaseModelInfo:
+    def from_model(model: Any, tokenizer: Any = None) -> BaseModelInfo:
         arch = architecture(model.config.model_type)
         cfg: Any = text_config(model.config)
         layers = arch.decoder + ".layers."
@@ -55,8 +67,14 @@ class BaseModelInfo:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         quant = next((m.scheme for name, m in model.named_modules() if name.startswith(layers) and getattr(m, "quantized", False)),
                      "none")
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        names = {id(m): name for name, m in model.named_modules()}
         return BaseModelInfo(model.config.model_type, cfg.hidden_size, cfg.num_hidden_layers, linears, heads,
-                             getattr(cfg, "num_key_value_heads", None) or heads, head_dim, quant, arch.refused_modules, experts)
+                             getattr(cfg, "num_key_value_heads", None) or heads, head_dim, quant, arch.refused_modules, experts,
+                             embed_module=names[id(embed)], head_module=names[id(head)],
+                             vocab_size=int(embed.weight.shape[0]), tied=tied_embeddings(model),
+                             tokenizer_size=len(tokenizer) if tokenizer is not None else 0,
+                             tables={"embed": lambda: embed.weight.detach(), "head": lambda: head.weight.detach()})
 
     def outside(self, module: str) -> str | None:
         """What part of the model `module` belongs to where that part is not served (the vision tower), or None."""
@@ -70,12 +88,25 @@ class BaseModelInfo:
             return f"folding is off: the base model's weights are quantized ({self.quantization})"
         return None
 
+    def side(self, module: str) -> str | None:
+        """"embed" or "head" for the input embedding's or the LM head's module path, else None."""
+        return "embed" if module == self.embed_module else "head" if module == self.head_module else None
+
     @staticmethod
     def split(module: str) -> tuple[int, str]:
         """'model.layers.3.self_attn.k_proj' -> (3, 'k_proj')."""
         parts = module.split(".")
         i = parts.index("layers")
         return int(parts[i + 1]), parts[-1]
+
+
+def tied_embeddings(model: Any) -> bool:
+    """Whether the checkpoint ties the LM head to the input embedding (as PEFT reads it: the config's
+    `tie_word_embeddings`, for the text model of a multimodal folder too). A quantized head is a copy
+    of its own, but an adapter trained on the tied checkpoint still sees one table."""
+    cfg = model.config
+    text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    return bool(getattr(cfg, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
 
 
 class MethodWeights(Protocol):
@@ -94,10 +125,23 @@ class MethodWeights(Protocol):
         """Positions the adapter puts before every prompt (prompt and prefix tuning)."""
         return 0
 
+    @property
+    def exportable(self) -> bool:
+        """`adapter-server merge` can write it into a standalone model: what folds, and what a standalone
+        model holds as its own tables (a trained embedding or LM head)."""
+        return self.mergeable
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the adapter's rows embed and score; 0: the base model's."""
+        return 0
+
 
 @dataclass
 class AdapterWeights:
-    """A parsed adapter, ready to be written into device slots."""
+    """A parsed adapter, ready to be written into device slots. `payload` is what its family (`method`)
+    serves; `extras` are parts other methods serve beside it, written into the same slot (a trained
+    embedding or LM head beside LoRA or (IA)3)."""
 
     method: Method
     format: Format
@@ -105,10 +149,21 @@ class AdapterWeights:
     payload: MethodWeights  # the method's own weights type: IA3Weights, BottleneckWeights
     config: dict[str, Any] = field(default_factory=dict)
     extra_parameters: int = 0  # trained parameters held outside `tensors()` (a learned or channel scaling)
+    extras: dict[Method, MethodWeights] = field(default_factory=dict)
+
+    @property
+    def parts(self) -> dict[Method, MethodWeights]:
+        """Every part and the method that serves it, its family's first."""
+        return {self.method: self.payload, **self.extras}
 
     @property
     def mergeable(self) -> bool:
+        """Its family's part folds into the shared weights while serving (extras stay per row)."""
         return self.payload.mergeable
+
+    @property
+    def exportable(self) -> bool:
+        return all(p.exportable for p in self.parts.values())
 
     @property
     def virtual_tokens(self) -> int:
@@ -116,8 +171,13 @@ class AdapterWeights:
         return self.payload.virtual_tokens
 
     @property
+    def vocab_size(self) -> int:
+        """Token ids its rows embed and score (0: the base model's)."""
+        return max((p.vocab_size for p in self.parts.values()), default=0)
+
+    @property
     def num_parameters(self) -> int:
-        return sum(t.numel() for t in self.payload.tensors()) + self.extra_parameters
+        return sum(t.numel() for p in self.parts.values() for t in p.tensors()) + self.extra_parameters
 
     @property
     def size_bytes(self) -> int:

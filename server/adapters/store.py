@@ -49,16 +49,27 @@ class Manifest:
     created_at: str
     revision: str | None = None  # tells two commits of one id apart (older manifests have only the time)
     origin: str | None = None  # what added it, when not an upload (vLLM's load_lora_adapter)
+    # Its own vocabulary, where it has one (older manifests: the base model's): the tokenizer files'
+    # fingerprint (formats/tokenizer.py) and the token ids its rows embed and score.
+    tokenizer: str | None = None
+    vocab_size: int | None = None
+    exportable: bool | None = None  # `adapter-server merge` can write it out (older manifests: `mergeable`)
 
     @staticmethod
     def new(adapter_id: str, method: str, format: str, variant: str, num_parameters: int, size_bytes: int,
-            mergeable: bool, virtual_tokens: int, files: list[str], origin: str | None = None) -> Manifest:
+            mergeable: bool, virtual_tokens: int, files: list[str], origin: str | None = None,
+            tokenizer: str | None = None, vocab_size: int | None = None, exportable: bool | None = None) -> Manifest:
         """A manifest for a commit made now."""
         return Manifest(adapter_id=adapter_id, method=method, format=format, variant=variant,
                         num_parameters=num_parameters, size_bytes=size_bytes, mergeable=mergeable,
                         virtual_tokens=virtual_tokens, files=tuple(sorted(files)),
                         created_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                        revision=uuid.uuid4().hex, origin=origin)
+                        revision=uuid.uuid4().hex, origin=origin, tokenizer=tokenizer, vocab_size=vocab_size,
+                        exportable=exportable)
+
+    @property
+    def can_export(self) -> bool:
+        return self.mergeable if self.exportable is None else self.exportable
 
     @staticmethod
     def from_json(data: Any) -> Manifest:
@@ -73,11 +84,16 @@ class Manifest:
         for key, kind in kinds.items():
             if not isinstance(data.get(key), kind):
                 raise ValueError(f"manifest field {key!r} is missing or not a {getattr(kind, '__name__', kind)}")
-        extra = {k: data.get(k) for k in ("revision", "origin")}
+        extra = {k: data.get(k) for k in ("revision", "origin", "tokenizer")}
         if not all(v is None or isinstance(v, str) for v in extra.values()):
-            raise ValueError("manifest fields 'revision' and 'origin' must be strings")
+            raise ValueError("manifest fields 'revision', 'origin' and 'tokenizer' must be strings")
+        vocab, exportable = data.get("vocab_size"), data.get("exportable")
+        if not (vocab is None or (isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0)):
+            raise ValueError("manifest field 'vocab_size' must be a positive integer")
+        if not (exportable is None or isinstance(exportable, bool)):
+            raise ValueError("manifest field 'exportable' must be a boolean")
         return Manifest(**{k: data[k] for k in kinds if k != "files"}, files=tuple(str(f) for f in data["files"]),
-                        **extra)
+                        **extra, vocab_size=vocab, exportable=exportable)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

@@ -151,6 +151,23 @@ def write_peft_prompt(out: Path, cfg: Any, n: int = 20, seed: int = 0, prefix: b
     return out
 
 
+def write_peft_tokens(out: Path, cfg: Any, n: int = 16, seed: int = 0, head: bool = False) -> Path:
+    """A PEFT TRAINABLE_TOKENS folder: n trained rows of the input embedding (ids spread over the
+    vocabulary; on a tied base also saved for the LM head, as PEFT saves them), or with `head` every row
+    of the LM head (a whole trained head)."""
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    V, H = cfg.vocab_size, cfg.hidden_size
+    ids = list(range(V)) if head else sorted({(i * 7919) % V for i in range(n)})
+    rows = 0.02 * torch.randn(len(ids), H, generator=g)
+    modules = ["lm_head"] if head else ["model.embed_tokens"] + (["lm_head"] if getattr(cfg, "tie_word_embeddings", False) else [])
+    save_file({f"base_model.model.{m}.trainable_tokens_delta": rows for m in modules}, out / "adapter_model.safetensors")
+    cfg_json = {"peft_type": "TRAINABLE_TOKENS", "task_type": "CAUSAL_LM", "token_indices": ids,
+                "target_modules": "lm_head" if head else "model.embed_tokens", "init_weights": True, "inference_mode": True}
+    (out / "adapter_config.json").write_text(json.dumps(cfg_json, indent=1))
+    return out
+
+
 # One writer per method, as methods' records name them: (kind, folder, model config, seed) -> the folder.
 def synth_ia3(kind: str, out: Path, cfg: Any, seed: int) -> Path:
     return write_peft_ia3(out, cfg.num_hidden_layers, linear_dims_from_config(cfg), seed=seed)
@@ -165,6 +182,13 @@ def synth_lora(kind: str, out: Path, cfg: Any, seed: int) -> Path:
 def synth_prompt(kind: str, out: Path, cfg: Any, seed: int) -> Path:
     """"prompt", "prompt<n>", "prefix", "prefix<n>" (20 virtual tokens by default)."""
     return write_peft_prompt(out, cfg, n=int(kind[6:] or 20), seed=seed, prefix=kind.startswith("prefix"))
+
+
+def synth_tokens(kind: str, out: Path, cfg: Any, seed: int) -> Path:
+    """"tokens", "tokens<n>" (n trained embedding rows, 16 by default), "head" (a whole trained LM head)."""
+    if kind == "head":
+        return write_peft_tokens(out, cfg, seed=seed, head=True)
+    return write_peft_tokens(out, cfg, n=int(kind[6:] or 16), seed=seed)
 
 
 def synth_bottleneck(kind: str, out: Path, cfg: Any, seed: int) -> Path:

@@ -1,6 +1,8 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions (streaming too).
 
-`model` is an adapter id, or the base model's name for no adapter. Each choice is its own request in
+`model` is an adapter id, or the base model's name for no adapter. A request speaks its adapter's
+vocabulary (engine/vocab.py): tokenised, templated and shown with the adapter's own tokenizer where its
+folder has one (tokens added), the base model's otherwise. Each choice is its own request in
 the engine (`n` and `best_of` per prompt, every prompt of a list), so they batch with everyone else's
 rows, whatever adapter each uses. Fields that would change the output and that we do not serve are a
 400 naming them (schemas.UNSUPPORTED), never ignored.
@@ -15,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from itertools import accumulate
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
@@ -28,6 +30,9 @@ from .disconnect import results_or_disconnect
 from .errors import inband_error
 from .schemas import ChatIn, CompletionIn, Prompt, _OpenAIBase
 
+if TYPE_CHECKING:  # types only: the HTTP layer never imports torch
+    from ..engine.vocab import Vocabulary
+
 router = APIRouter(prefix="/v1", dependencies=[UserAuth])
 
 
@@ -39,16 +44,22 @@ def _adapter_for(s: Ready, model: str) -> str | None:
     return model
 
 
-def _check(s: Ready, body: _OpenAIBase) -> None:
+def _check(body: _OpenAIBase) -> None:
     if bad := body.unsupported():
         raise InvalidRequestError(f"{', '.join(bad)}: not supported by this server (the request would be answered "
                                   "as if it were absent)")
-    vocab = s.generation.vocab_size
+
+
+async def _vocabulary(s: Ready, body: _OpenAIBase, adapter: str | None) -> Vocabulary:
+    """What the request speaks (its adapter's tokenizer and ids), with the token ids it names checked."""
+    voc = await asyncio.to_thread(s.generation.vocabulary, adapter)
+    vocab = voc.size
     if out := [t for t, _ in body.bias() if t >= vocab]:
         raise InvalidRequestError(f"logit_bias token {out[0]} is not in the vocabulary (ids 0 to {vocab - 1})")
     limit = body.max_completion_tokens or body.max_tokens
     if limit is not None and body.min_tokens > limit:
         raise InvalidRequestError(f"min_tokens {body.min_tokens} is over max_tokens {limit}")
+    return voc
 
 
 def _params(body: _OpenAIBase, default_max: int | None, seed: int | None, logprobs: bool = False,
@@ -160,11 +171,12 @@ def parse_tool_calls(text: str) -> list[tuple[str, Any]]:
 
 
 async def _start_all(s: Ready, prompts: list[tuple[int, ...]], adapter: str | None,
-                     params: Callable[[int], SamplingParams], per_prompt: int, prefix: str) -> list[Generation]:
+                     params: Callable[[int], SamplingParams], per_prompt: int, prefix: str,
+                     voc: Vocabulary) -> list[Generation]:
     """`per_prompt` generations of each prompt, in order, submitted together (all or none): the choices of a
     prompt are admitted together and share its prefill."""
     return await s.generation.start_group([(ids, adapter, params(j), new_id(prefix)) for ids in prompts
-                                           for j in range(per_prompt)])
+                                           for j in range(per_prompt)], voc.key)
 
 
 def _seed(body: _OpenAIBase, j: int) -> int | None:
@@ -210,8 +222,8 @@ class _Tokens:
 
     CONTEXT = 6
 
-    def __init__(self, s: Ready) -> None:
-        self.tok = s.generation.tokenizer
+    def __init__(self, voc: Vocabulary) -> None:
+        self.tok = voc.tokenizer
 
     def piece(self, before: list[int], t: int) -> str:
         ctx = before[-self.CONTEXT :]
@@ -318,7 +330,7 @@ def _error_chunk(e: Exception) -> dict[str, str]:
 # -- /v1/completions ---------------------------------------------------------------------------
 @router.post("/completions")
 async def completions(body: CompletionIn, request: Request, s: ReadyDep) -> Any:
-    _check(s, body)
+    _check(body)
     n, best_of = body.n, body.best_of or body.n
     if best_of < n:
         raise InvalidRequestError(f"best_of ({best_of}) must be at least n ({n})")
@@ -327,25 +339,26 @@ async def completions(body: CompletionIn, request: Request, s: ReadyDep) -> Any:
     if body.echo and body.logprobs is not None and body.stream:
         raise InvalidRequestError("echo with logprobs (the prompt's logprobs) is not streamed; send stream: false")
     adapter = _adapter_for(s, body.model)
+    voc = await _vocabulary(s, body, adapter)
     prompts = body.prompts()
-    vocab = s.generation.vocab_size
+    vocab = voc.size
     for p in prompts:
         if not isinstance(p, str) and (bad := [t for t in p if not 0 <= t < vocab]):
             raise InvalidRequestError(f"prompt token {bad[0]} is not in the vocabulary (ids 0 to {vocab - 1})")
-    ids = [await asyncio.to_thread(s.generation.encode, p) if isinstance(p, str) else tuple(p) for p in prompts]
+    ids = [await asyncio.to_thread(s.generation.encode, p, voc) if isinstance(p, str) else tuple(p) for p in prompts]
     k = body.logprobs
 
     def params(j: int) -> SamplingParams:
         p = _params(body, 16, _seed(body, j), k is not None or best_of > n, k or 0)
         return replace(p, prompt_logprobs=k) if body.echo and k is not None else p
 
-    gens = await _start_all(s, ids, adapter, params, best_of, "cmpl")
+    gens = await _start_all(s, ids, adapter, params, best_of, "cmpl", voc)
     rid, created = new_id("cmpl"), int(time.time())
-    echo = [_prompt_text(s, p) if body.echo else "" for p in prompts]
+    echo = [_prompt_text(voc, p) if body.echo else "" for p in prompts]
     if body.stream:
-        return EventSourceResponse(_stream_completion(s, gens, body, rid, created, echo, sum(map(len, ids))), ping=15)
+        return EventSourceResponse(_stream_completion(voc, gens, body, rid, created, echo, sum(map(len, ids))), ping=15)
     results = await results_or_disconnect(request, gens)
-    toks, choices = _Tokens(s), list[dict[str, Any]]()
+    toks, choices = _Tokens(voc), list[dict[str, Any]]()
     for i in range(len(prompts)):
         group = results[i * best_of : (i + 1) * best_of]
         for r in _best(group, n) if best_of > n else group:
@@ -361,14 +374,14 @@ async def completions(body: CompletionIn, request: Request, s: ReadyDep) -> Any:
             "usage": _usage(sum(map(len, ids)), results)}
 
 
-def _prompt_text(s: Ready, p: Prompt) -> str:
-    return p if isinstance(p, str) else str(s.generation.tokenizer.decode(p))
+def _prompt_text(voc: Vocabulary, p: Prompt) -> str:
+    return p if isinstance(p, str) else str(voc.tokenizer.decode(p))
 
 
-async def _stream_completion(s: Ready, gens: list[Generation], body: CompletionIn, rid: str, created: int,
+async def _stream_completion(voc: Vocabulary, gens: list[Generation], body: CompletionIn, rid: str, created: int,
                              echo: list[str], prompt_tokens: int) -> AsyncIterator[dict[str, str]]:
     head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
-    toks, n = _Tokens(s), body.n
+    toks, n = _Tokens(voc), body.n
     offsets = [len(echo[i // n]) for i in range(len(gens))]
     seen: list[list[int]] = [[] for _ in gens]
     results: list[GenerationResult] = []
@@ -404,24 +417,25 @@ async def _stream_completion(s: Ready, gens: list[Generation], body: CompletionI
 # -- /v1/chat/completions ----------------------------------------------------------------------
 @router.post("/chat/completions")
 async def chat(body: ChatIn, request: Request, s: ReadyDep) -> Any:
-    _check(s, body)
+    _check(body)
     if body.top_logprobs and not body.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs: true")
-    tools = _ToolPlan(body, str(getattr(s.generation.tokenizer, "chat_template", "") or ""))
+    adapter = _adapter_for(s, body.model)
+    voc = await _vocabulary(s, body, adapter)
+    tools = _ToolPlan(body, voc.chat_template)
     if (tools.spec is not None or tools.auto) and body.stream:
         raise InvalidRequestError("streamed tool calls are not supported yet; send stream: false")
-    adapter = _adapter_for(s, body.model)
-    ids = await asyncio.to_thread(s.generation.encode_chat, [m.plain() for m in body.messages], body.tools)
+    ids = await asyncio.to_thread(s.generation.encode_chat, [m.plain() for m in body.messages], body.tools, voc)
 
     def params(j: int) -> SamplingParams:
         return _params(body, None, _seed(body, j), body.logprobs, body.top_logprobs or 0, tools.spec)
 
-    gens = await _start_all(s, [ids], adapter, params, body.n, "chatcmpl")
+    gens = await _start_all(s, [ids], adapter, params, body.n, "chatcmpl", voc)
     rid, created = new_id("chatcmpl"), int(time.time())
     if body.stream:
-        return EventSourceResponse(_stream_chat(s, gens, body, rid, created, len(ids)), ping=15)
+        return EventSourceResponse(_stream_chat(voc, gens, body, rid, created, len(ids)), ping=15)
     results = await results_or_disconnect(request, gens)
-    toks = _Tokens(s)
+    toks = _Tokens(voc)
     choices = []
     for i, r in enumerate(results):
         lp = None
@@ -436,10 +450,10 @@ async def chat(body: ChatIn, request: Request, s: ReadyDep) -> Any:
             "usage": _usage(len(ids), results)}
 
 
-async def _stream_chat(s: Ready, gens: list[Generation], body: ChatIn, rid: str, created: int,
+async def _stream_chat(voc: Vocabulary, gens: list[Generation], body: ChatIn, rid: str, created: int,
                        prompt_tokens: int) -> AsyncIterator[dict[str, str]]:
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
-    toks = _Tokens(s)
+    toks = _Tokens(voc)
     seen: list[list[int]] = [[] for _ in gens]
     results: list[GenerationResult] = []
 

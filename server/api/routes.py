@@ -53,8 +53,9 @@ def _grammar(body: GenerateIn) -> tuple[str, str] | None:
              responses={200: {"content": {"text/event-stream": {}}}})
 async def generate(body: GenerateIn, request: Request, s: ReadyDep) -> Any:
     """Generate from the base model or one adapter; `stream: true` for server-sent events."""
-    ids = await asyncio.to_thread(s.generation.encode, body.prompt)
-    g: Generation = await s.generation.start(ids, body.adapter_id, params_of(body))
+    voc = await asyncio.to_thread(s.generation.vocabulary, body.adapter_id)  # the adapter's own tokenizer, or the base's
+    ids = await asyncio.to_thread(s.generation.encode, body.prompt, voc)
+    g: Generation = await s.generation.start(ids, body.adapter_id, params_of(body), vocabulary=voc.key)
     if body.stream:
         return EventSourceResponse(_sse(g), ping=15)
     return await until_disconnected(request, g)

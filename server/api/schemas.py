@@ -91,6 +91,10 @@ class AdapterInfo(BaseModel):
     tier: Literal["device", "host", "disk"]
     created_at: str
     merge_note: str | None = Field(None, description="why a linear adapter is not folded here (a quantized base)")
+    vocab_size: int | None = Field(None, description="token ids its rows embed and score, where not the base model's "
+                                                      "(tokens added, or a vocabulary resized down)")
+    tokenizer: str | None = Field(None, description="the fingerprint of its own tokenizer (the files saved with it), "
+                                                    "which its requests are tokenised and detokenised with")
 
 
 class AdapterList(BaseModel):

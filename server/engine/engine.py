@@ -34,6 +34,7 @@ from ..adapters.slots import AdapterSlots
 from ..architectures import architecture, text_config
 from ..config import EngineConfig
 from ..errors import (
+    AdapterChangedError,
     AdapterServerError,
     GenerationFailedError,
     InvalidRequestError,
@@ -62,6 +63,7 @@ from .types import (
     TokenEvent,
     TopLogprobs,
 )
+from .vocab import Vocabularies, Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,6 @@ class Engine:
     def __init__(self, loaded: LoadedModel, registry: Registry, cfg: EngineConfig, metrics: Metrics | None = None) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
-        self.grammars = Grammars(self.tokenizer, int(text_config(loaded.model.config).vocab_size))
         self.registry = registry
         self.cfg = cfg
         self.metrics = metrics or Metrics()
@@ -93,23 +94,44 @@ class Engine:
         self.slots = AdapterSlots(loaded.model, cfg.device_slots, loaded.device, loaded.dtype, self.timer,
                                   compile_kernels=static and cuda and cfg.compile_kernels, encode=self.runner.prefix_kv)
         self.adapters = AdapterManager(self.slots, on_change=self._resident_changed,
-                                       on_evict=self.metrics.cache.labels("evict").inc)
+                                       on_evict=self.metrics.cache.labels("evict").inc,
+                                       byte_budget=cfg.adapter_device_bytes)
+        # the base model's tokenizer and ids, and the vocabularies adapters bring (added tokens)
+        self.vocabularies = Vocabularies(self.tokenizer, self.slots.base.vocab_size)
         self.graphs = DecodeGraphs(self.runner, self.slots, capture=cuda) if static else None
         self.passes = Passes(self.runner, self.slots, self.graphs)
         self.scheduler = Scheduler(self.max_rows, cfg.prefill_token_budget, cfg.kv_cache_tokens,
                                    self.runner.cache.tokens_for)
         self.merge = MergePolicy(self.slots, self.timer, cfg.merge_policy != "never", cfg.merge_after_steps,
                                  on_change=self._count_device_bytes)
-        self.eos = self._eos_ids()
-        self._eos_tuple = tuple(sorted(self.eos))  # what min_tokens bans, handed to the sampler each step
+        self.eos = self._eos_ids()  # the base model's; a row's own also holds its adapter tokenizer's
         self._inbox: queue.SimpleQueue[list[Seq] | Retire] = queue.SimpleQueue()
         registry.on_retire(self._retired)
+        registry.on_check(self.adapters.needs)  # an upload over the whole device byte budget is refused
         self.rows = Rows(self.runner.cache, cfg.max_queue)  # waiting, running and chunked rows; the queue count
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.decode_steps = 0
+
+    @property
+    def grammars(self) -> Grammars:
+        """Structured output over the base model's tokenizer."""
+        return self.vocabularies.base.grammars
+
+    def vocabulary(self, adapter_id: str | None) -> Vocabulary:
+        """The tokenizer and token ids that requests for this adapter's current version speak (the base
+        model's, or its own); AdapterNotFoundError for an unknown id. May read its tokenizer from disk."""
+        if adapter_id is None:
+            return self.vocabularies.base
+        for _ in range(3):  # a replace landing between the manifest and the files: read both again
+            fingerprint, size = self.registry.vocabulary(adapter_id)
+            try:
+                return self.vocabularies.get(fingerprint, size, lambda: self.registry.read_tokenizer(adapter_id))
+            except AdapterChangedError:
+                continue
+        raise AdapterChangedError(f"adapter {adapter_id!r} is being replaced; send the request again")
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -188,27 +210,46 @@ class Engine:
         return [RequestHandle(seq, self._wake.set) for seq in seqs]
 
     def _prepare(self, req: GenerationRequest, sink: Sink) -> Seq:
-        """Validate a request, count it as queued and pin its adapter: its Seq, not yet in the inbox."""
+        """Validate a request, count it as queued and pin its adapter: its Seq, not yet in the inbox. The
+        version pinned says which vocabulary the request speaks; one tokenised for another is refused
+        (AdapterChangedError: the adapter was replaced meanwhile, and sending it again is safe)."""
         p = req.params
         max_new = self.check(len(req.prompt_ids), p)
-        matcher = self.grammars.matcher(p.grammar) if p.grammar is not None else None  # a bad grammar: 400 here
         self.rows.reserve()
+        ref = None
         try:
             ref = self.registry.acquire(req.adapter_id) if req.adapter_id is not None else None
-            if ref is not None and ref.virtual_tokens:
-                try:
+            voc = self.vocabularies.base if ref is None else self.vocabularies.get(
+                ref.tokenizer, ref.vocab_size, partial(self.registry.read_tokenizer, ref.adapter_id))
+            if req.vocabulary is not None and req.vocabulary != voc.key:
+                raise AdapterChangedError(f"adapter {req.adapter_id!r} was replaced by a version with another "
+                                          "vocabulary while this request was being prepared; send it again")
+            self._check_ids(req, voc)
+            if ref is not None:
+                if ref.virtual_tokens:
                     max_new = self.check(len(req.prompt_ids), p, ref.virtual_tokens, ref.adapter_id)
-                except BaseException:
-                    self.registry.release(ref)
-                    raise
+                self.adapters.needs(self.registry.weights(ref))  # more than the whole device byte budget: never runs
+            matcher = voc.grammars.matcher(p.grammar) if p.grammar is not None else None  # a bad grammar: 400 here
         except BaseException:
+            if ref is not None:
+                self.registry.release(ref)
             self.rows.unreserve()
             raise
         now = time.perf_counter()
         seed = p.seed if p.seed is not None else random.getrandbits(63)
-        return Seq(req, sink, ref, TextStream(self.tokenizer, p.stop), seed, max_new, now,
+        return Seq(req, sink, ref, TextStream(voc.tokenizer, p.stop), seed, max_new, now,
                    now + self.cfg.request_timeout_s, ref.method if ref else None,
-                   prefix_len=ref.virtual_tokens if ref else 0, matcher=matcher)
+                   prefix_len=ref.virtual_tokens if ref else 0, matcher=matcher,
+                   eos=tuple(sorted(self.eos | voc.eos)), vocab=voc.size)
+
+    @staticmethod
+    def _check_ids(req: GenerationRequest, voc: Vocabulary) -> None:
+        """Token ids a request names (its prompt, its logit bias) are ids its rows have."""
+        whose = f"adapter {req.adapter_id!r}" if req.adapter_id is not None else "the base model"
+        for what, ids in (("prompt token", req.prompt_ids), ("logit_bias token", [t for t, _ in req.params.logit_bias])):
+            bad = [t for t in ids if not 0 <= t < voc.size]
+            if bad:
+                raise InvalidRequestError(f"{what} {bad[0]} is not in the vocabulary of {whose} (ids 0 to {voc.size - 1})")
 
     def _retired(self, key: Key) -> None:
         """Any thread: the registry replaced or deleted a version; the engine thread clears its slot."""
@@ -380,7 +421,7 @@ class Engine:
         """Sample each row's next token from `logits` [rows, V] and emit it; a failed row fails alone.
         Every row's cache length is already current: finishing a row moves another row's cache."""
         rows = [RowSampling(s.req.params, s.seed, len(s.tokens), s.req.prompt_ids, s.tokens,
-                            () if s.req.params.ignore_eos else self._eos_tuple, s.matcher) for s in seqs]
+                            () if s.req.params.ignore_eos else s.eos, s.matcher, s.vocab) for s in seqs]
         got, errors = sample_rows(logits, rows, any(s.req.params.logprobs for s in seqs))
         self._record_step(seqs, time.perf_counter() - t0)
         for i, s in enumerate(seqs):
@@ -414,7 +455,7 @@ class Engine:
         if s.matcher is not None:
             s.matcher.consume_token(tok)
             done = s.matcher.is_stopped()
-        is_eos = tok in self.eos and (not s.req.params.ignore_eos or done)
+        is_eos = tok in s.eos and (not s.req.params.ignore_eos or done)
         text = "" if is_eos else s.stream.push(tok)
         reason: FinishReason | None = "stop" if (is_eos or done or s.stream.stopped) else None
         if reason is None and len(s.tokens) >= s.max_new:

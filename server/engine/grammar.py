@@ -119,20 +119,28 @@ class Grammars:
         return m
 
 
-def mask_rows(logits: torch.Tensor, matchers: list[Any | None]) -> torch.Tensor:
-    """Logits with each constrained row's disallowed tokens at -inf (one bitmask, filled on the host, applied
-    on the logits' device); rows without a matcher are returned as they were."""
-    which = [(i, m) for i, m in enumerate(matchers) if m is not None]
-    if not which:
+def mask_rows(logits: torch.Tensor, matchers: list[Any | None], widths: list[int] | None = None) -> torch.Tensor:
+    """Logits with each constrained row's disallowed tokens at -inf (one bitmask per vocabulary width, filled
+    on the host, applied on the logits' device); rows without a matcher are returned as they were.
+    `widths`: each row's vocabulary (its matcher's), default the logits' width; past it the row's logits
+    are -inf already."""
+    B, V = logits.shape
+    groups: dict[int, list[tuple[int, Any]]] = {}
+    for i, m in enumerate(matchers):
+        if m is not None:
+            groups.setdefault(widths[i] if widths else V, []).append((i, m))
+    if not groups:
         return logits
     import llguidance.torch as lt
     import torch
 
-    B, V = logits.shape
-    bitmask = lt.allocate_token_bitmask(len(which), V)
-    for k, (_, m) in enumerate(which):
-        lt.fill_next_token_bitmask(m, bitmask, k)
-    idx = torch.tensor([i for i, _ in which], device=logits.device)
-    x = logits.index_select(0, idx).contiguous()
-    lt.apply_token_bitmask_inplace(x, bitmask.to(logits.device))
-    return logits.index_copy(0, idx, x)
+    for W, which in groups.items():
+        bitmask = lt.allocate_token_bitmask(len(which), W)
+        for k, (_, m) in enumerate(which):
+            lt.fill_next_token_bitmask(m, bitmask, k)
+        idx = torch.tensor([i for i, _ in which], device=logits.device)
+        rows = logits.index_select(0, idx)
+        x = rows[:, :W].contiguous()
+        lt.apply_token_bitmask_inplace(x, bitmask.to(logits.device))
+        logits = logits.index_copy(0, idx, x if W == V else torch.cat([x, rows[:, W:]], dim=1))
+    return logits

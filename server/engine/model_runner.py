@@ -1,8 +1,9 @@
 """The forward pass: the frozen HF model's own modules, called layer by layer over our KV cache.
 
 We do not call the HF decoder layers: we call their submodules in the same order (so the base
-model's numbers are the library's), with two hook points where adapters act, both routed per row
-by the batch plan: every Linear of a layer, and the residual add of each sub-block.
+model's numbers are the library's), with hook points where adapters act, routed per row by the batch
+plan: every Linear of a layer, the residual add of each sub-block, and at the two ends the token
+embedding and the LM head (rows whose adapters bring their own).
 """
 
 from __future__ import annotations
@@ -106,10 +107,14 @@ class ModelRunner:
         p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype).view(B, kvh, H // kvh * T, -1)
         return torch.matmul(p, v).view(B, H, T, d)
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The LM head on normed hidden states, soft-capped where the architecture caps (in the model's
-        dtype, as the library does), as float32."""
-        logits = self.model.lm_head(h)
+    def _logits(self, h: torch.Tensor, plan: BatchPlan, rows: list[int] | None = None) -> torch.Tensor:
+        """The LM head on normed hidden states (entry n of h is batch row rows[n], or row n), each row's own
+        where its adapter has one, soft-capped where the architecture caps, as float32."""
+        return plan.logits(h, self.model.lm_head, self._finish, rows)
+
+    def _finish(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the model does after its head: the final soft-cap (in the model's dtype, as the library
+        does), then float32."""
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits.float()
@@ -149,7 +154,8 @@ class ModelRunner:
         starting at cache position start[b]). Writes their K/V: with a shared start, the whole [start0,
         start0 + T) span (junk past a short row's length, which no row reads before rewriting it); with
         different starts, only the real tokens, so no row needs room past start[b] + lengths[b]. Returns
-        logits [B, V] at each row's last real token, or [B, T, V] with all_logits.
+        logits [B, V] at each row's last real token, or [B, T, V] with all_logits (V: the widest vocabulary of
+        the batch's rows; a row's ids past its own are -inf).
 
         `kv_len` (max of start + lengths) and `start0` (the start every row shares, if any) are what the
         caller knows on the host; without them they are read from the tensors, a device synchronisation.
@@ -186,11 +192,12 @@ class ModelRunner:
 
         rope_pos = pos if rope_shift is None else pos + rope_shift[:, None]
         last = rope_pos[torch.arange(B, device=self.device), lengths - 1] if self.longrope else None
-        h = self._layers(self.inner.embed_tokens(input_ids), rope_pos, plan, attend, packed=self.packed, last=last)
-        full = None if not full_rows else self._logits(self.inner.norm(h[full_rows]))
+        h = self._layers(plan.embed(input_ids, self.inner.embed_tokens), rope_pos, plan, attend, packed=self.packed,
+                         last=last)
+        full = None if not full_rows else self._logits(self.inner.norm(h[full_rows]), plan, full_rows)
         if not all_logits:
             h = h[torch.arange(B, device=self.device), lengths - 1]  # [B, H]
-        return self._logits(self.inner.norm(h)), full
+        return self._logits(self.inner.norm(h), plan), full
 
     @torch.inference_mode()
     def prefix_kv(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,9 +250,9 @@ class ModelRunner:
                            masks[self.windows[li]], attn.scaling, False, decode=True)  # [B, kvh, G, hd]
             return o.reshape(B, self.n_heads, 1, self.head_dim)
 
-        x = self._layers(self.inner.embed_tokens(input_ids), (pos if rope_pos is None else rope_pos)[:, None], plan,
-                         attend, self.fused, self.packed, final_norm=self.inner.norm)
-        return self._logits(x[:, 0])
+        x = self._layers(plan.embed(input_ids, self.inner.embed_tokens), (pos if rope_pos is None else rope_pos)[:, None],
+                         plan, attend, self.fused, self.packed, final_norm=self.inner.norm)
+        return self._logits(x[:, 0], plan)
 
     def _rotary(self, h: torch.Tensor, pos: torch.Tensor, last: torch.Tensor | None
                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -74,6 +74,7 @@ class RowSampling:
     output_ids: tuple[int, ...] | list[int] = ()
     eos_ids: tuple[int, ...] = ()
     matcher: Any = None  # the row's grammar matcher (structured output), which masks its logits
+    vocab: int = 0  # token ids the row has (its adapter's vocabulary): its logits past them are -inf; 0: all
 
 
 class Sampled(NamedTuple):
@@ -158,11 +159,15 @@ def sample(logits: torch.Tensor, rows: list[RowSampling], want_logprobs: bool) -
 
     The only host synchronisation is reading the result, in one transfer.
     """
-    finite = torch.isfinite(logits).all(dim=-1)  # [B]
+    B, V = logits.shape
+    dev = logits.device
+    ok = torch.isfinite(logits)
+    if any(0 < r.vocab < V for r in rows):  # a row of a smaller vocabulary: -inf past its ids, by design
+        widths = torch.tensor([r.vocab or V for r in rows], device=dev)
+        ok |= torch.arange(V, device=dev)[None, :] >= widths[:, None]
+    finite = ok.all(dim=-1)  # [B]
     raw = torch.where(finite[:, None], logits, 0.0)
-    B, V = raw.shape
-    dev = raw.device
-    logits = mask_rows(process_logits(raw, rows), [r.matcher for r in rows])
+    logits = mask_rows(process_logits(raw, rows), [r.matcher for r in rows], [r.vocab or V for r in rows])
     tokens = torch.argmax(logits, dim=-1)  # [B] greedy for every row, replaced for sampled rows
     sampled = [i for i, r in enumerate(rows) if r.params.temperature > 0]
     if sampled:

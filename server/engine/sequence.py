@@ -37,6 +37,8 @@ class Seq:
     t_first: float = 0.0
     cancelled: bool = False
     matcher: Any = None  # structured output: the row's grammar state (engine/grammar.py)
+    eos: tuple[int, ...] = ()  # the ids that end it (the base model's, and its adapter tokenizer's)
+    vocab: int = 0  # token ids its rows have: past them its logits are -inf (0: the logits' whole width)
 
     @property
     def prompt_len(self) -> int:

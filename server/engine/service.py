@@ -20,6 +20,7 @@ from .types import GenerationRequest, GenerationResult, SamplingParams, TokenEve
 if TYPE_CHECKING:  # types only: this module, and the HTTP layer above it, never import torch
     from .engine import Engine
     from .sequence import RequestHandle
+    from .vocab import Vocabulary
 
 _ids = itertools.count()
 
@@ -47,33 +48,45 @@ class GenerationService:
 
     @property
     def vocab_size(self) -> int:
-        """Token ids the model scores (the logits' width)."""
-        return int(self.engine.runner.cfg.vocab_size)
+        """Token ids the bare model scores (the logits' width)."""
+        return self.engine.vocabularies.base.size
 
-    def encode(self, prompt: str) -> tuple[int, ...]:
-        return tuple(self.tokenizer(prompt).input_ids)
+    def vocabulary(self, adapter_id: str | None) -> Vocabulary:
+        """What requests for this adapter speak: its own tokenizer and token ids, or the base model's (engine/
+        vocab.py). AdapterNotFoundError for an unknown id. May read a tokenizer from disk: call in a thread."""
+        return self.engine.vocabulary(adapter_id)
 
-    def encode_chat(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> tuple[int, ...]:
-        """The chat template's prompt; `tools` are passed to templates that render them (others ignore them)."""
+    def encode(self, prompt: str, voc: Vocabulary | None = None) -> tuple[int, ...]:
+        return tuple((voc.tokenizer if voc is not None else self.tokenizer)(prompt).input_ids)
+
+    def encode_chat(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None,
+                    voc: Vocabulary | None = None) -> tuple[int, ...]:
+        """The chat template's prompt (the adapter's own, where its tokenizer brings one); `tools` are passed to
+        templates that render them (others ignore them)."""
         if not messages:
             raise InvalidRequestError("messages must hold at least one message")
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequestError("the base model's tokenizer has no chat template; use /v1/completions")
-        out: Any = self.tokenizer.apply_chat_template(messages, tools=cast(Any, tools or None), add_generation_prompt=True,
-                                                      tokenize=True)
+        tok = voc.tokenizer if voc is not None else self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            whose = "the adapter's tokenizer" if voc is not None and voc.key != self.engine.vocabularies.base.key \
+                else "the base model's tokenizer"
+            raise InvalidRequestError(f"{whose} has no chat template; use /v1/completions")
+        out: Any = tok.apply_chat_template(messages, tools=cast(Any, tools or None), add_generation_prompt=True, tokenize=True)
         ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out  # a BatchEncoding or a list
         return tuple(int(i) for i in ids)
 
     async def start(self, prompt_ids: tuple[int, ...], adapter_id: str | None, params: SamplingParams,
-                    request_id: str | None = None) -> Generation:
-        """Submit; typed errors (unknown adapter, overload, bad lengths) are raised here, before any output."""
-        return (await self.start_group([(prompt_ids, adapter_id, params, request_id)]))[0]
+                    request_id: str | None = None, vocabulary: str | None = None) -> Generation:
+        """Submit; typed errors (unknown adapter, overload, bad lengths) are raised here, before any output.
+        `vocabulary`: the key of the vocabulary the prompt was tokenised in (the engine checks the version
+        it pins speaks it)."""
+        return (await self.start_group([(prompt_ids, adapter_id, params, request_id)], vocabulary))[0]
 
-    async def start_group(self, items: list[tuple[tuple[int, ...], str | None, SamplingParams, str | None]]
-                          ) -> list[Generation]:
+    async def start_group(self, items: list[tuple[tuple[int, ...], str | None, SamplingParams, str | None]],
+                          vocabulary: str | None = None) -> list[Generation]:
         """Submit several requests together, all or none (see Engine.submit_group)."""
         loop = asyncio.get_running_loop()
-        reqs = [(GenerationRequest(rid or new_id("gen"), ids, adapter, p), _Bridge(loop)) for ids, adapter, p, rid in items]
+        reqs = [(GenerationRequest(rid or new_id("gen"), ids, adapter, p, vocabulary), _Bridge(loop))
+                for ids, adapter, p, rid in items]
         submitting = asyncio.ensure_future(asyncio.to_thread(self.engine.submit_group, reqs))  # type: ignore[arg-type]
         try:
             handles = await asyncio.shield(submitting)

@@ -44,6 +44,9 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     adapter_id: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
+    # the key of the vocabulary the prompt was tokenised in (engine/vocab.py); the engine refuses the request
+    # if the version it pins speaks another. None: the ids are taken as they are.
+    vocabulary: str | None = None
 
 
 TopLogprobs = tuple[tuple[int, float], ...]  # (token id, logprob), most likely first

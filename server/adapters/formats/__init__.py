@@ -9,6 +9,7 @@ from typing import Any
 from ...errors import InvalidAdapterError
 from ..spec import AdapterWeights, BaseModelInfo
 from . import adapterhub, peft
+from .tokenizer import check_vocabulary, load_tokenizer
 
 CONFIG_FILE = "adapter_config.json"
 
@@ -38,3 +39,12 @@ def parse_adapter(files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights
         f"{CONFIG_FILE} is neither a PEFT config (no 'peft_type') nor an AdapterHub one (no 'config')",
         key=CONFIG_FILE,
     )
+
+
+def read_upload(files: dict[str, Path], base: BaseModelInfo) -> tuple[AdapterWeights, str | None]:
+    """An upload, whole: its weights (`parse_adapter`) and its own tokenizer, checked against the vocabulary
+    the weights hold. Returns the weights and the tokenizer's fingerprint (None: it speaks the base model's)."""
+    weights = parse_adapter(files, base)
+    tok = load_tokenizer(files)
+    check_vocabulary(weights, None if tok is None else len(tok[1]), base)
+    return weights, None if tok is None else tok[0]

@@ -1,5 +1,6 @@
-"""HF PEFT (IA)3, LoRA, prompt, P- and prefix tuning: adapter_config.json + adapter_model.safetensors|.bin
-(docs/adapters.md §3.2, §4.1-§4.3, §6)."""
+"""HF PEFT (IA)3, LoRA, prompt, P- and prefix tuning, trainable tokens: adapter_config.json +
+adapter_model.safetensors|.bin (docs/adapters.md §3.2, §4.1-§4.3, §6, §7). Any of them may also hold a
+trained embedding or LM head (peft_vocab.py), served beside the family's own part."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ..methods.ia3 import IA3Vector, IA3Weights
 from ..methods.lora import LoRAExperts, LoRAModule, LoRAWeights
 from ..methods.prefix import PrefixWeights, PromptWeights
 from ..spec import EXPERT_PARAMS, AdapterWeights, BaseModelInfo
+from .peft_vocab import split_vocab
 from .tensors import expect_shape, load_tensors, pick_weight_file
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -54,20 +56,46 @@ def _refuse_outside(base: BaseModelInfo, module: str, key: str) -> None:
                                       "adapters are served on its text decoder only", key=key)
 
 
+SERVED_TYPES = ("IA3", "LORA", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "TRAINABLE_TOKENS")
+
+
 def parse(cfg: dict[str, Any], files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
     ptype = cfg.get("peft_type")
+    if ptype not in SERVED_TYPES:
+        raise UnsupportedAdapterError(f"peft_type {ptype!r} is not served; {', '.join(SERVED_TYPES)} are", key="peft_type")
     if ptype == "LORA":
-        return parse_lora(cfg, files, base)
-    if ptype in PROMPT_VARIANTS:
-        return parse_prompt(cfg, files, base)
-    if ptype != "IA3":
-        raise UnsupportedAdapterError(
-            f"peft_type {ptype!r} is not served; IA3, LORA, PROMPT_TUNING, P_TUNING and PREFIX_TUNING are", key="peft_type")
-    targets = _check_spec(cfg, "target_modules")
-    ff = _check_spec(cfg, "feedforward_modules")
+        _refuse_lora_options(cfg)
+    elif cfg.get("trainable_token_indices") not in (None, [], {}):
+        raise UnsupportedAdapterError(f"trainable_token_indices on a {ptype} config", key="trainable_token_indices")
     tensors = load_tensors(pick_weight_file(files, WEIGHT_FILES))
     if not tensors:
         raise InvalidAdapterError("weight file holds no tensors", key=WEIGHT_FILES[0])
+    rslora = bool(cfg.get("use_rslora", False))
+    tensors, vocab = split_vocab(cfg, tensors, base, lambda module, r: _alpha(cfg, module) / (math.sqrt(r) if rslora else r))
+    if ptype == "TRAINABLE_TOKENS" or (vocab is not None and not tensors and ptype in ("LORA", "IA3")):
+        # an embedding or LM head of its own and nothing in the decoder layers: served as that alone
+        if tensors:
+            raise InvalidAdapterError("a TRAINABLE_TOKENS file holds trained rows of the embedding or LM head only",
+                                      key=sorted(tensors)[0])
+        if vocab is None:
+            raise InvalidAdapterError("the trained rows equal the base model's: nothing to serve", key=WEIGHT_FILES[0])
+        return AdapterWeights(method="vocab", format="peft", variant=ptype.lower(), payload=vocab, config=cfg)
+    if ptype == "LORA":
+        w = parse_lora(cfg, tensors, base)
+    elif ptype in PROMPT_VARIANTS:
+        w = parse_prompt(cfg, tensors, base)
+    else:
+        w = parse_ia3(cfg, tensors, base)
+    if vocab is not None:
+        w.extras["vocab"] = vocab
+    return w
+
+
+def parse_ia3(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelInfo) -> AdapterWeights:
+    targets = _check_spec(cfg, "target_modules")
+    ff = _check_spec(cfg, "feedforward_modules")
+    if not tensors:
+        raise InvalidAdapterError("weight file holds no (IA)3 vectors", key=WEIGHT_FILES[0])
 
     vectors: list[IA3Vector] = []
     for key, t in sorted(tensors.items()):
@@ -97,8 +125,6 @@ def parse(cfg: dict[str, Any], files: dict[str, Path], base: BaseModelInfo) -> A
 
 # LoRA options whose meaning we do not reproduce (docs/adapters.md §4.2): refused, naming the field.
 LORA_REFUSED = {
-    "modules_to_save": "modules_to_save replaces whole modules (for example lm_head)",
-    "trainable_token_indices": "trainable tokens replace embedding rows",
     "layer_replication": "layer replication changes the model's layers",
     "alora_invocation_tokens": "activated LoRA is not served",
     "use_bdlora": "block-diagonal LoRA is not served",
@@ -143,21 +169,17 @@ def _alpha(cfg: dict[str, Any], module: str) -> float:
     return float(alpha)
 
 
-def parse_lora(cfg: dict[str, Any], files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
+def parse_lora(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelInfo) -> AdapterWeights:
     """Modules and ranks come from the tensors (they already reflect target_modules, rank_pattern and
-    layers_to_transform); alpha from alpha_pattern / lora_alpha; scaling alpha / r or alpha / sqrt(r)."""
-    _refuse_lora_options(cfg)
-    tensors = load_tensors(pick_weight_file(files, WEIGHT_FILES))
-    if not tensors:
-        raise InvalidAdapterError("weight file holds no tensors", key=WEIGHT_FILES[0])
+    layers_to_transform); alpha from alpha_pattern / lora_alpha; scaling alpha / r or alpha / sqrt(r).
+    The embedding's and LM head's tensors were taken out before (peft_vocab.py)."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     expert_parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = LORA_KEY.match(key)
         if m is None:
-            why = ("embedding and lm_head targets are not served" if "embed" in key or "lm_head" in key
-                   else "not a PEFT LoRA tensor name (base_model.model.<module>.lora_A.weight / lora_B.weight / lora_B.bias)")
-            raise UnsupportedAdapterError(why, key=key) if "embed" in key or "lm_head" in key else InvalidAdapterError(why, key=key)
+            raise InvalidAdapterError("not a PEFT LoRA tensor name (base_model.model.<module>.lora_A.weight / "
+                                      "lora_B.weight / lora_B.bias)", key=key)
         module, part = m.group(1), m.group(2)
         _refuse_outside(base, module, key)
         if NESTED.match(module).group(1) in base.experts:  # type: ignore[union-attr]  # a wrapper on expert weights
@@ -258,7 +280,7 @@ def _expect(cfg: dict[str, Any], field: str, want: int, what: str) -> None:
         raise InvalidAdapterError(f"{field} is {cfg.get(field)!r}, but the base model's {what} is {want}", key=field)
 
 
-def parse_prompt(cfg: dict[str, Any], files: dict[str, Path], base: BaseModelInfo) -> AdapterWeights:
+def parse_prompt(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelInfo) -> AdapterWeights:
     """PEFT prompt tuning, P-tuning and prefix tuning (docs/adapters.md §6.1, §6.2, §6.4): one tensor,
     `prompt_embeddings`, already the encoder's output for P-tuning and projected prefixes."""
     variant = PROMPT_VARIANTS[cfg["peft_type"]]
@@ -270,7 +292,6 @@ def parse_prompt(cfg: dict[str, Any], files: dict[str, Path], base: BaseModelInf
                                       key="num_transformer_submodules")
     if cfg.get("task_type") not in (None, "CAUSAL_LM"):
         raise UnsupportedAdapterError(f"task_type {cfg.get('task_type')!r} is not served; CAUSAL_LM is", key="task_type")
-    tensors = load_tensors(pick_weight_file(files, WEIGHT_FILES))
     if set(tensors) != {PROMPT_KEY}:
         extra = sorted(set(tensors) - {PROMPT_KEY}) or [PROMPT_KEY]
         raise InvalidAdapterError(f"a PEFT {variant} file holds one tensor, {PROMPT_KEY}", key=extra[0])

@@ -13,7 +13,11 @@ How methods compose in one batch (`slots.BatchPlan`), in the order of RECORDS:
 - on rows it does not serve, every hook is exactly the identity, so a row's result does not depend on
   which other methods share its batch;
 - a method may instead give a row key/value entries that its KV cache holds before its prompt
-  (`prefix`: prompt, P- and prefix tuning); the engine copies them in when the row is admitted.
+  (`prefix`: prompt, P- and prefix tuning); the engine copies them in when the row is admitted;
+- at the two ends of the model, one method (vocab) may give rows their own token embeddings and LM
+  head (`embed`, `logits`), whatever family the rest of their adapter is.
+An adapter may hold parts that several methods serve (LoRA with a trained LM head: `AdapterWeights.parts`);
+each writes its part into the adapter's one slot.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from pathlib import Path
 from typing import Any, get_args
 
 from ..families import Method
-from . import bottleneck, ia3, lora, prefix
+from . import bottleneck, ia3, lora, prefix, vocab
 from .base import AdapterMethod, MethodPlan, MethodRecord, Routing, StepTimer
 
 RECORDS: dict[str, MethodRecord] = {r.name: r for r in (
-    ia3.RECORD, bottleneck.RECORD, lora.RECORD, lora.DORA_RECORD, prefix.PROMPT_RECORD, prefix.PREFIX_RECORD)}
+    ia3.RECORD, bottleneck.RECORD, lora.RECORD, lora.DORA_RECORD, prefix.PROMPT_RECORD, prefix.PREFIX_RECORD,
+    vocab.RECORD)}
 assert set(RECORDS) == set(get_args(Method)), "families.Method names exactly the registered methods"
 ADAPTER_TYPES: tuple[str, ...] = ("none", *(r.name for r in RECORDS.values()),
                                   *(t for r in RECORDS.values() for t in r.labels[1:]))  # every metric label

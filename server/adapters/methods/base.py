@@ -1,8 +1,9 @@
 """The small interface every adapter method implements, and the timer that attributes adapter compute.
 
 A method keeps its adapters in device slots (slot 0 is "no adapter") and, for each batch, builds a
-plan: index-routed tensors the forward pass consults at two hook points, a Linear call and the
-residual add of a sub-block. Nothing outside this package switches on the method type.
+plan: index-routed tensors the forward pass consults at its hook points: a Linear call, the residual
+add of a sub-block, and at the two ends of the model the token embedding and the LM head. Nothing
+outside this package switches on the method type.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from ..families import Method, label
-from ..spec import AdapterWeights, BaseModelInfo, Location, MethodWeights
+from ..spec import BaseModelInfo, Location, MethodWeights
 
 
 class StepTimer:
@@ -99,6 +100,19 @@ class MethodPlan:
     def residual_rows(self, layer: int, loc: Location) -> torch.Tensor:
         """[B, 1, 1] bool: the rows this method's `residual` serves here (used when two methods act at one site)."""
         raise NotImplementedError
+
+    def embed(self, ids: torch.Tensor, embedding: torch.nn.Module) -> torch.Tensor | None:
+        """The input embeddings [B, T, H] of token ids [B, T] (row b of the batch), where this method gives
+        some rows their own; `embedding` is the base model's module. One method at most acts here."""
+        return None
+
+    def logits(self, h: torch.Tensor, rows: list[int] | None, head: Callable[[torch.Tensor], torch.Tensor],
+               finish: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+        """float32 logits [N, ..., V] of normed hidden states h [N, ..., H], whose entry n is batch row
+        rows[n] (None: row n), where this method gives some rows an LM head of their own; `head` is the
+        base model's, `finish` what the model does after any head (soft-capping, float32). V is the widest
+        row's vocabulary; a row's ids past its own are -inf. One method at most acts here."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -182,6 +196,9 @@ class SlotContext:
     # (layer, location) -> the norm the architecture applies to that sub-layer's output before the residual
     # add (Gemma's post_attention_layernorm, post_feedforward_layernorm); empty where there is none
     out_norms: dict[tuple[int, str], Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+    # the base model's input embedding and LM head modules (the vocabulary's two ends)
+    embedding: torch.nn.Module | None = None
+    head: torch.nn.Module | None = None
 
 
 class AdapterMethod(ABC):
@@ -199,10 +216,16 @@ class AdapterMethod(ABC):
         self.timer = timer
 
     @abstractmethod
-    def write(self, slot: int, weights: AdapterWeights) -> None: ...
+    def write(self, slot: int, payload: MethodWeights) -> None:
+        """Overwrite `slot` with one adapter's part that this method serves (its weights type)."""
 
     @abstractmethod
     def clear(self, slot: int) -> None: ...
+
+    def slot_bytes(self, payload: MethodWeights) -> int:
+        """Device bytes a slot holding `payload` takes (what the byte budget of the device tier counts):
+        by default its tensors at 4 bytes a value, as the float32 methods store them."""
+        return nbytes(payload.tensors())
 
     @abstractmethod
     def plan(self, slots: list[int], slot_idx: torch.Tensor) -> MethodPlan | None:
@@ -246,3 +269,8 @@ class AdapterMethod(ABC):
     @property
     def merged_slot(self) -> int | None:
         return None
+
+    def export(self, slot: int, model: torch.nn.Module) -> None:
+        """Write `slot`'s part into `model` for good, for a standalone copy (`adapter-server merge`) of a part
+        that is never folded while serving. Only methods whose parts a standalone model can hold do this."""
+        raise NotImplementedError

@@ -35,7 +35,7 @@ from transformers.activations import get_activation
 
 from ...compiled import Compiled
 from ..families import Method
-from ..spec import AdapterWeights, Location, MethodWeights
+from ..spec import Location, MethodWeights
 from ..synth import BN_PRESETS, synth_bottleneck
 from .base import AdapterMethod, MethodPlan, MethodRecord, Routing, SlotContext, StepTimer, nbytes
 from .layout import StaticLayout
@@ -348,8 +348,8 @@ class BottleneckMethod(AdapterMethod):
         self._acts: dict[tuple[str, ...], tuple[object, ...]] = {}
         self._residual = Compiled(static_residual, ctx.compile)
 
-    def write(self, slot: int, weights: AdapterWeights) -> None:
-        w = weights.payload
+    def write(self, slot: int, payload: MethodWeights) -> None:
+        w = payload
         assert isinstance(w, BottleneckWeights)
         self.clear(slot)
         dev, dt = self.ctx.device, self.ctx.dtype
@@ -425,6 +425,10 @@ class BottleneckMethod(AdapterMethod):
 
     def device_bytes(self) -> int:
         return sum(b.nbytes() for blocks in self.sites.values() for b in blocks.values())
+
+    def slot_bytes(self, payload: MethodWeights) -> int:
+        """Its blocks, stored in the model's dtype."""
+        return sum(t.numel() for t in payload.tensors()) * self.ctx.dtype.itemsize
 
     def plan(self, slots: list[int], slot_idx: torch.Tensor) -> MethodPlan | None:
         if not any(s in self.options for s in slots):

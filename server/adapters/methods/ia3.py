@@ -14,7 +14,7 @@ import torch
 
 from ...compiled import Compiled
 from ..families import Method
-from ..spec import AdapterWeights, MethodWeights
+from ..spec import MethodWeights
 from ..synth import synth_ia3
 from .base import AdapterMethod, MethodPlan, MethodRecord, Routing, SlotContext, StepTimer, nbytes
 
@@ -129,11 +129,11 @@ class IA3Method(AdapterMethod):
             self._layout += 1
         return tables[module]
 
-    def write(self, slot: int, weights: AdapterWeights) -> None:
+    def write(self, slot: int, payload: MethodWeights) -> None:
         self.clear(slot)
         entries: list[tuple[str, str]] = []
-        assert isinstance(weights.payload, IA3Weights)
-        for v in weights.payload.vectors:
+        assert isinstance(payload, IA3Weights)
+        for v in payload.vectors:
             t = self._table(v.side, v.module)
             t.data[slot].copy_(v.scale)
             t.slots.add(slot)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ...compiled import Compiled
 from ...engine.moe import group_offsets, grouped_linear
 from ..families import Method
-from ..spec import AdapterWeights, MethodWeights
+from ..spec import MethodWeights
 from ..synth import synth_lora
 from .base import AdapterMethod, MethodPlan, MethodRecord, Routing, SlotContext, StepTimer, nbytes
 from .layout import StaticLayout
@@ -386,8 +386,8 @@ class LoRAMethod(AdapterMethod):
         self._routed = Compiled(routed_delta, ctx.compile)
         self._fused = Compiled(fused_delta) if ctx.compile and self.fused_hooks else None
 
-    def write(self, slot: int, weights: AdapterWeights) -> None:
-        w = weights.payload
+    def write(self, slot: int, payload: MethodWeights) -> None:
+        w = payload
         assert isinstance(w, LoRAWeights)
         self.clear(slot)
         dev = self.ctx.device

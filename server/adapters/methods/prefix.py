@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..families import Method
-from ..spec import AdapterWeights, MethodWeights
+from ..spec import MethodWeights
 from ..synth import synth_prompt
 from .base import AdapterMethod, KVPrefix, MethodPlan, MethodRecord, SlotContext, StepTimer, nbytes
 
@@ -68,14 +68,14 @@ class PrefixMethod(AdapterMethod):
         super().__init__(ctx, timer)
         self.slots: dict[int, KVPrefix] = {}
 
-    def _entries(self, weights: AdapterWeights) -> KVPrefix:
-        w = weights.payload
+    def _entries(self, payload: MethodWeights) -> KVPrefix:
+        w = payload
         assert isinstance(w, PrefixWeights)
         dev, dt = self.ctx.device, self.ctx.dtype
         return KVPrefix(w.keys.to(dev, dt), w.values.to(dev, dt), w.rope_shift)
 
-    def write(self, slot: int, weights: AdapterWeights) -> None:
-        self.slots[slot] = self._entries(weights)
+    def write(self, slot: int, payload: MethodWeights) -> None:
+        self.slots[slot] = self._entries(payload)
 
     def clear(self, slot: int) -> None:
         self.slots.pop(slot, None)
@@ -89,12 +89,17 @@ class PrefixMethod(AdapterMethod):
     def device_bytes(self) -> int:
         return nbytes(t for p in self.slots.values() for t in (p.keys, p.values))
 
+    def slot_bytes(self, payload: MethodWeights) -> int:
+        """Keys and values [L, n_kv, N, d] each, in the cache's dtype."""
+        b = self.ctx.base
+        return 2 * b.num_layers * b.num_kv_heads * payload.virtual_tokens * b.head_dim * self.ctx.dtype.itemsize
+
 
 class PromptMethod(PrefixMethod):
     name: Method = "prompt"
 
-    def _entries(self, weights: AdapterWeights) -> KVPrefix:
-        w = weights.payload
+    def _entries(self, payload: MethodWeights) -> KVPrefix:
+        w = payload
         assert isinstance(w, PromptWeights)
         if self.ctx.encode is None:
             raise RuntimeError("prompt tuning needs the model runner's prefix encoder in SlotContext")

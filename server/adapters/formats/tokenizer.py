@@ -1,0 +1,67 @@
+"""An adapter folder's own tokenizer (a vocabulary with tokens added, a chat template of its own): read,
+fingerprinted, and checked against the vocabulary the adapter's weights hold (docs/adapters.md §7.4).
+
+Trainers save the tokenizer beside the adapter (`tokenizer.json`, `tokenizer_config.json`,
+`chat_template.jinja`, ...). When a folder has one, its requests are tokenised, templated and
+detokenised with it; the fingerprint (sha256 of those files) names it, so adapters that share one share
+its loaded copy, and a request can tell whether the version it pinned speaks the one it was tokenised with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ...errors import InvalidAdapterError
+from ..spec import AdapterWeights, BaseModelInfo
+
+# the files transformers reads for a tokenizer; any of them in a folder makes the tokenizer the folder's own
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def load_tokenizer(files: dict[str, Path]) -> tuple[str, Any] | None:
+    """(fingerprint, tokenizer) of the tokenizer files among `files`, or None when it has none. The tokenizer
+    is built from the very bytes fingerprinted (copied aside), so a folder replaced meanwhile cannot make
+    them disagree. Never runs code from the folder (`trust_remote_code` off, no download)."""
+    names = [n for n in TOKENIZER_FILES if n in files]
+    if not names:
+        return None
+    blobs = {n: files[n].read_bytes() for n in names}
+    digest = hashlib.sha256()
+    for n in names:
+        digest.update(n.encode() + b"\0" + len(blobs[n]).to_bytes(8, "little") + blobs[n])
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        for n, b in blobs.items():
+            (Path(d) / n).write_bytes(b)
+        try:
+            tok = AutoTokenizer.from_pretrained(d, trust_remote_code=False, local_files_only=True)
+        except Exception as e:  # malformed JSON, an unknown class, remote code asked for: the folder's fault
+            raise InvalidAdapterError(f"the adapter's tokenizer cannot be loaded: {e}", key=names[0]) from e
+    return "sha256:" + digest.hexdigest(), tok
+
+
+def check_vocabulary(weights: AdapterWeights, tokenizer_size: int | None, base: BaseModelInfo) -> int:
+    """The token ids the adapter's rows have (its embedding's and LM head's rows), checked against the
+    tokenizer that will make them: its own (`tokenizer_size` tokens), or else the base model's."""
+    V0 = base.vocab_size
+    V = weights.vocab_size or V0
+    if tokenizer_size is not None:
+        if tokenizer_size > V:
+            whose = "its embedding and LM head have" if weights.vocab_size else "the base model's embedding has"
+            raise InvalidAdapterError(
+                f"the adapter's tokenizer has {tokenizer_size} tokens, but {whose} {V} rows: save the embedding "
+                "and LM head rows of the added tokens with it (modules_to_save, or trainable_token_indices)",
+                key="tokenizer.json")
+        return V
+    if V > V0:
+        raise InvalidAdapterError(f"the adapter has {V} token ids, the base model {V0}: upload the tokenizer it was "
+                                  "trained with (tokenizer.json, tokenizer_config.json)", key="tokenizer.json")
+    if base.tokenizer_size and base.tokenizer_size > V:
+        raise InvalidAdapterError(f"the adapter has {V} token ids, but the base model's tokenizer makes "
+                                  f"{base.tokenizer_size}: upload the tokenizer it was trained with", key="tokenizer.json")
+    return V
