@@ -16,8 +16,13 @@ from server.adapters.slots import AdapterSlots
 from server.adapters.spec import BaseModelInfo
 from server.adapters.store import AdapterStore
 from server.config import RegistryConfig
-from server.errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterIdError
-from tests.helpers import fixture_dir, tiny_model
+from server.errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    AdapterTooLargeError,
+    InvalidAdapterIdError,
+)
+from tests.helpers import FIXTURES, fixture_dir, tiny_model
 
 MODEL = tiny_model()
 BASE = BaseModelInfo.from_model(MODEL)
@@ -34,11 +39,12 @@ class Device:
     """The registry wired to an AdapterManager as the engine wires them (retire messages delivered at
     once), with the whole device state checked after every operation."""
 
-    def __init__(self, tmp_path, slots: int = 2, host: int = 8) -> None:
+    def __init__(self, tmp_path, slots: int = 2, host: int = 8, budget: int = 0) -> None:
         self.r = make(tmp_path, host)
         self.slots = AdapterSlots(MODEL, slots, CPU, torch.float32, StepTimer(CPU))
-        self.m = AdapterManager(self.slots, on_change=self.r.set_resident)
+        self.m = AdapterManager(self.slots, on_change=self.r.set_resident, byte_budget=budget)
         self.r.on_retire(self.m.retire)
+        self.r.on_check(self.m.needs)
         self.weights: dict = {}  # key -> the weights written for it, to rebuild the expected storage
 
     def grant(self, ref):
@@ -111,6 +117,40 @@ def test_lru_slots_rows_and_waiting(tmp_path):
     assert d.grant(ra) == (2, True)  # b is least recently granted now
     assert d.table() == [None, "c", "a"]
     d.release(ra, 2)
+
+
+def test_the_device_tier_makes_room_by_bytes(tmp_path):
+    """A trained LM head is 64 KB on the tiny model, an (IA)3 adapter 2 KB: with slots to
+    spare, the byte budget decides. A big adapter waits while busy ones hold the bytes (evicting nothing),
+    then evicts idle ones, least recently granted first, only as far as it needs; one over the whole
+    budget is refused at upload, and the store stays as it was."""
+    vocab = FIXTURES / "vocab" / "llama"
+    probe = Device(tmp_path / "probe", slots=4)
+    size = {}
+    for name, src in [("h1", vocab / "mts_head"), ("h2", vocab / "mts_embed"), ("small", fixture_dir("ia3_default"))]:
+        probe.r.add_folder(name, src)
+        size[name] = probe.slots.bytes_for(probe.r.weights(probe.r.acquire(name)))
+    assert size["h1"] > 65536 and size["small"] < 4096
+    d = Device(tmp_path / "d", slots=4, budget=size["h1"] + size["small"] + 100)
+    r = d.r
+    for name, src in [("h1", vocab / "mts_head"), ("h2", vocab / "mts_embed"), ("small", fixture_dir("ia3_default"))]:
+        r.add_folder(name, src)
+    r1, rs, r2 = r.acquire("h1"), r.acquire("small"), r.acquire("h2")
+    assert d.grant(r1) == (1, True) and d.grant(rs) == (2, True)
+    assert d.grant(r2) is None  # both busy: h2 waits, nothing evicted
+    d.release(rs, 2)
+    assert d.grant(r2) is None  # evicting the idle small one would not make room: it stays
+    assert d.table() == [None, "h1", "small", None, None] and d.m.evictions == 0
+    d.release(r1, 1)
+    assert d.grant(r2) == (3, True)  # h1 (least recently granted, idle) goes; small fits beside h2
+    assert d.table() == [None, None, "small", "h2", None] and d.m.evictions == 1
+    assert d.m.slot_bytes(3) == size["h2"] and d.m.slot_bytes(1) == 0
+    tight = Device(tmp_path / "t", slots=4, budget=size["h1"] - 1)
+    with pytest.raises(AdapterTooLargeError, match="more than the server's whole budget"):
+        tight.r.add_folder("h1", vocab / "mts_head")
+    assert tight.r.infos() == [] and tight.r.store.ids() == []
+    tight.r.add_folder("small", fixture_dir("ia3_default"))
+    assert [i["adapter_id"] for i in tight.r.infos()] == ["small"]
 
 
 def test_a_slot_in_use_is_never_evicted_under_random_traffic(tmp_path):

@@ -186,3 +186,41 @@ def test_a_tokenizer_must_fit_the_vocabulary(models, tmp_path):
     (tmp_path / "tokenizer.json").write_text("{ not json")
     with pytest.raises(InvalidAdapterError, match="tokenizer cannot be loaded"):
         read_upload(folder(VOCAB / "llama" / "mts_head") | {"tokenizer.json": tmp_path / "tokenizer.json"}, info)
+
+
+EXPORTS = [("llama", "added_mts"), ("llama", "added_tokens"), ("llama", "lora_embed"), ("llama", "tokens_both"),
+           ("gemma3", "mts_head"), ("gemma3", "lora_tied"), ("gemma3", "added_tokens")]
+
+
+@pytest.mark.parametrize("base,name", EXPORTS, ids=[f"{b}-{n}" for b, n in EXPORTS])
+def test_merge_writes_a_standalone_model_plain_transformers_loads(vrefs, tmp_path, base, name):
+    """`adapter-server merge`: the adapter's ends as the model's own tables (the vocabulary resized, a tied
+    head untied where the ends now differ), its tokenizer beside them; plain transformers gives PEFT's
+    logits and greedy tokens."""
+    from transformers import AutoTokenizer
+
+    from server.config import ModelConfig
+    from server.export import export_merged
+    from tests.helpers import make_engine
+
+    e = make_engine(tmp_path / "s", model=base_model(base))
+    info = e.registry.add_folder("x", VOCAB / base / name)
+    assert info["mergeable"] is (info["method"] != "vocab")
+    out = export_merged(ModelConfig(str(BASES[base])), tmp_path / "s", "x", tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    r = vrefs[base]
+    ids = r[f"inputs/{name}"]
+    assert plain.get_input_embeddings().weight.shape[0] == r[name].shape[-1]
+    assert len(tok) == (258 if name.startswith("added") else 240)
+    with torch.no_grad():
+        got = plain(ids).logits
+    assert (got - r[name]).abs().max().item() < 1e-4  # folding LoRA rounds W + s B A once
+    tied = plain.get_output_embeddings().weight is plain.get_input_embeddings().weight
+    assert tied == (base == "gemma3" and name in ("added_tokens", "lora_tied"))
+    with torch.no_grad():
+        for b in range(ids.shape[0]):
+            seq = ids[b : b + 1]
+            for _ in range(4):
+                seq = torch.cat([seq, plain(seq).logits[:, -1:].argmax(-1)], dim=1)
+            assert seq[0, ids.shape[1] :].tolist() == r[f"greedy_tokens/{name}"][b, :4].tolist()
