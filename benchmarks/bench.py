@@ -74,6 +74,8 @@ def synth_store(loaded: LoadedModel, root: Path) -> list[str]:
             add(f"{kind}-{i}", kind, i)
     for i, r in enumerate(LORA_RANKS):
         add(f"lora-r{r}", f"lora{r}", 20 + i)
+    add("tokens-0", "tokens16", 40)  # 16 trained embedding rows (PEFT trainable tokens)
+    add("head-0", "head", 41)  # a whole trained LM head of its own
     return names
 
 
@@ -232,7 +234,8 @@ def decode_overhead(loaded: LoadedModel, store: Path, names: list[str], n: int) 
         slot[name] = _grant(eng, name)
     kinds = {"ia3 (unmerged)": "ia3-0", "seq_bn": "seq_bn-0", "double_seq_bn": "double_seq_bn-0", "par_bn": "par_bn-0",
              "lora r16 (unmerged)": "lora-0", "dora r16 (unmerged)": "dora-0", "prompt 20": "prompt-0",
-             "prefix 20": "prefix-0", "compacter": "compacter-0"}
+             "prefix 20": "prefix-0", "compacter": "compacter-0", "trained rows 16": "tokens-0",
+             "trained LM head": "head-0"}
     out: dict[str, Any] = {"per_kind": [], "mixed": [], "mixed_lora": []}
     for B in (1, 16):
         fns = {"base": _decode_timer(eng, [0] * B)}
@@ -263,6 +266,7 @@ def decode_overhead(loaded: LoadedModel, store: Path, names: list[str], n: int) 
         fns[f"mixed kinds x{k}"] = _decode_timer(eng, [slot[hetero[i % k]] for i in range(16)])
     families = ["ia3-0", "seq_bn-0", "double_seq_bn-0", "par_bn-0", "lora-0", "dora-0", "prompt-0", "prefix-0"]
     fns["8 families x8"] = _decode_timer(eng, [slot[families[i % 8]] for i in range(16)])
+    fns["1 row of 16 with a trained LM head"] = _decode_timer(eng, [slot["head-0"]] + [slot["seq_bn-0"]] * 15)
     t = interleaved_min(fns, n)
     for label, v in t.items():
         if label != "one":

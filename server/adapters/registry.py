@@ -102,9 +102,11 @@ class Events:
 
 
 def manifest_for(adapter_id: str, w: AdapterWeights, files: list[str], origin: str | None = None,
-                 tokenizer: str | None = None) -> Manifest:
+                 tokenizer: str | None = None, base_vocab: int = 0) -> Manifest:
+    """`base_vocab`: the base model's token ids (a vocabulary of the same size is recorded as the base's)."""
+    vocab = w.vocab_size if w.vocab_size and w.vocab_size != base_vocab else None
     return Manifest.new(adapter_id, w.method, w.format, w.variant, w.num_parameters, w.size_bytes, w.mergeable,
-                        w.virtual_tokens, files, origin, tokenizer, w.vocab_size or None, w.exportable)
+                        w.virtual_tokens, files, origin, tokenizer, vocab, w.exportable)
 
 
 def _served(m: Manifest) -> Manifest:
@@ -192,7 +194,7 @@ class Registry:
             t0 = time.perf_counter()
             weights, tokenizer = read_upload(files, self.base)
             self.events.check(weights)  # what the engine refuses outright (over its device byte budget)
-            manifest = manifest_for(adapter_id, weights, list(files), origin, tokenizer)
+            manifest = manifest_for(adapter_id, weights, list(files), origin, tokenizer, self.base.vocab_size)
             with self._admin:  # one upload or delete at a time; the catalogue lock only for the swap
                 if not replace and self.exists(adapter_id):
                     raise AdapterExistsError(adapter_id)

@@ -1,5 +1,5 @@
 """HF PEFT (IA)3, LoRA, prompt, P- and prefix tuning, trainable tokens: adapter_config.json +
-adapter_model.safetensors|.bin (docs/adapters.md §3.2, §4.1-§4.3, §6, §7). Any of them may also hold a
+adapter_model.safetensors|.bin (docs/adapters.md §3.2, §4.1-§4.3, §6, §10). Any of them may also hold a
 trained embedding or LM head (peft_vocab.py), served beside the family's own part."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What a PEFT adapter saves at the two ends of the model: trained embeddings and LM heads (docs/adapters.md §7).
+"""What a PEFT adapter saves at the two ends of the model: trained embeddings and LM heads (docs/adapters.md §10).
 
 PEFT writes these under the module's full path (`base_model.model.` first, or `base_model.` for prompt
 learning, the adapter name dropped), in more shapes than its docs say; these are the ones its 0.21 writes (checked on tied and untied bases,

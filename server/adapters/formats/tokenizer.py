@@ -1,5 +1,5 @@
 """An adapter folder's own tokenizer (a vocabulary with tokens added, a chat template of its own): read,
-fingerprinted, and checked against the vocabulary the adapter's weights hold (docs/adapters.md §7.4).
+fingerprinted, and checked against the vocabulary the adapter's weights hold (docs/adapters.md §10.4).
 
 Trainers save the tokenizer beside the adapter (`tokenizer.json`, `tokenizer_config.json`,
 `chat_template.jinja`, ...). When a folder has one, its requests are tokenised, templated and

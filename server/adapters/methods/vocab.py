@@ -1,6 +1,6 @@
 """An adapter's own vocabulary at the two ends of the model: trained input embeddings and LM heads, per row.
 
-What PEFT saves beyond the decoder layers (docs/adapters.md §7): a trained copy of the embedding or of the
+What PEFT saves beyond the decoder layers (docs/adapters.md §10): a trained copy of the embedding or of the
 LM head (`modules_to_save`), trained rows of them (trainable tokens), LoRA on either, and with tokens
 added, a larger vocabulary. The format reader reduces all of these to one `VocabSide` per end: how many
 ids it has, then either a table of its own (most rows differ from the base's) or the rows it replaces or
