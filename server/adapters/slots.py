@@ -161,18 +161,29 @@ class AdapterSlots:
     # -- graph replay -------------------------------------------------------------------------
     def graph_key(self, slots: list[int]) -> tuple[tuple[str, int], ...] | None:
         """The methods a batch needs, each with its storage layout version: batches with equal keys can
-        replay one captured graph whatever their slot mix. None when a needed method has no static plan."""
+        replay one captured graph whatever their slot mix. None when a needed method has no static plan.
+        A method acting only at the two ends of the model is in the key too: its rows' ends run outside
+        the graph (`ends`)."""
         key = []
         for name, m in self.methods.items():
             if m.uses(slots):
+                if m.at_ends:
+                    key.append((name, 0))
+                    continue
                 if type(m).static_plan is AdapterMethod.static_plan:
                     return None
                 key.append((name, m.layout_version))
         return tuple(key)
 
+    def ends(self, key: tuple[tuple[str, int], ...]) -> bool:
+        """Whether batches of this graph key make their embeddings and logits outside the captured step."""
+        return any(self.methods[name].at_ends for name, _ in key)
+
     def static_plan(self, routing: Routing, key: tuple[tuple[str, int], ...]) -> BatchPlan:
-        """The plan for the methods of `key`, routed by the fixed buffers of `routing`."""
-        plans = [p for name, _ in key if (p := self.methods[name].static_plan(routing)) is not None]
+        """The plan for the methods of `key`, routed by the fixed buffers of `routing` (the methods acting
+        only at the ends have none: their ends run outside the step)."""
+        plans = [p for name, _ in key if not self.methods[name].at_ends
+                 and (p := self.methods[name].static_plan(routing)) is not None]
         return BatchPlan((), plans)
 
     # -- merging ------------------------------------------------------------------------------

@@ -152,16 +152,16 @@ def write_peft_prompt(out: Path, cfg: Any, n: int = 20, seed: int = 0, prefix: b
 
 
 def write_peft_tokens(out: Path, cfg: Any, n: int = 16, seed: int = 0, head: bool = False) -> Path:
-    """A PEFT TRAINABLE_TOKENS folder: n trained rows of the input embedding (ids spread over the
-    vocabulary; on a tied base also saved for the LM head, as PEFT saves them), or with `head` every row
-    of the LM head (a whole trained head)."""
+    """A PEFT TRAINABLE_TOKENS folder: n trained rows of the input embedding (ids 1..n: special tokens,
+    such as a chat template's, come first in most vocabularies; on a tied base also saved for the LM head,
+    as PEFT saves them), or with `head` every row of the LM head (a whole trained head)."""
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     V, H = cfg.vocab_size, cfg.hidden_size
-    ids = list(range(V)) if head else sorted({(i * 7919) % V for i in range(n)})
+    ids = list(range(V)) if head else list(range(1, min(n, V - 1) + 1))
     rows = 0.02 * torch.randn(len(ids), H, generator=g)
     modules = ["lm_head"] if head else ["model.embed_tokens"] + (["lm_head"] if getattr(cfg, "tie_word_embeddings", False) else [])
-    save_file({f"base_model.model.{m}.trainable_tokens_delta": rows for m in modules}, out / "adapter_model.safetensors")
+    save_file({f"base_model.model.{m}.trainable_tokens_delta": rows.clone() for m in modules}, out / "adapter_model.safetensors")
     cfg_json = {"peft_type": "TRAINABLE_TOKENS", "task_type": "CAUSAL_LM", "token_indices": ids,
                 "target_modules": "lm_head" if head else "model.embed_tokens", "init_weights": True, "inference_mode": True}
     (out / "adapter_config.json").write_text(json.dumps(cfg_json, indent=1))

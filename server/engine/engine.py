@@ -36,6 +36,7 @@ from ..config import EngineConfig
 from ..errors import (
     AdapterChangedError,
     AdapterServerError,
+    AdapterTooLargeError,
     GenerationFailedError,
     InvalidRequestError,
     NotReadyError,
@@ -335,7 +336,12 @@ class Engine:
         if s.ref is None:
             return True
         t0 = time.perf_counter()
-        grant = self.adapters.grant((s.ref.adapter_id, s.ref.version), partial(self.registry.weights, s.ref))
+        try:
+            grant = self.adapters.grant((s.ref.adapter_id, s.ref.version), partial(self.registry.weights, s.ref))
+        except AdapterTooLargeError as e:  # checked at submit already; a budget is never smaller later
+            self.rows.drop_waiting(s)
+            self._fail(s, e)
+            return False
         if grant is None:
             return False
         s.slot, written = grant

@@ -18,6 +18,10 @@ overhead, not by reading the weights. Here a decode step of fixed shape is captu
   distinct slots): the count of distinct slots lets adapter products read each adapter the batch uses
   once (`Routing`); a method without a static plan (or a layout change not yet captured) runs that
   batch eagerly.
+- rows whose adapters bring their own embedding and LM head (methods acting only at the two ends of the
+  model) replay too: their batch's embeddings are made before the replay into a static buffer the graph
+  starts from, and its logits after it from the normed hidden states the graph leaves (each row's own
+  head, the bare one run once for the rest); the layers in between, where the cost is, are replayed.
 
 On a CPU there is nothing to capture: the same fixed-shape step runs eagerly (tests use this to prove
 the static step equals the dynamic one).
@@ -62,6 +66,8 @@ class DecodeGraphs:
         self.buckets = batch_buckets(self.rows)
         self.min_kv = min(min_kv, self.max_len)
         self.inputs = torch.zeros(6, self.rows, dtype=torch.long, device=runner.device)  # see IDS..UNIQ
+        # the input embeddings of a step whose rows' adapters have their own (made before the replay)
+        self.embeds = torch.zeros(self.rows, 1, runner.cfg.hidden_size, dtype=runner.dtype, device=runner.device)
         self._host = torch.zeros(6, self.rows, dtype=torch.long, pin_memory=capture)
         self.graphs: dict[GraphKey, tuple[Any, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
@@ -94,6 +100,9 @@ class DecodeGraphs:
         x = self.inputs
         routing = Routing(slots=x[SLOT, :B], uniq=x[UNIQ, :max(U, 1)], local=x[LOCAL, :B])
         plan = self.slots.static_plan(routing, methods)
+        if self.slots.ends(methods):  # embeddings in, normed hidden states out: the ends run outside
+            return self.runner.decode_static(x[IDS, :B, None], x[POS, :B], plan, kv_len, x[ROPE, :B],
+                                             embeds=self.embeds[:B], head=False)
         return self.runner.decode_static(x[IDS, :B, None], x[POS, :B], plan, kv_len, x[ROPE, :B])
 
     def fill(self, tokens: list[int], positions: list[int], slots: list[int], key: GraphKey,
@@ -120,16 +129,21 @@ class DecodeGraphs:
         """Logits [len(tokens), V] of one decode step of rows 0..n-1 (graph key from `key`)."""
         self.fill(tokens, positions, slots, key, rope_positions)
         n = len(tokens)
+        plan = self.slots.plan(slots) if self.slots.ends(key[2]) else None  # this batch's own ends
+        if plan is not None:
+            self.embeds[:n].copy_(self.runner.embed(self.inputs[IDS, :n, None], plan))
         if not self.capture:
             self.eager_steps += 1
-            return self._step(key)[:n]
-        entry = self.graphs.get(key)
-        if entry is None:
-            entry = self._capture(key)
-        graph, out = entry
-        graph.replay()
-        self.replays += 1
-        return out[:n]
+            out = self._step(key)[:n]
+        else:
+            entry = self.graphs.get(key)
+            if entry is None:
+                entry = self._capture(key)
+            graph, full = entry
+            graph.replay()
+            self.replays += 1
+            out = full[:n]
+        return out if plan is None else self.runner.logits(out, plan)
 
     def _capture(self, key: GraphKey) -> tuple[Any, torch.Tensor]:
         """Warm up on a side stream (this runs the real step: it writes the same K/V the replay will),

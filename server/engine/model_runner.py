@@ -222,10 +222,14 @@ class ModelRunner:
     @cpu_kernels
     @torch.inference_mode()
     def decode_static(self, input_ids: torch.Tensor, pos: torch.Tensor, plan: BatchPlan, kv_len: int,
-                      rope_pos: torch.Tensor | None = None) -> torch.Tensor:
+                      rope_pos: torch.Tensor | None = None, embeds: torch.Tensor | None = None,
+                      head: bool = True) -> torch.Tensor:
         """One decode step of rows 0..B-1, with shapes fixed by (B, kv_len) and no host synchronisation,
         so a CUDA graph can capture it. input_ids [B, 1], pos [B] (each row's new cache position,
-        < kv_len), rope_pos [B] its rotary position (default pos). Returns logits [B, V] float32.
+        < kv_len), rope_pos [B] its rotary position (default pos). Returns logits [B, V] float32; with
+        `embeds` [B, 1, H] the step starts from these input embeddings instead of the ids' and with
+        `head=False` it returns the normed hidden states [B, H] (rows whose adapters bring their own
+        embedding and LM head: those ends run outside the captured step, graphs.py).
 
         Grouped-query attention without repeating K/V: the G query heads that share a K/V head are
         laid out as G queries of one head, which all sit at the row's one position.
@@ -250,9 +254,18 @@ class ModelRunner:
                            masks[self.windows[li]], attn.scaling, False, decode=True)  # [B, kvh, G, hd]
             return o.reshape(B, self.n_heads, 1, self.head_dim)
 
-        x = self._layers(plan.embed(input_ids, self.inner.embed_tokens), (pos if rope_pos is None else rope_pos)[:, None],
-                         plan, attend, self.fused, self.packed, final_norm=self.inner.norm)
-        return self._logits(x[:, 0], plan)
+        e = plan.embed(input_ids, self.inner.embed_tokens) if embeds is None else embeds
+        x = self._layers(e, (pos if rope_pos is None else rope_pos)[:, None], plan, attend, self.fused, self.packed,
+                         final_norm=self.inner.norm)
+        return self._logits(x[:, 0], plan) if head else x[:, 0]
+
+    def embed(self, input_ids: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
+        """The input embeddings of ids [B, T], each row's own where its adapter has them."""
+        return plan.embed(input_ids, self.inner.embed_tokens)
+
+    def logits(self, h: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
+        """Logits [B, V] float32 of normed hidden states h [B, H], each row's own LM head where it has one."""
+        return self._logits(h, plan)
 
     def _rotary(self, h: torch.Tensor, pos: torch.Tensor, last: torch.Tensor | None
                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:

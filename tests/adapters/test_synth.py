@@ -12,14 +12,15 @@ from tests.helpers import full_logits, input_ids, parse_folder, runner_and_slots
 
 @pytest.mark.parametrize(("kind", "method"), [("ia3", "ia3"), ("lora8", "lora"), ("dora8", "dora"), ("seq_bn", "bottleneck"),
                                               ("double_seq_bn", "bottleneck"), ("par_bn", "bottleneck"), ("prompt", "prompt"),
-                                              ("prefix7", "prefix"), ("compacter", "bottleneck")])
+                                              ("prefix7", "prefix"), ("compacter", "bottleneck"), ("tokens", "vocab"),
+                                              ("head", "vocab")])
 def test_demo_adapters_parse_as_their_family(tmp_path, kind, method):
     model = tiny_model()
     w = parse_folder(write_demo(kind, tmp_path / kind, model.config, seed=1), model)
     assert w.method == method
 
 
-@pytest.mark.parametrize("kind", ["lora8", "dora8", "prompt4", "prefix5"])
+@pytest.mark.parametrize("kind", ["lora8", "dora8", "prompt4", "prefix5", "tokens8", "head"])
 def test_peft_computes_what_we_compute_on_the_demo_peft_adapters(tmp_path, kind):
     from peft import PeftModel
 

@@ -224,3 +224,26 @@ def test_merge_writes_a_standalone_model_plain_transformers_loads(vrefs, tmp_pat
             for _ in range(4):
                 seq = torch.cat([seq, plain(seq).logits[:, -1:].argmax(-1)], dim=1)
             assert seq[0, ids.shape[1] :].tolist() == r[f"greedy_tokens/{name}"][b, :4].tolist()
+
+
+@pytest.mark.parametrize("base,name", VARIANTS, ids=[f"{b}-{n}" for b, n in VARIANTS])
+def test_bfloat16_rows_equal_peft_on_a_bfloat16_base(vrefs, base, name):
+    """The ends in the model's dtype (trained rows and tables), LoRA on them in float32 cast back, the
+    embedding scale where PEFT applies it: on a bfloat16 base, PEFT's own bfloat16 forward bit for bit."""
+    from peft import PeftModel
+
+    bf16 = torch.bfloat16
+    model = freeze(AutoModelForCausalLM.from_pretrained(BASES[base], dtype=bf16))
+    runner, slots = runner_and_slots(model)
+    slots.write(1, parse_folder(VOCAB / base / name, model))
+    r = vrefs[base]
+    ids = r[f"inputs/{name}"]
+    ours = torch.stack(forward(runner, slots, [(ids[b], 1) for b in range(ids.shape[0])]))
+    lib_model = AutoModelForCausalLM.from_pretrained(BASES[base], dtype=bf16).eval()
+    if name.startswith("added"):
+        lib_model.resize_token_embeddings(258)  # as PEFT needs it; the adapter saved the resized tables
+    pm = PeftModel.from_pretrained(lib_model, str(VOCAB / base / name)).eval()
+    with torch.no_grad():
+        lib = torch.cat([pm(ids[b : b + 1]).logits[:, -ids.shape[1] :] for b in range(ids.shape[0])]).float()
+    assert torch.equal(ours[..., : lib.shape[-1]], lib)
+    assert (torch.log_softmax(lib, -1) - torch.log_softmax(r[name], -1)).abs().max().item() > 1e-3  # bf16 is not float32

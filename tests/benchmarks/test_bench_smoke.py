@@ -56,11 +56,12 @@ def test_bench(tmp_path, monkeypatch, capsys):
     assert r["command"].startswith("make bench  (python -m benchmarks.bench --model")
     assert set(r["flops_share"]) == {"seq_bn", "double_seq_bn", "par_bn", "compacter", "lora r16 (unmerged)"}
     kinds = {"ia3 (unmerged)", "seq_bn", "double_seq_bn", "par_bn", "lora r16 (unmerged)", "dora r16 (unmerged)",
-             "prompt 20", "prefix 20", "compacter", "ia3 (merged)", "lora r16 (merged)", "dora r16 (merged)"}
+             "prompt 20", "prefix 20", "compacter", "ia3 (merged)", "lora r16 (merged)", "dora r16 (merged)",
+             "trained rows 16", "trained LM head"}
     assert [row["batch"] for row in r["decode"]["per_kind"]] == [1, 16]
     for row in r["decode"]["per_kind"]:
         assert row["base_s"] > 0 and row["matmul_floor_s"] > 0 and set(row["overhead"]) == kinds
-    assert len(r["decode"]["mixed"]) == 7 and all(m["step_s"] > 0 for m in r["decode"]["mixed"])
+    assert len(r["decode"]["mixed"]) == 8 and all(m["step_s"] > 0 for m in r["decode"]["mixed"])
     assert len(r["decode"]["mixed_lora"]) == 5 and all(m["step_s"] > 0 for m in r["decode"]["mixed_lora"])
     assert [c["kind"] for c in r["cold_start"]] == ["ia3", "seq_bn", "par_bn"]
     assert all(c["upload_s"] > 0 and c["upload_to_first_token_s"] > 0 for c in r["cold_start"])

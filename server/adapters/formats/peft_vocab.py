@@ -209,7 +209,8 @@ def _side(side: str, end: _End, base: BaseModelInfo, lora_scale: Callable[[str, 
         expect_shape(end.keys["lora_B"], B, (H, r) if side == "embed" else (size, r))
         lora_A, lora_B, scale = A.clone(), B.clone(), lora_scale(end.module, r)
     index = rows = None
-    dtype = base.tables[side]().dtype if side in base.tables else torch.float32
+    ref = base.tables[side]() if side in base.tables else None  # the base table as served (read once)
+    dtype = ref.dtype if ref is not None else torch.float32
     if end.tokens is not None:
         idx = end.indices or []
         expect_shape(end.keys["tokens"], end.tokens, (len(idx), H))
@@ -220,7 +221,7 @@ def _side(side: str, end: _End, base: BaseModelInfo, lora_scale: Callable[[str, 
         t = table.to(dtype)
         if end.tokens is not None:
             t[torch.tensor(end.indices)] = end.tokens.to(dtype)
-        changed = _changed(t, base, side)
+        changed = _changed(t, ref, V0)
         if 2 * len(changed) > size:
             table = t
         elif changed:
@@ -233,9 +234,9 @@ def _side(side: str, end: _End, base: BaseModelInfo, lora_scale: Callable[[str, 
             raise InvalidAdapterError(f"ids {missing[0]}..{missing[-1]} of {end.module} are past the base model's "
                                       f"{V0} and not saved", key=end.keys["tokens"])
         index, rows = torch.tensor(end.indices, dtype=torch.long), end.tokens.to(dtype)
-        if 2 * len(index) > size and side in base.tables:  # most rows trained: a table of its own computes once
+        if 2 * len(index) > size and ref is not None:  # most rows trained: a table of its own computes once
             t = torch.empty(size, H, dtype=dtype)
-            t[:V0] = base.tables[side]().to("cpu")
+            t[:V0] = ref.to("cpu")
             t[index] = rows
             table, index, rows = t, None, None
     if table is None and index is None and lora_A is None and size == V0:
@@ -243,12 +244,11 @@ def _side(side: str, end: _End, base: BaseModelInfo, lora_scale: Callable[[str, 
     return VocabSide(size, None if table is None else table.contiguous(), index, rows, lora_A, lora_B, scale)
 
 
-def _changed(t: torch.Tensor, base: BaseModelInfo, side: str) -> list[int]:
-    """The rows of t [V, H] (the base table's dtype) that differ from the served base table, and its rows past it."""
-    V0 = base.vocab_size
-    if side not in base.tables:
+def _changed(t: torch.Tensor, ref: torch.Tensor | None, V0: int) -> list[int]:
+    """The rows of t [V, H] (the base table's dtype) that differ from the served base table `ref` [V0, H]
+    (None: not known, every row), and its rows past it."""
+    if ref is None:
         return list(range(t.shape[0]))
-    ref = base.tables[side]()
     n = min(V0, t.shape[0])
     out: list[int] = []
     for i in range(0, n, CHUNK):

@@ -210,6 +210,9 @@ class AdapterMethod(ABC):
     """
 
     name: Method
+    # Acts only at the two ends of the model (the token embedding, the LM head): a captured decode step
+    # serves its rows from embeddings made before it, and leaves their logits to be made after it.
+    at_ends: bool = False
 
     def __init__(self, ctx: SlotContext, timer: StepTimer) -> None:
         self.ctx = ctx

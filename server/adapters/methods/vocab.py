@@ -19,7 +19,9 @@ Per row, in every pass, eager or not:
   logprobs see exactly its vocabulary.
 
 Nothing of this is folded into the shared weights while serving; `adapter-server merge` writes it into
-a standalone model (export.py). Batches that use it run eagerly: it has no fixed-shape plan for graphs.
+a standalone model (export.py). A decode step replayed from a CUDA graph serves these rows too: their
+embeddings are made before the replay and their logits after it, the layers in between replayed
+(`at_ends`, engine/graphs.py).
 """
 
 from __future__ import annotations
@@ -233,6 +235,7 @@ class VocabPlan(MethodPlan):
 
 class VocabMethod(AdapterMethod):
     name = NAME
+    at_ends = True
 
     def __init__(self, ctx: SlotContext, timer: StepTimer) -> None:
         super().__init__(ctx, timer)
