@@ -91,46 +91,49 @@ def test_variant_matches_peft(models, vrefs, base, name):
         assert (r[name] - r["base"]).abs().max().item() > 1e-2
 
 
-def test_every_variant_with_every_family_and_the_bare_model_in_one_batch(models, vrefs):
-    """The tiny Llama's variants, eight other families and the bare model, both prompts of each, in one pass:
-    rows of vocabularies of 256 and 258 ids side by side."""
-    model, r = models["llama"], vrefs["llama"]
-    names = [n for b, n in VARIANTS if b == "llama"]
-    runner, slots = runner_and_slots(model, num_slots=len(names) + len(OTHERS), rows=2 * (len(names) + len(OTHERS) + 1))
-    rows, want = [], []
-    for i, n in enumerate(names, start=1):
-        slots.write(i, parse_folder(VOCAB / "llama" / n, model))
+def write_variants(slots, model, vrefs, base: str) -> tuple[list, list]:
+    """Every variant of `base` in slots 1.., with its rows (both prompts) and PEFT's logits for them."""
+    r, rows, want = vrefs[base], [], []
+    for i, n in enumerate([n for b, n in VARIANTS if b == base], start=1):
+        slots.write(i, parse_folder(VOCAB / base / n, model))
         ids = r[f"inputs/{n}"]
         rows += [(ids[b], i) for b in range(ids.shape[0])]
         want += [r[n][b] for b in range(ids.shape[0])]
-    library = refs()
-    for j, n in enumerate(OTHERS, start=len(names) + 1):
-        slots.write(j, parse_folder(fixture_dir(n), model))
-        rows += [(input_ids()[b], j) for b in range(2)]
-        want += [library[n][b] for b in range(2)]
-    rows += [(input_ids()[b], 0) for b in range(2)]
-    want += [library["base"][b] for b in range(2)]
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()  # no row sits by its twin
+    return rows, want
+
+
+def assert_one_batch(runner, slots, rows: list, want: list) -> None:
+    """The rows in one pass, shuffled so that no row sits by its twin: each equals its reference."""
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
     got = forward(runner, slots, [rows[k] for k in order])
     errs = {k: close(g, want[k]) for k, g in zip(order, got, strict=True)}
-    worst = max(errs, key=errs.get)
+    worst = max(errs, key=errs.__getitem__)
     assert errs[worst] <= TOL, f"row {worst} (slot {rows[worst][1]}): {errs[worst]:.2e}"
 
 
+def test_every_variant_with_every_family_and_the_bare_model_in_one_batch(models, vrefs):
+    """The tiny Llama's variants, eight other families and the bare model, both prompts of each, in one pass:
+    rows of vocabularies of 256 and 258 ids side by side."""
+    model, n = models["llama"], sum(b == "llama" for b, _ in VARIANTS)
+    runner, slots = runner_and_slots(model, num_slots=n + len(OTHERS), rows=2 * (n + len(OTHERS) + 1))
+    rows, want = write_variants(slots, model, vrefs, "llama")
+    library = refs()
+    for j, name in enumerate(OTHERS, start=n + 1):
+        slots.write(j, parse_folder(fixture_dir(name), model))
+        rows += [(input_ids()[b], j) for b in range(2)]
+        want += [library[name][b] for b in range(2)]
+    rows += [(input_ids()[b], 0) for b in range(2)]
+    want += [library["base"][b] for b in range(2)]
+    assert_one_batch(runner, slots, rows, want)
+
+
 def test_the_tied_base_variants_in_one_batch(models, vrefs):
-    model, r = models["gemma3"], vrefs["gemma3"]
-    names = [n for b, n in VARIANTS if b == "gemma3"]
-    runner, slots = runner_and_slots(model, num_slots=len(names), rows=2 * len(names) + 2)
-    rows, want = [], []
-    for i, n in enumerate(names, start=1):
-        slots.write(i, parse_folder(VOCAB / "gemma3" / n, model))
-        ids = r[f"inputs/{n}"]
-        rows += [(ids[b], i) for b in range(ids.shape[0])]
-        want += [r[n][b] for b in range(ids.shape[0])]
-    rows += [(r["inputs/base"][b], 0) for b in range(2)]
-    want += [r["base"][b] for b in range(2)]
-    got = forward(runner, slots, rows)
-    assert max(close(g, w) for g, w in zip(got, want, strict=True)) <= TOL
+    model, n = models["gemma3"], sum(b == "gemma3" for b, _ in VARIANTS)
+    runner, slots = runner_and_slots(model, num_slots=n, rows=2 * n + 2)
+    rows, want = write_variants(slots, model, vrefs, "gemma3")
+    rows += [(vrefs["gemma3"]["inputs/base"][b], 0) for b in range(2)]
+    want += [vrefs["gemma3"]["base"][b] for b in range(2)]
+    assert_one_batch(runner, slots, rows, want)
 
 
 def test_what_each_layout_becomes(models):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from tests.fixtures.make_arch_fixtures import _greedy
 from tests.helpers import FIXTURES, TINY, LiveServer, openai_client, upload_files
 
 FOLDER = FIXTURES / "vocab" / "llama" / "added_mts"
@@ -37,15 +38,8 @@ def peft_greedy(ids: list[int], steps: int) -> tuple[list[int], list[float]]:
     base = LlamaForCausalLM.from_pretrained(TINY).eval()
     base.resize_token_embeddings(258)  # as PEFT needs it; the adapter holds both tables whole
     pm = PeftModel.from_pretrained(base, str(FOLDER)).eval()
-    toks, lps, seq = [], [], torch.tensor([ids])
-    with torch.no_grad():
-        for _ in range(steps):
-            lp = torch.log_softmax(pm(seq).logits[0, -1].float(), dim=-1)
-            t = int(lp.argmax())
-            toks.append(t)
-            lps.append(float(lp[t]))
-            seq = torch.cat([seq, torch.tensor([[t]])], dim=1)
-    return toks, lps
+    toks, lps = _greedy(pm, torch.tensor([ids]), steps)
+    return toks[0].tolist(), lps[0].tolist()
 
 
 def test_its_info_says_what_it_speaks(live):

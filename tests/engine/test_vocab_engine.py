@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 from server.engine.model_loader import freeze
 from server.engine.types import GenerationRequest, GenerationResult, SamplingParams
 from server.errors import AdapterChangedError, InvalidRequestError
-from tests.fixtures.make_vocab_fixtures import ADDED, GREEDY_STEPS
+from tests.fixtures.make_arch_fixtures import GREEDY_STEPS
+from tests.fixtures.make_vocab_fixtures import ADDED
 from tests.helpers import (
     FIXTURES,
     Collector,
