@@ -93,8 +93,9 @@ def test_a_row_samples_over_its_own_vocabulary(tmp_path):
     prompt = tuple(input_ids()[0].tolist())
     hot = dict(max_new_tokens=12, ignore_eos=True, logprobs=True, temperature=5.0, top_logprobs=5)
     reqs = [GenerationRequest(f"b{i}", prompt, None, SamplingParams(seed=i, **hot)) for i in range(6)]
+    penalised = SamplingParams(seed=2, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2, **hot)
     reqs += [GenerationRequest("a0", prompt, "added_mts", SamplingParams(seed=1, logit_bias=((257, 100.0),), **hot)),
-             GenerationRequest("a1", prompt, "added_tokens", SamplingParams(seed=2, **hot))]
+             GenerationRequest("a1", prompt, "added_tokens", penalised)]
     cols = [Collector() for _ in reqs]
     for q, c in zip(reqs, cols, strict=True):
         e.submit(q, c)
@@ -107,6 +108,10 @@ def test_a_row_samples_over_its_own_vocabulary(tmp_path):
             assert max(res.token_ids) < 256
             assert all(t < 256 for alts in res.top_logprobs for t, _ in alts)
     assert set(cols[6].result.token_ids) == {257}
+    alone = solo(e, GenerationRequest("a1", prompt, "added_tokens", penalised))  # penalties, logprobs: as in the batch
+    assert alone.token_ids == cols[7].result.token_ids
+    for mine, theirs in zip(alone.top_logprobs, cols[7].result.top_logprobs, strict=True):  # round-off apart
+        assert [t for t, _ in mine] == [t for t, _ in theirs] and max(abs(a - b) for (_, a), (_, b) in zip(mine, theirs, strict=True)) < 1e-5
     with pytest.raises(InvalidRequestError, match="logit_bias token 257 is not in the vocabulary of the base model"):
         e.submit(GenerationRequest("x", prompt, None, SamplingParams(logit_bias=((257, 1.0),))), Collector())
     with pytest.raises(InvalidRequestError, match="prompt token 256 is not in the vocabulary of the base model"):
