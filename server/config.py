@@ -39,12 +39,15 @@ class EngineConfig:
     cuda_graphs: Graphs = "auto"
     compile_kernels: bool = True  # pack sibling projections; with CUDA graphs, fuse the decode step's elementwise chains
     device_slots: int = 16  # adapters resident on the device at once
-    adapter_device_bytes: int = 4 << 30  # device bytes they may hold together (0: no limit but the slot count)
+    # device bytes they may hold together: None, half the GPU memory free once the model and the KV cache are in
+    # place (no limit on the CPU); 0, no limit but the slot count
+    adapter_device_bytes: int | None = None
 
 
 @dataclass(frozen=True)
 class RegistryConfig:
     host_capacity: int = 64  # parsed adapters kept in host memory
+    host_bytes: int = 0  # host bytes they may hold together (0: no limit but the count)
 
 
 _M, _E, _R = ModelConfig, EngineConfig, RegistryConfig  # the one source of every default below
@@ -72,8 +75,9 @@ class Settings(BaseSettings):
     merge_policy: MergePolicy = _E.merge_policy
     merge_after_steps: int = Field(_E.merge_after_steps, ge=1)
     device_slots: int = Field(_E.device_slots, ge=1, le=4096)
-    adapter_device_bytes: int = Field(_E.adapter_device_bytes, ge=0)
+    adapter_device_bytes: int | None = Field(_E.adapter_device_bytes, ge=0)
     host_capacity: int = Field(_R.host_capacity, ge=1)
+    adapter_host_bytes: int = Field(_R.host_bytes, ge=0)
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     max_queue: int = Field(_E.max_queue, ge=1)
     request_timeout_s: float = Field(_E.request_timeout_s, gt=0)
@@ -99,4 +103,4 @@ class Settings(BaseSettings):
         return EngineConfig(**{f.name: getattr(self, f.name) for f in fields(EngineConfig)})
 
     def registry_cfg(self) -> RegistryConfig:
-        return RegistryConfig(self.host_capacity)
+        return RegistryConfig(self.host_capacity, self.adapter_host_bytes)

@@ -37,13 +37,14 @@ def export_merged(model_cfg: ModelConfig, store_dir: Path, adapter_id: str, out:
         raise _not_mergeable(adapter_id, manifest.variant)
     loaded = load_base_model(ModelConfig(model_cfg.model, "cpu", "float32", model_cfg.cache_dir))
     files = store.files(adapter_id)
-    weights = parse_adapter(files, BaseModelInfo.from_model(loaded.model, loaded.tokenizer))
+    base = BaseModelInfo.from_model(loaded.model, loaded.tokenizer)
+    weights = parse_adapter(files, base)
     if not weights.exportable:
         raise _not_mergeable(adapter_id, weights.variant)
     slots = AdapterSlots(loaded.model, 1, loaded.device, loaded.dtype, StepTimer(loaded.device))
     slots.write(1, weights)
     slots.export(1, loaded.model)
-    own = load_tokenizer(files)
+    own = load_tokenizer(files, base.tokenizer_files)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model: Any = loaded.model

@@ -79,7 +79,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             await asyncio.to_thread(services.engine.stop)
 
     app = FastAPI(title="adapter-server", version="1", lifespan=lifespan,
-                  description="One frozen base model; (IA)3, bottleneck, LoRA, DoRA, prompt, P- and prefix tuning adapters, mixed per row in shared batches.")
+                  description="One frozen base model; (IA)3, bottleneck, LoRA, DoRA, prompt, P- and prefix tuning adapters, "
+                  "with their own embeddings, LM heads and tokenizers, mixed per row in shared batches.")
     app.state.services = services
     api_errors.install(app)
     app.include_router(router)

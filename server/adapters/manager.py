@@ -51,7 +51,11 @@ class AdapterManager:
             slot = self._free_slot(need)
             if slot is None:
                 return None
-            self.slots.write(slot, w)
+            try:
+                self.slots.write(slot, w)
+            except BaseException:  # out of device memory for its tables, say: the slot is left free, not half written
+                self.slots.clear(slot)
+                raise
             self._bytes[slot] = need
             self._table[slot], self._by_key[key] = key, slot
             self.loads += 1

@@ -23,7 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RegistryConfig
-from ..errors import AdapterExistsError, AdapterNotFoundError, InvalidAdapterError
+from ..errors import (
+    AdapterChangedError,
+    AdapterExistsError,
+    AdapterNotFoundError,
+    InvalidAdapterError,
+)
 from ..metrics import Metrics
 from .formats import parse_adapter, read_upload
 from .formats.tokenizer import load_tokenizer
@@ -352,10 +357,15 @@ class Registry:
             return rec.manifest.tokenizer, rec.manifest.vocab_size
 
     def read_tokenizer(self, adapter_id: str) -> tuple[str, Any] | None:
-        """(fingerprint, tokenizer) of the tokenizer files in the adapter's folder now, or None (no files)."""
+        """(fingerprint, tokenizer) of the tokenizer files in the adapter's folder now, or None (no files).
+        Request threads only (it may wait for an upload or delete in progress). A folder caught between a
+        replace's two renames is AdapterChangedError: the caller reads the catalogue again."""
         try:
-            return load_tokenizer(self.store.files(adapter_id))
-        except OSError as e:  # replaced or deleted while read: the caller compares fingerprints and retries
+            return load_tokenizer(self.store.files(adapter_id), self.base.tokenizer_files)
+        except (OSError, AdapterNotFoundError) as e:
+            self._admin_settled()
+            if self.exists(adapter_id):
+                raise AdapterChangedError(f"adapter {adapter_id!r} was being replaced; send the request again") from e
             raise AdapterNotFoundError(adapter_id) from e
 
     def weights(self, ref: AdapterRef) -> AdapterWeights:
@@ -378,16 +388,19 @@ class Registry:
         self._host_evict()
 
     def _host_evict(self) -> None:
-        """Keep at most host_capacity parsed adapters; pinned ones stay even past it."""
-        over = len(self._host) - self.cfg.host_capacity
+        """Keep at most host_capacity parsed adapters, holding at most host_bytes (0: no limit), least recently
+        used out first; pinned ones stay even past either."""
+        cap, budget = self.cfg.host_capacity, self.cfg.host_bytes
+        held = {k: w.size_bytes for k in self._host if (r := self._records.get(k)) is not None and (w := r.weights)}
+        count, total = len(self._host), sum(held.values())
         for key in list(self._host):
-            if over <= 0:
+            if count <= cap and (not budget or total <= budget):
                 break
             rec = self._records.get(key)
             if rec is not None and rec.pins == 0:
                 rec.weights = None
                 del self._host[key]
-                over -= 1
+                count, total = count - 1, total - held.get(key, 0)
 
     # -- introspection ------------------------------------------------------------------------
     def tier_counts(self) -> dict[str, int]:

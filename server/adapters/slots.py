@@ -144,15 +144,17 @@ class AdapterSlots:
         """Device bytes a slot holding this adapter takes (what the device tier's byte budget counts)."""
         return sum(self.methods[m].slot_bytes(p) for m, p in weights.parts.items())
 
-    def plan(self, slots: list[int]) -> BatchPlan:
-        key = tuple(slots)
+    def plan(self, slots: list[int], ends_only: bool = False) -> BatchPlan:
+        """The batch plan of rows on `slots` (cached per composition); with `ends_only`, only the methods acting
+        at the two ends of the model (a replayed decode step runs everything else)."""
+        key = (*slots, -1) if ends_only else tuple(slots)
         p = self._plans.get(key)
         if p is not None:
             self._plans.move_to_end(key)
             return p
         idx = torch.tensor(slots, dtype=torch.long, device=self.device)  # [B]
-        plans = [mp for m in self.methods.values() if (mp := m.plan(slots, idx)) is not None]
-        p = BatchPlan(key, plans)
+        plans = [mp for m in self.methods.values() if (not ends_only or m.at_ends) and (mp := m.plan(slots, idx)) is not None]
+        p = BatchPlan(tuple(slots), plans)
         self._plans[key] = p
         if len(self._plans) > self._plan_cache:
             self._plans.popitem(last=False)
@@ -178,6 +180,10 @@ class AdapterSlots:
     def ends(self, key: tuple[tuple[str, int], ...]) -> bool:
         """Whether batches of this graph key make their embeddings and logits outside the captured step."""
         return any(self.methods[name].at_ends for name, _ in key)
+
+    def routed(self, key: tuple[tuple[str, int], ...]) -> bool:
+        """Whether a method of this graph key routes rows inside the captured step (by the slot buffer)."""
+        return any(not self.methods[name].at_ends for name, _ in key)
 
     def static_plan(self, routing: Routing, key: tuple[tuple[str, int], ...]) -> BatchPlan:
         """The plan for the methods of `key`, routed by the fixed buffers of `routing` (the methods acting

@@ -5,7 +5,6 @@ Tensors here live on the host in float32; methods copy them into device slots.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -44,12 +43,17 @@ class BaseModelInfo:
     vocab_size: int = 0
     tied: bool = False
     tokenizer_size: int = 0
-    # side ("embed", "head") -> the base table [V, H] as served (read only; an adapter's saved tables are
-    # compared with it row by row, to keep only the rows that differ)
-    tables: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict, compare=False, repr=False)
+    # the base tokenizer's files (name -> bytes), which an adapter's partial set of tokenizer files lays over
+    tokenizer_files: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
     def from_model(model: Any, tokenizer: Any = None) -> BaseModelInfo:
+        """The facts of a loaded model, and of its tokenizer where given (what adapter tokenizers are checked
+        against and laid over)."""
+        from .formats.tokenizer import (
+            tokenizer_files,  # reads only the tokenizer: no cycle at import time
+        )
+
         arch = architecture(model.config.model_type)
         cfg: Any = text_config(model.config)
         layers = arch.decoder + ".layers."
@@ -74,7 +78,7 @@ class BaseModelInfo:
                              embed_module=names[id(embed)], head_module=names[id(head)],
                              vocab_size=int(embed.weight.shape[0]), tied=tied_embeddings(model),
                              tokenizer_size=len(tokenizer) if tokenizer is not None else 0,
-                             tables={"embed": lambda: embed.weight.detach(), "head": lambda: head.weight.detach()})
+                             tokenizer_files={} if tokenizer is None else tokenizer_files(tokenizer))
 
     def outside(self, module: str) -> str | None:
         """What part of the model `module` belongs to where that part is not served (the vision tower), or None."""
@@ -101,12 +105,15 @@ class BaseModelInfo:
 
 
 def tied_embeddings(model: Any) -> bool:
-    """Whether the checkpoint ties the LM head to the input embedding (as PEFT reads it: the config's
-    `tie_word_embeddings`, for the text model of a multimodal folder too). A quantized head is a copy
-    of its own, but an adapter trained on the tied checkpoint still sees one table."""
+    """Whether the checkpoint ties the LM head to the input embedding: one parameter under both, as
+    transformers loaded it. A quantized head is a table of its own, but an adapter trained on the tied
+    checkpoint saw one table: then the text model's config says."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not getattr(head, "quantized", False):
+        return head.weight is embed.weight
     cfg = model.config
     text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
-    return bool(getattr(cfg, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
+    return bool(getattr(text, "tie_word_embeddings", False))
 
 
 class MethodWeights(Protocol):

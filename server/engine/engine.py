@@ -36,7 +36,6 @@ from ..config import EngineConfig
 from ..errors import (
     AdapterChangedError,
     AdapterServerError,
-    AdapterTooLargeError,
     GenerationFailedError,
     InvalidRequestError,
     NotReadyError,
@@ -69,6 +68,19 @@ from .vocab import Vocabularies, Vocabulary
 log = logging.getLogger(__name__)
 
 
+def device_budget(asked: int | None, device: torch.device) -> int:
+    """The device bytes resident adapters may hold (0: no limit but the slot count). Not asked: on a GPU, half
+    the memory free once the model and the KV cache are in place (trained LM heads are as large as the
+    base's; the rest stays for activations and graphs); on the CPU no limit, host memory is the OS's to share."""
+    if asked is not None:
+        return asked
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    log.info("adapters may hold %.2f GiB of device memory (half of what is free; --adapter-device-bytes)", free / 2**31)
+    return int(free // 2)
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel, registry: Registry, cfg: EngineConfig, metrics: Metrics | None = None) -> None:
         self.loaded = loaded
@@ -96,7 +108,7 @@ class Engine:
                                   compile_kernels=static and cuda and cfg.compile_kernels, encode=self.runner.prefix_kv)
         self.adapters = AdapterManager(self.slots, on_change=self._resident_changed,
                                        on_evict=self.metrics.cache.labels("evict").inc,
-                                       byte_budget=cfg.adapter_device_bytes)
+                                       byte_budget=device_budget(cfg.adapter_device_bytes, loaded.device))
         # the base model's tokenizer and ids, and the vocabularies adapters bring (added tokens)
         self.vocabularies = Vocabularies(self.tokenizer, self.slots.base.vocab_size)
         self.graphs = DecodeGraphs(self.runner, self.slots, capture=cuda) if static else None
@@ -229,7 +241,11 @@ class Engine:
             if ref is not None:
                 if ref.virtual_tokens:
                     max_new = self.check(len(req.prompt_ids), p, ref.virtual_tokens, ref.adapter_id)
-                self.adapters.needs(self.registry.weights(ref))  # more than the whole device byte budget: never runs
+                w = self.registry.weights(ref)
+                self.adapters.needs(w)  # more than the whole device byte budget: never runs
+                if (w.vocab_size or voc.size) != voc.size:  # the manifest sized the request, the weights its rows
+                    raise GenerationFailedError(f"adapter {ref.adapter_id!r}: its manifest says {voc.size} token ids, "
+                                                f"its weights hold {w.vocab_size}")
             matcher = voc.grammars.matcher(p.grammar) if p.grammar is not None else None  # a bad grammar: 400 here
         except BaseException:
             if ref is not None:
@@ -241,7 +257,7 @@ class Engine:
         return Seq(req, sink, ref, TextStream(voc.tokenizer, p.stop), seed, max_new, now,
                    now + self.cfg.request_timeout_s, ref.method if ref else None,
                    prefix_len=ref.virtual_tokens if ref else 0, matcher=matcher,
-                   eos=tuple(sorted(self.eos | voc.eos)), vocab=voc.size)
+                   eos=tuple(sorted(t for t in self.eos | voc.eos if t < voc.size)), vocab=voc.size)
 
     @staticmethod
     def _check_ids(req: GenerationRequest, voc: Vocabulary) -> None:
@@ -338,9 +354,11 @@ class Engine:
         t0 = time.perf_counter()
         try:
             grant = self.adapters.grant((s.ref.adapter_id, s.ref.version), partial(self.registry.weights, s.ref))
-        except AdapterTooLargeError as e:  # checked at submit already; a budget is never smaller later
+        except Exception as e:  # its adapter cannot be written (out of device memory, say): this request fails alone
+            log.exception("writing adapter %r into a device slot failed", s.ref.adapter_id)
             self.rows.drop_waiting(s)
-            self._fail(s, e)
+            self._fail(s, e if isinstance(e, AdapterServerError) else
+                       GenerationFailedError(f"adapter {s.ref.adapter_id!r} could not be written to the device: {e}"))
             return False
         if grant is None:
             return False

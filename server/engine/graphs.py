@@ -92,7 +92,8 @@ class DecodeGraphs:
         if methods is None:
             return None
         B = self.bucket(len(slots))
-        uniq = min(pow2(len(set(slots)), 1), B) if methods else 0  # the bare model routes nothing
+        # the bare model, and methods acting only at the ends (outside the step), route nothing inside it
+        uniq = min(pow2(len(set(slots)), 1), B) if self.slots.routed(methods) else 0
         return B, self.kv_bucket(max_pos + 1), methods, uniq
 
     def _step(self, key: GraphKey) -> torch.Tensor:
@@ -129,7 +130,7 @@ class DecodeGraphs:
         """Logits [len(tokens), V] of one decode step of rows 0..n-1 (graph key from `key`)."""
         self.fill(tokens, positions, slots, key, rope_positions)
         n = len(tokens)
-        plan = self.slots.plan(slots) if self.slots.ends(key[2]) else None  # this batch's own ends
+        plan = self.slots.plan(slots, ends_only=True) if self.slots.ends(key[2]) else None  # this batch's own ends
         if plan is not None:
             self.embeds[:n].copy_(self.runner.embed(self.inputs[IDS, :n, None], plan))
         if not self.capture:

@@ -3,7 +3,9 @@
 A request joins when a row is free, its prompt fits the iteration's prefill budget (the first in line
 always does: over the budget, it is prefilled in chunks, alone), the KV cache can hold every row's
 longest reach, and its adapter gets a device slot. Order is first come, first served, except that a
-request whose adapter finds every slot busy is passed over for this iteration.
+request whose adapter finds the slots (or the device bytes) held by running rows is passed over for this
+iteration; passed over `patience` times, it stops the line behind it, so that running rows drain and
+free what it needs instead of new rows of resident adapters taking their place forever.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ class Admission:
 
 class Scheduler:
     def __init__(self, max_rows: int, prefill_budget: int, kv_budget: int,
-                 kv_tokens_for: Callable[[int, int], int]) -> None:
+                 kv_tokens_for: Callable[[int, int], int], patience: int = 32) -> None:
         self.max_rows = max_rows
+        self.patience = patience  # iterations a request may be passed over before the line waits for it
         self.prefill_budget = prefill_budget
         self.kv_budget = kv_budget
         self.kv_tokens_for = kv_tokens_for  # (rows, longest reach) -> token slots the cache would hold
@@ -45,7 +48,10 @@ class Scheduler:
             if rows > 0 and self.kv_tokens_for(rows + 1, need) > self.kv_budget:
                 break  # the KV budget is full: wait for rows to finish
             if not grant(s):
-                continue  # every slot is used by running rows: this one waits its turn
+                s.passed_over += 1
+                if s.passed_over >= self.patience:
+                    break  # nobody overtakes it any more: running rows drain until its adapter fits
+                continue  # the slots or bytes it needs are held by running rows: this one waits its turn
             waiting.remove(s)
             if n > budget:
                 return Admission(joined, s)

@@ -39,6 +39,7 @@ class Seq:
     matcher: Any = None  # structured output: the row's grammar state (engine/grammar.py)
     eos: tuple[int, ...] = ()  # the ids that end it (the base model's, and its adapter tokenizer's)
     vocab: int = 0  # token ids its rows have: past them its logits are -inf (0: the logits' whole width)
+    passed_over: int = 0  # admissions that passed it over, its adapter finding no room (scheduler.py)
 
     @property
     def prompt_len(self) -> int:

@@ -14,6 +14,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, cast
 
+from jinja2 import TemplateError
+
 from ..errors import AdapterServerError, InvalidRequestError
 from .types import GenerationRequest, GenerationResult, SamplingParams, TokenEvent
 
@@ -70,7 +72,11 @@ class GenerationService:
             whose = "the adapter's tokenizer" if voc is not None and voc.key != self.engine.vocabularies.base.key \
                 else "the base model's tokenizer"
             raise InvalidRequestError(f"{whose} has no chat template; use /v1/completions")
-        out: Any = tok.apply_chat_template(messages, tools=cast(Any, tools or None), add_generation_prompt=True, tokenize=True)
+        try:
+            out: Any = tok.apply_chat_template(messages, tools=cast(Any, tools or None), add_generation_prompt=True,
+                                               tokenize=True)
+        except TemplateError as e:  # the template refuses these messages (raise_exception), or is broken
+            raise InvalidRequestError(f"the chat template cannot render these messages: {e}") from e
         ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out  # a BatchEncoding or a list
         return tuple(int(i) for i in ids)
 

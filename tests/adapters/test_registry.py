@@ -249,6 +249,23 @@ def test_host_tier_lru_and_lazy_reload(tmp_path):
     r.release(ref)
 
 
+def test_host_tier_holds_bytes_too(tmp_path):
+    """A trained LM head holds 64 KB of host memory, (IA)3 vectors under 1 KB: with --adapter-host-bytes the
+    host tier evicts the least recently used until both the count and the bytes fit."""
+    head = FIXTURES / "vocab" / "llama" / "mts_head"
+    probe = make(tmp_path / "probe")
+    size = {n: probe.record(n).weights.size_bytes for n, src in [("h", head), ("b", fixture_dir("ia3_all_out"))]
+            if probe.add_folder(n, src)}
+    r = Registry(AdapterStore(tmp_path / "store"), BASE, RegistryConfig(8, host_bytes=size["h"] + size["b"] + 8))
+    r.scan()
+    for n, src in [("a", fixture_dir("ia3_default")), ("h", head), ("b", fixture_dir("ia3_all_out"))]:
+        r.add_folder(n, src)
+    assert tiers(r) == {"a": "disk", "h": "host", "b": "host"}  # a (least recent) made room for b
+    ref = r.acquire("a")  # pinned, it stays even past the budget; h, least recent, goes
+    assert tiers(r) == {"a": "host", "h": "disk", "b": "host"}
+    r.release(ref)
+
+
 def test_restart_lists_everything_at_once_and_loads_lazily(tmp_path):
     r = make(tmp_path)
     r.add_folder("p", fixture_dir("ia3_bin"))

@@ -191,6 +191,25 @@ def test_a_tokenizer_must_fit_the_vocabulary(models, tmp_path):
         read_upload(folder(VOCAB / "llama" / "mts_head") | {"tokenizer.json": tmp_path / "tokenizer.json"}, info)
 
 
+def test_a_partial_tokenizer_lays_over_the_base_one(models, tmp_path):
+    """A folder that brings only a chat template (or a tokenizer_config) keeps the base tokenizer's vocabulary
+    with its own template: laid over the base's files, fingerprinted with them."""
+    from transformers import AutoTokenizer
+
+    from server.adapters.formats.tokenizer import load_tokenizer
+
+    model = models["llama"]
+    info = BaseModelInfo.from_model(model, AutoTokenizer.from_pretrained(BASES["llama"]))
+    assert "tokenizer.json" in info.tokenizer_files
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    files = folder_files(fixture_dir("lora_qv")) | {"chat_template.jinja": tmp_path / "chat_template.jinja"}
+    w, fp = read_upload(files, info)
+    assert fp is not None and w.vocab_size == 0
+    got = load_tokenizer(files, info.tokenizer_files)
+    assert got is not None and got[0] == fp and len(got[1]) == info.tokenizer_size
+    assert got[1].apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[hi]"
+
+
 EXPORTS = [("llama", "added_mts"), ("llama", "added_tokens"), ("llama", "lora_embed"), ("llama", "tokens_both"),
            ("gemma3", "mts_head"), ("gemma3", "lora_tied"), ("gemma3", "added_tokens")]
 

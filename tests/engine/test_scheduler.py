@@ -55,6 +55,22 @@ def test_a_request_whose_adapter_finds_every_slot_busy_is_passed_over():
     assert [s.req.request_id for s in waiting] == ["r0", "r2"]  # they keep their places
 
 
+def test_a_request_passed_over_too_often_stops_the_line_until_it_fits():
+    """A big adapter waits while rows of resident adapters hold the room it needs; new rows of those
+    adapters would keep it waiting forever, so after `patience` passes nobody overtakes it."""
+    big, small = seq(0, 5, adapter="big"), seq(1, 5, adapter="small")
+    waiting = deque([big, small])
+    s = Scheduler(4, 100, 10_000, lambda r, need: r * need, patience=3)
+    assert [x.req.request_id for x in s.admit(waiting, [], lambda x: x.req.adapter_id != "big").joined] == ["r1"]
+    for i in (2,):  # more rows of the resident adapter arrive, and still overtake it
+        waiting.append(seq(i, 5, adapter="small"))
+        assert [x.req.request_id for x in s.admit(waiting, [], lambda x: x.req.adapter_id != "big").joined] == [f"r{i}"]
+    waiting.append(seq(9, 5, adapter="small"))
+    assert s.admit(waiting, [], lambda x: x.req.adapter_id != "big").joined == []  # the line waits for it
+    assert big.passed_over == 3 and [x.req.request_id for x in waiting] == ["r0", "r9"]
+    assert [x.req.request_id for x in s.admit(waiting, [], lambda x: True).joined] == ["r0", "r9"]
+
+
 def test_the_scheduler_and_the_http_layer_never_import_torch():
     import subprocess
     import sys

@@ -147,3 +147,14 @@ def test_a_request_speaks_its_adapter_versions_tokenizer(tmp_path):
         e.submit(GenerationRequest("x", prompt[:3], "added_mts", SamplingParams(), voc.key), Collector())
     assert e.vocabulary("added_mts").key == e.vocabulary(None).key
     assert ADDED[0] not in e.vocabulary("added_mts").tokenizer.get_vocab()
+
+
+def test_the_device_byte_budget_by_default(monkeypatch):
+    """Asked for: as asked (0: no limit). Not asked: on a GPU half the memory free once the model and the KV
+    cache are in place, on the CPU no limit."""
+    from server.engine.engine import device_budget
+
+    assert device_budget(123, torch.device("cpu")) == 123 and device_budget(0, torch.device("cuda")) == 0
+    assert device_budget(None, torch.device("cpu")) == 0
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 << 30, 80 << 30))
+    assert device_budget(None, torch.device("cuda")) == 5 << 30

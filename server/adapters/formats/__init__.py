@@ -45,6 +45,6 @@ def read_upload(files: dict[str, Path], base: BaseModelInfo) -> tuple[AdapterWei
     """An upload, whole: its weights (`parse_adapter`) and its own tokenizer, checked against the vocabulary
     the weights hold. Returns the weights and the tokenizer's fingerprint (None: it speaks the base model's)."""
     weights = parse_adapter(files, base)
-    tok = load_tokenizer(files)
+    tok = load_tokenizer(files, base.tokenizer_files)
     check_vocabulary(weights, None if tok is None else len(tok[1]), base)
     return weights, None if tok is None else tok[0]

@@ -18,8 +18,9 @@ with and without a resized vocabulary):
 On a tied base one table sits under both ends: a base table saved for one end is the other's too, and
 trained rows of the embedding are the head's rows as well (PEFT ties its token adapter to the head),
 while a trained copy or a LoRA stays on its own end (unless `ensure_weight_tying`, where PEFT saves
-both ends itself). Each end is then reduced to a `VocabSide` against the base table as served: the
-rows that differ or are added, or a table of its own when most rows differ.
+both ends itself). Each end is then reduced to a `VocabSide`: a trained copy is a table of its own; a
+saved base table (frozen while training) gives only the rows it adds past the base model's, its other
+rows being the base's own as served; trained rows stay rows.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ SUFFIXES: dict[str, str] = {  # longest first: the first that a key ends with sa
     ".lora_B.weight": "lora_B",
     ".weight": "plain",
 }
-CHUNK = 8192  # rows compared at a time with the base table
 
 
 @dataclass
@@ -153,7 +153,7 @@ def split_vocab(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: Bas
         else:
             setattr(end, part, t)
     if base.tied:
-        _tie(ends["embed"], ends["head"])
+        _tie(ends["embed"], ends["head"], bool(cfg.get("ensure_weight_tying")))
     sides = {s: _side(s, end, base, lora_scale) for s, end in ends.items()}
     sizes = {s: v.size if v is not None else base.vocab_size for s, v in sides.items()}
     if sizes["embed"] != sizes["head"]:
@@ -167,14 +167,21 @@ def split_vocab(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: Bas
     return rest, VocabWeights(sizes["embed"], sides["embed"], sides["head"])
 
 
-def _tie(embed: _End, head: _End) -> None:
+def _tie(embed: _End, head: _End, ensure: bool) -> None:
     """One table under both ends of a tied base: its base table is both ends', and trained rows of the
-    embedding are the head's rows too, unless the file holds the head's own."""
+    embedding are the head's rows too, unless the file holds the head's own. With `ensure_weight_tying`
+    the embedding's trained copy is the head's too (PEFT saves it under the head's plain key as well,
+    which would otherwise read as the head's base table)."""
+    if ensure and embed.copy is not None and head.copy is None:
+        head.copy, head.base = embed.copy, None
+        head.keys["copy"] = embed.keys["copy"]
     if embed.base is not None and head.base is not None and not torch.equal(embed.base, head.base):
         raise InvalidAdapterError("the base is tied, but the file holds two different base tables for the "
                                   "embedding and the LM head", key=head.keys["base"])
     shared = embed.base if embed.base is not None else head.base
-    embed.base = head.base = shared
+    embed.base = shared
+    if head.copy is None:
+        head.base = shared
     if embed.tokens is not None and head.tokens is None and head.copy is None:
         head.tokens, head.indices = embed.tokens, embed.indices
         head.keys["tokens"] = embed.keys["tokens"]
@@ -209,50 +216,31 @@ def _side(side: str, end: _End, base: BaseModelInfo, lora_scale: Callable[[str, 
         expect_shape(end.keys["lora_B"], B, (H, r) if side == "embed" else (size, r))
         lora_A, lora_B, scale = A.clone(), B.clone(), lora_scale(end.module, r)
     index = rows = None
-    ref = base.tables[side]() if side in base.tables else None  # the base table as served (read once)
-    dtype = ref.dtype if ref is not None else torch.float32
     if end.tokens is not None:
         idx = end.indices or []
         expect_shape(end.keys["tokens"], end.tokens, (len(idx), H))
         if max(idx) >= size:
             raise InvalidAdapterError(f"trained token id {max(idx)} is past the {size} rows of {end.module}",
                                       key=end.keys["tokens"])
-    if table is not None:
-        t = table.to(dtype)
-        if end.tokens is not None:
-            t[torch.tensor(end.indices)] = end.tokens.to(dtype)
-        changed = _changed(t, ref, V0)
-        if 2 * len(changed) > size:
-            table = t
-        elif changed:
-            table, index, rows = None, torch.tensor(changed, dtype=torch.long), t[changed].clone()
-        else:
-            table = None
-    elif end.tokens is not None:
-        missing = sorted(set(range(V0, size)) - set(end.indices or []))
+        index, rows = torch.tensor(idx, dtype=torch.long), end.tokens.clone()
+    if end.copy is not None:  # trained whole: a table of its own
+        table = end.copy.clone()
+    elif end.base is not None:
+        # the base table as it was while training, frozen: its rows below the base model's are the base's own,
+        # as served (whatever its precision or quantization); only the rows it adds are kept
+        table = None
+        extra = torch.arange(V0, max(V0, size))
+        if index is not None:
+            extra = extra[~torch.isin(extra, index)]
+        if len(extra):
+            index = extra if index is None else torch.cat([index, extra])
+            add = end.base[V0:size][extra - V0]
+            rows = add.clone() if rows is None else torch.cat([rows, add])
+    elif index is not None:
+        missing = sorted(set(range(V0, size)) - set(index.tolist()))
         if missing:
             raise InvalidAdapterError(f"ids {missing[0]}..{missing[-1]} of {end.module} are past the base model's "
                                       f"{V0} and not saved", key=end.keys["tokens"])
-        index, rows = torch.tensor(end.indices, dtype=torch.long), end.tokens.to(dtype)
-        if 2 * len(index) > size and ref is not None:  # most rows trained: a table of its own computes once
-            t = torch.empty(size, H, dtype=dtype)
-            t[:V0] = ref.to("cpu")
-            t[index] = rows
-            table, index, rows = t, None, None
     if table is None and index is None and lora_A is None and size == V0:
         return None  # the base's own, as saved for training
-    return VocabSide(size, None if table is None else table.contiguous(), index, rows, lora_A, lora_B, scale)
-
-
-def _changed(t: torch.Tensor, ref: torch.Tensor | None, V0: int) -> list[int]:
-    """The rows of t [V, H] (the base table's dtype) that differ from the served base table `ref` [V0, H]
-    (None: not known, every row), and its rows past it."""
-    if ref is None:
-        return list(range(t.shape[0]))
-    n = min(V0, t.shape[0])
-    out: list[int] = []
-    for i in range(0, n, CHUNK):
-        j = min(n, i + CHUNK)
-        differ = (t[i:j].to(ref.device) != ref[i:j]).any(dim=1)
-        out += (differ.nonzero().flatten() + i).tolist()
-    return out + list(range(V0, t.shape[0]))
+    return VocabSide(size, table, index, rows, lora_A, lora_B, scale)

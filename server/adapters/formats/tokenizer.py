@@ -20,23 +20,35 @@ from ..spec import AdapterWeights, BaseModelInfo
 # the files transformers reads for a tokenizer; any of them in a folder makes the tokenizer the folder's own
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")
+# the ones that hold a vocabulary: a folder with none of them (a chat template alone, say) changes the base's
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-def load_tokenizer(files: dict[str, Path]) -> tuple[str, Any] | None:
-    """(fingerprint, tokenizer) of the tokenizer files among `files`, or None when it has none. The tokenizer
-    is built from the very bytes fingerprinted (copied aside), so a folder replaced meanwhile cannot make
-    them disagree. Never runs code from the folder (`trust_remote_code` off, no download)."""
+def tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
+    """The files a loaded tokenizer saves (the base model's: what an adapter's partial set lays over)."""
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file() and p.name in TOKENIZER_FILES}
+
+
+def load_tokenizer(files: dict[str, Path], base: dict[str, bytes] | None = None) -> tuple[str, Any] | None:
+    """(fingerprint, tokenizer) of the tokenizer files among `files`, or None when it has none. A set without
+    a vocabulary file (a chat template alone, a tokenizer_config) is laid over the base tokenizer's files
+    `base`. The tokenizer is built from the very bytes fingerprinted (copied aside), so a folder replaced
+    meanwhile cannot make them disagree. Never runs code from the folder (`trust_remote_code` off, no
+    download)."""
     names = [n for n in TOKENIZER_FILES if n in files]
     if not names:
         return None
     blobs = {n: files[n].read_bytes() for n in names}
+    under = base if base and not any(n in VOCABULARY_FILES for n in names) else {}
     digest = hashlib.sha256()
-    for n in names:
-        digest.update(n.encode() + b"\0" + len(blobs[n]).to_bytes(8, "little") + blobs[n])
+    for n, b in [*sorted(under.items()), *blobs.items()]:
+        digest.update(n.encode() + b"\0" + len(b).to_bytes(8, "little") + b)
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as d:
-        for n, b in blobs.items():
+        for n, b in {**under, **blobs}.items():
             (Path(d) / n).write_bytes(b)
         try:
             tok = AutoTokenizer.from_pretrained(d, trust_remote_code=False, local_files_only=True)

@@ -249,6 +249,14 @@ class VocabMethod(AdapterMethod):
         def put(t: torch.Tensor | None, dtype: torch.dtype = dt) -> torch.Tensor | None:
             return None if t is None else t.to(device=dev, dtype=dtype).contiguous()
 
+        module = self.ctx.embedding if embed else self.ctx.head
+        if self._as_table(v, embed):
+            # most rows trained: a table of its own computes once, where rows over the base would compute twice
+            assert module is not None
+            w: torch.Tensor = module.weight.detach()  # type: ignore[operator]
+            table = torch.cat([w, w.new_zeros(max(0, v.size - w.shape[0]), w.shape[1])])[: v.size].clone()
+            table[v.index.to(dev)] = v.rows.to(device=dev, dtype=table.dtype)  # type: ignore[union-attr]
+            v = VocabSide(v.size, table, None, None, v.lora_A, v.lora_B, v.lora_scale)
         index = put(v.index, torch.long)
         remap = None
         if embed and index is not None:
@@ -256,6 +264,13 @@ class VocabMethod(AdapterMethod):
             remap[index] = torch.arange(index.shape[0], device=dev)
         sB = None if v.lora_B is None else put(v.lora_B * v.lora_scale, F32)
         return _Side(v.size, put(v.table), index, put(v.rows), remap, put(v.lora_A, F32), sB)
+
+    def _as_table(self, v: VocabSide, embed: bool) -> bool:
+        """Whether an end of trained rows is kept as a table of its own: most of its rows are trained, and the
+        base's are plain weights to copy the rest from (not a quantized head's)."""
+        module = self.ctx.embedding if embed else self.ctx.head
+        return (v.index is not None and v.table is None and 2 * len(v.index) > v.size and module is not None
+                and not getattr(module, "quantized", False))
 
     def write(self, slot: int, payload: MethodWeights) -> None:
         assert isinstance(payload, VocabWeights)
@@ -326,6 +341,10 @@ class VocabMethod(AdapterMethod):
         total = 0
         for side, embed in ((payload.embed, True), (payload.head, False)):
             if side is None:
+                continue
+            if self._as_table(side, embed):
+                total += side.size * self.ctx.base.hidden_size * self.ctx.dtype.itemsize
+                total += sum(t.numel() for t in (side.lora_A, side.lora_B) if t is not None) * 4
                 continue
             total += sum(t.numel() for t in (side.table, side.rows) if t is not None) * self.ctx.dtype.itemsize
             total += sum(t.numel() for t in (side.lora_A, side.lora_B) if t is not None) * 4
