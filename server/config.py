@@ -39,8 +39,8 @@ class EngineConfig:
     cuda_graphs: Graphs = "auto"
     compile_kernels: bool = True  # pack sibling projections; with CUDA graphs, fuse the decode step's elementwise chains
     device_slots: int = 16  # adapters resident on the device at once
-    # device bytes they may hold together: None, half the GPU memory free once the model and the KV cache are in
-    # place (no limit on the CPU); 0, no limit but the slot count
+    # device bytes they may hold together: None ("auto"), half the GPU memory free once the model is in place,
+    # less the KV cache still to grow (no limit on the CPU); 0, no limit but the slot count
     adapter_device_bytes: int | None = None
 
 
@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     admin_api_key: str | None = None
     adapter_load_root: Path | None = None  # turns on POST /v1/load_lora_adapter for folders under it
     log_level: str = "info"
+
+    @field_validator("adapter_device_bytes", mode="before")
+    @classmethod
+    def _auto(cls, v: object) -> object:
+        return None if isinstance(v, str) and v.strip().lower() == "auto" else v
 
     @field_validator("log_level")
     @classmethod

@@ -385,22 +385,23 @@ class Registry:
     def _host_touch(self, rec: AdapterRecord) -> None:
         self._host[rec.key] = None
         self._host.move_to_end(rec.key)
-        self._host_evict()
+        self._host_evict(keep=rec.key)
 
-    def _host_evict(self) -> None:
+    def _host_evict(self, keep: Key | None = None) -> None:
         """Keep at most host_capacity parsed adapters, holding at most host_bytes (0: no limit), least recently
-        used out first; pinned ones stay even past either."""
+        used out first. Pinned ones stay even past either, and so does `keep`, the one just loaded or used (its
+        request pins it next: one larger than the whole budget is held alone)."""
         cap, budget = self.cfg.host_capacity, self.cfg.host_bytes
-        held = {k: w.size_bytes for k in self._host if (r := self._records.get(k)) is not None and (w := r.weights)}
-        count, total = len(self._host), sum(held.values())
+        size = {k: r.manifest.size_bytes for k in self._host if (r := self._records.get(k)) is not None}
+        count, total = len(self._host), sum(size.values())
         for key in list(self._host):
             if count <= cap and (not budget or total <= budget):
                 break
             rec = self._records.get(key)
-            if rec is not None and rec.pins == 0:
+            if key != keep and rec is not None and rec.pins == 0:
                 rec.weights = None
                 del self._host[key]
-                count, total = count - 1, total - held.get(key, 0)
+                count, total = count - 1, total - size.get(key, 0)
 
     # -- introspection ------------------------------------------------------------------------
     def tier_counts(self) -> dict[str, int]:

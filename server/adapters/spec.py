@@ -45,6 +45,10 @@ class BaseModelInfo:
     tokenizer_size: int = 0
     # the base tokenizer's files (name -> bytes), which an adapter's partial set of tokenizer files lays over
     tokenizer_files: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+    # side ("embed", "head") -> (the dtype its table is served in, a hash of each row's bits [V] int64 on the
+    # host): what tells a saved table's rows that differ from the base's, without keeping the table twice.
+    # Absent where the table is not plain weights (a quantized head).
+    rows: dict[str, tuple[torch.dtype, torch.Tensor]] = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
     def from_model(model: Any, tokenizer: Any = None) -> BaseModelInfo:
@@ -78,7 +82,9 @@ class BaseModelInfo:
                              embed_module=names[id(embed)], head_module=names[id(head)],
                              vocab_size=int(embed.weight.shape[0]), tied=tied_embeddings(model),
                              tokenizer_size=len(tokenizer) if tokenizer is not None else 0,
-                             tokenizer_files={} if tokenizer is None else tokenizer_files(tokenizer))
+                             tokenizer_files={} if tokenizer is None else tokenizer_files(tokenizer),
+                             rows={side: (m.weight.dtype, row_hashes(m.weight.detach())) for side, m in
+                                   (("embed", embed), ("head", head)) if not getattr(m, "quantized", False)})
 
     def outside(self, module: str) -> str | None:
         """What part of the model `module` belongs to where that part is not served (the vision tower), or None."""
@@ -102,6 +108,17 @@ class BaseModelInfo:
         parts = module.split(".")
         i = parts.index("layers")
         return int(parts[i + 1]), parts[-1]
+
+
+def row_hashes(w: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """[V] int64 on the host: a hash of the bits of each row of w [V, H] (a weighted sum with odd 64-bit
+    weights, which any one changed element always changes), to tell which rows of two tables differ."""
+    kind = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[w.element_size()]
+    weights = torch.randint(1, 2**62, (w.shape[1],), generator=torch.Generator().manual_seed(0x5EED), dtype=torch.int64) | 1
+    weights = weights.to(w.device)
+    out = [(w[i : i + chunk].contiguous().view(kind).to(torch.int64) * weights).sum(-1).cpu()
+           for i in range(0, w.shape[0], chunk)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
 
 
 def tied_embeddings(model: Any) -> bool:

@@ -68,17 +68,20 @@ from .vocab import Vocabularies, Vocabulary
 log = logging.getLogger(__name__)
 
 
-def device_budget(asked: int | None, device: torch.device) -> int:
+def device_budget(asked: int | None, device: torch.device, kv_to_come: int = 0) -> int:
     """The device bytes resident adapters may hold (0: no limit but the slot count). Not asked: on a GPU, half
-    the memory free once the model and the KV cache are in place (trained LM heads are as large as the
-    base's; the rest stays for activations and graphs); on the CPU no limit, host memory is the OS's to share."""
+    the memory free once the model is in place, less the KV cache still to grow there (`kv_to_come`: a cache
+    that grows as rows need it; a static one is allocated already); the other half stays for activations
+    and captured graphs. On the CPU no limit: host memory is the OS's to share. Each process measures what
+    is free when it starts (replicas sharing a GPU each see what the others left)."""
     if asked is not None:
         return asked
     if device.type != "cuda":
         return 0
     free, _ = torch.cuda.mem_get_info(device)
-    log.info("adapters may hold %.2f GiB of device memory (half of what is free; --adapter-device-bytes)", free / 2**31)
-    return int(free // 2)
+    budget = max(0, int(free - kv_to_come) // 2)
+    log.info("adapters may hold %.2f GiB of device memory (--adapter-device-bytes)", budget / 2**30)
+    return max(budget, 1)  # never 0, which would mean no limit
 
 
 class Engine:
@@ -108,7 +111,8 @@ class Engine:
                                   compile_kernels=static and cuda and cfg.compile_kernels, encode=self.runner.prefix_kv)
         self.adapters = AdapterManager(self.slots, on_change=self._resident_changed,
                                        on_evict=self.metrics.cache.labels("evict").inc,
-                                       byte_budget=device_budget(cfg.adapter_device_bytes, loaded.device))
+                                       byte_budget=device_budget(cfg.adapter_device_bytes, loaded.device,
+                                                                 0 if static else self._kv_bytes(cfg.kv_cache_tokens)))
         # the base model's tokenizer and ids, and the vocabularies adapters bring (added tokens)
         self.vocabularies = Vocabularies(self.tokenizer, self.slots.base.vocab_size)
         self.graphs = DecodeGraphs(self.runner, self.slots, capture=cuda) if static else None
@@ -127,6 +131,11 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.decode_steps = 0
+
+    def _kv_bytes(self, tokens: int) -> int:
+        """Device bytes of `tokens` positions of the KV cache (keys and values of every layer)."""
+        r = self.runner
+        return tokens * 2 * len(r.layers) * r.n_kv * r.head_dim * r.dtype.itemsize
 
     @property
     def grammars(self) -> Grammars:

@@ -4,8 +4,9 @@ A request joins when a row is free, its prompt fits the iteration's prefill budg
 always does: over the budget, it is prefilled in chunks, alone), the KV cache can hold every row's
 longest reach, and its adapter gets a device slot. Order is first come, first served, except that a
 request whose adapter finds the slots (or the device bytes) held by running rows is passed over for this
-iteration; passed over `patience` times, it stops the line behind it, so that running rows drain and
-free what it needs instead of new rows of resident adapters taking their place forever.
+iteration; passed over `patience` times, no request for an adapter overtakes it any more (requests for
+the bare model still do), so that running rows drain and free what it needs instead of new rows of
+resident adapters taking their place forever.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ class Scheduler:
         joined: list[Seq] = []
         budget = self.prefill_budget
         reserve = max((s.still_needs for s in running), default=0)
+        held = False  # a request waited past its patience: only requests that need no adapter pass it now
         for s in list(waiting):
+            if held and s.req.adapter_id is not None:
+                continue
             rows = len(running) + len(joined)
             n = s.prompt_len
             if rows >= self.max_rows or (joined and n > budget):
@@ -48,9 +52,11 @@ class Scheduler:
             if rows > 0 and self.kv_tokens_for(rows + 1, need) > self.kv_budget:
                 break  # the KV budget is full: wait for rows to finish
             if not grant(s):
+                if s not in waiting:
+                    continue  # the engine ended it (it is not waiting for room)
                 s.passed_over += 1
-                if s.passed_over >= self.patience:
-                    break  # nobody overtakes it any more: running rows drain until its adapter fits
+                # past its patience, no adapter's request overtakes it: running rows drain until it fits
+                held = held or s.passed_over >= self.patience
                 continue  # the slots or bytes it needs are held by running rows: this one waits its turn
             waiting.remove(s)
             if n > budget:

@@ -92,7 +92,7 @@ CASES = [
     ("lora_qv", lambda d: edit_tensors(d, lambda t: t.update({"base_model.model.lm_head.lora_magnitude_vector": torch.ones(256)}), "adapter_model.safetensors"), UnsupportedAdapterError, "DoRA"),
     ("lora_qv", lambda d: edit_tensors(d, lambda t: t.update({"base_model.model.lm_head.lora_B.bias": torch.ones(256)}), "adapter_model.safetensors"), UnsupportedAdapterError, "lm_head.lora_B.bias"),
     ("lora_qv", lambda d: edit_tensors(d, lambda t: t.update({"base_model.model.lm_head.weight": torch.zeros(256, 32)}), "adapter_model.safetensors"), InvalidAdapterError, "lm_head.weight"),
-    ("lora_qv", lambda d: edit_tensors(d, lambda t: t.update({"base_model.model.lm_head.weight": torch.zeros(250, 64)}), "adapter_model.safetensors"), InvalidAdapterError, "lm_head"),
+    ("lora_qv", lambda d: edit_tensors(d, lambda t: t.update({"base_model.model.lm_head.weight": torch.zeros(258, 64)}), "adapter_model.safetensors"), InvalidAdapterError, "its LM head 258"),
     ("lora_qv", lambda d: (edit_config(d, lambda c: c.update(trainable_token_indices=[3, 4, 3])),
                            edit_tensors(d, lambda t: t.update({"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": torch.zeros(3, 64)}), "adapter_model.safetensors")),
      InvalidAdapterError, "trainable_token_indices"),

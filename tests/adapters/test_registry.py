@@ -264,6 +264,11 @@ def test_host_tier_holds_bytes_too(tmp_path):
     ref = r.acquire("a")  # pinned, it stays even past the budget; h, least recent, goes
     assert tiers(r) == {"a": "host", "h": "disk", "b": "host"}
     r.release(ref)
+    tiny = Registry(AdapterStore(tmp_path / "store"), BASE, RegistryConfig(8, host_bytes=16))  # under any adapter
+    tiny.scan()
+    ref = tiny.acquire("h")  # loaded and kept alone (it used to be dropped as soon as read, and read again)
+    assert tiers(tiny)["h"] == "host" and tiny.weights(ref) is not None
+    tiny.release(ref)
 
 
 def test_restart_lists_everything_at_once_and_loads_lazily(tmp_path):

@@ -162,6 +162,12 @@ def test_what_each_layout_becomes(models):
     assert v.head is None and v.embed.table is not None
     v = vocab("gemma3", "lora_head")
     assert v.embed is None and v.head.lora_A is not None
+    v = vocab("llama", "added_changed")  # saved base tables trained before the resize: their differing rows too
+    assert sorted(v.embed.index.tolist()) == [5, 17, 42, 256, 257] and sorted(v.head.index.tolist()) == [7, 9, 256, 257]
+    v = vocab("llama", "shrunk_head")  # resized down: the embedding keeps the base's rows, 248 of them
+    assert v.size == 248 and v.embed is not None and v.embed.size == 248 and v.embed.index is None and v.head.lora_A is not None
+    v = vocab("gemma3", "added_tied")  # one trained copy under both ends, the head's plain key included
+    assert v.size == 258 and torch.equal(v.embed.table, v.head.table)
 
 
 def test_a_tokenizer_must_fit_the_vocabulary(models, tmp_path):
@@ -208,10 +214,19 @@ def test_a_partial_tokenizer_lays_over_the_base_one(models, tmp_path):
     got = load_tokenizer(files, info.tokenizer_files)
     assert got is not None and got[0] == fp and len(got[1]) == info.tokenizer_size
     assert got[1].apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[hi]"
+    # over a base that has a template of its own, the adapter's wins, in a tokenizer_config as in a .jinja file
+    base_files = {**info.tokenizer_files, "chat_template.jinja": b"BASE{{ messages[0]['content'] }}"}
+    (tmp_path / "tokenizer_config.json").write_text('{"chat_template": "ADAPTER{{ messages[0][\'content\'] }}"}')
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        got = load_tokenizer({name: tmp_path / name}, base_files)
+        assert got is not None and not got[1].apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).startswith("BASE")
+    # the fingerprint is the folder's own files': a base tokenizer re-saved other bytes does not change it
+    assert load_tokenizer(files, base_files)[0] == fp
 
 
-EXPORTS = [("llama", "added_mts"), ("llama", "added_tokens"), ("llama", "lora_embed"), ("llama", "tokens_both"),
-           ("gemma3", "mts_head"), ("gemma3", "lora_tied"), ("gemma3", "added_tokens")]
+EXPORTS = [("llama", "added_mts"), ("llama", "added_tokens"), ("llama", "added_changed"), ("llama", "shrunk_head"),
+           ("llama", "lora_embed"), ("llama", "tokens_both"), ("gemma3", "mts_head"), ("gemma3", "lora_tied"),
+           ("gemma3", "added_tokens"), ("gemma3", "added_tied")]
 
 
 @pytest.mark.parametrize("base,name", EXPORTS, ids=[f"{b}-{n}" for b, n in EXPORTS])
@@ -239,7 +254,7 @@ def test_merge_writes_a_standalone_model_plain_transformers_loads(vrefs, tmp_pat
         got = plain(ids).logits
     assert (got - r[name]).abs().max().item() < 1e-4  # folding LoRA rounds W + s B A once
     tied = plain.get_output_embeddings().weight is plain.get_input_embeddings().weight
-    assert tied == (base == "gemma3" and name in ("added_tokens", "lora_tied"))
+    assert tied == (base == "gemma3" and name in ("added_tokens", "lora_tied", "added_tied"))
     with torch.no_grad():
         for b in range(ids.shape[0]):
             seq = ids[b : b + 1]
@@ -262,8 +277,8 @@ def test_bfloat16_rows_equal_peft_on_a_bfloat16_base(vrefs, base, name):
     ids = r[f"inputs/{name}"]
     ours = torch.stack(forward(runner, slots, [(ids[b], 1) for b in range(ids.shape[0])]))
     lib_model = AutoModelForCausalLM.from_pretrained(BASES[base], dtype=bf16).eval()
-    if name.startswith("added"):
-        lib_model.resize_token_embeddings(258)  # as PEFT needs it; the adapter saved the resized tables
+    if size := r[name].shape[-1] if r[name].shape[-1] != 256 else None:
+        lib_model.resize_token_embeddings(size)  # as PEFT needs it; the adapter saved the resized tables
     pm = PeftModel.from_pretrained(lib_model, str(VOCAB / base / name)).eval()
     with torch.no_grad():
         lib = torch.cat([pm(ids[b : b + 1]).logits[:, -ids.shape[1] :] for b in range(ids.shape[0])]).float()

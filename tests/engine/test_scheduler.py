@@ -65,10 +65,15 @@ def test_a_request_passed_over_too_often_stops_the_line_until_it_fits():
     for i in (2,):  # more rows of the resident adapter arrive, and still overtake it
         waiting.append(seq(i, 5, adapter="small"))
         assert [x.req.request_id for x in s.admit(waiting, [], lambda x: x.req.adapter_id != "big").joined] == [f"r{i}"]
-    waiting.append(seq(9, 5, adapter="small"))
-    assert s.admit(waiting, [], lambda x: x.req.adapter_id != "big").joined == []  # the line waits for it
+    waiting += [seq(9, 5, adapter="small"), seq(10, 5)]
+    joined = s.admit(waiting, [], lambda x: x.req.adapter_id != "big").joined
+    assert [x.req.request_id for x in joined] == ["r10"]  # adapters wait for it; the bare model needs no room
     assert big.passed_over == 3 and [x.req.request_id for x in waiting] == ["r0", "r9"]
     assert [x.req.request_id for x in s.admit(waiting, [], lambda x: True).joined] == ["r0", "r9"]
+    gone = seq(11, 5, adapter="bad")
+    waiting = deque([gone])
+    s.admit(waiting, [], lambda x: waiting.remove(x) or False)  # the engine ended it: not a pass
+    assert gone.passed_over == 0
 
 
 def test_the_scheduler_and_the_http_layer_never_import_torch():

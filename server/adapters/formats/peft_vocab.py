@@ -19,8 +19,8 @@ On a tied base one table sits under both ends: a base table saved for one end is
 trained rows of the embedding are the head's rows as well (PEFT ties its token adapter to the head),
 while a trained copy or a LoRA stays on its own end (unless `ensure_weight_tying`, where PEFT saves
 both ends itself). Each end is then reduced to a `VocabSide`: a trained copy is a table of its own; a
-saved base table (frozen while training) gives only the rows it adds past the base model's, its other
-rows being the base's own as served; trained rows stay rows.
+saved base table (frozen while training, loaded by PEFT over the base's) gives the rows that differ from
+the base's as served and the rows it adds, its others being the base's own; trained rows stay rows.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 
 from ...errors import InvalidAdapterError, UnsupportedAdapterError
 from ..methods.vocab import VocabSide, VocabWeights
-from ..spec import BaseModelInfo
+from ..spec import BaseModelInfo, row_hashes
 from .tensors import expect_shape
 
 PREFIX = "base_model.model."
@@ -124,6 +124,11 @@ def split_vocab(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: Bas
     rest: dict[str, torch.Tensor] = {}
     standalone = cfg.get("peft_type") == "TRAINABLE_TOKENS"
     prefix = PROMPT_PREFIX if cfg.get("peft_type") in PROMPT_TYPES else PREFIX
+    # With ensure_weight_tying on a tied base, PEFT keeps one trained copy for both ends and saves it under
+    # the head's plain key too; a copy saved inside its wrapper (a resized vocabulary) makes the plain key
+    # the copy as well. Elsewhere a plain key of a module not in modules_to_save is the base table.
+    ensure = bool(cfg.get("ensure_weight_tying")) and base.tied and _matches(base.embed_module, mts)
+    wrapped = {end.module for end in ends.values() if prefix + end.module + ".modules_to_save.weight" in tensors}
     for key, t in tensors.items():
         side = None
         for s, end in ends.items():
@@ -136,7 +141,8 @@ def split_vocab(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: Bas
         tail = key[len(prefix + end.module) :]
         part = next((p for suffix, p in SUFFIXES.items() if tail == suffix), None)
         if part == "plain":
-            part = "copy" if _matches(end.module, mts) else "base"
+            trained = _matches(end.module, mts) or end.module in wrapped or (ensure and side == "head")
+            part = "copy" if trained else "base"
         if part is None or (part in ("lora_A", "lora_B") and ("embedding" in tail) != (side == "embed")):
             why = ("DoRA on the embedding or the LM head is not served" if "magnitude" in tail else
                    "a LoRA bias on the LM head is not served" if "bias" in tail else
@@ -155,16 +161,22 @@ def split_vocab(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: Bas
     if base.tied:
         _tie(ends["embed"], ends["head"], bool(cfg.get("ensure_weight_tying")))
     sides = {s: _side(s, end, base, lora_scale) for s, end in ends.items()}
-    sizes = {s: v.size if v is not None else base.vocab_size for s, v in sides.items()}
-    if sizes["embed"] != sizes["head"]:
-        e, h = sizes["embed"], sizes["head"]
-        raise InvalidAdapterError(
-            f"the adapter's input embedding has {e} token ids and its LM head {h} (the base model has {base.vocab_size}): "
-            "PEFT saved no rows for the ids one end lacks; train that end too (modules_to_save or "
-            "trainable_token_indices), so that both ends hold every id", key=PREFIX + (base.head_module if h < e else base.embed_module))
     if sides["embed"] is None and sides["head"] is None:
         return rest, None
-    return rest, VocabWeights(sizes["embed"], sides["embed"], sides["head"])
+    V0 = base.vocab_size
+    for s, other in (("embed", "head"), ("head", "embed")):
+        # one end resized down, the other as the base's: the base's rows past the smaller size drop out (a
+        # vocabulary resized to its tokenizer, Qwen's padding rows gone); resized up, they are missing
+        o = sides[other]
+        if sides[s] is None and o is not None and o.size < V0:
+            sides[s] = VocabSide(o.size)
+    e, h = (v.size if v is not None else V0 for v in (sides["embed"], sides["head"]))
+    if e != h:
+        raise InvalidAdapterError(
+            f"the adapter's input embedding has {e} token ids and its LM head {h} (the base model has {V0}): "
+            "PEFT saved no rows for the ids one end lacks; train that end too (modules_to_save or "
+            "trainable_token_indices), so that both ends hold every id", key=PREFIX + (base.head_module if h < e else base.embed_module))
+    return rest, VocabWeights(e, sides["embed"], sides["head"])
 
 
 def _tie(embed: _End, head: _End, ensure: bool) -> None:
@@ -188,7 +200,8 @@ def _tie(embed: _End, head: _End, ensure: bool) -> None:
 
 
 def _side(side: str, end: _End, base: BaseModelInfo, lora_scale: Callable[[str, int], float]) -> VocabSide | None:
-    """One end as served: its size, its rows that differ from the base table (or a table of its own), its LoRA."""
+    """One end as served: its size, a table of its own (a trained copy) or the rows it replaces or adds over
+    the base's, its LoRA."""
     if end.empty:
         return None
     H, V0 = base.hidden_size, base.vocab_size
@@ -226,15 +239,17 @@ def _side(side: str, end: _End, base: BaseModelInfo, lora_scale: Callable[[str, 
     if end.copy is not None:  # trained whole: a table of its own
         table = end.copy.clone()
     elif end.base is not None:
-        # the base table as it was while training, frozen: its rows below the base model's are the base's own,
-        # as served (whatever its precision or quantization); only the rows it adds are kept
+        # the base table as it was while training (frozen there), which PEFT loads over the base's: its rows that
+        # differ from the base's as served (an embedding trained before the resize, say) and the rows it adds
+        # are kept; the others are the base's own. Where the base table is not plain weights (a quantized
+        # head), its rows below the base's are taken as the base's.
         table = None
-        extra = torch.arange(V0, max(V0, size))
+        extra = torch.cat([_differing(end.base, base, side), torch.arange(V0, max(V0, size))])
         if index is not None:
             extra = extra[~torch.isin(extra, index)]
         if len(extra):
             index = extra if index is None else torch.cat([index, extra])
-            add = end.base[V0:size][extra - V0]
+            add = end.base[extra]
             rows = add.clone() if rows is None else torch.cat([rows, add])
     elif index is not None:
         missing = sorted(set(range(V0, size)) - set(index.tolist()))
@@ -244,3 +259,13 @@ def _side(side: str, end: _End, base: BaseModelInfo, lora_scale: Callable[[str, 
     if table is None and index is None and lora_A is None and size == V0:
         return None  # the base's own, as saved for training
     return VocabSide(size, table, index, rows, lora_A, lora_B, scale)
+
+
+def _differing(t: torch.Tensor, base: BaseModelInfo, side: str) -> torch.Tensor:
+    """The ids below the base's whose rows of t [V, H] differ from the base table's in the dtype it is served
+    in (compared by the hashes of their bits: BaseModelInfo.rows); none where those are not known."""
+    if side not in base.rows:
+        return torch.zeros(0, dtype=torch.long)
+    dtype, hashes = base.rows[side]
+    n = min(len(hashes), t.shape[0])
+    return (row_hashes(t[:n].to(dtype)) != hashes[:n]).nonzero().flatten()

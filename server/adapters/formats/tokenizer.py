@@ -3,13 +3,15 @@ fingerprinted, and checked against the vocabulary the adapter's weights hold (do
 
 Trainers save the tokenizer beside the adapter (`tokenizer.json`, `tokenizer_config.json`,
 `chat_template.jinja`, ...). When a folder has one, its requests are tokenised, templated and
-detokenised with it; the fingerprint (sha256 of those files) names it, so adapters that share one share
+detokenised with it (a partial set, a chat template alone say, laid over the base's files); the
+fingerprint (sha256 of the folder's tokenizer files) names it, so adapters that share one share
 its loaded copy, and a request can tell whether the version it pinned speaks the one it was tokenised with.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,19 +33,31 @@ def tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file() and p.name in TOKENIZER_FILES}
 
 
+def _has_template(blobs: dict[str, bytes]) -> bool:
+    if any(n.startswith("chat_template") for n in blobs):
+        return True
+    try:
+        return "chat_template" in json.loads(blobs.get("tokenizer_config.json", b"{}"))
+    except ValueError:
+        return False
+
+
 def load_tokenizer(files: dict[str, Path], base: dict[str, bytes] | None = None) -> tuple[str, Any] | None:
     """(fingerprint, tokenizer) of the tokenizer files among `files`, or None when it has none. A set without
     a vocabulary file (a chat template alone, a tokenizer_config) is laid over the base tokenizer's files
-    `base`. The tokenizer is built from the very bytes fingerprinted (copied aside), so a folder replaced
-    meanwhile cannot make them disagree. Never runs code from the folder (`trust_remote_code` off, no
-    download)."""
+    `base` (the base's chat template left out where the set brings one in any form). The fingerprint is a
+    sha256 of the folder's own files (so a re-saved base tokenizer does not change it); the tokenizer is
+    built from the very bytes fingerprinted (copied aside), so a folder replaced meanwhile cannot make them
+    disagree. Never runs code from the folder (`trust_remote_code` off, no download)."""
     names = [n for n in TOKENIZER_FILES if n in files]
     if not names:
         return None
     blobs = {n: files[n].read_bytes() for n in names}
-    under = base if base and not any(n in VOCABULARY_FILES for n in names) else {}
-    digest = hashlib.sha256()
-    for n, b in [*sorted(under.items()), *blobs.items()]:
+    under = dict(base) if base and not any(n in VOCABULARY_FILES for n in names) else {}
+    if under and _has_template(blobs):  # its own template, in whatever form, wins over the base's
+        under = {n: b for n, b in under.items() if not n.startswith("chat_template")}
+    digest = hashlib.sha256(b"over the base\0" if under else b"")  # the adapter's own bytes name it, not the base's
+    for n, b in blobs.items():
         digest.update(n.encode() + b"\0" + len(b).to_bytes(8, "little") + b)
     from transformers import AutoTokenizer
 

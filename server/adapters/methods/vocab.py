@@ -3,7 +3,7 @@
 What PEFT saves beyond the decoder layers (docs/adapters.md §10): a trained copy of the embedding or of the
 LM head (`modules_to_save`), trained rows of them (trainable tokens), LoRA on either, and with tokens
 added, a larger vocabulary. The format reader reduces all of these to one `VocabSide` per end: how many
-ids it has, then either a table of its own (most rows differ from the base's) or the rows it replaces or
+ids it has, then either a table of its own (a trained copy) or the rows it replaces or
 adds over the base table, and a LoRA pair on top. It serves beside an adapter's family in the same slot
 (LoRA with a trained head), or alone (PEFT's TRAINABLE_TOKENS type, this method's own label).
 
@@ -47,9 +47,9 @@ class VocabSide:
     """One end of an adapter's vocabulary (the input embedding, or the LM head), as it differs from the base."""
 
     size: int  # ids (rows) this end has: the base's, or more (tokens added), or fewer (a vocabulary resized down)
-    table: torch.Tensor | None = None  # [size, H]: a table of its own, in the model's dtype
+    table: torch.Tensor | None = None  # [size, H]: a table of its own (float32 on the host, the model's dtype in a slot)
     index: torch.Tensor | None = None  # [n] long: the rows it replaces or adds over the base table
-    rows: torch.Tensor | None = None  # [n, H], in the model's dtype
+    rows: torch.Tensor | None = None  # [n, H] (as `table`)
     lora_A: torch.Tensor | None = None  # embedding: [r, size]; LM head: [r, H] (float32)
     lora_B: torch.Tensor | None = None  # embedding: [H, r]; LM head: [size, r]
     lora_scale: float = 1.0
