@@ -4,8 +4,9 @@ The registry keeps the catalogue (ids, versions, pins, the host tier, the disk s
 the device slot table: which version sits in which slot, the slots' LRU order, how many admitted rows
 use each slot, and the device bytes each slot's adapter holds. Two limits bound the tier: the slot count,
 and a byte budget (a trained LM head is as large as the base model's, an (IA)3 vector a few KB), so a
-new adapter evicts as many idle ones, least recently granted first, as it needs room. It is the only code that writes or clears a slot, so the table and the slot
-storage (and `device_bytes`) cannot drift apart. What happens elsewhere reaches it as calls made on the
+new adapter evicts as many idle ones, least recently granted first, as it needs room. It is the only
+code that writes or clears a slot, so the table and the slot storage (and `device_bytes`) cannot drift
+apart. What happens elsewhere reaches it as calls made on the
 engine thread: `grant` when a row is admitted, `release` when it leaves, `retire` when the registry
 replaced or deleted a version (a message through the engine's inbox).
 """

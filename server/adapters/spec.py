@@ -5,6 +5,7 @@ Tensors here live on the host in float32; methods copy them into device slots.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -54,9 +55,8 @@ class BaseModelInfo:
     def from_model(model: Any, tokenizer: Any = None) -> BaseModelInfo:
         """The facts of a loaded model, and of its tokenizer where given (what adapter tokenizers are checked
         against and laid over)."""
-        from .formats.tokenizer import (
-            tokenizer_files,  # reads only the tokenizer: no cycle at import time
-        )
+        # formats reads this module at import; it is read here, when a model is described, not at import
+        from .formats.tokenizer import tokenizer_files
 
         arch = architecture(model.config.model_type)
         cfg: Any = text_config(model.config)
@@ -83,7 +83,7 @@ class BaseModelInfo:
                              vocab_size=int(embed.weight.shape[0]), tied=tied_embeddings(model),
                              tokenizer_size=len(tokenizer) if tokenizer is not None else 0,
                              tokenizer_files={} if tokenizer is None else tokenizer_files(tokenizer),
-                             rows={side: (m.weight.dtype, row_hashes(m.weight.detach())) for side, m in
+                             rows={side: (m.weight.dtype, _row_hashes_of(m.weight)) for side, m in
                                    (("embed", embed), ("head", head)) if not getattr(m, "quantized", False)})
 
     def outside(self, module: str) -> str | None:
@@ -119,6 +119,24 @@ def row_hashes(w: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     out = [(w[i : i + chunk].contiguous().view(kind).to(torch.int64) * weights).sum(-1).cpu()
            for i in range(0, w.shape[0], chunk)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+
+
+# each table's row hashes, made once per table (and version of it): a model is described more than once
+# (the registry's description, the slots', one per parse in the tests), and a tied table serves both ends
+# (by identity: tensors compare elementwise), dropped with its table
+_HASHED: dict[int, tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = {}
+
+
+def _row_hashes_of(weight: torch.Tensor) -> torch.Tensor:
+    key = id(weight)
+    got = _HASHED.get(key)
+    if got is None or got[0]() is not weight or got[1] != weight._version:
+
+        def gone(_: weakref.ref[torch.Tensor]) -> None:
+            _HASHED.pop(key, None)
+
+        got = _HASHED[key] = (weakref.ref(weight, gone), weight._version, row_hashes(weight.detach()))
+    return got[2]
 
 
 def tied_embeddings(model: Any) -> bool:

@@ -63,7 +63,7 @@ from .types import (
     TokenEvent,
     TopLogprobs,
 )
-from .vocab import Vocabularies, Vocabulary
+from .vocab import Vocabularies, Vocabulary, eos_ids
 
 log = logging.getLogger(__name__)
 
@@ -148,22 +148,20 @@ class Engine:
         if adapter_id is None:
             return self.vocabularies.base
         for _ in range(3):  # a replace landing between the manifest and the files: read both again
-            fingerprint, size = self.registry.vocabulary(adapter_id)
             try:
-                return self.vocabularies.get(fingerprint, size, lambda: self.registry.read_tokenizer(adapter_id))
+                return self._vocabulary_of(adapter_id, *self.registry.vocabulary(adapter_id))
             except AdapterChangedError:
                 continue
         raise AdapterChangedError(f"adapter {adapter_id!r} is being replaced; send the request again")
 
+    def _vocabulary_of(self, adapter_id: str, fingerprint: str | None, size: int | None) -> Vocabulary:
+        """The vocabulary of a version of `adapter_id` whose manifest names this tokenizer and size (its files
+        read from the adapter's folder if not loaded yet: AdapterChangedError when they are another's)."""
+        return self.vocabularies.get(fingerprint, size, partial(self.registry.read_tokenizer, adapter_id))
+
     def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
         gc = getattr(self.loaded.model, "generation_config", None)
-        for v in (getattr(gc, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if isinstance(v, int):
-                ids.add(v)
-            elif isinstance(v, (list, tuple)):
-                ids.update(int(x) for x in v)
-        return ids
+        return set(eos_ids(getattr(gc, "eos_token_id", None), self.tokenizer.eos_token_id))
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -241,8 +239,8 @@ class Engine:
         ref = None
         try:
             ref = self.registry.acquire(req.adapter_id) if req.adapter_id is not None else None
-            voc = self.vocabularies.base if ref is None else self.vocabularies.get(
-                ref.tokenizer, ref.vocab_size, partial(self.registry.read_tokenizer, ref.adapter_id))
+            voc = self.vocabularies.base if ref is None else self._vocabulary_of(ref.adapter_id, ref.tokenizer,
+                                                                                  ref.vocab_size)
             if req.vocabulary is not None and req.vocabulary != voc.key:
                 raise AdapterChangedError(f"adapter {req.adapter_id!r} was replaced by a version with another "
                                           "vocabulary while this request was being prepared; send it again")

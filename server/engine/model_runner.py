@@ -107,7 +107,11 @@ class ModelRunner:
         p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype).view(B, kvh, H // kvh * T, -1)
         return torch.matmul(p, v).view(B, H, T, d)
 
-    def _logits(self, h: torch.Tensor, plan: BatchPlan, rows: list[int] | None = None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
+        """The input embeddings of ids [B, T], each row's own where its adapter has them."""
+        return plan.embed(input_ids, self.inner.embed_tokens)
+
+    def logits(self, h: torch.Tensor, plan: BatchPlan, rows: list[int] | None = None) -> torch.Tensor:
         """The LM head on normed hidden states (entry n of h is batch row rows[n], or row n), each row's own
         where its adapter has one, soft-capped where the architecture caps, as float32."""
         return plan.logits(h, self.model.lm_head, self._finish, rows)
@@ -192,12 +196,11 @@ class ModelRunner:
 
         rope_pos = pos if rope_shift is None else pos + rope_shift[:, None]
         last = rope_pos[torch.arange(B, device=self.device), lengths - 1] if self.longrope else None
-        h = self._layers(plan.embed(input_ids, self.inner.embed_tokens), rope_pos, plan, attend, packed=self.packed,
-                         last=last)
-        full = None if not full_rows else self._logits(self.inner.norm(h[full_rows]), plan, full_rows)
+        h = self._layers(self.embed(input_ids, plan), rope_pos, plan, attend, packed=self.packed, last=last)
+        full = None if not full_rows else self.logits(self.inner.norm(h[full_rows]), plan, full_rows)
         if not all_logits:
             h = h[torch.arange(B, device=self.device), lengths - 1]  # [B, H]
-        return self._logits(self.inner.norm(h), plan), full
+        return self.logits(self.inner.norm(h), plan), full
 
     @torch.inference_mode()
     def prefix_kv(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,18 +257,11 @@ class ModelRunner:
                            masks[self.windows[li]], attn.scaling, False, decode=True)  # [B, kvh, G, hd]
             return o.reshape(B, self.n_heads, 1, self.head_dim)
 
-        e = plan.embed(input_ids, self.inner.embed_tokens) if embeds is None else embeds
+        e = self.embed(input_ids, plan) if embeds is None else embeds
         x = self._layers(e, (pos if rope_pos is None else rope_pos)[:, None], plan, attend, self.fused, self.packed,
                          final_norm=self.inner.norm)
-        return self._logits(x[:, 0], plan) if head else x[:, 0]
+        return self.logits(x[:, 0], plan) if head else x[:, 0]
 
-    def embed(self, input_ids: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
-        """The input embeddings of ids [B, T], each row's own where its adapter has them."""
-        return plan.embed(input_ids, self.inner.embed_tokens)
-
-    def logits(self, h: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
-        """Logits [B, V] float32 of normed hidden states h [B, H], each row's own LM head where it has one."""
-        return self._logits(h, plan)
 
     def _rotary(self, h: torch.Tensor, pos: torch.Tensor, last: torch.Tensor | None
                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -75,27 +75,31 @@ class Vocabularies:
                     self._keep(*got)
                 raise AdapterChangedError("the adapter was replaced while this request was being prepared; send it again")
             tok = self._keep(*got)
-        eos = frozenset() if fingerprint is None else _eos_ids(tok)
-        made = self._make(key, tok, size, eos)
-        with self._lock:
-            made = self._made.setdefault(key, made)
-            self._made.move_to_end(key)
-            while len(self._made) > self.capacity:
-                self._made.popitem(last=False)
-        return made
+        # the end-of-sequence ids an adapter's own tokenizer names (it may add its own, `<|im_end|>` say)
+        eos = frozenset() if fingerprint is None else eos_ids(getattr(tok, "eos_token_id", None))
+        return self._put(self._made, key, self._make(key, tok, size, eos))
 
     def _keep(self, fingerprint: str, tok: Any) -> Any:
+        return self._put(self._tokenizers, fingerprint, tok)
+
+    def _put(self, cache: OrderedDict[str, Any], key: str, value: Any) -> Any:
+        """The entry of `key` (a racing thread's, if it put one first), most recently used now; the least
+        recently used ones past the capacity go."""
         with self._lock:
-            tok = self._tokenizers.setdefault(fingerprint, tok)
-            self._tokenizers.move_to_end(fingerprint)
-            while len(self._tokenizers) > self.capacity:
-                self._tokenizers.popitem(last=False)
-        return tok
+            value = cache.setdefault(key, value)
+            cache.move_to_end(key)
+            while len(cache) > self.capacity:
+                cache.popitem(last=False)
+        return value
 
 
-def _eos_ids(tok: Any) -> frozenset[int]:
-    """The end-of-sequence ids an adapter's own tokenizer names (it may add its own, `<|im_end|>` say)."""
-    v = getattr(tok, "eos_token_id", None)
-    if isinstance(v, int):
-        return frozenset((v,))
-    return frozenset(int(x) for x in v) if isinstance(v, (list, tuple)) else frozenset()
+def eos_ids(*values: Any) -> frozenset[int]:
+    """The token ids in end-of-sequence settings (a tokenizer's or a generation config's `eos_token_id`:
+    an id, a list of ids, or None)."""
+    ids: set[int] = set()
+    for v in values:
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    return frozenset(ids)

@@ -175,7 +175,7 @@ def split_vocab(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: Bas
         raise InvalidAdapterError(
             f"the adapter's input embedding has {e} token ids and its LM head {h} (the base model has {V0}): "
             "PEFT saved no rows for the ids one end lacks; train that end too (modules_to_save or "
-            "trainable_token_indices), so that both ends hold every id", key=PREFIX + (base.head_module if h < e else base.embed_module))
+            "trainable_token_indices), so that both ends hold every id", key=prefix + (base.head_module if h < e else base.embed_module))
     return rest, VocabWeights(e, sides["embed"], sides["head"])
 
 
