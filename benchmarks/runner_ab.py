@@ -43,10 +43,14 @@ def base_package(rev: str, into: Path) -> Any:
 
 def paired(runners: dict[str, tuple[Any, Any]], batch: int, prompt: int, steps: int) -> dict[str, list[float]]:
     """Seconds per decode step of each runner, the steps interleaved (order swapped every step)."""
+    def extra(r: Any, start: int) -> dict[str, int]:  # a runner from before pages takes the rows' shared start
+        return {"start0": start} if hasattr(r.cache, "fit") else {}
+
     for r, plan in runners.values():
-        r.cache.fit(batch, prompt + steps + 1, 0, 0)
+        if hasattr(r.cache, "fit"):
+            r.cache.fit(batch, prompt + steps + 1, 0, 0)
         r.forward(torch.randint(0, 100, (batch, prompt)), start=torch.zeros(batch, dtype=torch.long),
-                  lengths=torch.full((batch,), prompt), row0=0, plan=plan, kv_len=prompt, start0=0)
+                  lengths=torch.full((batch,), prompt), row0=0, plan=plan, kv_len=prompt, **extra(r, 0))
     tok = torch.randint(0, 100, (batch, 1))
     out: dict[str, list[float]] = {k: [] for k in runners}
     names = list(runners)
@@ -55,7 +59,7 @@ def paired(runners: dict[str, tuple[Any, Any]], batch: int, prompt: int, steps: 
             r, plan = runners[name]
             t0 = time.perf_counter()
             r.forward(tok, start=torch.full((batch,), prompt + s), lengths=torch.ones(batch, dtype=torch.long), row0=0,
-                      plan=plan, kv_len=prompt + s + 1, start0=prompt + s)
+                      plan=plan, kv_len=prompt + s + 1, **extra(r, prompt + s))
             out[name].append(time.perf_counter() - t0)
     return out
 

@@ -14,6 +14,7 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["none", "int8", "int4"]
 MergePolicy = Literal["auto", "never"]
 Graphs = Literal["auto", "on", "off"]
+Switch = Literal["on", "off"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,9 @@ class EngineConfig:
     max_model_len: int = 2048
     max_new_tokens_limit: int = 1024
     prefill_token_budget: int = 4096
-    kv_cache_tokens: int = 65536
+    kv_cache_tokens: int = 65536  # positions of the KV cache's page pool
+    kv_page_size: int = 16  # positions per page
+    prefix_caching: Switch = "on"  # full pages of prompts kept and reused, per adapter version
     merge_policy: MergePolicy = "auto"
     merge_after_steps: int = 4
     max_queue: int = 256
@@ -72,6 +75,8 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(_E.max_new_tokens_limit, ge=1)
     prefill_token_budget: int = Field(_E.prefill_token_budget, ge=16)
     kv_cache_tokens: int = Field(_E.kv_cache_tokens, ge=64)
+    kv_page_size: int = Field(_E.kv_page_size, ge=1, le=1024)
+    prefix_caching: Switch = _E.prefix_caching
     merge_policy: MergePolicy = _E.merge_policy
     merge_after_steps: int = Field(_E.merge_after_steps, ge=1)
     device_slots: int = Field(_E.device_slots, ge=1, le=4096)

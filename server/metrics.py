@@ -47,7 +47,12 @@ class Metrics:
         self.vllm_running = Gauge("vllm:num_requests_running", "Requests in the batch (prefilling or decoding)",
                                   registry=r)
         self.vllm_kv_usage = Gauge("vllm:kv_cache_usage_perc",
-                                   "Fraction (0 to 1) of the KV cache token budget held by requests in the batch", registry=r)
+                                   "Fraction (0 to 1) of the KV cache's pages held by requests in the batch", registry=r)
+        self.preemptions = Counter("vllm:num_preemptions", "Rows preempted when the KV cache's pages ran out "
+                                   "(resumed later by prefilling again)", registry=r)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      registry=r)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", registry=r)
         self.vllm_lora = Gauge("vllm:lora_requests_info", "Adapters of the requests in the batch and in the queue "
                                "(value: when this was last set, unix seconds)",
                                ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)

@@ -63,10 +63,9 @@ def full_logits(runner: ModelRunner, slots: AdapterSlots, ids: torch.Tensor, row
     B, T = ids.shape
     prefixes = [slots.prefix(s) for s in row_slots]
     starts = [0 if p is None else p.length for p in prefixes]
-    runner.cache.fit(B, max(starts) + T, 0, 0)
     for b, p in enumerate(prefixes):
         if p is not None:
-            runner.cache.write_prefix(b, p.keys, p.values)
+            runner.write_prefix(b, p.keys, p.values)
     shifts = [0 if p is None else p.rope_shift for p in prefixes]
     dev = runner.device
     return runner.forward(ids.to(dev), start=torch.tensor(starts, device=dev), lengths=torch.full((B,), T, device=dev),
@@ -126,10 +125,11 @@ def tiny_tokenizer(vocab_size: int = 256):
 def make_engine(store_dir: Path, *, slots: int = 8, max_batch: int = 16, merge: str = "auto", host: int = 64,
                 max_queue: int = 256, model: torch.nn.Module | None = None, metrics=None,
                 device: torch.device = CPU, dtype: torch.dtype = torch.float32, graphs: str = "off",
-                budget: int = 4096):
+                budget: int = 4096, kv_cache_tokens: int = 0, prefix_caching: str = "on", page_size: int = 16):
     """An engine over the tiny fixture model, not started: tests drive it with engine.step().
 
     `graphs="on"` runs decode through the fixed-shape graph step (captured on CUDA, eager on the CPU).
+    `kv_cache_tokens` (default: room for every row at a whole context) sizes the page pool.
     """
     from server.adapters.registry import Events, Registry
     from server.adapters.store import AdapterStore
@@ -147,7 +147,8 @@ def make_engine(store_dir: Path, *, slots: int = 8, max_batch: int = 16, merge: 
     loaded = LoadedModel(model, tiny_tokenizer(), "tiny-llama", device, dtype)
     ecfg = EngineConfig(max_batch_size=max_batch, max_model_len=256, max_new_tokens_limit=200, merge_policy=merge,  # type: ignore[arg-type]
                         merge_after_steps=2, max_queue=max_queue, cuda_graphs=graphs,  # type: ignore[arg-type]
-                        kv_cache_tokens=max(65536, 256 * max_batch), prefill_token_budget=budget,
+                        kv_cache_tokens=kv_cache_tokens or max(65536, 256 * max_batch), prefill_token_budget=budget,
+                        kv_page_size=page_size, prefix_caching=prefix_caching,  # type: ignore[arg-type]
                         device_slots=slots)
     return Engine(loaded, registry, ecfg, metrics)
 

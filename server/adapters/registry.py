@@ -34,7 +34,7 @@ from .formats import parse_adapter, read_upload
 from .formats.tokenizer import load_tokenizer
 from .methods import RECORDS
 from .spec import AdapterWeights, BaseModelInfo
-from .store import AdapterStore, Manifest
+from .store import AdapterStore, Manifest, content_digest
 
 log = logging.getLogger(__name__)
 Key = tuple[str, int]  # (adapter_id, version)
@@ -80,11 +80,13 @@ class AdapterRef:
     virtual_tokens: int = 0  # positions it puts before every prompt (prompt and prefix tuning)
     tokenizer: str | None = None  # its own tokenizer's fingerprint (None: the base model's)
     vocab_size: int | None = None  # token ids its rows have (None: the base model's)
+    digest: str = ""  # what its K/V are keyed by: its files' content digest (older manifests: its commit)
 
     @staticmethod
     def of(rec: AdapterRecord) -> AdapterRef:
         m = rec.manifest
-        return AdapterRef(rec.adapter_id, rec.version, m.method, m.virtual_tokens, m.tokenizer, m.vocab_size)
+        digest = m.digest or f"{rec.adapter_id}@{m.revision or m.created_at}"
+        return AdapterRef(rec.adapter_id, rec.version, m.method, m.virtual_tokens, m.tokenizer, m.vocab_size, digest)
 
 
 @dataclass
@@ -107,11 +109,11 @@ class Events:
 
 
 def manifest_for(adapter_id: str, w: AdapterWeights, files: list[str], origin: str | None = None,
-                 tokenizer: str | None = None, base_vocab: int = 0) -> Manifest:
+                 tokenizer: str | None = None, base_vocab: int = 0, digest: str | None = None) -> Manifest:
     """`base_vocab`: the base model's token ids (a vocabulary of the same size is recorded as the base's)."""
     vocab = w.vocab_size if w.vocab_size and w.vocab_size != base_vocab else None
     return Manifest.new(adapter_id, w.method, w.format, w.variant, w.num_parameters, w.size_bytes, w.mergeable,
-                        w.virtual_tokens, files, origin, tokenizer, vocab, w.exportable)
+                        w.virtual_tokens, files, origin, tokenizer, vocab, w.exportable, digest)
 
 
 def _served(m: Manifest) -> Manifest:
@@ -199,7 +201,8 @@ class Registry:
             t0 = time.perf_counter()
             weights, tokenizer = read_upload(files, self.base)
             self.events.check(weights)  # what the engine refuses outright (over its device byte budget)
-            manifest = manifest_for(adapter_id, weights, list(files), origin, tokenizer, self.base.vocab_size)
+            manifest = manifest_for(adapter_id, weights, list(files), origin, tokenizer, self.base.vocab_size,
+                                    content_digest(files))
             with self._admin:  # one upload or delete at a time; the catalogue lock only for the swap
                 if not replace and self.exists(adapter_id):
                     raise AdapterExistsError(adapter_id)

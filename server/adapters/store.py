@@ -12,6 +12,7 @@ other is writing at that moment: start the processes that share a store before u
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -54,18 +55,20 @@ class Manifest:
     tokenizer: str | None = None
     vocab_size: int | None = None
     exportable: bool | None = None  # `adapter-server merge` can write it out (older manifests: `mergeable`)
+    digest: str | None = None  # sha256 of its files' names and bytes: what its computations are keyed by
 
     @staticmethod
     def new(adapter_id: str, method: str, format: str, variant: str, num_parameters: int, size_bytes: int,
             mergeable: bool, virtual_tokens: int, files: list[str], origin: str | None = None,
-            tokenizer: str | None = None, vocab_size: int | None = None, exportable: bool | None = None) -> Manifest:
+            tokenizer: str | None = None, vocab_size: int | None = None, exportable: bool | None = None,
+            digest: str | None = None) -> Manifest:
         """A manifest for a commit made now."""
         return Manifest(adapter_id=adapter_id, method=method, format=format, variant=variant,
                         num_parameters=num_parameters, size_bytes=size_bytes, mergeable=mergeable,
                         virtual_tokens=virtual_tokens, files=tuple(sorted(files)),
                         created_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                         revision=uuid.uuid4().hex, origin=origin, tokenizer=tokenizer, vocab_size=vocab_size,
-                        exportable=exportable)
+                        exportable=exportable, digest=digest)
 
     @property
     def can_export(self) -> bool:
@@ -84,9 +87,9 @@ class Manifest:
         for key, kind in kinds.items():
             if not isinstance(data.get(key), kind):
                 raise ValueError(f"manifest field {key!r} is missing or not a {getattr(kind, '__name__', kind)}")
-        extra = {k: data.get(k) for k in ("revision", "origin", "tokenizer")}
+        extra = {k: data.get(k) for k in ("revision", "origin", "tokenizer", "digest")}
         if not all(v is None or isinstance(v, str) for v in extra.values()):
-            raise ValueError("manifest fields 'revision', 'origin' and 'tokenizer' must be strings")
+            raise ValueError("manifest fields 'revision', 'origin', 'tokenizer' and 'digest' must be strings")
         vocab, exportable = data.get("vocab_size"), data.get("exportable")
         if not (vocab is None or (isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0)):
             raise ValueError("manifest field 'vocab_size' must be a positive integer")
@@ -104,6 +107,18 @@ class Manifest:
     def commit(self) -> tuple[str | None, str]:
         """What tells two commits of one id apart."""
         return self.revision, self.created_at
+
+
+def content_digest(files: dict[str, Path]) -> str:
+    """sha256 over the files' names and bytes, in name order: two uploads of the same files have the same."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0")
+        with open(files[name], "rb") as f:
+            h.update(f"{os.fstat(f.fileno()).st_size}\0".encode())
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def validate_id(adapter_id: str) -> str:

@@ -48,6 +48,7 @@ from .merge import MergePolicy
 from .model_loader import LoadedModel
 from .model_runner import ModelRunner
 from .moe import capture_refusal
+from .paging import Paging
 from .passes import Passes, PromptScore
 from .rows import Rows
 from .sampling import RowSampling, sample_rows
@@ -68,18 +69,17 @@ from .vocab import Vocabularies, Vocabulary, eos_ids
 log = logging.getLogger(__name__)
 
 
-def device_budget(asked: int | None, device: torch.device, kv_to_come: int = 0) -> int:
+def device_budget(asked: int | None, device: torch.device) -> int:
     """The device bytes resident adapters may hold (0: no limit but the slot count). Not asked: on a GPU, half
-    the memory free once the model is in place, less the KV cache still to grow there (`kv_to_come`: a cache
-    that grows as rows need it; a static one is allocated already); the other half stays for activations
-    and captured graphs. On the CPU no limit: host memory is the OS's to share. Each process measures what
-    is free when it starts (replicas sharing a GPU each see what the others left)."""
+    the memory free once the model and the KV cache's page pool are in place; the other half stays for
+    activations and captured graphs. On the CPU no limit: host memory is the OS's to share. Each process
+    measures what is free when it starts (replicas sharing a GPU each see what the others left)."""
     if asked is not None:
         return asked
     if device.type != "cuda":
         return 0
     free, _ = torch.cuda.mem_get_info(device)
-    budget = max(0, int(free - kv_to_come) // 2)
+    budget = max(0, int(free) // 2)
     log.info("adapters may hold %.2f GiB of device memory (--adapter-device-bytes)", budget / 2**30)
     return max(budget, 1)  # never 0, which would mean no limit
 
@@ -102,40 +102,38 @@ class Engine:
         if static and cuda and architecture(loaded.model.config.model_type).moe and (why := capture_refusal(loaded.device, loaded.dtype)):
             log.warning("CUDA graphs off: %s", why)
             static = False
-        # a static cache pins a whole context per row, so the KV budget bounds the rows
-        self.max_rows = min(cfg.max_batch_size, cfg.kv_cache_tokens // self.max_len) if static else cfg.max_batch_size
-        self.runner = ModelRunner(loaded.model, self.max_rows, self.max_len, static_cache=static,
-                                  compile_kernels=static and cuda and cfg.compile_kernels,
+        self.max_rows = cfg.max_batch_size  # rows hold pages, not whole contexts: the pool bounds their tokens
+        self.runner = ModelRunner(loaded.model, self.max_rows, self.max_len, kv_tokens=cfg.kv_cache_tokens,
+                                  page_size=cfg.kv_page_size, compile_kernels=static and cuda and cfg.compile_kernels,
                                   pack=cfg.compile_kernels)
+        self.paging = Paging(self.runner.cache, cfg.prefix_caching == "on", self.runner.longrope)
         self.slots = AdapterSlots(loaded.model, cfg.device_slots, loaded.device, loaded.dtype, self.timer,
                                   compile_kernels=static and cuda and cfg.compile_kernels, encode=self.runner.prefix_kv)
         self.adapters = AdapterManager(self.slots, on_change=self._resident_changed,
                                        on_evict=self.metrics.cache.labels("evict").inc,
-                                       byte_budget=device_budget(cfg.adapter_device_bytes, loaded.device,
-                                                                 0 if static else self._kv_bytes(cfg.kv_cache_tokens)))
+                                       byte_budget=device_budget(cfg.adapter_device_bytes, loaded.device))
         # the base model's tokenizer and ids, and the vocabularies adapters bring (added tokens)
         self.vocabularies = Vocabularies(self.tokenizer, self.slots.base.vocab_size)
-        self.graphs = DecodeGraphs(self.runner, self.slots, capture=cuda) if static else None
-        self.passes = Passes(self.runner, self.slots, self.graphs)
-        self.scheduler = Scheduler(self.max_rows, cfg.prefill_token_budget, cfg.kv_cache_tokens,
-                                   self.runner.cache.tokens_for)
+        self.graphs = DecodeGraphs(self.runner, self.slots, cuda, self.max_rows, self.max_len) if static else None
+        self.passes = Passes(self.runner, self.slots, self.graphs, self.paging)
+        self.rows = Rows(cfg.max_queue)  # waiting, running and chunked rows; the queue count
+        self.scheduler = Scheduler(self.max_rows, cfg.prefill_token_budget, self.paging.need, self._room, self.paging.open)
         self.merge = MergePolicy(self.slots, self.timer, cfg.merge_policy != "never", cfg.merge_after_steps,
                                  on_change=self._count_device_bytes)
         self.eos = self._eos_ids()  # the base model's; a row's own also holds its adapter tokenizer's
         self._inbox: queue.SimpleQueue[list[Seq] | Retire] = queue.SimpleQueue()
         registry.on_retire(self._retired)
         registry.on_check(self.adapters.needs)  # an upload over the whole device byte budget is refused
-        self.rows = Rows(self.runner.cache, cfg.max_queue)  # waiting, running and chunked rows; the queue count
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.decode_steps = 0
+        self._counted = (0, 0)  # the prefix cache's (queries, hits) already added to the metrics
 
-    def _kv_bytes(self, tokens: int) -> int:
-        """Device bytes of `tokens` positions of the KV cache (keys and values of every layer)."""
-        r = self.runner
-        return tokens * 2 * len(r.layers) * r.n_kv * r.head_dim * r.dtype.itemsize
+    def _room(self) -> int:
+        """Pages an admission may take now: those available beyond what the running rows take next step."""
+        return self.paging.pool.available - self.paging.next_step(self.rows.running)
 
     @property
     def grammars(self) -> Grammars:
@@ -308,7 +306,7 @@ class Engine:
         chunked = rows.chunking is not None
         if rows.chunking is not None:
             self._chunk(rows.chunking)
-        if rows.running:
+        if rows.running and self._make_room():
             self._decode()
         self._publish_load()
         return bool(joined or chunked or rows.running)
@@ -323,7 +321,10 @@ class Engine:
         m.queue_depth.set(len(waiting))
         m.vllm_waiting.set(len(waiting))
         m.vllm_running.set(len(batch))
-        m.vllm_kv_usage.set(min(1.0, sum(s.cache_len for s in batch) / self.cfg.kv_cache_tokens))
+        m.vllm_kv_usage.set(self.paging.usage())
+        m.prefix_queries.inc(self.paging.queries - self._counted[0])
+        m.prefix_hits.inc(self.paging.hits - self._counted[1])
+        self._counted = (self.paging.queries, self.paging.hits)
 
         def ids(seqs: Iterable[Seq]) -> list[str]:
             return sorted({s.req.adapter_id for s in seqs if s.req.adapter_id is not None})
@@ -389,46 +390,81 @@ class Engine:
 
     # -- the three steps ----------------------------------------------------------------------
     def _prefill(self, seqs: list[Seq]) -> None:
-        """Newly admitted rows' whole prompts, in the cache rows after the running ones; they join the batch."""
+        """Newly admitted rows' contexts, from what their pages hold; they join the batch. A row with another's
+        very context (a choice of the same prompt) takes that row's pages once it is computed."""
         self.merge.reconcile([*self.rows.running, *seqs])
-        out = self._forward("prefill", seqs, lambda: self.passes.prefill(seqs, self.rows))
+        out = self._forward("prefill", seqs, lambda: self.passes.prefill(seqs))
         if out is None:
             return
         (logits, scores), t0 = out
         self._add_scores(seqs, scores)
         self.rows.join(seqs)
-        for s in seqs:
-            s.cache_len = s.context_len
+        for s, lead in zip(seqs, self.passes.leaders(seqs), strict=True):
+            if seqs[lead] is s:
+                s.cache_len = s.context_len
+                self.paging.register(s)
+            else:
+                self.paging.fork(seqs[lead], s)
         self._sample_and_emit(seqs, logits, t0)
 
     def _chunk(self, s: Seq) -> None:
-        """The next chunk of the long prompt in row len(running); after its last chunk the row joins the batch."""
+        """The next chunk of the long prompt; after its last chunk the row joins the batch."""
         self.merge.reconcile([*self.rows.running, s])
-        size = min(self.cfg.prefill_token_budget, s.prompt_len - s.prompt_done)
-        out = self._forward("chunk", [s], lambda: self.passes.chunk(s, size, self.rows))
+        start = max(s.cache_len, s.prefix_len)
+        size = min(self.cfg.prefill_token_budget, s.context_len - start)
+        out = self._forward("chunk", [s], lambda: self.passes.chunk(s, size))
         if out is None:
             return
         (logits, scores), t0 = out
         self._add_scores([s], scores)
-        if s.prompt_done + size < s.prompt_len:  # not the last chunk: nothing to sample
-            s.cache_len = s.prefix_len + s.prompt_done + size
+        s.cache_len = start + size
+        self.paging.register(s)
+        if s.cache_len < s.context_len:  # not the last chunk: nothing to sample
             self._record_step([s], time.perf_counter() - t0)
             return
         self.rows.chunk_done()
-        s.cache_len = s.context_len
         self._sample_and_emit([s], logits, t0)
+
+    def _make_room(self) -> bool:
+        """Pages for every running row's next position: where the pool has too few, the newest rows are
+        preempted (their pages go back; they wait again and are prefilled anew, from the prefix cache
+        where it kept their pages). False when no running row is left."""
+        for s in list(self.rows.running):
+            if s not in self.rows.running:
+                continue  # preempted below for an older row
+            while not self.paging.grow(s, s.cache_len + 1):
+                victim = self.rows.newest()
+                assert victim is not None
+                self._preempt(victim)
+                if victim is s:
+                    break
+        return bool(self.rows.running)
+
+    def _preempt(self, s: Seq) -> None:
+        """`s` gives its pages and adapter slot back and waits at the head of the line, to resume from its
+        prompt and the tokens it has generated (its stream, sampler state and grammar carry on)."""
+        log.debug("preempting request %s at %d positions", s.req.request_id, s.cache_len)
+        self.paging.close(s)
+        if s.slot:
+            self.adapters.release(s.slot)
+            s.slot = 0
+        s.resume, s.cache_len = tuple(s.tokens), 0
+        self.rows.preempt(s)
+        self.metrics.preemptions.inc()
 
     def _decode(self) -> None:
         """One new token for every running row."""
         seqs = list(self.rows.running)
         self.merge.reconcile(seqs)
-        out = self._forward("decode", seqs, lambda: (self.passes.decode(seqs, self.rows), {}))
+        out = self._forward("decode", seqs, lambda: (self.passes.decode(seqs), {}))
         if out is None:
             return
         (logits, _), t0 = out
         self.decode_steps += 1
         for s in seqs:
             s.cache_len += 1
+            if s.cache_len % self.paging.ps == 0:
+                self.paging.register(s)
         self._sample_and_emit(seqs, logits, t0)
 
     def _forward(self, kind: str, seqs: list[Seq], run: Callable[[], tuple[torch.Tensor, dict[int, list[PromptScore]]]]
@@ -503,8 +539,9 @@ class Engine:
         return self.slots.adapter_type(s.slot) if s.slot else label(s.method)
 
     def _leave(self, s: Seq) -> None:
-        """Free whatever the request holds: its cache row (packing the rows), its slot row, its pin."""
+        """Free whatever the request holds: its pages, its slot row, its pin."""
         self.rows.leave(s)
+        self.paging.close(s)
         if s.slot:
             self.adapters.release(s.slot)
             s.slot = 0
@@ -528,7 +565,7 @@ class Engine:
         first = s.t_first or now
         result = GenerationResult(
             request_id=s.req.request_id, adapter_id=s.req.adapter_id, text=s.stream.text,
-            token_ids=tuple(s.tokens), finish_reason=reason, prompt_tokens=s.prompt_len,
+            token_ids=tuple(s.tokens), finish_reason=reason, prompt_tokens=s.prompt_len, cached_tokens=s.cached,
             logprobs=tuple(s.logprobs) if s.req.params.logprobs else None,
             timings=Timings((s.t_admit or now) - s.t_arrival, first - s.t_arrival, now - s.t_arrival),
             adapter_type=t,

@@ -4,15 +4,14 @@ An eager decode step launches a few thousand small kernels; on a GPU the step is
 overhead, not by reading the weights. Here a decode step of fixed shape is captured once and replayed:
 
 - shapes are fixed by a batch bucket (rows, padded up) and a KV length bucket (a power of two that
-  covers every row's position); rows past the real batch are padding: token 0 written at the last
-  position of a cache row past the running ones (where rows sit: `rows.py`). No row ever reads a position it has not written
-  itself first (a row writes position p in the step that reads up to p), so even the row of a prompt
-  part-way through chunked prefill is safe;
-- inputs live in one static buffer [6, rows]: token ids, cache positions, adapter slots, rotary
-  positions (they differ for rows with an AdapterHub prefix), each row's index among the batch's
-  distinct slots, and those distinct slots (padded to a bucket), filled by one copy;
-- the KV cache is static (it never moves) and adapter slot tables are written in place, so a replay
-  sees the current weights of every slot; adapters are routed by the slot buffer inside the graph, so
+  covers every row's position); rows past the real batch are padding: their page tables name only the
+  trash page (kv_cache.py), so what they write lands there;
+- inputs live in static buffers, filled by one copy each: [6, rows] token ids, cache positions,
+  adapter slots, rotary positions (they differ for rows with an AdapterHub prefix), each row's index
+  among the batch's distinct slots, and those distinct slots (padded to a bucket); and the rows' page
+  tables [rows, pages of a whole context];
+- the KV cache's page pool is allocated once (it never moves) and adapter slot tables are written in
+  place, so a replay sees the current pages and weights of every row; adapters are routed by the slot buffer inside the graph, so
   one graph serves every mix of slots of the methods in its key;
 - a graph exists per (batch bucket, KV bucket, methods in use with their storage layout, bucket of
   distinct slots): the count of distinct slots lets adapter products read each adapter the batch uses
@@ -37,12 +36,18 @@ import torch
 
 from ..adapters.methods import Routing
 from ..adapters.slots import AdapterSlots
-from .kv_cache import pow2
 from .model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 GraphKey = tuple[int, int, tuple[tuple[str, int], ...], int]  # batch bucket, KV bucket, methods, distinct slots bucket
 IDS, POS, SLOT, ROPE, LOCAL, UNIQ = range(6)  # the rows of the input buffer
+
+
+def pow2(n: int, floor: int) -> int:
+    out = floor
+    while out < n:
+        out *= 2
+    return out
 
 
 def batch_buckets(max_rows: int) -> list[int]:
@@ -57,15 +62,16 @@ def batch_buckets(max_rows: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, runner: ModelRunner, slots: AdapterSlots, capture: bool, min_kv: int = 64) -> None:
-        if not runner.cache.static:
-            raise ValueError("graph replay needs a static KV cache")
+    def __init__(self, runner: ModelRunner, slots: AdapterSlots, capture: bool, rows: int, max_len: int,
+                 min_kv: int = 64) -> None:
         self.runner, self.slots, self.capture = runner, slots, capture
-        self.rows = runner.cache.rows
-        self.max_len = runner.cache.max_len
+        self.rows, self.max_len = rows, max_len
         self.buckets = batch_buckets(self.rows)
         self.min_kv = min(min_kv, self.max_len)
         self.inputs = torch.zeros(6, self.rows, dtype=torch.long, device=runner.device)  # see IDS..UNIQ
+        pages = runner.cache.pages_for(self.kv_bucket(max_len))
+        self.tables = torch.zeros(self.rows, pages, dtype=torch.long, device=runner.device)  # [rows, P]: 0 the trash page
+        self._host_tables = torch.zeros(self.rows, pages, dtype=torch.long, pin_memory=capture)
         # the input embeddings of a step whose rows' adapters have their own (made before the replay)
         self.embeds = torch.zeros(self.rows, 1, runner.cfg.hidden_size, dtype=runner.dtype, device=runner.device)
         self._host = torch.zeros(6, self.rows, dtype=torch.long, pin_memory=capture)
@@ -102,18 +108,22 @@ class DecodeGraphs:
         routing = Routing(slots=x[SLOT, :B], uniq=x[UNIQ, :max(U, 1)], local=x[LOCAL, :B])
         plan = self.slots.static_plan(routing, methods)
         if self.slots.ends(methods):  # embeddings in, normed hidden states out: the ends run outside
-            return self.runner.decode_static(x[IDS, :B, None], x[POS, :B], plan, kv_len, x[ROPE, :B],
+            return self.runner.decode_static(x[IDS, :B, None], x[POS, :B], plan, kv_len, self.tables[:B], x[ROPE, :B],
                                              embeds=self.embeds[:B], head=False)
-        return self.runner.decode_static(x[IDS, :B, None], x[POS, :B], plan, kv_len, x[ROPE, :B])
+        return self.runner.decode_static(x[IDS, :B, None], x[POS, :B], plan, kv_len, self.tables[:B], x[ROPE, :B])
 
     def fill(self, tokens: list[int], positions: list[int], slots: list[int], key: GraphKey,
-             rope_positions: list[int] | None = None) -> None:
-        """Write one step's inputs for rows 0..n-1 into the static buffer (rotary positions default to
-        the cache positions); rows n..B-1 are padding."""
+             tables: list[list[int]], rope_positions: list[int] | None = None) -> None:
+        """Write one step's inputs for rows 0..n-1 into the static buffers (rotary positions default to
+        the cache positions); rows n..B-1 are padding, their tables all trash."""
         n, B = len(tokens), key[0]
-        host = self._host
+        host, ht = self._host, self._host_tables
         host[:, :B] = 0
-        host[POS, n:B] = host[ROPE, n:B] = self.max_len - 1  # padding writes only the last position of free rows (see the docstring)
+        ht[:B] = 0
+        P = self.runner.cache.pages_for(key[1])
+        for i, t in enumerate(tables):
+            ht[i, : min(len(t), P)] = torch.tensor(t[:P])
+        self.tables[:B].copy_(ht[:B], non_blocking=True)
         host[IDS, :n] = torch.tensor(tokens)
         host[POS, :n] = torch.tensor(positions)
         host[SLOT, :n] = torch.tensor(slots)
@@ -126,9 +136,10 @@ class DecodeGraphs:
         self.inputs[:, :B].copy_(host[:, :B], non_blocking=True)
 
     def run(self, tokens: list[int], positions: list[int], slots: list[int], key: GraphKey,
-            rope_positions: list[int] | None = None) -> torch.Tensor:
-        """Logits [len(tokens), V] of one decode step of rows 0..n-1 (graph key from `key`)."""
-        self.fill(tokens, positions, slots, key, rope_positions)
+            tables: list[list[int]], rope_positions: list[int] | None = None) -> torch.Tensor:
+        """Logits [len(tokens), V] of one decode step of rows 0..n-1 whose pages are `tables` (graph key
+        from `key`)."""
+        self.fill(tokens, positions, slots, key, tables, rope_positions)
         n = len(tokens)
         plan = self.slots.plan(slots, ends_only=True) if self.slots.ends(key[2]) else None  # this batch's own ends
         if plan is not None:
@@ -179,13 +190,13 @@ class DecodeGraphs:
 
     def warmup(self, kv_lens: list[int] | None = None) -> float:
         """Capture the bare model's graphs for every batch bucket (and the given KV buckets, by default
-        all of them) before serving. Returns the seconds spent. Every row is padding: only free rows are written."""
+        all of them) before serving. Returns the seconds spent. Every row is padding: only the trash page is written."""
         if not self.capture:
             return 0.0
         t0 = time.perf_counter()
         lens = kv_lens or self.kv_buckets()
         self.inputs.zero_()
-        self.inputs[POS] = self.inputs[ROPE] = self.max_len - 1
+        self.tables.zero_()
         for B in reversed(self.buckets):  # largest first: the pool then fits every smaller graph
             for kv in lens:
                 if (B, kv, (), 0) not in self.graphs:

@@ -1,12 +1,15 @@
-"""Per-row contiguous K/V cache for every layer. Row i belongs to the i-th running sequence.
+"""The paged K/V cache's memory: one pool of pages for every layer. Which page is whose is `pages.py`'s.
 
-Shape [L, rows, kv_heads, cap, head_dim]. `cap` grows by doubling as the longest running sequence
-needs it and shrinks again when that sequence leaves, so one long request does not keep the memory
-of every row at its length. Running rows stay packed at 0..n-1: a finished row is filled by moving
-the last one into it, so attention reads a view, never a gather.
+Shape [L, kv_heads, n_pages, page_size, head_dim] for keys and for values, allocated once: its addresses
+never move, so a CUDA graph replays over it. A pass names each row's pages with a page table [B, P]
+(entries past a row's pages are 0, the trash page) and writes each new token's K/V at its slot
+(page * page_size + offset). Attention reads a row's pages gathered into a [B, kv_heads, P * page_size,
+head_dim] view (`read`): one index_select per layer over whole pages. The heads axis leads the pool so
+that the gathered rows come out contiguous per head and position.
 
-A static cache (for CUDA graphs, which replay fixed addresses) is allocated once at its full shape,
-[L, rows, kv_heads, max_len, head_dim], and never moves; each row pins a whole context.
+Pages are zeroed the first time they are handed out (`ready`): on the CPU the pool is then resident only
+as far as it is used, and a gather never reads memory that no pass has written (masked positions are
+multiplied by zero weights: a NaN there would poison the row).
 """
 
 from __future__ import annotations
@@ -14,69 +17,72 @@ from __future__ import annotations
 import torch
 
 
-def pow2(n: int, floor: int) -> int:
-    out = floor
-    while out < n:
-        out *= 2
-    return out
-
-
-class KVCache:
-    def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device, min_cap: int = 64, min_rows: int = 4,
-                 static: bool = False) -> None:
+class PagedKVCache:
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, n_pages: int, page_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
-        self.max_rows, self.max_len = rows, max_len
-        self.min_cap, self.min_rows = min_cap, min(min_rows, rows)
+        self.n_pages, self.page_size = n_pages, page_size
         self.dtype, self.device = dtype, device
-        self.static = static
-        self.rows = self.cap = 0
-        self.k = self.v = torch.empty(0)
-        if static:
-            self._alloc(rows, max_len, 0, 0)
-        else:
-            self._alloc(self.min_rows, min_cap, 0, 0)
+        shape = (layers, kv_heads, n_pages, page_size, head_dim)  # [L, kvh, pages, ps, hd]
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.clean = 0  # pages 0..clean-1 are zeroed or written
+        self.ready(1)  # the trash page
 
-    def _alloc(self, rows: int, cap: int, keep_rows: int, keep_len: int) -> None:
-        shape = (self.layers, rows, self.kv_heads, cap, self.head_dim)  # [L, rows, kvh, cap, hd]
-        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        v = torch.zeros_like(k)
-        if keep_rows and keep_len:
-            k[:, :keep_rows, :, :keep_len] = self.k[:, :keep_rows, :, :keep_len]
-            v[:, :keep_rows, :, :keep_len] = self.v[:, :keep_rows, :, :keep_len]
-        self.k, self.v, self.rows, self.cap = k, v, rows, cap
+    def ready(self, high: int) -> None:
+        """Zero the pages handed out for the first time (those below `high` not yet zeroed)."""
+        if high > self.clean:
+            self.k[:, :, self.clean : high].zero_()
+            self.v[:, :, self.clean : high].zero_()
+            self.clean = high
 
-    def shape_for(self, rows: int, needed: int) -> tuple[int, int]:
-        """The (rows, cap) the cache takes for `rows` sequences whose longest needs `needed` positions."""
-        if self.static:
-            return max(rows, 1), self.max_len
-        return (min(pow2(max(rows, 1), self.min_rows), self.max_rows),
-                min(pow2(needed, self.min_cap), max(self.max_len, needed)))
+    def pages_for(self, positions: int) -> int:
+        return -(-positions // self.page_size)
 
-    def tokens_for(self, rows: int, needed: int) -> int:
-        r, c = self.shape_for(rows, needed)
-        return r * c
+    def slots(self, tables: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The flat slot of each position pos [B, T] of the rows whose pages are tables [B, P]; positions
+        not `valid` (padding) and past a row's table go to the trash page. No host synchronisation."""
+        ps, P = self.page_size, tables.shape[1]
+        page = tables.gather(1, (pos // ps).clamp(max=P - 1))  # [B, T]
+        ok = pos < P * ps if valid is None else valid & (pos < P * ps)
+        return torch.where(ok, page * ps + pos % ps, pos % ps)
 
-    def fit(self, rows: int, needed: int, used_rows: int, used_len: int) -> None:
-        """Grow (or shrink by 4x or more) to hold `rows` rows of `needed` positions, keeping what is in use."""
-        if self.static:
-            if rows > self.rows or needed > self.cap:
-                raise ValueError(f"static KV cache holds {self.rows} rows of {self.cap}; asked {rows} of {needed}")
-            return
-        r, c = self.shape_for(rows, needed)
-        if r > self.rows or c > self.cap or r * 4 <= self.rows or c * 4 <= self.cap:
-            r, c = max(r, used_rows), max(c, used_len)
-            self._alloc(r, c, min(used_rows, r), min(used_len, c))
+    def write(self, li: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """K/V [N, kvh, hd] of layer li at flat slots [N]."""
+        flat = (self.kv_heads, self.n_pages * self.page_size, self.head_dim)
+        self.k[li].view(flat).index_copy_(1, slots, k.transpose(0, 1))
+        self.v[li].view(flat).index_copy_(1, slots, v.transpose(0, 1))
 
-    def write_prefix(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Entries [L, kvh, N, hd] at positions 0..N-1 of `row` (an adapter's prefix, before its prompt)."""
+    def read(self, li: int, tables: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer li's K/V of the rows whose pages are tables [B, P], positions 0..kv_len-1:
+        [B, kvh, kv_len, hd] each (gathered: the head axis is the outer one in memory)."""
+        B, P = tables.shape
+        idx = tables[:, : -(-kv_len // self.page_size)].reshape(-1)
+        n = idx.numel() // B
+        pages = (self.kv_heads, self.n_pages, self.page_size * self.head_dim)
+        out = []
+        for pool in (self.k[li], self.v[li]):
+            g = pool.view(pages).index_select(1, idx)  # [kvh, B * n, ps * hd]
+            out.append(g.view(self.kv_heads, B, n * self.page_size, self.head_dim)[:, :, :kv_len].transpose(0, 1))
+        return out[0], out[1]
+
+    def write_positions(self, table: list[int], first: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Entries [L, kvh, N, hd] at positions first..first+N-1 of the row whose pages are `table` (an
+        adapter's prefix, before its prompt)."""
+        ps = self.page_size
         n = keys.shape[2]
-        self.k[:, row, :, :n] = keys
-        self.v[:, row, :, :n] = values
+        slots = torch.tensor([table[p // ps] * ps + p % ps for p in range(first, first + n)], device=self.device)
+        flat = (self.layers, self.kv_heads, self.n_pages * ps, self.head_dim)
+        self.k.view(flat).index_copy_(2, slots, keys.to(self.dtype))
+        self.v.view(flat).index_copy_(2, slots, values.to(self.dtype))
 
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+    def copy_page(self, src: int, dst: int) -> None:
+        self.k[:, :, dst] = self.k[:, :, src]
+        self.v[:, :, dst] = self.v[:, :, src]
+
+    def page_bytes(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.page_size * self.head_dim * self.k.element_size()
 
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        """Bytes of the pages handed out so far (the rest of the pool is never touched on the CPU)."""
+        return self.clean * self.page_bytes()

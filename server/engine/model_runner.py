@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..adapters.slots import BatchPlan
 from ..architectures import architecture, decoder, text_config
 from .fused import FusedOps, pack_layers
-from .kv_cache import KVCache
+from .kv_cache import PagedKVCache
 from .moe import routed_experts
 
 Fn = TypeVar("Fn", bound=Callable[..., Any])
@@ -48,8 +48,10 @@ def cpu_kernels(fn: Fn) -> Fn:
 
 
 class ModelRunner:
-    def __init__(self, model: Any, max_rows: int, max_len: int, static_cache: bool = False,
+    def __init__(self, model: Any, max_rows: int, max_len: int, kv_tokens: int | None = None, page_size: int = 16,
                  compile_kernels: bool = False, pack: bool = False) -> None:
+        """A pool of `kv_tokens` positions (default: `max_rows` rows of `max_len`, the layout `fixed_tables`
+        gives callers that manage no pages: benchmarks and tests)."""
         self.model = model
         self.arch = arch = architecture(model.config.model_type)
         cfg: Any = text_config(model.config)
@@ -69,8 +71,9 @@ class ModelRunner:
         self.longrope = int(rope.get("original_max_position_embeddings") or 0) if rope.get("rope_type") == "longrope" else 0
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.cache = KVCache(len(self.layers), max_rows, self.n_kv, self.head_dim, max_len, self.dtype, self.device,
-                             static=static_cache)
+        self.row_pages = -(-max_len // page_size)  # pages of one row in the fixed layout
+        n_pages = -(-(kv_tokens or max_rows * self.row_pages * page_size) // page_size) + 1  # + the trash page
+        self.cache = PagedKVCache(len(self.layers), self.n_kv, self.head_dim, n_pages, page_size, self.dtype, self.device)
         fused = FusedOps(cfg, self.inner) if compile_kernels and arch.llama_layout else None
         self.fused = fused if fused is not None and fused.enabled else None  # decode_static only
         self.packed = pack_layers(self.layers, arch) if pack else None
@@ -141,58 +144,65 @@ class ModelRunner:
             m &= j > q[:, :, None] - window
         return m[:, None]
 
-    def forward(self, input_ids: torch.Tensor, *, start: torch.Tensor, lengths: torch.Tensor, row0: int,
+    def fixed_tables(self, row0: int, rows: int) -> torch.Tensor:
+        """Page tables [rows, P] of rows row0.. in the fixed layout: row r holds the r-th run of `row_pages`
+        pages (for callers that manage no pages; the engine's rows hold pages from `pages.PagePool`)."""
+        if 1 + (row0 + rows) * self.row_pages > self.cache.n_pages:
+            raise ValueError(f"the pool holds {self.cache.n_pages - 1} pages: not rows {row0}..{row0 + rows - 1} "
+                             f"of {self.row_pages} pages each")
+        r = torch.arange(row0, row0 + rows, device=self.device)[:, None]
+        tables = 1 + r * self.row_pages + torch.arange(self.row_pages, device=self.device)[None, :]
+        self.cache.ready(int(tables.max()) + 1)
+        return tables
+
+    def write_prefix(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Entries [L, kvh, N, hd] at positions 0..N-1 of `row` of the fixed layout (an adapter's prefix)."""
+        self.cache.write_positions(self.fixed_tables(row, 1)[0].tolist(), 0, keys, values)
+
+    def forward(self, input_ids: torch.Tensor, *, start: torch.Tensor, lengths: torch.Tensor, row0: int = 0,
                 plan: BatchPlan, all_logits: bool = False, kv_len: int | None = None,
-                start0: int | None = None, rope_shift: torch.Tensor | None = None) -> torch.Tensor:
+                rope_shift: torch.Tensor | None = None, tables: torch.Tensor | None = None) -> torch.Tensor:
         """`forward_full` without the extra rows' logits."""
         return self.forward_full(input_ids, start=start, lengths=lengths, row0=row0, plan=plan, all_logits=all_logits,
-                                 kv_len=kv_len, start0=start0, rope_shift=rope_shift)[0]
+                                 kv_len=kv_len, rope_shift=rope_shift, tables=tables)[0]
 
     @cpu_kernels
     @torch.inference_mode()
-    def forward_full(self, input_ids: torch.Tensor, *, start: torch.Tensor, lengths: torch.Tensor, row0: int,
+    def forward_full(self, input_ids: torch.Tensor, *, start: torch.Tensor, lengths: torch.Tensor, row0: int = 0,
                      plan: BatchPlan, all_logits: bool = False, kv_len: int | None = None,
-                     start0: int | None = None, rope_shift: torch.Tensor | None = None,
-                     full_rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run rows row0..row0+B-1 on `input_ids` [B, T] (right-padded; row b has lengths[b] real tokens
-        starting at cache position start[b]). Writes their K/V: with a shared start, the whole [start0,
-        start0 + T) span (junk past a short row's length, which no row reads before rewriting it); with
-        different starts, only the real tokens, so no row needs room past start[b] + lengths[b]. Returns
-        logits [B, V] at each row's last real token, or [B, T, V] with all_logits (V: the widest vocabulary of
-        the batch's rows; a row's ids past its own are -inf).
+                     rope_shift: torch.Tensor | None = None, full_rows: list[int] | None = None,
+                     tables: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run B rows on `input_ids` [B, T] (right-padded; row b has lengths[b] real tokens starting at cache
+        position start[b]), the rows whose pages are `tables` [B, P] (default: rows row0.. of the fixed
+        layout). Writes the real tokens' K/V at their positions (padding goes to the trash page) and
+        attends over each row's positions 0..start+length-1. Returns logits [B, V] at each row's last real
+        token, or [B, T, V] with all_logits (V: the widest vocabulary of the batch's rows; a row's ids past
+        its own are -inf).
 
-        `kv_len` (max of start + lengths) and `start0` (the start every row shares, if any) are what the
-        caller knows on the host; without them they are read from the tensors, a device synchronisation.
+        `kv_len` (max of start + lengths) is what the caller knows on the host; without it, it is read from
+        the tensors, a device synchronisation.
         `rope_shift` [B]: rotary position minus cache position, per row (see methods/prefix.py).
         `full_rows`: also return the logits at every position of these rows, [R, T, V] (prompt logprobs).
         """
         B, T = input_ids.shape
-        rows = slice(row0, row0 + B)
+        if tables is None:
+            tables = self.fixed_tables(row0, B)
         if kv_len is None:
             kv_len = int((start + lengths).max())
-            start0 = int(start[0]) if bool((start == start[0]).all()) else None
-        pos = start[:, None] + torch.arange(T, device=self.device)[None, :]  # [B, T] cache positions
+        t = torch.arange(T, device=self.device)[None, :]
+        pos = start[:, None] + t  # [B, T] cache positions
+        slots = self.cache.slots(tables, pos, t < lengths[:, None]).reshape(-1)  # [B * T]
         masks: dict[int | None, torch.Tensor] = {}
-        if start0 is None:  # the real tokens only: (row, position) of each, and where it sits in [B, T]
-            if T == 1:  # decode: one real token per row, no synchronisation
-                b_idx, t_idx = torch.arange(B, device=self.device), torch.zeros(B, dtype=torch.long, device=self.device)
-            else:  # a prefill of rows after prefixes of different lengths (nonzero reads the count once)
-                b_idx, t_idx = (torch.arange(T, device=self.device)[None, :] < lengths[:, None]).nonzero(as_tuple=True)
-            w_rows, w_pos = row0 + b_idx, start[b_idx] + t_idx  # [n]
 
         def attend(li: int, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            kc, vc = self.cache.k[li], self.cache.v[li]  # [rows, kvh, cap, hd]
-            if start0 is not None:
-                kc[rows, :, start0 : start0 + T] = k
-                vc[rows, :, start0 : start0 + T] = v
-            else:  # each real token at its own row and position: [n] indices take [n, kvh, hd]
-                kc[w_rows, :, w_pos] = k.transpose(1, 2)[b_idx, t_idx]
-                vc[w_rows, :, w_pos] = v.transpose(1, 2)[b_idx, t_idx]
+            kvh = k.shape[1]
+            self.cache.write(li, slots, k.transpose(1, 2).reshape(B * T, kvh, -1), v.transpose(1, 2).reshape(B * T, kvh, -1))
+            kc, vc = self.cache.read(li, tables, kv_len)  # [B, kvh, kv_len, hd]
             w = self.windows[li]
             if w not in masks:
                 masks[w] = self._mask(start, lengths, T, kv_len, w)
-            return self._sdpa(q, kc[rows, :, :kv_len], vc[rows, :, :kv_len], masks[w], attn.scaling,
-                              self.n_heads != self.n_kv, decode=T == 1)  # [B, heads, T, hd]
+            return self._sdpa(q, kc, vc, masks[w], attn.scaling, self.n_heads != self.n_kv, decode=T == 1)  # [B, heads, T, hd]
 
         rope_pos = pos if rope_shift is None else pos + rope_shift[:, None]
         last = rope_pos[torch.arange(B, device=self.device), lengths - 1] if self.longrope else None
@@ -225,23 +235,20 @@ class ModelRunner:
     @cpu_kernels
     @torch.inference_mode()
     def decode_static(self, input_ids: torch.Tensor, pos: torch.Tensor, plan: BatchPlan, kv_len: int,
-                      rope_pos: torch.Tensor | None = None, embeds: torch.Tensor | None = None,
+                      tables: torch.Tensor, rope_pos: torch.Tensor | None = None, embeds: torch.Tensor | None = None,
                       head: bool = True) -> torch.Tensor:
-        """One decode step of rows 0..B-1, with shapes fixed by (B, kv_len) and no host synchronisation,
-        so a CUDA graph can capture it. input_ids [B, 1], pos [B] (each row's new cache position,
-        < kv_len), rope_pos [B] its rotary position (default pos). Returns logits [B, V] float32; with
-        `embeds` [B, 1, H] the step starts from these input embeddings instead of the ids' and with
-        `head=False` it returns the normed hidden states [B, H] (rows whose adapters bring their own
-        embedding and LM head: those ends run outside the captured step, graphs.py).
+        """One decode step of B rows whose pages are tables [B, >= kv_len / page_size], with shapes fixed by
+        (B, kv_len) and no host synchronisation, so a CUDA graph can capture it. input_ids [B, 1], pos [B]
+        (each row's new cache position, < kv_len), rope_pos [B] its rotary position (default pos). Returns
+        logits [B, V] float32; with `embeds` [B, 1, H] the step starts from these input embeddings instead
+        of the ids' and with `head=False` it returns the normed hidden states [B, H] (rows whose adapters
+        bring their own embedding and LM head: those ends run outside the captured step, graphs.py).
 
         Grouped-query attention without repeating K/V: the G query heads that share a K/V head are
         laid out as G queries of one head, which all sit at the row's one position.
         """
         B = input_ids.shape[0]
-        kc0 = self.cache.k[0]  # [rows, kvh, cap, hd], contiguous: write K/V rows through a flat index
-        cap = kc0.shape[2]
-        heads = torch.arange(B, device=self.device)[:, None] * self.n_kv + torch.arange(self.n_kv, device=self.device)
-        flat = (heads * cap + pos[:, None]).reshape(-1)  # [B * kvh] rows of the [rows * kvh * cap, hd] view
+        slots = self.cache.slots(tables, pos[:, None]).reshape(-1)  # [B]
         j = torch.arange(kv_len, device=self.device)[None, :]  # [1, Lk]
         masks = {}  # additive, made once per step: SDPA would turn a boolean mask into one per layer
         for w in set(self.windows):
@@ -250,10 +257,9 @@ class ModelRunner:
         G = self.n_heads // self.n_kv
 
         def attend(li: int, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            kc, vc = self.cache.k[li], self.cache.v[li]
-            kc.view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim))
-            vc.view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim))
-            o = self._sdpa(q.reshape(B, self.n_kv, G, self.head_dim), kc[:B, :, :kv_len], vc[:B, :, :kv_len],
+            self.cache.write(li, slots, k[:, :, 0], v[:, :, 0])
+            kc, vc = self.cache.read(li, tables, kv_len)  # [B, kvh, kv_len, hd]
+            o = self._sdpa(q.reshape(B, self.n_kv, G, self.head_dim), kc, vc,
                            masks[self.windows[li]], attn.scaling, False, decode=True)  # [B, kvh, G, hd]
             return o.reshape(B, self.n_heads, 1, self.head_dim)
 

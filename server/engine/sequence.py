@@ -40,19 +40,27 @@ class Seq:
     eos: tuple[int, ...] = ()  # the ids that end it (the base model's, and its adapter tokenizer's)
     vocab: int = 0  # token ids its rows have: past them its logits are -inf (0: the logits' whole width)
     passed_over: int = 0  # admissions that passed it over, its adapter finding no room (scheduler.py)
+    resume: tuple[int, ...] = ()  # preempted: the tokens it had generated, prefilled again after its prompt
+    cached: int = 0  # prompt tokens its first admission found in the prefix cache
+    keys: list[bytes] = field(default_factory=list)  # keys of its full pages so far (pages.page_keys)
 
     @property
     def prompt_len(self) -> int:
         return len(self.req.prompt_ids)
 
     @property
-    def context_len(self) -> int:
-        """Positions its row holds once the prompt is in: the adapter's prefix, then the prompt."""
-        return self.prefix_len + self.prompt_len
+    def fill_ids(self) -> tuple[int, ...]:
+        """The tokens its prefill computes: the prompt, then what it generated before it was preempted."""
+        return self.req.prompt_ids + self.resume if self.resume else self.req.prompt_ids
 
     @property
-    def prompt_done(self) -> int:
-        """Prompt tokens already in its cache row (chunked prefill)."""
+    def context_len(self) -> int:
+        """Positions its row holds once prefilled: the adapter's prefix, then `fill_ids`."""
+        return self.prefix_len + self.prompt_len + len(self.resume)
+
+    @property
+    def fill_done(self) -> int:
+        """Tokens of `fill_ids` already in its pages (cached, or chunks prefilled)."""
         return max(0, self.cache_len - self.prefix_len)
 
     @property

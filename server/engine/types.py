@@ -80,3 +80,4 @@ class GenerationResult:
     adapter_type: str
     top_logprobs: tuple[TopLogprobs, ...] | None = None
     prompt_logprobs: tuple[tuple[float, TopLogprobs], ...] | None = None  # prompt tokens 1.., where asked
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache

@@ -59,7 +59,6 @@ def logits(plans: list[MethodPlan]) -> torch.Tensor:
     runner, _ = runner_and_slots(tiny_model())
     ids = input_ids()[:1].repeat(4, 1)
     B, T = ids.shape
-    runner.cache.fit(B, T, 0, 0)
     return runner.forward(ids, start=torch.zeros(B, dtype=torch.long), lengths=torch.full((B,), T), row0=0,
                           plan=BatchPlan((), plans), all_logits=True)
 

@@ -59,10 +59,9 @@ def forward(runner, slots, rows: list[tuple[torch.Tensor, int]]) -> list[torch.T
     ids = torch.zeros(B, T, dtype=torch.long)
     for b, (r, _) in enumerate(rows):
         ids[b, : len(r)] = r
-    runner.cache.fit(B, max(starts) + T, 0, 0)
     for b, p in enumerate(prefixes):
         if p is not None:
-            runner.cache.write_prefix(b, p.keys, p.values)
+            runner.write_prefix(b, p.keys, p.values)
     shifts = [0 if p is None else p.rope_shift for p in prefixes]
     out = runner.forward(ids.to(dev), start=torch.tensor(starts, device=dev), lengths=torch.tensor(lens, device=dev),
                          row0=0, plan=slots.plan([s for _, s in rows]), all_logits=True,

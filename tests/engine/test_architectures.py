@@ -327,7 +327,6 @@ def test_longrope_rows_each_pick_their_own_factors():
         long_alone = model(ids[:1]).logits[0, -1]
         short_alone = model(ids[1:, :5]).logits[0, -1]
     runner, slots = runner_and_slots(model)
-    runner.cache.fit(2, 12, 0, 0)
     got = runner.forward(ids, start=torch.zeros(2, dtype=torch.long), lengths=torch.tensor([12, 5]), row0=0,
                          plan=slots.plan([0, 0]))
     assert err(got[0], long_alone) < 1e-5 and err(got[1], short_alone) < 1e-5

@@ -175,7 +175,7 @@ def test_virtual_tokens_take_context_but_are_not_prompt_tokens(engine):
 
 def test_vllm_load_metrics_say_what_runs_and_what_waits(tmp_path):
     """The meanings the gateways read: waiting = queued, not admitted; running = admitted (prefilling
-    or decoding); the adapters of each; KV usage = the running rows' positions over the token budget."""
+    or decoding); the adapters of each; KV usage = the pages the running rows hold over the pool's."""
     e = make_engine(tmp_path / "store", slots=4, max_batch=2)
     for name in ("lora_qv", "seq_bn", "prefix_tuning"):
         e.registry.add_folder(name, fixture_dir(name))
@@ -188,8 +188,10 @@ def test_vllm_load_metrics_say_what_runs_and_what_waits(tmp_path):
     (sample,) = [s for s in m.vllm_lora.collect()[0].samples]
     assert sample.labels == {"max_lora": "4", "running_lora_adapters": "lora_qv,prefix_tuning",
                              "waiting_lora_adapters": "seq_bn"}
-    used = sum(s.cache_len for s in e.rows.running)
-    assert used > 6 and m.vllm_kv_usage._value.get() == pytest.approx(used / e.cfg.kv_cache_tokens)
+    pool = e.paging.pool
+    used = sum(pool.pages_for(s.cache_len) for s in e.rows.running)  # each holds the pages of what it wrote
+    assert used == pool.in_use >= 2 and pool.n_pages - 1 == e.cfg.kv_cache_tokens // pool.page_size
+    assert m.vllm_kv_usage._value.get() == pytest.approx(used / (pool.n_pages - 1))
     run_until_done(e, cols)
     assert m.vllm_running._value.get() == 0 and m.vllm_waiting._value.get() == 0
     (sample,) = [s for s in m.vllm_lora.collect()[0].samples]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Seq
@@ -14,8 +15,31 @@ def seq(i: int, n: int, new: int = 10, adapter: str | None = None) -> Seq:
                stream=None, seed=0, max_new=new, t_arrival=0.0, deadline=1e9, method=None)  # type: ignore[arg-type]
 
 
-def sched(rows: int = 4, budget: int = 100, kv: int = 10_000) -> Scheduler:
-    return Scheduler(rows, budget, kv, lambda r, need: r * need)
+@dataclass(frozen=True)
+class Need:
+    compute: int
+    pages: int
+
+
+class Pool:
+    """Pages by count alone: a request takes a page per 16 positions of its context, less what is cached."""
+
+    def __init__(self, pages: int, cached: dict[str, int] | None = None) -> None:
+        self.free, self.cached = pages, cached or {}
+        self.taken: list[str] = []
+
+    def need(self, s: Seq) -> Need:
+        hit = self.cached.get(s.req.request_id, 0)  # tokens found in the prefix cache
+        return Need(s.prompt_len - hit, -(-s.context_len // 16) - hit // 16)
+
+    def take(self, s: Seq, need: Need) -> None:
+        self.free -= need.pages
+        self.taken.append(s.req.request_id)
+
+
+def sched(rows: int = 4, budget: int = 100, pool: Pool | None = None, patience: int = 32) -> Scheduler:
+    p = pool or Pool(10_000)
+    return Scheduler(rows, budget, p.need, lambda: p.free, p.take, patience=patience)
 
 
 def test_first_come_first_served_within_rows_and_budget():
@@ -40,12 +64,21 @@ def test_a_prompt_over_the_budget_is_chunked_when_first_in_line_only():
     assert adm.joined == [] and adm.chunked is not None and adm.chunked.req.request_id == "r1" and not waiting
 
 
-def test_kv_budget_counts_every_rows_longest_reach():
-    running = [seq(9, 50, new=50)]
-    running[0].cache_len = 60  # reaches 60 + 50 - 0 = 110
-    waiting = deque([seq(0, 10, new=10)])
-    assert sched(kv=219).admit(waiting, running, lambda s: True).joined == []  # 2 rows x 110 > 219
-    assert len(sched(kv=220).admit(waiting, running, lambda s: True).joined) == 1
+def test_admission_asks_for_the_pages_a_context_takes_now_less_what_the_cache_holds():
+    pool = Pool(5)
+    waiting = deque([seq(0, 40, new=1000), seq(1, 40), seq(2, 20)])  # 3, 3 and 2 pages: what they may reach is not asked
+    adm = sched(pool=pool).admit(waiting, [], lambda s: True)
+    assert [s.req.request_id for s in adm.joined] == ["r0"] and pool.free == 2  # r1 does not fit: r2 waits behind it
+    pool = Pool(5, cached={"r1": 32})  # two of r1's pages are cached: it computes 8 tokens into 1 page
+    waiting = deque([seq(0, 40), seq(1, 40)])
+    adm = sched(pool=pool).admit(waiting, [], lambda s: True)
+    assert [s.req.request_id for s in adm.joined] == ["r0", "r1"] and pool.free == 1 and pool.taken == ["r0", "r1"]
+
+
+def test_the_budget_counts_the_tokens_a_prefill_computes():
+    pool = Pool(10_000, cached={"r1": 32})
+    waiting = deque([seq(0, 60), seq(1, 72)])  # 72 tokens, 40 of them to compute: fits the 100 budget beside r0
+    assert len(sched(budget=100, pool=pool).admit(waiting, [], lambda s: True).joined) == 2
 
 
 def test_a_request_whose_adapter_finds_every_slot_busy_is_passed_over():
@@ -60,7 +93,7 @@ def test_a_request_passed_over_too_often_stops_the_line_until_it_fits():
     adapters would keep it waiting forever, so after `patience` passes nobody overtakes it."""
     big, small = seq(0, 5, adapter="big"), seq(1, 5, adapter="small")
     waiting = deque([big, small])
-    s = Scheduler(4, 100, 10_000, lambda r, need: r * need, patience=3)
+    s = sched(patience=3)
     assert [x.req.request_id for x in s.admit(waiting, [], lambda x: x.req.adapter_id != "big").joined] == ["r1"]
     for i in (2,):  # more rows of the resident adapter arrive, and still overtake it
         waiting.append(seq(i, 5, adapter="small"))

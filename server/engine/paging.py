@@ -1,0 +1,138 @@
+"""Each request's pages and the prefix cache: the bridge between the engine's rows and `pages.PagePool`.
+
+A row's positions are its adapter's prefix (virtual tokens: `VIRTUAL` ids), then its prompt, then what
+it generates. The salt of its page keys names what computes its K/V: the content digest of its
+adapter version (every family changes keys and values: a page serves rows of the same content only),
+or the bare model's own. So a replaced or deleted version's pages are never found again by the new
+one (its digest differs), two ids uploaded with the same files share, and nothing else can.
+
+A request looks up the longest run of cached pages of its own positions and prefills only the rest,
+always at least its last token (a page it would write is never one it shares). A request that asks
+for its prompt's logprobs looks nothing up (every prompt token's logits are computed), and on models
+whose rotary embedding depends on a row's whole length (LongRoPE) only rows that stay within the
+original context use the cache. Pages computed are registered as they fill, decoded ones included
+(multi-turn chat resends the model's own replies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kv_cache import PagedKVCache
+from .pages import VIRTUAL, PagePool, page_keys
+from .sequence import Seq
+
+BARE = "bare-model"  # the salt of the bare model's pages (adapter digests are hex)
+
+
+@dataclass(frozen=True)
+class Need:
+    """What admitting a request takes now."""
+
+    hits: tuple[int, ...]  # the cached pages it starts from
+    compute: int  # tokens its prefill computes
+    pages: int  # pages `PagePool.available` drops by
+
+
+class Paging:
+    def __init__(self, cache: PagedKVCache, prefix_caching: bool, reach_limit: int = 0) -> None:
+        self.cache = cache
+        self.pool = PagePool(cache.n_pages, cache.page_size)
+        self.ps = cache.page_size
+        self.caching = prefix_caching
+        self.reach_limit = reach_limit  # 0: none; else rows reaching past it neither read nor add cached pages
+        self.queries = self.hits = 0  # prompt tokens looked up, and found, since start
+
+    # -- keys ---------------------------------------------------------------------------------
+    def _cacheable(self, s: Seq) -> bool:
+        return self.caching and (not self.reach_limit or s.context_len + s.max_new - len(s.tokens) <= self.reach_limit)
+
+    def keys(self, s: Seq, positions: int) -> list[bytes]:
+        """Keys of the full pages among the row's first `positions` positions (kept on the Seq, extended)."""
+        want = positions // self.ps
+        if len(s.keys) < want:
+            ids = [VIRTUAL] * s.prefix_len + list(s.req.prompt_ids) + s.tokens
+            salt = s.ref.digest if s.ref is not None and s.ref.digest else BARE
+            done = len(s.keys)
+            s.keys.extend(page_keys(salt, ids[done * self.ps : want * self.ps], self.ps, s.keys[-1] if s.keys else b""))
+        return s.keys[:want]
+
+    # -- admission ----------------------------------------------------------------------------
+    def need(self, s: Seq) -> Need:
+        """Its cached pages (looked up now) and what else it takes to prefill its whole context."""
+        ctx, hits = s.context_len, []
+        first = not s.resume
+        if self._cacheable(s) and (s.req.params.prompt_logprobs is None or not first):
+            hits = self.pool.lookup(self.keys(s, ctx - 1))  # at least the last token is computed
+        cached = len(hits) * self.ps
+        fresh = sum(1 for p in hits if self.pool.ref[p] == 0)  # held by no row: they leave the evictable pages
+        pages = self.pool.pages_for(ctx) - len(hits) + fresh
+        return Need(tuple(hits), ctx - max(cached, s.prefix_len), pages)
+
+    def open(self, s: Seq, need: Need) -> None:
+        """Give an admitted request its cached pages and the pages for the rest of its context."""
+        self.pool.open(id(s), need.hits)
+        if self.pool.grow(id(s), s.context_len) is None:
+            self.pool.close(id(s))
+            raise RuntimeError("admitted a request the pool has no room for")  # the scheduler checked `need`
+        self.cache.ready(self.pool.high)
+        s.cache_len = len(need.hits) * self.ps
+        if not s.resume:
+            s.cached = max(0, s.cache_len - s.prefix_len)
+            if self._cacheable(s):
+                self.queries += s.prompt_len
+                self.hits += s.cached
+
+    def next_step(self, running: list[Seq]) -> int:
+        """Pages the running rows take in their next decode step."""
+        return sum(1 for s in running if self.pool.pages_for(s.cache_len + 1) > len(self.table(s)))
+
+    # -- rows ---------------------------------------------------------------------------------
+    def table(self, s: Seq) -> list[int]:
+        return self.pool.table(id(s))
+
+    def tables(self, seqs: list[Seq], kv_len: int) -> torch.Tensor:
+        """Page tables [B, P] covering kv_len positions (0, the trash page, past a row's pages)."""
+        P = self.pool.pages_for(kv_len)
+        out = torch.zeros(len(seqs), P, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            t = self.table(s)[:P]
+            out[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        return out.to(self.cache.device)
+
+    def grow(self, s: Seq, positions: int) -> bool:
+        """Pages for the row's first `positions` positions; False, changing nothing, when none are left."""
+        if self.pool.grow(id(s), positions) is None:
+            return False
+        self.cache.ready(self.pool.high)
+        return True
+
+    def fork(self, src: Seq, dst: Seq) -> None:
+        """`dst` (admitted with `src`'s very context: another choice of one prompt) takes src's pages
+        instead of its own: the full ones shared, a partial last one copied."""
+        self.pool.close(id(dst))
+        pair = self.pool.fork(id(src), id(dst), src.cache_len)
+        if pair is not None:
+            self.cache.ready(self.pool.high)
+            self.cache.copy_page(*pair)
+        dst.cache_len, dst.cached, dst.keys = src.cache_len, src.cached, list(src.keys)
+
+    def register(self, s: Seq) -> None:
+        """Offer the row's full pages to the prefix cache (those not yet keyed)."""
+        if self._cacheable(s) and s.cache_len // self.ps > 0:
+            self.pool.register(id(s), self.keys(s, s.cache_len))
+
+    def close(self, s: Seq) -> None:
+        """The row leaves (finished, failed or preempted): its pages go back, full ones to the cache."""
+        if id(s) in self.pool.tables:
+            self.pool.close(id(s))
+
+    def holds(self, s: Seq) -> bool:
+        return id(s) in self.pool.tables
+
+    # -- reading ------------------------------------------------------------------------------
+    def usage(self) -> float:
+        """Pages rows hold over the pool's pages (vLLM's kv_cache_usage_perc)."""
+        return self.pool.in_use / (self.pool.n_pages - 1)
