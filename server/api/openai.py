@@ -192,9 +192,14 @@ def _best(results: list[GenerationResult], n: int) -> list[GenerationResult]:
     return sorted(results, key=score, reverse=True)[:n]
 
 
-def _usage(prompt_tokens: int, results: list[GenerationResult]) -> dict[str, int]:
+def _usage(prompt_tokens: int, results: list[GenerationResult], prompts: int = 1) -> dict[str, Any]:
+    """Token counts; `prompt_tokens_details.cached_tokens`: the prompt tokens the prefix cache held, once per
+    prompt (its choices are prefilled once: each reports the count of that one prefill)."""
     done = sum(len(r.token_ids) for r in results)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+    per = max(1, len(results) // max(1, prompts))  # results per prompt (any order: they report one count)
+    cached = sum(r.cached_tokens for r in results) // per
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 @router.get("/models")
@@ -356,7 +361,8 @@ async def completions(body: CompletionIn, request: Request, s: ReadyDep) -> Any:
     rid, created = new_id("cmpl"), int(time.time())
     echo = [_prompt_text(voc, p) if body.echo else "" for p in prompts]
     if body.stream:
-        return EventSourceResponse(_stream_completion(voc, gens, body, rid, created, echo, sum(map(len, ids))), ping=15)
+        return EventSourceResponse(_stream_completion(voc, gens, body, rid, created, echo, sum(map(len, ids)), len(ids)),
+                                   ping=15)
     results = await results_or_disconnect(request, gens)
     toks, choices = _Tokens(voc), list[dict[str, Any]]()
     for i in range(len(prompts)):
@@ -371,7 +377,7 @@ async def completions(body: CompletionIn, request: Request, s: ReadyDep) -> Any:
             choices.append({"index": len(choices), "text": echo[i] + r.text, "logprobs": lp,
                             "finish_reason": r.finish_reason})
     return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
-            "usage": _usage(sum(map(len, ids)), results)}
+            "usage": _usage(sum(map(len, ids)), results, len(ids))}
 
 
 def _prompt_text(voc: Vocabulary, p: Prompt) -> str:
@@ -379,7 +385,7 @@ def _prompt_text(voc: Vocabulary, p: Prompt) -> str:
 
 
 async def _stream_completion(voc: Vocabulary, gens: list[Generation], body: CompletionIn, rid: str, created: int,
-                             echo: list[str], prompt_tokens: int) -> AsyncIterator[dict[str, str]]:
+                             echo: list[str], prompt_tokens: int, prompts: int) -> AsyncIterator[dict[str, str]]:
     head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
     toks, n = _Tokens(voc), body.n
     offsets = [len(echo[i // n]) for i in range(len(gens))]

@@ -76,6 +76,7 @@ class GenerateOut(BaseModel):
     token_ids: list[int]
     finish_reason: Literal["stop", "length"]
     usage: Usage
+    cached_tokens: int = Field(0, description="prompt tokens whose keys and values the prefix cache held")
     logprobs: list[float] | None
     timings: TimingsOut
 
