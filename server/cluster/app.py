@@ -10,9 +10,7 @@ from ray import serve
 from ..config import Settings
 from .ingress import Ingress
 from .replica import EngineReplica
-from .router import AffinityRouter
-
-STATS_PERIOD_S = 0.2  # how stale the router's view of residency and load may be
+from .router import STATS_PERIOD_S, AffinityRouter
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ class PagedKVCache:
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.clean = 0  # pages 0..clean-1 are zeroed or written
+        self._gathered = [torch.empty(0, dtype=dtype, device=device) for _ in range(2)]  # `read`'s buffers on the CPU
         self.ready(1)  # the trash page
 
     def ready(self, high: int) -> None:
@@ -60,11 +61,22 @@ class PagedKVCache:
         idx = tables[:, : -(-kv_len // self.page_size)].reshape(-1)
         n = idx.numel() // B
         pages = (self.kv_heads, self.n_pages, self.page_size * self.head_dim)
+        shape = (self.kv_heads, B * n, self.page_size * self.head_dim)
         out = []
-        for pool in (self.k[li], self.v[li]):
-            g = pool.view(pages).index_select(1, idx)  # [kvh, B * n, ps * hd]
+        for i, pool in enumerate((self.k[li], self.v[li])):
+            if self.device.type == "cpu":  # into a buffer kept across layers and steps: no allocation per layer
+                g = torch.index_select(pool.view(pages), 1, idx, out=self._buffer(i, shape))
+            else:  # a CUDA graph's step allocates from its own pool: no buffer may move under it
+                g = pool.view(pages).index_select(1, idx)  # [kvh, B * n, ps * hd]
             out.append(g.view(self.kv_heads, B, n * self.page_size, self.head_dim)[:, :, :kv_len].transpose(0, 1))
         return out[0], out[1]
+
+    def _buffer(self, i: int, shape: tuple[int, int, int]) -> torch.Tensor:
+        """The i-th gather buffer (keys 0, values 1) viewed as `shape`; it grows, never shrinks."""
+        n = shape[0] * shape[1] * shape[2]
+        if self._gathered[i].numel() < n:
+            self._gathered[i] = torch.empty(n, dtype=self.dtype, device=self.device)
+        return self._gathered[i][:n].view(shape)
 
     def write_positions(self, table: list[int], first: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Entries [L, kvh, N, hd] at positions first..first+N-1 of the row whose pages are `table` (an

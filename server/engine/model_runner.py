@@ -93,6 +93,23 @@ class ModelRunner:
             return o.to(self.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
+    def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+                    ) -> torch.Tensor:
+        """Attention of one query position per row: q [B, H, 1, d] over k, v [B, kvh, Lk, d] gathered from pages
+        (views of [kvh, B, Lk, d] memory), mask [B, 1, 1, Lk] (boolean or additive). The G query heads of a
+        K/V head are laid out as G queries of one head and the K/V heads as the batch, so SDPA reads the
+        gathered pages as they lie, once per K/V head. On the CPU in bfloat16 in float32 (see `_sdpa`)."""
+        B, H, _, d = q.shape
+        kvh = k.shape[1]
+        qs = q.view(B, kvh, H // kvh, d).transpose(0, 1)  # [kvh, B, G, d]
+        ks, vs = k.transpose(0, 1), v.transpose(0, 1)  # [kvh, B, Lk, d], contiguous
+        m = mask.view(1, B, 1, -1)
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            qs, ks, vs = qs.float(), ks.float(), vs.float()
+            m = m if m.dtype == torch.bool else m.float()
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=m, scale=scale)  # [kvh, B, G, d]
+        return o.to(q.dtype).transpose(0, 1).reshape(B, H, 1, d)
+
     @staticmethod
     def _capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
                           cap: float) -> torch.Tensor:
@@ -202,6 +219,8 @@ class ModelRunner:
             w = self.windows[li]
             if w not in masks:
                 masks[w] = self._mask(start, lengths, T, kv_len, w)
+            if T == 1 and self.attn_softcap is None:
+                return self._attend_one(q, kc, vc, masks[w], attn.scaling)
             return self._sdpa(q, kc, vc, masks[w], attn.scaling, self.n_heads != self.n_kv, decode=T == 1)  # [B, heads, T, hd]
 
         rope_pos = pos if rope_shift is None else pos + rope_shift[:, None]
@@ -259,6 +278,8 @@ class ModelRunner:
         def attend(li: int, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self.cache.write(li, slots, k[:, :, 0], v[:, :, 0])
             kc, vc = self.cache.read(li, tables, kv_len)  # [B, kvh, kv_len, hd]
+            if self.attn_softcap is None:
+                return self._attend_one(q, kc, vc, masks[self.windows[li]], attn.scaling)
             o = self._sdpa(q.reshape(B, self.n_kv, G, self.head_dim), kc, vc,
                            masks[self.windows[li]], attn.scaling, False, decode=True)  # [B, kvh, G, hd]
             return o.reshape(B, self.n_heads, 1, self.head_dim)

@@ -23,6 +23,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 
+
 class NoPages(Exception):
     """Too few pages are left for what was asked."""
 
@@ -129,7 +130,7 @@ class PagePool:
         """Key the row's first len(keys) pages (all full); a key another page holds already is left to it.
         Returns the pages newly keyed."""
         table, n = self.tables[row], 0
-        for p, k in zip(table, keys):
+        for p, k in zip(table, keys, strict=False):  # keys of its first pages; a partial last page has none
             if p in self.key_of:
                 continue
             if k in self.page_of:

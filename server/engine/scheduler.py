@@ -22,8 +22,11 @@ from .sequence import Seq
 
 
 class Need(Protocol):
-    compute: int  # tokens its prefill computes
-    pages: int  # pages it takes from the pool
+    @property
+    def compute(self) -> int: ...  # tokens its prefill computes
+
+    @property
+    def pages(self) -> int: ...  # pages it takes from the pool
 
 
 @dataclass(frozen=True)

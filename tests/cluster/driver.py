@@ -18,6 +18,31 @@ sys.path.insert(0, str(ROOT))
 
 from tests.helpers import TINY, LiveServer, fixture_dir, upload_files  # noqa: E402
 
+# one adapter of every family (fixtures written by the real libraries), two AdapterHub bottlenecks; None: the bare model
+FAMILIES = {"bare": None, "ia3": "ia3_default", "seq_bn": "seq_bn", "double_seq_bn": "double_seq_bn", "lora": "lora_qv",
+            "dora": "dora_qv", "prompt": "prompt_tuning", "prefix": "prefix_tuning", "compacter": "compacter"}
+
+
+def affinity(c: httpx.Client, body: dict) -> dict[str, list]:
+    """For each family in turn: its adapter uploaded, then six single requests one after another, three
+    straight away (no report shows the load yet) and three after a few stats periods (every report is in);
+    the replica that answered each. Each adapter is deleted after its turn."""
+    out: dict[str, list] = {}
+    for name, fixture in FAMILIES.items():
+        adapter = None if fixture is None else f"fam-{name}"
+        if fixture is not None:
+            r = c.post("/adapters", data={"adapter_id": adapter}, files=upload_files(fixture_dir(fixture)))
+            assert r.status_code == 201, r.text
+        ids = []
+        for pause in (0, 0, 0, 0.6, 0, 0):
+            time.sleep(pause)
+            r = c.post("/generate", json={**body, "adapter_id": adapter, "max_new_tokens": 4})
+            ids.append(r.headers.get("x-replica-id") if r.status_code == 200 else r.status_code)
+        out[name] = ids
+        if adapter is not None:
+            assert c.delete(f"/adapters/{adapter}").status_code == 204
+    return out
+
 
 def main() -> None:
     import ray
@@ -92,6 +117,7 @@ def main() -> None:
         out["delete"] = c.delete("/adapters/lo").status_code
         out["after_delete"] = [c.post("/generate", json={**body, "adapter_id": "lo"}).status_code for _ in range(4)]
         out["models"] = sorted(m["id"] for m in c.get("/v1/models").json()["data"])
+        out["affinity"] = affinity(c, body)
         time.sleep(1.5)  # a push period: every replica's latest counts are at the hub
         from prometheus_client.parser import text_string_to_metric_families
 

@@ -110,3 +110,11 @@ def test_metrics_merge_sums_families_and_keeps_each_replica():
 def test_a_saturated_replica_spills_a_hot_adapter_to_another(results):
     s = results["spill"]
     assert s["ok"] and s["replicas"] == 2 and 1 <= s["spilled"] < 16  # the warm replica kept some
+
+
+def test_consecutive_requests_for_an_adapter_of_any_family_stay_on_its_replica(results):
+    got = results["affinity"]
+    assert set(got) >= {"ia3", "seq_bn", "double_seq_bn", "lora", "dora", "prompt", "prefix", "compacter"}
+    spread = {name: ids for name, ids in got.items() if name != "bare" and len(set(ids)) != 1}
+    assert not spread, spread  # one replica per adapter (a status code in place of an id: a failed request)
+    assert len(set(got["bare"])) == 2  # the bare model is not pinned

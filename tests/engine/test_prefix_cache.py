@@ -4,8 +4,6 @@ same adapter content; preempted rows equal unpreempted ones; the pool's invarian
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from server.engine.types import GenerationRequest, GenerationResult, SamplingParams
