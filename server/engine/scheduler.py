@@ -1,8 +1,8 @@
 """Admission: which waiting requests join the batch this iteration. Pure policy, no torch.
 
 A request joins when a row is free, the tokens its prefill computes (what the prefix cache does not
-hold) fit the iteration's prefill budget (the first in line always does: over the budget, it is
-prefilled in chunks, alone), the KV pool has the pages its whole context takes now, beyond those the
+hold) fit the iteration's prefill budget, padding counted (the pass is right-padded to its longest
+prompt; the first in line always fits: over the budget, it is prefilled in chunks, alone), the KV pool has the pages its whole context takes now, beyond those the
 running rows take in their next step (it asks for what it holds now, not for what it may reach:
 a row that later finds no page preempts the newest), and its adapter gets a device slot. Order is
 first come, first served, except that a request whose adapter finds the slots (or the device bytes)
@@ -51,6 +51,7 @@ class Scheduler:
         adapter's weights disagree with its manifest) and taken it out of `waiting` (this walks a copy)."""
         joined: list[Seq] = []
         budget = self.prefill_budget
+        longest = 0  # the pass is right-padded: it computes len(joined) x the longest prompt's tokens
         held = False  # a request waited past its patience: only requests that need no adapter pass it now
         for s in list(waiting):
             if held and s.req.adapter_id is not None:
@@ -59,8 +60,8 @@ class Scheduler:
                 break
             need = self.need(s)
             n = need.compute
-            if joined and n > budget:
-                break  # a prompt over the budget goes alone, in chunks, from the next iteration
+            if joined and (len(joined) + 1) * max(longest, n) > budget:
+                break  # over the budget, padding counted: it waits for the next iteration (alone in chunks if long)
             if need.pages > self.room():
                 break  # the pool is full: wait for rows to finish
             if not grant(s):
@@ -75,5 +76,5 @@ class Scheduler:
             if n > budget:
                 return Admission(joined, s)
             joined.append(s)
-            budget -= n
+            longest = max(longest, n)
         return Admission(joined, None)

@@ -77,8 +77,14 @@ def test_admission_asks_for_the_pages_a_context_takes_now_less_what_the_cache_ho
 
 def test_the_budget_counts_the_tokens_a_prefill_computes():
     pool = Pool(10_000, cached={"r1": 32})
-    waiting = deque([seq(0, 60), seq(1, 72)])  # 72 tokens, 40 of them to compute: fits the 100 budget beside r0
+    waiting = deque([seq(0, 40), seq(1, 72)])  # 72 tokens, 40 of them to compute: 2 rows x 40 fit the budget of 100
     assert len(sched(budget=100, pool=pool).admit(waiting, [], lambda s: True).joined) == 2
+
+
+def test_the_budget_counts_the_padding_of_a_right_padded_pass():
+    waiting = deque([seq(0, 10), seq(1, 10), seq(2, 60), seq(3, 10)])  # 3 rows x 60 padded tokens > 100
+    adm = sched(budget=100).admit(waiting, [], lambda s: True)
+    assert [s.req.request_id for s in adm.joined] == ["r0", "r1"] and len(waiting) == 2
 
 
 def test_a_request_whose_adapter_finds_every_slot_busy_is_passed_over():
