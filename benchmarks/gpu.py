@@ -166,7 +166,9 @@ def kernel_profile(eng: Engine, B: int, kv_len: int, method: str | None = None, 
     slot = 0 if method is None else min(s for s, m in eng.slots.slot_method.items() if m == method)
     key = g.key([slot] * B, kv_len - 1)
     assert key is not None
-    g.fill([3] * B, list(range(g.max_len - B, g.max_len)), [slot] * B, key)  # free positions: no row's cache is touched
+    P = eng.runner.cache.pages_for(g.max_len)
+    tables = [list(range(1 + b * P, 1 + (b + 1) * P)) for b in range(B)]  # a whole context of pages per row (no rows run)
+    g.fill([3] * B, list(range(g.max_len - B, g.max_len)), [slot] * B, key, tables)
     for _ in range(2):
         g._step(key)
     sync()

@@ -7,7 +7,9 @@ or the bare model's own. So a replaced or deleted version's pages are never foun
 one (its digest differs), two ids uploaded with the same files share, and nothing else can.
 
 A request looks up the longest run of cached pages of its own positions and prefills only the rest,
-always at least its last token (a page it would write is never one it shares). A request that asks
+always at least its last token (a page it would write is never one it shares). A request whose next
+page is being computed right now by a row admitted before it (a burst of requests with one system
+prompt) waits for it rather than computing it again: it is admitted at the next iteration. A request that asks
 for its prompt's logprobs looks nothing up (every prompt token's logits are computed), and on models
 whose rotary embedding depends on a row's whole length (LongRoPE) only rows that stay within the
 original context use the cache. Pages computed are registered as they fill, decoded ones included
@@ -34,6 +36,7 @@ class Need:
     hits: tuple[int, ...]  # the cached pages it starts from
     compute: int  # tokens its prefill computes
     pages: int  # pages `PagePool.available` drops by
+    wait: bool = False  # a row admitted before it is computing its next page now: it waits to reuse it
 
 
 class Paging:
@@ -44,6 +47,7 @@ class Paging:
         self.caching = prefix_caching
         self.reach_limit = reach_limit  # 0: none; else rows reaching past it neither read nor add cached pages
         self.queries = self.hits = 0  # prompt tokens looked up, and found, since start
+        self.pending: dict[bytes, int] = {}  # keys of full pages rows are prefilling now -> the row computing it
 
     # -- keys ---------------------------------------------------------------------------------
     def _cacheable(self, s: Seq) -> bool:
@@ -62,14 +66,16 @@ class Paging:
     # -- admission ----------------------------------------------------------------------------
     def need(self, s: Seq) -> Need:
         """Its cached pages (looked up now) and what else it takes to prefill its whole context."""
-        ctx, hits = s.context_len, []
+        ctx, hits, wait = s.context_len, [], False
         first = not s.resume
         if self._cacheable(s) and (s.req.params.prompt_logprobs is None or not first):
-            hits = self.pool.lookup(self.keys(s, ctx - 1))  # at least the last token is computed
+            keys = self.keys(s, ctx - 1)  # at least the last token is computed
+            hits = self.pool.lookup(keys)
+            wait = len(hits) < len(keys) and keys[len(hits)] in self.pending
         cached = len(hits) * self.ps
         fresh = sum(1 for p in hits if self.pool.ref[p] == 0)  # held by no row: they leave the evictable pages
         pages = self.pool.pages_for(ctx) - len(hits) + fresh
-        return Need(tuple(hits), ctx - max(cached, s.prefix_len), pages)
+        return Need(tuple(hits), ctx - max(cached, s.prefix_len), pages, wait)
 
     def open(self, s: Seq, need: Need) -> None:
         """Give an admitted request its cached pages and the pages for the rest of its context."""
@@ -79,6 +85,9 @@ class Paging:
             raise RuntimeError("admitted a request the pool has no room for")  # the scheduler checked `need`
         self.cache.ready(self.pool.high)
         s.cache_len = len(need.hits) * self.ps
+        if self._cacheable(s):  # the full pages it computes: others with its prefix wait for them
+            for k in self.keys(s, s.context_len)[len(need.hits):]:
+                self.pending.setdefault(k, id(s))
         if not s.resume:
             s.cached = max(0, s.cache_len - s.prefix_len)
             if self._cacheable(s):
@@ -122,12 +131,18 @@ class Paging:
     def register(self, s: Seq) -> None:
         """Offer the row's full pages to the prefix cache (those not yet keyed)."""
         if self._cacheable(s) and s.cache_len // self.ps > 0:
-            self.pool.register(id(s), self.keys(s, s.cache_len))
+            keys = self.keys(s, s.cache_len)
+            self.pool.register(id(s), keys)
+            for k in keys:
+                if self.pending.get(k) == id(s):
+                    del self.pending[k]
 
     def close(self, s: Seq) -> None:
         """The row leaves (finished, failed or preempted): its pages go back, full ones to the cache."""
         if id(s) in self.pool.tables:
             self.pool.close(id(s))
+        for k in [k for k, r in self.pending.items() if r == id(s)] if self.pending else ():
+            del self.pending[k]
 
     def holds(self, s: Seq) -> bool:
         return id(s) in self.pool.tables

@@ -172,3 +172,31 @@ def test_rows_preempted_when_the_pool_runs_out_resume_and_equal_unpreempted_ones
         for g, w in zip(got, want, strict=True):
             same(g, w, tol=1e-4)
         assert small.paging.pool.in_use == 0
+
+
+def test_chunked_prompts_start_from_their_cached_pages_and_register_each_chunk(tmp_path):
+    """A prefill budget of 32: the 48-token prompts go in chunks; the second request computes only what the
+    first one's chunks did not leave in the cache (a prefix tuning row and a bare one)."""
+    for adapter in (None, "prefix_tuning"):
+        off = make(tmp_path, f"off-{adapter}", adapters=[adapter], prefix_caching="off", budget=32)
+        on = make(tmp_path, f"on-{adapter}", adapters=[adapter], budget=32)
+        a, b = request(0, adapter, (90, 91, 92)), request(1, adapter, (90, 91, 93))
+        want = [run(off, [r])[0] for r in (a, b)]
+        got = [run(on, [r])[0] for r in (a, b)]
+        assert got[0].cached_tokens == 0 and got[1].cached_tokens >= 32
+        for g, w in zip(got, want, strict=True):
+            same(g, w)
+
+
+def test_a_burst_with_one_system_prompt_computes_it_once(tmp_path):
+    """Requests sent together with one prefix: the first computes its pages, the others wait an iteration for
+    them instead of computing them again; every result equals prefix caching off."""
+    off = make(tmp_path, "off", adapters=[None, "lora_qv"], prefix_caching="off")
+    on = make(tmp_path, "on", adapters=[None, "lora_qv"])
+    reqs = [request(i, a, (100 + i,)) for i in range(3) for a in (None, "lora_qv")]
+    want = run(off, reqs)
+    got = run(on, reqs)
+    assert [g.cached_tokens for g in got] == [0, 0, 32, 32, 32, 32]  # one computation per adapter
+    for g, w in zip(got, want, strict=True):
+        same(g, w)
+    assert not on.paging.pending

@@ -19,6 +19,7 @@ def seq(i: int, n: int, new: int = 10, adapter: str | None = None) -> Seq:
 class Need:
     compute: int
     pages: int
+    wait: bool = False
 
 
 class Pool:
