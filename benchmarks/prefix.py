@@ -177,9 +177,13 @@ def rows_in_flight(loaded: LoadedModel, store: Path, rev: str) -> list[dict[str,
             reqs = [(long + (i,), 32) for i in range(3)] + [(ids_of(loaded, f"Short question {i}?"), 32) for i in range(12)]
             done: list[Any] = []
             types = importlib.import_module(f"{pkg}.engine.types")
+            def sink(ev: object, done: list[Any] = done, types: Any = types) -> None:
+                if isinstance(ev, (types.GenerationResult, Exception)):
+                    done.append(ev)
+
             for i, (p, n) in enumerate(reqs):
                 e.submit(types.GenerationRequest(f"q{i}", p, None, types.SamplingParams(max_new_tokens=n, ignore_eos=True)),
-                         lambda ev: done.append(ev) if isinstance(ev, (types.GenerationResult, Exception)) else None)
+                         sink)
             peak = 0
             t0 = time.perf_counter()
             while len(done) < len(reqs):
