@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["shared", "coldwarm", "chat", "rows"], default=None)
     ap.add_argument("--rev", default="527731e", help="the commit whose contiguous rows `rows` compares against")
-    ap.add_argument("--out", default="benchmarks/prefix.json")
+    ap.add_argument("--out", default="loadtests/results/prefix.json", help="updated in place: --only replaces one entry")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
     loaded = load_base_model(ModelConfig())
@@ -218,7 +218,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if a.only in (None, "chat"):
             res["chat"] = [chat(loaded, store, names, c) for c in ("off", "on")]
             print(json.dumps(res["chat"]), flush=True)  # noqa: T201
-    Path(a.out).write_text(json.dumps(res, indent=1))
+    out = Path(a.out)
+    old = json.loads(out.read_text()) if out.exists() else {}
+    out.write_text(json.dumps({**old, **res}, indent=1))  # BENCHMARKS.md renders it (loadtests/report.py)
     sys.stdout.write(f"wrote {a.out}\n")
     return res
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench_results"
@@ -236,6 +237,41 @@ def targets(b: dict | None, c: dict | None) -> list[str]:
     return rows + [""]
 
 
+def prefix_section(d: dict[str, Any], path: str) -> list[str]:
+    """The paged KV cache and prefix caching (benchmarks/prefix.py), one run of each workload."""
+    md = ["## Paged KV cache and prefix caching (`python -m benchmarks.prefix`)", "",
+          f"From `{path}`: {d.get('machine', '')} ({d.get('dtype', '')}). One run of each workload, in-process "
+          "(the engine's thread, clients as threads).", ""]
+    if "shared" in d:
+        off, on = (next(r for r in d["shared"] if r["caching"] == c) for c in ("off", "on"))
+        md += ["### A 1,000-token system prompt per adapter, 8 adapters, 16 clients x 2 requests, 16 new tokens", "",
+               "| prefix caching | TTFT p50 | TTFT p99 | requests/s | tokens/s | prompt tokens cached |", "|---|---|---|---|---|---|"]
+        for r in (off, on):
+            md.append(f"| {r['caching']} | {r['ttft_p50_s']:.2f} s | {r['ttft_p99_s']:.2f} s | {r['requests_per_s']:.3f} | "
+                      f"{r['tokens_per_s']:.1f} | {r['cached_tokens']} of {r['prompt_tokens']} |")
+        md += ["", f"Throughput on / off: **{on['requests_per_s'] / off['requests_per_s']:.2f}x** (target 2x).", ""]
+    if "coldwarm" in d:
+        md += ["### One request alone: a 1,000-token prefix nobody sent (cold), then the same prefix (warm)", "",
+               "| adapter | cold TTFT | warm TTFT | warm / cold | warm cached tokens |", "|---|---|---|---|---|"]
+        md += [f"| {r['adapter']} | {r['cold_ttft_s'] * 1e3:.0f} ms | {r['warm_ttft_s'] * 1e3:.0f} ms | {r['ratio']:.3f} | "
+               f"{r['warm_cached_tokens']} of {r['prompt_tokens']} |" for r in d["coldwarm"]] + [""]
+    if "chat" in d:
+        md += ["### Multi-turn chat: 8 conversations x 5 turns, the whole history resent, 32 new tokens a turn", "",
+               "| prefix caching | wall | TTFT p50, turns 1 to 5 | prompt tokens cached |", "|---|---|---|---|"]
+        md += [f"| {r['caching']} | {r['wall_s']:.1f} s | {', '.join(f'{t:.2f}' for t in r['ttft_p50_by_turn_s'])} s | "
+               f"{r['cached_tokens']} |" for r in d["chat"]] + [""]
+    if "rows" in d:
+        md += ["### Rows in flight: three ~1,200-token requests and 12 short ones, a 6,144-token KV cache", "",
+               "| layout | most rows at once (of 15) | wall |", "|---|---|---|"]
+        md += [f"| {r['layout']} | {r['max_rows_in_flight']} | {r['wall_s']:.1f} s |" for r in d["rows"]] + [""]
+    if "decode" in d:
+        md += ["### The decode step, pages against contiguous rows (`python -m benchmarks.runner_ab`)", "",
+               f"{d['decode']['note']}", "", "| batch | contiguous rows | pages | median ratio |", "|---|---|---|---|"]
+        md += [f"| {b} | {r['base_ms']:.2f} ms | {r['this_ms']:.2f} ms | {r['ratio']:.3f} |" for b, r in d["decode"]["batches"].items()]
+        md += [""]
+    return md
+
+
 def main() -> None:
     bench = RESULTS / "bench.json"
     comp = RESULTS / "load" / "compare.json"
@@ -257,6 +293,8 @@ def main() -> None:
         md += load_section(c)
     if (PLOTS / "precision.json").exists():
         md += precision_section(json.loads((PLOTS / "precision.json").read_text()), "loadtests/results/precision.json")
+    if (PLOTS / "prefix.json").exists():
+        md += prefix_section(json.loads((PLOTS / "prefix.json").read_text()), "loadtests/results/prefix.json")
     for f in sorted(PLOTS.glob("gpu-*.json"), key=lambda f: f.stem):  # gpu-h200 before gpu-h200-adapters
         md += gpu_section(json.loads(f.read_text()), str(f.relative_to(ROOT)))
     if (ROOT / "loadtests" / "GPU_NOTES.md").exists():

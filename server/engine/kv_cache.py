@@ -2,14 +2,14 @@
 
 Shape [L, kv_heads, n_pages, page_size, head_dim] for keys and for values, allocated once: its addresses
 never move, so a CUDA graph replays over it. A pass names each row's pages with a page table [B, P]
-(entries past a row's pages are 0, the trash page) and writes each new token's K/V at its slot
-(page * page_size + offset). Attention reads a row's pages gathered into a [B, kv_heads, P * page_size,
+(entries past a row's pages are 0, a zero page never written) and writes each new token's K/V at its slot
+(page * page_size + offset); padding writes land in the last page, the sink, never read. Attention reads a row's pages gathered into a [B, kv_heads, P * page_size,
 head_dim] view (`read`): one index_select per layer over whole pages. The heads axis leads the pool so
 that the gathered rows come out contiguous per head and position.
 
-Pages are zeroed the first time they are handed out (`ready`): on the CPU the pool is then resident only
-as far as it is used, and a gather never reads memory that no pass has written (masked positions are
-multiplied by zero weights: a NaN there would poison the row).
+Pages are zeroed each time a row takes them (`zero`): masked positions are multiplied by zero weights,
+and a NaN left there by another row (an adapter whose activations overflow) would poison the row. On the
+CPU the pool is resident only as far as pages have been used.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ class PagedKVCache:
         shape = (layers, kv_heads, n_pages, page_size, head_dim)  # [L, kvh, pages, ps, hd]
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.sink = n_pages - 1  # where padding writes: never read, never handed out (page 0 is read, never written)
         self.clean = 0  # pages 0..clean-1 are zeroed or written
         self._gathered = [torch.empty(0, dtype=dtype, device=device) for _ in range(2)]  # `read`'s buffers on the CPU
         self.ready(1)  # the trash page
@@ -37,6 +38,15 @@ class PagedKVCache:
             self.v[:, :, self.clean : high].zero_()
             self.clean = high
 
+    def zero(self, pages: list[int]) -> None:
+        """Zero pages handed to a row: positions it has not written yet are read with zero weight, and a
+        NaN left there by another row (an adapter that overflows) would poison it."""
+        if pages:
+            self.clean = max(self.clean, max(pages) + 1)
+            idx = torch.tensor(pages, device=self.device)
+            self.k.index_fill_(2, idx, 0)
+            self.v.index_fill_(2, idx, 0)
+
     def pages_for(self, positions: int) -> int:
         return -(-positions // self.page_size)
 
@@ -45,8 +55,10 @@ class PagedKVCache:
         not `valid` (padding) and past a row's table go to the trash page. No host synchronisation."""
         ps, P = self.page_size, tables.shape[1]
         page = tables.gather(1, (pos // ps).clamp(max=P - 1))  # [B, T]
-        ok = pos < P * ps if valid is None else valid & (pos < P * ps)
-        return torch.where(ok, page * ps + pos % ps, pos % ps)
+        ok = (pos < P * ps) & (page != 0)
+        if valid is not None:
+            ok &= valid
+        return torch.where(ok, page * ps + pos % ps, self.sink * ps + pos % ps)
 
     def write(self, li: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """K/V [N, kvh, hd] of layer li at flat slots [N]."""
@@ -96,5 +108,5 @@ class PagedKVCache:
         return 2 * self.layers * self.kv_heads * self.page_size * self.head_dim * self.k.element_size()
 
     def nbytes(self) -> int:
-        """Bytes of the pages handed out so far (the rest of the pool is never touched on the CPU)."""
+        """Bytes of the pages up to the highest handed out so far (the rest is never touched on the CPU)."""
         return self.clean * self.page_bytes()

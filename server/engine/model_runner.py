@@ -72,7 +72,7 @@ class ModelRunner:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.row_pages = -(-max_len // page_size)  # pages of one row in the fixed layout
-        n_pages = -(-(kv_tokens or max_rows * self.row_pages * page_size) // page_size) + 1  # + the trash page
+        n_pages = -(-(kv_tokens or max_rows * self.row_pages * page_size) // page_size) + 2  # + the zero page and the sink
         self.cache = PagedKVCache(len(self.layers), self.n_kv, self.head_dim, n_pages, page_size, self.dtype, self.device)
         fused = FusedOps(cfg, self.inner) if compile_kernels and arch.llama_layout else None
         self.fused = fused if fused is not None and fused.enabled else None  # decode_static only
@@ -164,7 +164,7 @@ class ModelRunner:
     def fixed_tables(self, row0: int, rows: int) -> torch.Tensor:
         """Page tables [rows, P] of rows row0.. in the fixed layout: row r holds the r-th run of `row_pages`
         pages (for callers that manage no pages; the engine's rows hold pages from `pages.PagePool`)."""
-        if 1 + (row0 + rows) * self.row_pages > self.cache.n_pages:
+        if 1 + (row0 + rows) * self.row_pages > self.cache.n_pages - 1:
             raise ValueError(f"the pool holds {self.cache.n_pages - 1} pages: not rows {row0}..{row0 + rows - 1} "
                              f"of {self.row_pages} pages each")
         r = torch.arange(row0, row0 + rows, device=self.device)[:, None]

@@ -42,7 +42,7 @@ class Need:
 class Paging:
     def __init__(self, cache: PagedKVCache, prefix_caching: bool, reach_limit: int = 0) -> None:
         self.cache = cache
-        self.pool = PagePool(cache.n_pages, cache.page_size)
+        self.pool = PagePool(cache.n_pages - 1, cache.page_size)  # the cache's last page is its sink
         self.ps = cache.page_size
         self.caching = prefix_caching
         self.reach_limit = reach_limit  # 0: none; else rows reaching past it neither read nor add cached pages
@@ -80,10 +80,11 @@ class Paging:
     def open(self, s: Seq, need: Need) -> None:
         """Give an admitted request its cached pages and the pages for the rest of its context."""
         self.pool.open(id(s), need.hits)
-        if self.pool.grow(id(s), s.context_len) is None:
+        new = self.pool.grow(id(s), s.context_len)
+        if new is None:
             self.pool.close(id(s))
             raise RuntimeError("admitted a request the pool has no room for")  # the scheduler checked `need`
-        self.cache.ready(self.pool.high)
+        self.cache.zero(new)
         s.cache_len = len(need.hits) * self.ps
         if self._cacheable(s):  # the full pages it computes: others with its prefix wait for them
             for k in self.keys(s, s.context_len)[len(need.hits):]:
@@ -113,9 +114,10 @@ class Paging:
 
     def grow(self, s: Seq, positions: int) -> bool:
         """Pages for the row's first `positions` positions; False, changing nothing, when none are left."""
-        if self.pool.grow(id(s), positions) is None:
+        new = self.pool.grow(id(s), positions)
+        if new is None:
             return False
-        self.cache.ready(self.pool.high)
+        self.cache.zero(new)
         return True
 
     def fork(self, src: Seq, dst: Seq) -> None:
@@ -124,7 +126,6 @@ class Paging:
         self.pool.close(id(dst))
         pair = self.pool.fork(id(src), id(dst), src.cache_len)
         if pair is not None:
-            self.cache.ready(self.pool.high)
             self.cache.copy_page(*pair)
         dst.cache_len, dst.cached, dst.keys = src.cache_len, src.cached, list(src.keys)
 

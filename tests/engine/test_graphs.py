@@ -117,7 +117,7 @@ def test_graph_rows_hold_pages_not_whole_contexts(tmp_path):
 
     e = make_engine(tmp_path / "s", graphs="on", kv_cache_tokens=2 * 256)
     assert e.max_rows == e.cfg.max_batch_size > e.cfg.kv_cache_tokens // e.max_len
-    assert e.runner.cache.k.shape[2] == e.cfg.kv_cache_tokens // e.cfg.kv_page_size + 1  # + the trash page
+    assert e.runner.cache.k.shape[2] == e.cfg.kv_cache_tokens // e.cfg.kv_page_size + 2  # + the zero page and the sink
     assert EngineConfig().cuda_graphs == "auto"
 
 
