@@ -393,18 +393,19 @@ class Engine:
         """Newly admitted rows' contexts, from what their pages hold; they join the batch. A row with another's
         very context (a choice of the same prompt) takes that row's pages once it is computed."""
         self.merge.reconcile([*self.rows.running, *seqs])
-        out = self._forward("prefill", seqs, lambda: self.passes.prefill(seqs))
+        lead = self.passes.leaders(seqs)
+        out = self._forward("prefill", seqs, lambda: self.passes.prefill(seqs, lead))
         if out is None:
             return
         (logits, scores), t0 = out
         self._add_scores(seqs, scores)
         self.rows.join(seqs)
-        for s, lead in zip(seqs, self.passes.leaders(seqs), strict=True):
-            if seqs[lead] is s:
+        for s, i in zip(seqs, lead, strict=True):
+            if seqs[i] is s:
                 s.cache_len = s.context_len
                 self.paging.register(s)
             else:
-                self.paging.fork(seqs[lead], s)
+                self.paging.fork(seqs[i], s)
         self._sample_and_emit(seqs, logits, t0)
 
     def _chunk(self, s: Seq) -> None:
@@ -444,10 +445,7 @@ class Engine:
         """`s` gives its pages and adapter slot back and waits at the head of the line, to resume from its
         prompt and the tokens it has generated (its stream, sampler state and grammar carry on)."""
         log.debug("preempting request %s at %d positions", s.req.request_id, s.cache_len)
-        self.paging.close(s)
-        if s.slot:
-            self.adapters.release(s.slot)
-            s.slot = 0
+        self._release_row(s)
         s.resume, s.cache_len = tuple(s.tokens), 0
         self.rows.preempt(s)
         self.metrics.preemptions.inc()
@@ -541,14 +539,18 @@ class Engine:
     def _leave(self, s: Seq) -> None:
         """Free whatever the request holds: its pages, its slot row, its pin."""
         self.rows.leave(s)
-        self.paging.close(s)
-        if s.slot:
-            self.adapters.release(s.slot)
-            s.slot = 0
+        self._release_row(s)
         if s.ref is not None:
             self.registry.release(s.ref)
             s.ref = None
         self.metrics.kv_bytes.set(self.runner.cache.nbytes())
+
+    def _release_row(self, s: Seq) -> None:
+        """Give back what a row holds while it runs: its pages and its adapter's slot row."""
+        self.paging.close(s)
+        if s.slot:
+            self.adapters.release(s.slot)
+            s.slot = 0
 
     def _fail(self, s: Seq, err: AdapterServerError) -> None:
         """The request ends with a typed error: it leaves its row, is counted, and its sink gets the error."""

@@ -5,7 +5,7 @@ overhead, not by reading the weights. Here a decode step of fixed shape is captu
 
 - shapes are fixed by a batch bucket (rows, padded up) and a KV length bucket (a power of two that
   covers every row's position); rows past the real batch are padding: their page tables name only the
-  trash page (kv_cache.py), so what they write lands there;
+  zero page, so what they write lands in the cache's sink (kv_cache.py);
 - inputs live in static buffers, filled by one copy each: [6, rows] token ids, cache positions,
   adapter slots, rotary positions (they differ for rows with an AdapterHub prefix), each row's index
   among the batch's distinct slots, and those distinct slots (padded to a bucket); and the rows' page
@@ -70,7 +70,7 @@ class DecodeGraphs:
         self.min_kv = min(min_kv, self.max_len)
         self.inputs = torch.zeros(6, self.rows, dtype=torch.long, device=runner.device)  # see IDS..UNIQ
         pages = runner.cache.pages_for(self.kv_bucket(max_len))
-        self.tables = torch.zeros(self.rows, pages, dtype=torch.long, device=runner.device)  # [rows, P]: 0 the trash page
+        self.tables = torch.zeros(self.rows, pages, dtype=torch.long, device=runner.device)  # [rows, P]: 0 the zero page
         self._host_tables = torch.zeros(self.rows, pages, dtype=torch.long, pin_memory=capture)
         # the input embeddings of a step whose rows' adapters have their own (made before the replay)
         self.embeds = torch.zeros(self.rows, 1, runner.cfg.hidden_size, dtype=runner.dtype, device=runner.device)
@@ -115,7 +115,7 @@ class DecodeGraphs:
     def fill(self, tokens: list[int], positions: list[int], slots: list[int], key: GraphKey,
              tables: list[list[int]], rope_positions: list[int] | None = None) -> None:
         """Write one step's inputs for rows 0..n-1 into the static buffers (rotary positions default to
-        the cache positions); rows n..B-1 are padding, their tables all trash."""
+        the cache positions); rows n..B-1 are padding, their tables all the zero page."""
         n, B = len(tokens), key[0]
         host, ht = self._host, self._host_tables
         host[:, :B] = 0
@@ -190,7 +190,7 @@ class DecodeGraphs:
 
     def warmup(self, kv_lens: list[int] | None = None) -> float:
         """Capture the bare model's graphs for every batch bucket (and the given KV buckets, by default
-        all of them) before serving. Returns the seconds spent. Every row is padding: only the trash page is written."""
+        all of them) before serving. Returns the seconds spent. Every row is padding: only the sink is written."""
         if not self.capture:
             return 0.0
         t0 = time.perf_counter()

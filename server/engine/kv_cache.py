@@ -3,8 +3,9 @@
 Shape [L, kv_heads, n_pages, page_size, head_dim] for keys and for values, allocated once: its addresses
 never move, so a CUDA graph replays over it. A pass names each row's pages with a page table [B, P]
 (entries past a row's pages are 0, a zero page never written) and writes each new token's K/V at its slot
-(page * page_size + offset); padding writes land in the last page, the sink, never read. Attention reads a row's pages gathered into a [B, kv_heads, P * page_size,
-head_dim] view (`read`): one index_select per layer over whole pages. The heads axis leads the pool so
+(page * page_size + offset); padding writes land in the last page, the sink, never read. Attention
+reads a row's pages gathered into a [B, kv_heads, P * page_size, head_dim] view (`read`): one
+index_select per layer over whole pages. The heads axis leads the pool so
 that the gathered rows come out contiguous per head and position.
 
 Pages are zeroed each time a row takes them (`zero`): masked positions are multiplied by zero weights,
@@ -29,7 +30,7 @@ class PagedKVCache:
         self.sink = n_pages - 1  # where padding writes: never read, never handed out (page 0 is read, never written)
         self.clean = 0  # pages 0..clean-1 are zeroed or written
         self._gathered = [torch.empty(0, dtype=dtype, device=device) for _ in range(2)]  # `read`'s buffers on the CPU
-        self.ready(1)  # the trash page
+        self.ready(1)  # the zero page
 
     def ready(self, high: int) -> None:
         """Zero the pages handed out for the first time (those below `high` not yet zeroed)."""
@@ -52,7 +53,7 @@ class PagedKVCache:
 
     def slots(self, tables: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """The flat slot of each position pos [B, T] of the rows whose pages are tables [B, P]; positions
-        not `valid` (padding) and past a row's table go to the trash page. No host synchronisation."""
+        not `valid` (padding), past a row's table or on the zero page go to the sink. No host synchronisation."""
         ps, P = self.page_size, tables.shape[1]
         page = tables.gather(1, (pos // ps).clamp(max=P - 1))  # [B, T]
         ok = (pos < P * ps) & (page != 0)
@@ -69,9 +70,8 @@ class PagedKVCache:
     def read(self, li: int, tables: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer li's K/V of the rows whose pages are tables [B, P], positions 0..kv_len-1:
         [B, kvh, kv_len, hd] each (gathered: the head axis is the outer one in memory)."""
-        B, P = tables.shape
-        idx = tables[:, : -(-kv_len // self.page_size)].reshape(-1)
-        n = idx.numel() // B
+        B, n = tables.shape[0], self.pages_for(kv_len)
+        idx = tables[:, :n].reshape(-1)
         pages = (self.kv_heads, self.n_pages, self.page_size * self.head_dim)
         shape = (self.kv_heads, B * n, self.page_size * self.head_dim)
         out = []

@@ -79,26 +79,25 @@ class ModelRunner:
         self.packed = pack_layers(self.layers, arch) if pack else None
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-              gqa: bool, decode: bool) -> torch.Tensor:
-        """Attention over the cache. A decode step on the CPU in bfloat16 computes it in float32: torch's
-        bfloat16 CPU kernel is 2.4x (40 keys) to 5x (300 keys) slower there at batch 16 (SmolLM2's
-        shapes), more than the casts cost, and float32 only adds precision. Prefill keeps the model's
-        dtype, as the libraries compute it. With attention-logit soft-capping (Gemma 2), which SDPA
-        cannot apply, the library's eager attention: scores, cap, mask, float32 softmax, values."""
+              gqa: bool) -> torch.Tensor:
+        """Attention over the cache, in the model's dtype, as the libraries compute it. With attention-logit
+        soft-capping (Gemma 2), which SDPA cannot apply, the library's eager attention: scores, cap, mask,
+        float32 softmax, values."""
         if self.attn_softcap is not None:
             return self._capped_attention(q, k, v, mask, scale, self.attn_softcap)
-        if decode and self.device.type == "cpu" and self.dtype == torch.bfloat16:
-            o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale,
-                                               enable_gqa=gqa)
-            return o.to(self.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
     def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
                     ) -> torch.Tensor:
-        """Attention of one query position per row: q [B, H, 1, d] over k, v [B, kvh, Lk, d] gathered from pages
-        (views of [kvh, B, Lk, d] memory), mask [B, 1, 1, Lk] (boolean or additive). The G query heads of a
-        K/V head are laid out as G queries of one head and the K/V heads as the batch, so SDPA reads the
-        gathered pages as they lie, once per K/V head. On the CPU in bfloat16 in float32 (see `_sdpa`)."""
+        """Attention of one query position per row (a decode step): q [B, H, 1, d] over k, v [B, kvh, Lk, d]
+        gathered from pages (views of [kvh, B, Lk, d] memory), mask [B, 1, 1, Lk] (boolean or additive).
+        The G query heads of a K/V head are laid out as G queries of one head and the K/V heads as the batch,
+        so SDPA reads the gathered pages as they lie, once per K/V head. On the CPU in bfloat16 it computes in
+        float32: torch's bfloat16 CPU kernel is 2.4x (40 keys) to 5x (300 keys) slower there at batch 16
+        (SmolLM2's shapes), more than the casts cost, and float32 only adds precision. With soft-capping,
+        the library's eager attention (`_sdpa`)."""
+        if self.attn_softcap is not None:
+            return self._capped_attention(q, k, v, mask, scale, self.attn_softcap)
         B, H, _, d = q.shape
         kvh = k.shape[1]
         qs = q.view(B, kvh, H // kvh, d).transpose(0, 1)  # [kvh, B, G, d]
@@ -192,7 +191,7 @@ class ModelRunner:
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run B rows on `input_ids` [B, T] (right-padded; row b has lengths[b] real tokens starting at cache
         position start[b]), the rows whose pages are `tables` [B, P] (default: rows row0.. of the fixed
-        layout). Writes the real tokens' K/V at their positions (padding goes to the trash page) and
+        layout). Writes the real tokens' K/V at their positions (padding goes to the cache's sink) and
         attends over each row's positions 0..start+length-1. Returns logits [B, V] at each row's last real
         token, or [B, T, V] with all_logits (V: the widest vocabulary of the batch's rows; a row's ids past
         its own are -inf).
@@ -219,9 +218,9 @@ class ModelRunner:
             w = self.windows[li]
             if w not in masks:
                 masks[w] = self._mask(start, lengths, T, kv_len, w)
-            if T == 1 and self.attn_softcap is None:
+            if T == 1:
                 return self._attend_one(q, kc, vc, masks[w], attn.scaling)
-            return self._sdpa(q, kc, vc, masks[w], attn.scaling, self.n_heads != self.n_kv, decode=T == 1)  # [B, heads, T, hd]
+            return self._sdpa(q, kc, vc, masks[w], attn.scaling, self.n_heads != self.n_kv)  # [B, heads, T, hd]
 
         rope_pos = pos if rope_shift is None else pos + rope_shift[:, None]
         last = rope_pos[torch.arange(B, device=self.device), lengths - 1] if self.longrope else None
@@ -245,7 +244,7 @@ class ModelRunner:
         def attend(li: int, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             ks.append(k[0])
             vs.append(v[0])
-            return self._sdpa(q, k, v, masks[self.windows[li]], attn.scaling, self.n_heads != self.n_kv, decode=False)
+            return self._sdpa(q, k, v, masks[self.windows[li]], attn.scaling, self.n_heads != self.n_kv)
 
         pos = torch.arange(N, device=self.device)[None, :]
         self._layers(embeds[None].to(self.dtype), pos, BatchPlan((), []), attend)
@@ -263,8 +262,7 @@ class ModelRunner:
         of the ids' and with `head=False` it returns the normed hidden states [B, H] (rows whose adapters
         bring their own embedding and LM head: those ends run outside the captured step, graphs.py).
 
-        Grouped-query attention without repeating K/V: the G query heads that share a K/V head are
-        laid out as G queries of one head, which all sit at the row's one position.
+        Grouped-query attention without repeating K/V: see `_attend_one`.
         """
         B = input_ids.shape[0]
         slots = self.cache.slots(tables, pos[:, None]).reshape(-1)  # [B]
@@ -273,16 +271,11 @@ class ModelRunner:
         for w in set(self.windows):
             ok = (j <= pos[:, None]) & (True if w is None else j > pos[:, None] - w)  # [B, Lk]
             masks[w] = torch.zeros(B, kv_len, dtype=self.dtype, device=self.device).masked_fill_(~ok, float("-inf"))[:, None, None, :]
-        G = self.n_heads // self.n_kv
 
         def attend(li: int, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self.cache.write(li, slots, k[:, :, 0], v[:, :, 0])
             kc, vc = self.cache.read(li, tables, kv_len)  # [B, kvh, kv_len, hd]
-            if self.attn_softcap is None:
-                return self._attend_one(q, kc, vc, masks[self.windows[li]], attn.scaling)
-            o = self._sdpa(q.reshape(B, self.n_kv, G, self.head_dim), kc, vc,
-                           masks[self.windows[li]], attn.scaling, False, decode=True)  # [B, kvh, G, hd]
-            return o.reshape(B, self.n_heads, 1, self.head_dim)
+            return self._attend_one(q, kc, vc, masks[self.windows[li]], attn.scaling)  # [B, heads, 1, hd]
 
         e = self.embed(input_ids, plan) if embeds is None else embeds
         x = self._layers(e, (pos if rope_pos is None else rope_pos)[:, None], plan, attend, self.fused, self.packed,

@@ -1,8 +1,9 @@
 """The KV cache's pages: which page holds which row's positions, and which full pages are cached. No torch.
 
-The pool has `n_pages` pages of `page_size` positions; page 0 is the trash page, never handed out:
-page-table entries past a row's pages point at it, and writes of padding positions land in it, so a
-gather never reads memory no pass has written. Every other page is in exactly one state:
+The pool has `n_pages` pages of `page_size` positions; page 0 is the zero page, never handed out:
+page-table entries past a row's pages point at it, and nothing writes it (padding goes to the cache's
+sink, a page past the pool: kv_cache.py), so a gather reads zeros there. Every other page is in exactly
+one state:
 - free: on the free stack (the most recently freed on top, so hot pages are reused first);
 - referenced: in the tables of `ref[page]` rows (several when rows share it: a cached prefix, or the
   full pages of the `n` choices of one prompt); only a row's last page can still be written, and a
@@ -51,7 +52,7 @@ def page_keys(salt: str, ids: Sequence[int], page_size: int, parent: bytes = b""
 class PagePool:
     def __init__(self, n_pages: int, page_size: int) -> None:
         if n_pages < 2:
-            raise ValueError("the KV cache needs at least one page besides the trash page")
+            raise ValueError("the KV cache needs at least one page besides the zero page")
         self.n_pages, self.page_size = n_pages, page_size
         self.free: list[int] = list(range(n_pages - 1, 0, -1))  # a stack: pop() gives 1, 2, 3, ... at first
         self.ref = [0] * n_pages
@@ -149,14 +150,6 @@ class PagePool:
                 else:
                     self.free.append(p)
 
-    def forget(self) -> None:
-        """Drop every cached page no row holds (they become free) and every key (nothing is found any more)."""
-        for p in self.lru:
-            self.free.append(p)
-        self.lru.clear()
-        self.key_of.clear()
-        self.page_of.clear()
-
     def _hold(self, p: int) -> None:
         if self.ref[p] == 0:
             self.lru.pop(p, None)
@@ -179,7 +172,7 @@ class PagePool:
         for table in self.tables.values():
             for p in table:
                 counts[p] += 1
-        assert counts[0] == 0 and self.ref[0] == 0, "the trash page is in a table"
+        assert counts[0] == 0 and self.ref[0] == 0, "the zero page is in a table"
         assert counts == self.ref, "reference counts disagree with the tables"
         free, lru = set(self.free), set(self.lru)
         assert len(free) == len(self.free), "a page is on the free stack twice"

@@ -86,12 +86,12 @@ class Paging:
             raise RuntimeError("admitted a request the pool has no room for")  # the scheduler checked `need`
         self.cache.zero(new)
         s.cache_len = len(need.hits) * self.ps
-        if self._cacheable(s):  # the full pages it computes: others with its prefix wait for them
-            for k in self.keys(s, s.context_len)[len(need.hits):]:
-                self.pending.setdefault(k, id(s))
         if not s.resume:
             s.cached = max(0, s.cache_len - s.prefix_len)
-            if self._cacheable(s):
+        if self._cacheable(s):
+            for k in self.keys(s, s.context_len)[len(need.hits):]:  # the full pages it computes: others wait for them
+                self.pending.setdefault(k, id(s))
+            if not s.resume:
                 self.queries += s.prompt_len
                 self.hits += s.cached
 
@@ -104,7 +104,7 @@ class Paging:
         return self.pool.table(id(s))
 
     def tables(self, seqs: list[Seq], kv_len: int) -> torch.Tensor:
-        """Page tables [B, P] covering kv_len positions (0, the trash page, past a row's pages)."""
+        """Page tables [B, P] covering kv_len positions (0, the zero page, past a row's pages)."""
         P = self.pool.pages_for(kv_len)
         out = torch.zeros(len(seqs), P, dtype=torch.long)
         for i, s in enumerate(seqs):
@@ -142,11 +142,7 @@ class Paging:
         """The row leaves (finished, failed or preempted): its pages go back, full ones to the cache."""
         if id(s) in self.pool.tables:
             self.pool.close(id(s))
-        for k in [k for k, r in self.pending.items() if r == id(s)] if self.pending else ():
-            del self.pending[k]
-
-    def holds(self, s: Seq) -> bool:
-        return id(s) in self.pool.tables
+        self.pending = {k: r for k, r in self.pending.items() if r != id(s)}
 
     # -- reading ------------------------------------------------------------------------------
     def usage(self) -> float:

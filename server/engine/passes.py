@@ -55,12 +55,11 @@ class Passes:
     def _shifts(self, seqs: list[Seq]) -> list[int]:
         return [p.rope_shift if (p := self.slots.prefix(s.slot)) is not None else 0 for s in seqs]
 
-    def prefill(self, seqs: list[Seq]) -> tuple[torch.Tensor, dict[int, list[PromptScore]]]:
-        """What each new row's pages do not hold yet of its context, after its adapter's prefix. Rows with
-        the same tokens, adapter slot and cached start (the `n` choices of one request) are computed once:
-        the first of them is run, and the others take its pages (paging.fork)."""
+    def prefill(self, seqs: list[Seq], lead: list[int]) -> tuple[torch.Tensor, dict[int, list[PromptScore]]]:
+        """What each new row's pages do not hold yet of its context, after its adapter's prefix. Only the
+        rows that lead themselves (`leaders`) are run; the others, the `n` choices of one request, take
+        their leader's logits here and its pages after (paging.fork)."""
         B = len(seqs)
-        lead = self.leaders(seqs)
         uniq = [i for i in range(B) if lead[i] == i]
         at = {i: k for k, i in enumerate(uniq)}  # leader i is row k of the pass
         want: dict[int, int] = {}  # a leader whose prompt is scored -> the most alternatives any of its rows asks for

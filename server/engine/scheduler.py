@@ -2,10 +2,11 @@
 
 A request joins when a row is free, the tokens its prefill computes (what the prefix cache does not
 hold) fit the iteration's prefill budget, padding counted (the pass is right-padded to its longest
-prompt; the first in line always fits: over the budget, it is prefilled in chunks, alone), the KV pool has the pages its whole context takes now, beyond those the
-running rows take in their next step (it asks for what it holds now, not for what it may reach:
-a row that later finds no page preempts the newest), and its adapter gets a device slot. A request whose prefix pages are being computed right now by a row
-admitted before it waits for them (next iteration) instead of computing them twice. Order is
+prompt; the first in line always fits: over the budget, it is prefilled in chunks, alone), the KV pool
+has the pages its whole context takes now, beyond those the running rows take in their next step (it
+asks for what it holds now, not for what it may reach: a row that later finds no page preempts the
+newest), and its adapter gets a device slot. A request whose prefix pages are being computed right now
+by a row admitted before it waits for them (next iteration) instead of computing them twice. Order is
 first come, first served, except that a request whose adapter finds the slots (or the device bytes)
 held by running rows is passed over for this iteration; passed over `patience` times, no request for
 an adapter overtakes it any more (requests for the bare model still do), so that running rows drain

@@ -63,10 +63,6 @@ class Seq:
         """Tokens of `fill_ids` already in its pages (cached, or chunks prefilled)."""
         return max(0, self.cache_len - self.prefix_len)
 
-    @property
-    def still_needs(self) -> int:
-        """KV positions its row may still reach: what it holds plus what it may still generate."""
-        return self.cache_len + self.max_new - len(self.tokens)
 
 
 @dataclass(frozen=True)
