@@ -105,7 +105,7 @@ class Engine:
         self.max_rows = cfg.max_batch_size  # rows hold pages, not whole contexts: the pool bounds their tokens
         self.runner = ModelRunner(loaded.model, self.max_rows, self.max_len, kv_tokens=cfg.kv_cache_tokens,
                                   page_size=cfg.kv_page_size, compile_kernels=static and cuda and cfg.compile_kernels,
-                                  pack=cfg.compile_kernels)
+                                  pack=cfg.compile_kernels, native=cfg.compile_kernels)
         self.paging = Paging(self.runner.cache, cfg.prefix_caching == "on", self.runner.longrope)
         self.slots = AdapterSlots(loaded.model, cfg.device_slots, loaded.device, loaded.dtype, self.timer,
                                   compile_kernels=static and cuda and cfg.compile_kernels, encode=self.runner.prefix_kv)

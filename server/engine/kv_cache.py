@@ -3,10 +3,17 @@
 Shape [L, kv_heads, n_pages, page_size, head_dim] for keys and for values, allocated once: its addresses
 never move, so a CUDA graph replays over it. A pass names each row's pages with a page table [B, P]
 (entries past a row's pages are 0, a zero page never written) and writes each new token's K/V at its slot
-(page * page_size + offset); padding writes land in the last page, the sink, never read. Attention
-reads a row's pages gathered into a [B, kv_heads, P * page_size, head_dim] view (`read`): one
-index_select per layer over whole pages. The heads axis leads the pool so
-that the gathered rows come out contiguous per head and position.
+(page * page_size + offset); padding writes land in the last page, the sink, never read.
+
+A decode step (one query per row) on the CPU reads the pages where they lie (`decode`): a native kernel
+(server/kernels/paged_decode.cpp) walks each row's page table, loads each key and value once for all the
+query heads that share it, and computes in float32 whatever the cache's dtype; no gathered copy is
+written. Measured on SmolLM2 in float32 against the contiguous rows before pages (benchmarks/runner_ab.py,
+BENCHMARKS.md) it costs the same at 64 keys and less at 900. Elsewhere (CUDA, where graphs capture the
+step; soft-capped attention; no C++ compiler) and for prefill, attention reads a row's pages gathered
+into a [B, kv_heads, P * page_size, head_dim] view (`read`, `gathered_decode`): one index_select per layer
+over whole pages, then SDPA. The heads axis leads the pool so that the gathered rows come out contiguous
+per head and position.
 
 Pages are zeroed each time a row takes them (`zero`): masked positions are multiplied by zero weights,
 and a NaN left there by another row (an adapter whose activations overflow) would poison the row. On the
@@ -15,12 +22,68 @@ CPU the pool is resident only as far as pages have been used.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
+import torch.nn.functional as F
+
+from .. import kernels
+
+
+def gathered_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: torch.Tensor, mask: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """Attention of one query per row over its pages: q [kvh, B, G, d] (the G query heads that share a
+    K/V head), one layer's pool k, v [kvh, pages, ps, d], tables [B, n], mask [B, n * ps] additive.
+    Returns [kvh, B, G, d]. The rows' pages gathered (one index_select each for keys and values), then
+    SDPA with the K/V heads as the batch and a head's G queries as its rows (it reads the gathered memory
+    as it lies, no GQA expansion). On the CPU in bfloat16 it computes in float32: torch's bfloat16 CPU
+    kernel is 2.4x (40 keys) to 5x (300 keys) slower there at batch 16 (SmolLM2's shapes)."""
+    kvh, B, G, d = q.shape
+    n, ps = tables.shape[1], k.shape[2]
+    idx = tables.reshape(-1)
+    keys = k.view(kvh, -1, ps * d).index_select(1, idx).view(kvh, B, n * ps, d)
+    values = v.view(kvh, -1, ps * d).index_select(1, idx).view(kvh, B, n * ps, d)
+    qq = q
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        qq, keys, values = q.float(), keys.float(), values.float()
+    o = F.scaled_dot_product_attention(qq, keys, values, attn_mask=mask.to(qq.dtype)[None, :, None, :], scale=scale)
+    return o.to(q.dtype)
+
+
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+# paged_decode.cpp: q, k_pool, v_pool, bf16, tables, table_width, lengths, B, heads, kv_heads, head_dim,
+# n_pages, page_size, window, scale, threads, out
+PAGED_DECODE = [_P, _P, _P, ctypes.c_int, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float,
+                ctypes.c_int, _P]
+
+
+class DecodeStep:
+    """What every layer's decode attention of one step shares: the rows' page tables [B, P] (contiguous,
+    int64), each row's query position pos [B] (its keys are 0..pos), the longest row's kv_len, and the
+    additive masks [B, n * ps] the PyTorch path builds once per window."""
+
+    def __init__(self, tables: torch.Tensor, pos: torch.Tensor, kv_len: int, page_size: int) -> None:
+        n = -(-kv_len // page_size)
+        self.tables = tables[:, :n].to(torch.long).contiguous()
+        self.pos = pos
+        self.lengths = (pos + 1).to(torch.long).contiguous()  # keys per row
+        self.width = n * page_size
+        self._masks: dict[int | None, torch.Tensor] = {}
+
+    def mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        if window not in self._masks:
+            j = torch.arange(self.width, device=self.pos.device)[None, :]
+            ok = j <= self.pos[:, None]
+            if window is not None:
+                ok &= j > self.pos[:, None] - window
+            self._masks[window] = torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, float("-inf"))
+        return self._masks[window]
 
 
 class PagedKVCache:
     def __init__(self, layers: int, kv_heads: int, head_dim: int, n_pages: int, page_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, native: bool = True) -> None:
+        """`native`: on the CPU, decode attention by the native kernel (built on first use)."""
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.n_pages, self.page_size = n_pages, page_size
         self.dtype, self.device = dtype, device
@@ -31,6 +94,10 @@ class PagedKVCache:
         self.clean = 0  # pages 0..clean-1 are zeroed or written
         self._gathered = [torch.empty(0, dtype=dtype, device=device) for _ in range(2)]  # `read`'s buffers on the CPU
         self.ready(1)  # the zero page
+        cpu_types = (torch.float32, torch.bfloat16)
+        self._kernel = kernels.load("paged_decode", PAGED_DECODE) if native and device.type == "cpu" and dtype in cpu_types else None
+        # the PyTorch path's additive masks: SDPA's query dtype (float32 for bfloat16 on the CPU, see gathered_decode)
+        self.mask_dtype = torch.float32 if device.type == "cpu" and dtype == torch.bfloat16 else dtype
 
     def ready(self, high: int) -> None:
         """Zero the pages handed out for the first time (those below `high` not yet zeroed)."""
@@ -89,6 +156,25 @@ class PagedKVCache:
         if self._gathered[i].numel() < n:
             self._gathered[i] = torch.empty(n, dtype=self.dtype, device=self.device)
         return self._gathered[i][:n].view(shape)
+
+    def decode(self, li: int, q: torch.Tensor, step: DecodeStep, window: int | None, scale: float) -> torch.Tensor:
+        """Layer li's attention of one query per row: q [B, H, 1, d] over the pages of `step`, each row's
+        keys 0..pos (the last `window` of them on a sliding-window layer). Returns [B, H, 1, d]."""
+        B, H, _, d = q.shape
+        if self._kernel is not None:
+            qf = q.reshape(B, H, d).float().contiguous()
+            out = torch.empty_like(qf)
+            bad = self._kernel(qf.data_ptr(), self.k[li].data_ptr(), self.v[li].data_ptr(), self.dtype == torch.bfloat16,
+                               step.tables.data_ptr(), step.tables.shape[1], step.lengths.data_ptr(), B, H,
+                               self.kv_heads, d, self.n_pages, self.page_size, window or 0, scale,
+                               torch.get_num_threads(), out.data_ptr())
+            if bad:
+                raise IndexError("a page table names a page outside the pool")
+            return out.to(q.dtype).view(B, H, 1, d)
+        qs = q.view(B, self.kv_heads, H // self.kv_heads, d).transpose(0, 1)  # [kvh, B, G, d]
+        mask = step.mask(window, self.mask_dtype)
+        o = gathered_decode(qs, self.k[li], self.v[li], step.tables[:, : mask.shape[1] // self.page_size], mask, scale)
+        return o.transpose(0, 1).reshape(B, H, 1, d)
 
     def write_positions(self, table: list[int], first: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Entries [L, kvh, N, hd] at positions first..first+N-1 of the row whose pages are `table` (an

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..adapters.slots import BatchPlan
 from ..architectures import architecture, decoder, text_config
 from .fused import FusedOps, pack_layers
-from .kv_cache import PagedKVCache
+from .kv_cache import DecodeStep, PagedKVCache
 from .moe import routed_experts
 
 Fn = TypeVar("Fn", bound=Callable[..., Any])
@@ -49,9 +49,10 @@ def cpu_kernels(fn: Fn) -> Fn:
 
 class ModelRunner:
     def __init__(self, model: Any, max_rows: int, max_len: int, kv_tokens: int | None = None, page_size: int = 16,
-                 compile_kernels: bool = False, pack: bool = False) -> None:
+                 compile_kernels: bool = False, pack: bool = False, native: bool = True) -> None:
         """A pool of `kv_tokens` positions (default: `max_rows` rows of `max_len`, the layout `fixed_tables`
-        gives callers that manage no pages: benchmarks and tests)."""
+        gives callers that manage no pages: benchmarks and tests). `native`: on the CPU, decode attention by
+        the native kernel that reads the pages in place (kv_cache.py)."""
         self.model = model
         self.arch = arch = architecture(model.config.model_type)
         cfg: Any = text_config(model.config)
@@ -73,7 +74,8 @@ class ModelRunner:
         self.device, self.dtype = p.device, p.dtype
         self.row_pages = -(-max_len // page_size)  # pages of one row in the fixed layout
         n_pages = -(-(kv_tokens or max_rows * self.row_pages * page_size) // page_size) + 2  # + the zero page and the sink
-        self.cache = PagedKVCache(len(self.layers), self.n_kv, self.head_dim, n_pages, page_size, self.dtype, self.device)
+        self.cache = PagedKVCache(len(self.layers), self.n_kv, self.head_dim, n_pages, page_size, self.dtype, self.device,
+                                  native)
         fused = FusedOps(cfg, self.inner) if compile_kernels and arch.llama_layout else None
         self.fused = fused if fused is not None and fused.enabled else None  # decode_static only
         self.packed = pack_layers(self.layers, arch) if pack else None
@@ -86,28 +88,6 @@ class ModelRunner:
         if self.attn_softcap is not None:
             return self._capped_attention(q, k, v, mask, scale, self.attn_softcap)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-
-    def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
-                    ) -> torch.Tensor:
-        """Attention of one query position per row (a decode step): q [B, H, 1, d] over k, v [B, kvh, Lk, d]
-        gathered from pages (views of [kvh, B, Lk, d] memory), mask [B, 1, 1, Lk] (boolean or additive).
-        The G query heads of a K/V head are laid out as G queries of one head and the K/V heads as the batch,
-        so SDPA reads the gathered pages as they lie, once per K/V head. On the CPU in bfloat16 it computes in
-        float32: torch's bfloat16 CPU kernel is 2.4x (40 keys) to 5x (300 keys) slower there at batch 16
-        (SmolLM2's shapes), more than the casts cost, and float32 only adds precision. With soft-capping,
-        the library's eager attention (`_sdpa`)."""
-        if self.attn_softcap is not None:
-            return self._capped_attention(q, k, v, mask, scale, self.attn_softcap)
-        B, H, _, d = q.shape
-        kvh = k.shape[1]
-        qs = q.view(B, kvh, H // kvh, d).transpose(0, 1)  # [kvh, B, G, d]
-        ks, vs = k.transpose(0, 1), v.transpose(0, 1)  # [kvh, B, Lk, d], contiguous
-        m = mask.view(1, B, 1, -1)
-        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
-            qs, ks, vs = qs.float(), ks.float(), vs.float()
-            m = m if m.dtype == torch.bool else m.float()
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=m, scale=scale)  # [kvh, B, G, d]
-        return o.to(q.dtype).transpose(0, 1).reshape(B, H, 1, d)
 
     @staticmethod
     def _capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
@@ -211,15 +191,19 @@ class ModelRunner:
         slots = self.cache.slots(tables, pos, t < lengths[:, None]).reshape(-1)  # [B * T]
         masks: dict[int | None, torch.Tensor] = {}
 
+        # a decode pass (every row one token at its position start): attention reads the pages in place
+        step = DecodeStep(tables, start + lengths - 1, kv_len, self.cache.page_size) \
+            if T == 1 and self.attn_softcap is None else None
+
         def attend(li: int, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             kvh = k.shape[1]
             self.cache.write(li, slots, k.transpose(1, 2).reshape(B * T, kvh, -1), v.transpose(1, 2).reshape(B * T, kvh, -1))
-            kc, vc = self.cache.read(li, tables, kv_len)  # [B, kvh, kv_len, hd]
             w = self.windows[li]
+            if step is not None:
+                return self.cache.decode(li, q, step, w, attn.scaling)  # [B, heads, 1, hd]
             if w not in masks:
                 masks[w] = self._mask(start, lengths, T, kv_len, w)
-            if T == 1:
-                return self._attend_one(q, kc, vc, masks[w], attn.scaling)
+            kc, vc = self.cache.read(li, tables, kv_len)  # [B, kvh, kv_len, hd]
             return self._sdpa(q, kc, vc, masks[w], attn.scaling, self.n_heads != self.n_kv)  # [B, heads, T, hd]
 
         rope_pos = pos if rope_shift is None else pos + rope_shift[:, None]
@@ -262,20 +246,19 @@ class ModelRunner:
         of the ids' and with `head=False` it returns the normed hidden states [B, H] (rows whose adapters
         bring their own embedding and LM head: those ends run outside the captured step, graphs.py).
 
-        Grouped-query attention without repeating K/V: see `_attend_one`.
+        Attention reads the pages in place on the CPU (`PagedKVCache.decode`).
         """
-        B = input_ids.shape[0]
         slots = self.cache.slots(tables, pos[:, None]).reshape(-1)  # [B]
-        j = torch.arange(kv_len, device=self.device)[None, :]  # [1, Lk]
-        masks = {}  # additive, made once per step: SDPA would turn a boolean mask into one per layer
-        for w in set(self.windows):
-            ok = (j <= pos[:, None]) & (True if w is None else j > pos[:, None] - w)  # [B, Lk]
-            masks[w] = torch.zeros(B, kv_len, dtype=self.dtype, device=self.device).masked_fill_(~ok, float("-inf"))[:, None, None, :]
+        step = DecodeStep(tables, pos, kv_len, self.cache.page_size)
 
         def attend(li: int, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self.cache.write(li, slots, k[:, :, 0], v[:, :, 0])
+            w = self.windows[li]
+            if self.attn_softcap is None:
+                return self.cache.decode(li, q, step, w, attn.scaling)  # [B, heads, 1, hd]
             kc, vc = self.cache.read(li, tables, kv_len)  # [B, kvh, kv_len, hd]
-            return self._attend_one(q, kc, vc, masks[self.windows[li]], attn.scaling)  # [B, heads, 1, hd]
+            m = step.mask(w, self.cache.mask_dtype)[:, None, None, :kv_len]
+            return self._capped_attention(q, kc, vc, m, attn.scaling, self.attn_softcap)
 
         e = self.embed(input_ids, plan) if embeds is None else embeds
         x = self._layers(e, (pos if rope_pos is None else rope_pos)[:, None], plan, attend, self.fused, self.packed,

@@ -1,5 +1,6 @@
 """The page pool as a state machine (every invariant checked after every operation) and the paged cache's
-memory: writes land at their slots, reads gather a row's pages, untouched pages are zero."""
+memory: writes land at their slots, reads gather a row's pages, untouched pages are zero, and decode
+attention over pages (the native kernel and the PyTorch gather) is attention as defined."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import random
 import pytest
 import torch
 
-from server.engine.kv_cache import PagedKVCache
+from server import kernels
+from server.engine.kv_cache import DecodeStep, PagedKVCache
 from server.engine.pages import VIRTUAL, NoPages, PagePool, page_keys
 
 PS = 4
@@ -169,3 +171,82 @@ def test_writes_land_at_their_slots_and_reads_gather_whole_pages():
     assert torch.equal(c.k[:, :, 5], c.k[:, :, 3])
     c.write_positions([4, 5], 2, torch.ones(2, 2, 3, 3), torch.ones(2, 2, 3, 3))  # positions 2..4: pages 4, 5
     assert c.k[:, :, 4, 2:].eq(1).all() and c.k[:, :, 5, 0].eq(1).all() and c.k[:, :, 4, :2].eq(0).all()
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: torch.Tensor, pos: torch.Tensor,
+                        window: int | None, scale: float) -> torch.Tensor:
+    """One row at a time in float64, from the definition: row b's query heads over its keys 0..pos[b] (the
+    last `window` of them), read position by position through its page table; q [B, H, 1, d]."""
+    B, H, _, d = q.shape
+    kvh, _, ps, _ = k.shape
+    out = torch.zeros(B, H, 1, d, dtype=torch.float64)
+    for b in range(B):
+        js = [j for j in range(int(pos[b]) + 1) if window is None or j > int(pos[b]) - window]
+        if not js:
+            continue
+        keys = torch.stack([k[:, int(tables[b, j // ps]), j % ps] for j in js], dim=1).double()  # [kvh, L, d]
+        values = torch.stack([v[:, int(tables[b, j // ps]), j % ps] for j in js], dim=1).double()
+        for h in range(H):
+            g = h // (H // kvh)  # the K/V head this query head shares
+            w = torch.softmax(keys[g] @ q[b, h, 0].double() * scale, dim=0)
+            out[b, h, 0] = w @ values[g]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("kv_heads", "heads", "head_dim", "page_size", "window"),
+                         [(3, 9, 64, 16, None), (2, 2, 16, 4, None), (1, 4, 8, 8, 5), (2, 8, 32, 16, 20)])
+def test_decode_attention_reads_pages_in_place_as_the_definition_and_the_gather_compute(
+        dtype, kv_heads, heads, head_dim, page_size, window):
+    """The native kernel (pages read where they lie) and the PyTorch gather agree with attention computed
+    from its definition, over rows of different lengths whose tables share a page and name pages in any
+    order; a row of no key (padding) gives zeros in the kernel."""
+    torch.manual_seed(kv_heads * 100 + head_dim)
+    n_pages, B = 40, 5
+    caches = [PagedKVCache(2, kv_heads, head_dim, n_pages, page_size, dtype, torch.device("cpu"), native=n)
+              for n in (True, False)]
+    assert caches[0]._kernel is not None, kernels_error()
+    assert caches[1]._kernel is None
+    kv = torch.randn(2, 2, kv_heads, n_pages, page_size, head_dim).to(dtype)
+    for c in caches:
+        c.k.copy_(kv[0])
+        c.v.copy_(kv[1])
+    pos = torch.tensor([0, 3, 2 * page_size + 1, 5 * page_size - 1, 3 * page_size])
+    tables = torch.randperm(n_pages - 2)[: B * 6].view(B, 6) + 1
+    tables[1, 0] = tables[3, 0]  # a shared page
+    q = torch.randn(B, heads, 1, head_dim).to(dtype)
+    step = DecodeStep(tables, pos, int(pos.max()) + 1, page_size)
+    want = attention_reference(q, kv[0, 1], kv[1, 1], tables, pos, window, 0.3)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    with torch.inference_mode():
+        for c in caches:
+            got = c.decode(1, q, step, window, 0.3)
+            assert got.dtype == dtype and got.shape == q.shape
+            torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+        empty = DecodeStep(tables[:1], torch.tensor([-1]), 1, page_size)  # a padding row: no key at all
+        assert caches[0].decode(1, q[:1], empty, window, 0.3).eq(0).all()
+
+
+def test_a_table_naming_a_page_outside_the_pool_is_refused_not_read():
+    c = PagedKVCache(1, 1, 8, 6, PS, torch.float32, torch.device("cpu"))
+    assert c._kernel is not None, kernels_error()
+    step = DecodeStep(torch.tensor([[1, 99]]), torch.tensor([5]), 6, PS)
+    with pytest.raises(IndexError):
+        c.decode(0, torch.randn(1, 2, 1, 8), step, None, 1.0)
+
+
+def test_without_a_compiler_the_cache_keeps_the_pytorch_path(tmp_path, monkeypatch):
+    """A build that fails (no compiler here) says why and leaves the kernel unloaded; nothing is cached."""
+    monkeypatch.setenv("ADAPTER_SERVER_KERNELS", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(kernels, "_LOADED", {})
+    monkeypatch.setattr(kernels, "errors", {})
+    c = PagedKVCache(1, 1, 8, 6, PS, torch.float32, torch.device("cpu"))
+    assert c._kernel is None and "paged_decode" in kernels.errors
+    assert not list(tmp_path.glob("*.so"))
+    step = DecodeStep(torch.tensor([[1, 2]]), torch.tensor([5]), 6, PS)
+    assert c.decode(0, torch.randn(1, 2, 1, 8), step, None, 1.0).isfinite().all()
+
+
+def kernels_error() -> str:
+    return f"the native kernel did not build here: {kernels.errors}"
