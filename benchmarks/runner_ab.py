@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import statistics
 import subprocess
 import sys
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="a JSON file to merge the results into (loadtests/results/prefix.json)")
+    ap.add_argument("--key", default="decode", help="the entry of --out they replace")
     a = ap.parse_args(argv)
     from server.adapters.slots import BatchPlan
     from server.engine.model_loader import embedded_folder
@@ -95,6 +98,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sys.stdout.write(f"batch {batch}: {a.rev} {results[str(batch)]['base_ms']:.2f} ms/step, this tree "
                              f"{results[str(batch)]['this_ms']:.2f} ms/step; median ratio this/{a.rev} {ratio:.4f} "
                              f"over {len(t['this'])} paired steps\n")
+    if a.out:
+        cmd = f"python -m benchmarks.runner_ab --rev {a.rev} --steps {a.steps} --prompt {a.prompt} --batches {a.batches}"
+        note = (f"Float32, bare model, prompt {a.prompt} then {a.steps} steps (contexts {a.prompt} to {a.prompt + a.steps}), "
+                f"steps of both interleaved in one process: `{cmd}`.")
+        out = Path(a.out)
+        old = json.loads(out.read_text()) if out.exists() else {}
+        out.write_text(json.dumps({**old, a.key: {"note": note, "rev": a.rev, "batches": results}}, indent=1))
     return results
 
 

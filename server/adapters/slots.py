@@ -144,9 +144,10 @@ class AdapterSlots:
         """Device bytes a slot holding this adapter takes (what the device tier's byte budget counts)."""
         return sum(self.methods[m].slot_bytes(p) for m, p in weights.parts.items())
 
-    def plan(self, slots: list[int], ends_only: bool = False) -> BatchPlan:
-        """The batch plan of rows on `slots` (cached per composition); with `ends_only`, only the methods acting
-        at the two ends of the model (a replayed decode step runs everything else)."""
+    def plan(self, slots: list[int], ends_only: bool = False, cached: bool = True) -> BatchPlan:
+        """The batch plan of rows on `slots` (cached per composition unless not `cached`: a one-off, such as
+        a prefill's plan token by token); with `ends_only`, only the methods acting at the two ends of the
+        model (a replayed decode step runs everything else)."""
         key = (*slots, -1) if ends_only else tuple(slots)
         p = self._plans.get(key)
         if p is not None:
@@ -155,6 +156,8 @@ class AdapterSlots:
         idx = torch.tensor(slots, dtype=torch.long, device=self.device)  # [B]
         plans = [mp for m in self.methods.values() if (not ends_only or m.at_ends) and (mp := m.plan(slots, idx)) is not None]
         p = BatchPlan(tuple(slots), plans)
+        if not cached:
+            return p
         self._plans[key] = p
         if len(self._plans) > self._plan_cache:
             self._plans.popitem(last=False)

@@ -169,7 +169,7 @@ class PagedKVCache:
                                self.kv_heads, d, self.n_pages, self.page_size, window or 0, scale,
                                torch.get_num_threads(), out.data_ptr())
             if bad:
-                raise IndexError("a page table names a page outside the pool")
+                raise IndexError("a page table names a page outside the pool, or fewer pages than its row's keys")
             return out.to(q.dtype).view(B, H, 1, d)
         qs = q.view(B, self.kv_heads, H // self.kv_heads, d).transpose(0, 1)  # [kvh, B, G, d]
         mask = step.mask(window, self.mask_dtype)

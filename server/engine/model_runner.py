@@ -167,7 +167,7 @@ class ModelRunner:
     def forward_full(self, input_ids: torch.Tensor, *, start: torch.Tensor, lengths: torch.Tensor, row0: int = 0,
                      plan: BatchPlan, all_logits: bool = False, kv_len: int | None = None,
                      rope_shift: torch.Tensor | None = None, full_rows: list[int] | None = None,
-                     tables: torch.Tensor | None = None
+                     tables: torch.Tensor | None = None, token_plan: BatchPlan | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run B rows on `input_ids` [B, T] (right-padded; row b has lengths[b] real tokens starting at cache
         position start[b]), the rows whose pages are `tables` [B, P] (default: rows row0.. of the fixed
@@ -180,6 +180,7 @@ class ModelRunner:
         the tensors, a device synchronisation.
         `rope_shift` [B]: rotary position minus cache position, per row (see methods/prefix.py).
         `full_rows`: also return the logits at every position of these rows, [R, T, V] (prompt logprobs).
+        `token_plan`: the plan of the real tokens, row by row, each its own row (see `_packed`).
         """
         B, T = input_ids.shape
         if tables is None:
@@ -208,11 +209,50 @@ class ModelRunner:
 
         rope_pos = pos if rope_shift is None else pos + rope_shift[:, None]
         last = rope_pos[torch.arange(B, device=self.device), lengths - 1] if self.longrope else None
+        if token_plan is not None and not all_logits:
+            return self._packed(input_ids, lengths, rope_pos, last, slots, plan, token_plan, tables, kv_len,
+                                masks_for=lambda w: self._mask(start, lengths, T, kv_len, w), full_rows=full_rows)
         h = self._layers(self.embed(input_ids, plan), rope_pos, plan, attend, packed=self.packed, last=last)
         full = None if not full_rows else self.logits(self.inner.norm(h[full_rows]), plan, full_rows)
         if not all_logits:
             h = h[torch.arange(B, device=self.device), lengths - 1]  # [B, H]
         return self.logits(self.inner.norm(h), plan), full
+
+    def _packed(self, input_ids: torch.Tensor, lengths: torch.Tensor, rope_pos: torch.Tensor, last: torch.Tensor | None,
+                slots: torch.Tensor, plan: BatchPlan, token_plan: BatchPlan, tables: torch.Tensor, kv_len: int,
+                masks_for: Callable[[int | None], torch.Tensor], full_rows: list[int] | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward_full` of right-padded rows with the padding left out: the layers run on the N real
+        tokens, each its own row of `token_plan` (the rows' adapters, token by token), so a short prompt
+        prefilled beside a long one costs its own tokens, not the long one's. Attention alone puts each
+        row's queries back in the padded [B, heads, T, hd] layout, over its pages. The ends (logits)
+        run per row on `plan`."""
+        B, T = input_ids.shape
+        sel = (torch.arange(T, device=self.device)[None, :] < lengths[:, None]).reshape(-1).nonzero().squeeze(1)  # [N]
+        masks: dict[int | None, torch.Tensor] = {}
+        at = slots[sel]  # each token's cache slot
+
+        def attend(li: int, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            heads, hd = q.shape[1], q.shape[3]  # q [N, heads, 1, hd], k, v [N, kvh, 1, hd]
+            self.cache.write(li, at, k[:, :, 0], v[:, :, 0])
+            w = self.windows[li]
+            if w not in masks:
+                masks[w] = masks_for(w)
+            kc, vc = self.cache.read(li, tables, kv_len)  # [B, kvh, kv_len, hd]
+            qp = q.new_zeros(B * T, heads, hd).index_copy_(0, sel, q[:, :, 0]).view(B, T, heads, hd).transpose(1, 2)
+            o = self._sdpa(qp, kc, vc, masks[w], attn.scaling, self.n_heads != self.n_kv)  # [B, heads, T, hd]
+            return o.transpose(1, 2).reshape(B * T, heads, hd)[sel][:, :, None]  # [N, heads, 1, hd]
+
+        ids = input_ids.reshape(-1)[sel][:, None]  # [N, 1]
+        row = sel // T
+        h = self._layers(self.embed(ids, token_plan), rope_pos.reshape(-1)[sel][:, None], token_plan, attend,
+                         packed=self.packed, last=None if last is None else last[row])[:, 0]  # [N, H]
+        full = None
+        if full_rows:
+            padded = h.new_zeros(B * T, h.shape[-1]).index_copy_(0, sel, h).view(B, T, -1)
+            full = self.logits(self.inner.norm(padded[full_rows]), plan, full_rows)
+        ends = torch.cumsum(lengths, 0) - 1  # each row's last token among the N
+        return self.logits(self.inner.norm(h[ends]), plan), full
 
     @torch.inference_mode()
     def prefix_kv(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -93,11 +93,14 @@ class Passes:
             ids[i, : lens[i]] = torch.tensor(s.fill_ids[starts[i] - s.prefix_len :])
         kv_len = max(a + n for a, n in zip(starts, lens, strict=True))
         shifts = self._prefixes(seqs)
+        # rows of unequal lengths run as their real tokens only (the runner's `_packed`): each token a row
+        tokens = None if sum(lens) == B * T else \
+            self.slots.plan([s.slot for s, n in zip(seqs, lens, strict=True) for _ in range(n)], cached=False)
         return self.runner.forward_full(
             ids.to(dev), start=torch.tensor(starts, device=dev), lengths=torch.tensor(lens, device=dev),
             plan=self.slots.plan([s.slot for s in seqs]), kv_len=kv_len,
             rope_shift=torch.tensor(shifts, device=dev) if any(shifts) else None,
-            full_rows=scored or None, tables=self.paging.tables(seqs, kv_len))
+            full_rows=scored or None, tables=self.paging.tables(seqs, kv_len), token_plan=tokens)
 
     def chunk(self, s: Seq, size: int) -> tuple[torch.Tensor, dict[int, list[PromptScore]]]:
         """The next `size` tokens of a long context, after what its pages hold (the first chunk after the

@@ -6,7 +6,8 @@
 // page ids; row b attends keys first_b .. len_b - 1 (first_b = len_b - window on a sliding-window layer,
 // else 0); q [B, heads, head_dim] float32; out [B, heads, head_dim] float32. The heads of a K/V head
 // (heads / kv_heads consecutive ones, as grouped-query attention repeats them) share one pass over its
-// keys and values: each is loaded once per row and K/V head.
+// keys and values: each is loaded once per row and K/V head. Returns nonzero if a table names a page
+// outside the pool or is shorter than its row's keys (such a row is not read; its output is zeros).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -58,6 +59,11 @@ extern "C" int paged_decode(const float* q, const void* k_pool, const void* v_po
     }
     const int64_t* table = tables + b * table_width;
     const int64_t base = h * n_pages;
+    if ((len - 1) / ps >= table_width) {  // the row's table is shorter than its keys
+      bad = 1;
+      std::fill(oh, oh + G * d, 0.0f);
+      continue;
+    }
     std::fill(peak, peak + G, -std::numeric_limits<float>::infinity());
     for (int64_t p = first / ps; p <= (len - 1) / ps; ++p) {
       const int64_t page = table[p];

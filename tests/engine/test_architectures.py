@@ -98,6 +98,45 @@ def test_every_peft_family_alone_and_in_one_mixed_batch_equals_peft(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_a_prefill_of_unequal_prompts_computes_their_real_tokens_and_equals_each_alone(arch):
+    """Every family (AdapterHub's too where it serves the base) and the bare model in one prefill of prompts
+    of unequal lengths: the pass runs their real tokens only, each its own row of a token-by-token plan
+    (ModelRunner._packed), and every row's last logits and every prompt position's equal the row run
+    alone, unpadded; the full-length rows equal the library's logits."""
+    model = model_of(arch)
+    names = [*families(arch), *(HUB if arch in HUB_ARCHS else [])]
+    runner, slots = runner_and_slots(model, num_slots=len(names), rows=len(names) + 1)
+    for s, name in enumerate(names, start=1):
+        slots.write(s, parse_folder(hub_dir(arch, name) if name in HUB else peft_dir(arch, name), model))
+    ids, T = input_ids(), input_ids().shape[1]
+    rows = [(s, s % 2, T - (s % 3) * 2) for s in range(len(names) + 1)]  # (slot, prompt, length)
+    prefixes = [slots.prefix(s) for s, _, _ in rows]
+    for b, p in enumerate(prefixes):
+        if p is not None:
+            runner.write_prefix(b, p.keys, p.values)
+    starts = torch.tensor([0 if p is None else p.length for p in prefixes])
+    shifts = torch.tensor([0 if p is None else p.rope_shift for p in prefixes])
+    lengths = torch.tensor([n for _, _, n in rows])
+    padded = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, (_, i, n) in enumerate(rows):
+        padded[b, :n] = ids[i, :n]
+    tokens = slots.plan([s for s, _, n in rows for _ in range(n)], cached=False)
+    kv_len = int((starts + lengths).max())
+    last, full = runner.forward_full(padded, start=starts, lengths=lengths, plan=slots.plan([s for s, _, _ in rows]),
+                                     kv_len=kv_len, rope_shift=shifts if shifts.any() else None,
+                                     full_rows=list(range(len(rows))), token_plan=tokens)
+    assert full is not None
+    for b, (s, i, n) in enumerate(rows):
+        name = ["base", *names][s]
+        alone = runner.forward(padded[b : b + 1, :n], start=starts[b : b + 1], lengths=lengths[b : b + 1], row0=b,
+                               plan=slots.plan([s]), all_logits=True, rope_shift=shifts[b : b + 1] if shifts.any() else None)
+        assert err(last[b], alone[0, n - 1]) < 1e-5, name
+        assert err(full[b, :n], alone[0]) < 1e-5, name
+        if n == T:
+            assert err(last[b], refs(arch)[name][i, T - 1]) < 1e-5, name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_folding_stays_exact(arch):
     model = model_of(arch)
     runner, slots = runner_and_slots(model)

@@ -227,12 +227,14 @@ def test_decode_attention_reads_pages_in_place_as_the_definition_and_the_gather_
         assert caches[0].decode(1, q[:1], empty, window, 0.3).eq(0).all()
 
 
-def test_a_table_naming_a_page_outside_the_pool_is_refused_not_read():
+def test_a_table_naming_a_page_outside_the_pool_or_too_short_is_refused_not_read():
     c = PagedKVCache(1, 1, 8, 6, PS, torch.float32, torch.device("cpu"))
     assert c._kernel is not None, kernels_error()
-    step = DecodeStep(torch.tensor([[1, 99]]), torch.tensor([5]), 6, PS)
-    with pytest.raises(IndexError):
-        c.decode(0, torch.randn(1, 2, 1, 8), step, None, 1.0)
+    for table, pos in (([[1, 99]], 5), ([[1, 2]], 9)):  # page 99 of 6; 10 keys in a table of 2 pages of 4
+        step = DecodeStep(torch.tensor(table), torch.tensor([pos]), pos + 1, PS)
+        step.tables = torch.tensor(table)  # as a caller might pass it (DecodeStep keeps only the pages kv_len needs)
+        with pytest.raises(IndexError):
+            c.decode(0, torch.randn(1, 2, 1, 8), step, None, 1.0)
 
 
 def test_without_a_compiler_the_cache_keeps_the_pytorch_path(tmp_path, monkeypatch):
