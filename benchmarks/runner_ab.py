@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-native", action="store_true", help="this tree's decode attention by the gather, not the CPU kernel")
     ap.add_argument("--out", default=None, help="a JSON file to merge the results into (loadtests/results/prefix.json)")
     ap.add_argument("--key", default="decode", help="the entry of --out they replace")
     a = ap.parse_args(argv)
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         base_plan = importlib.import_module(base.__name__ + ".adapters.slots").BatchPlan
         for batch in (int(b) for b in a.batches.split(",")):
             runners = {"base": (base_runner(model, batch, 1024), base_plan((), [])),
-                       "this": (ModelRunner(model, batch, 1024), BatchPlan((), []))}
+                       "this": (ModelRunner(model, batch, 1024, native=not a.no_native), BatchPlan((), []))}
             t = {k: v[4:] for k, v in paired(runners, batch, a.prompt, a.steps).items()}  # 4 warm-up steps
             ratio = statistics.median(n / o for n, o in zip(t["this"], t["base"], strict=True))
             results[str(batch)] = {"base_ms": 1000 * statistics.median(t["base"]),

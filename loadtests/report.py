@@ -243,8 +243,9 @@ def prefix_section(d: dict[str, Any], path: str) -> list[str]:
           f"From `{path}`: {d.get('machine', '')} ({d.get('dtype', '')}). One run of each workload, in-process "
           "(the engine's thread, clients as threads).", "",
           "Two things carry these numbers beyond the pages themselves: a decode step's attention reads the pages "
-          "in place on the CPU (a native kernel; with a gather of every row's pages per layer, a float32 step of 16 "
-          "rows took 5 ms more at 64 keys, and 160 ms against 103 ms at 900 keys), and a prefill of prompts of unequal lengths "
+          "in place on the CPU (a native kernel; with a gather of every row's pages per layer instead, a float32 step "
+          "of 16 rows cost 1.40x the contiguous rows' at 900 keys: `python -m benchmarks.runner_ab --rev 527731e "
+          "--steps 40 --prompt 900 --batches 16 --no-native`), and a prefill of prompts of unequal lengths "
           "runs their real tokens only (in the shared-prompt workload, warm requests of ~24 tokens prefilled "
           "beside cold 1,000-token ones had been padded to 1,000: 15,692 tokens computed for 8,741 real).", ""]
     if "shared" in d:
