@@ -17,6 +17,10 @@ ENV PYTHONUNBUFFERED=1 \
     ADAPTER_SERVER_STORE=/data/adapters \
     ADAPTER_SERVER_CACHE_DIR=/opt/adapter-server/models
 
+# g++ builds the CPU's paged decode attention kernel at first start (server/kernels; without it, a slower
+# PyTorch path serves)
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+
 RUN groupadd --gid 10001 app && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin app
 
 WORKDIR /opt/adapter-server
