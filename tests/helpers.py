@@ -279,12 +279,16 @@ def upload_files(folder: Path) -> list:
 
 
 def sse_events(resp) -> list:  # noqa: ANN001
-    """Parse `data:` lines of a text/event-stream body into JSON objects (and the final '[DONE]')."""
+    """The events of a text/event-stream body, parsed as the OpenAI API frames them and vLLM's load generator
+    (`vllm bench serve`) reads them: events separated by a blank line (`\n\n`), each one `data: ` line of
+    JSON, or the final `[DONE]`. A `\r`, a comment line (a `: ping` keep-alive) or any other field fails."""
     import json
 
+    body = "".join(resp.iter_text())
+    assert "\r" not in body and body.endswith("\n\n"), body[-200:]
     out = []
-    for line in resp.iter_lines():
-        if line.startswith("data:"):
-            data = line[5:].strip()
-            out.append(data if data == "[DONE]" else json.loads(data))
+    for ev in body.split("\n\n")[:-1]:
+        assert ev.startswith("data: ") and "\n" not in ev, ev
+        data = ev[len("data: "):]
+        out.append(data if data == "[DONE]" else json.loads(data))
     return out

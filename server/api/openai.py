@@ -20,7 +20,6 @@ from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
-from sse_starlette.sse import EventSourceResponse
 
 from ..engine.service import Generation, new_id
 from ..engine.types import GenerationResult, GrammarSpec, SamplingParams, TokenEvent, TopLogprobs
@@ -29,6 +28,7 @@ from .deps import Ready, ReadyDep, UserAuth
 from .disconnect import results_or_disconnect
 from .errors import inband_error
 from .schemas import ChatIn, CompletionIn, Prompt, _OpenAIBase
+from .sse import event_stream
 
 if TYPE_CHECKING:  # types only: the HTTP layer never imports torch
     from ..engine.vocab import Vocabulary
@@ -361,8 +361,7 @@ async def completions(body: CompletionIn, request: Request, s: ReadyDep) -> Any:
     rid, created = new_id("cmpl"), int(time.time())
     echo = [_prompt_text(voc, p) if body.echo else "" for p in prompts]
     if body.stream:
-        return EventSourceResponse(_stream_completion(voc, gens, body, rid, created, echo, sum(map(len, ids)), len(ids)),
-                                   ping=15)
+        return event_stream(_stream_completion(voc, gens, body, rid, created, echo, sum(map(len, ids)), len(ids)))
     results = await results_or_disconnect(request, gens)
     toks, choices = _Tokens(voc), list[dict[str, Any]]()
     for i in range(len(prompts)):
@@ -439,7 +438,7 @@ async def chat(body: ChatIn, request: Request, s: ReadyDep) -> Any:
     gens = await _start_all(s, [ids], adapter, params, body.n, "chatcmpl", voc)
     rid, created = new_id("chatcmpl"), int(time.time())
     if body.stream:
-        return EventSourceResponse(_stream_chat(voc, gens, body, rid, created, len(ids)), ping=15)
+        return event_stream(_stream_chat(voc, gens, body, rid, created, len(ids)))
     results = await results_or_disconnect(request, gens)
     toks = _Tokens(voc)
     choices = []

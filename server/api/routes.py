@@ -10,7 +10,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from sse_starlette.sse import EventSourceResponse
 from starlette.datastructures import UploadFile
 
 from ..adapters.store import safe_filename
@@ -27,6 +26,7 @@ from .disconnect import until_disconnected
 from .errors import inband_error
 from .schemas import AdapterInfo, AdapterList, GenerateIn, GenerateOut, Health
 from .shape import result_json
+from .sse import event_stream
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -57,7 +57,7 @@ async def generate(body: GenerateIn, request: Request, s: ReadyDep) -> Any:
     ids = await asyncio.to_thread(s.generation.encode, body.prompt, voc)
     g: Generation = await s.generation.start(ids, body.adapter_id, params_of(body), vocabulary=voc.key)
     if body.stream:
-        return EventSourceResponse(_sse(g), ping=15)
+        return event_stream(_sse(g))
     return await until_disconnected(request, g)
 
 

@@ -16,6 +16,7 @@ from tests.helpers import (
     fixture_dir,
     free_port,
     openai_client,
+    sse_events,
     upload_files,
 )
 
@@ -78,6 +79,27 @@ def test_chat_and_chat_stream(oai, live):
                                          extra_body={"ignore_eos": True})
     parts = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert "".join(parts) == r.choices[0].message.content
+
+
+def test_streams_are_framed_as_vllm_bench_serve_reads_them(live):
+    """What `vllm bench serve --backend openai` (and openai-chat) sends, read as it reads it: events split on
+    a blank line, each `data: ` + JSON (no `\r\n`, no `: ping` comments), the completion's text whole, then
+    `[DONE]`."""
+    bodies = {"/v1/completions": {"model": "chat-ia3", "prompt": "hello there", "max_tokens": 12, "ignore_eos": True,
+                                  "stream": True, "stream_options": {"include_usage": True}},
+              "/v1/chat/completions": {"model": "chat-bn", "messages": [{"role": "user", "content": "hello"}],
+                                       "max_completion_tokens": 12, "ignore_eos": True, "stream": True,
+                                       "stream_options": {"include_usage": True}}}
+    live.services.generation.tokenizer.chat_template = CHAT_TEMPLATE
+    for path, body in bodies.items():
+        with httpx.stream("POST", live.url + path, json=body, timeout=60) as r:
+            assert r.status_code == 200, path
+            events = sse_events(r)
+        assert events[-1] == "[DONE]", path
+        chunks = events[:-1]
+        text = "".join((c["choices"][0].get("text") or c["choices"][0].get("delta", {}).get("content") or "")
+                       for c in chunks if c["choices"])
+        assert chunks[-1]["usage"]["completion_tokens"] == 12 and text, path
 
 
 def test_unknown_model_is_404(oai):
