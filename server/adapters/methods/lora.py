@@ -268,20 +268,42 @@ class LoRAPlan(MethodPlan):
         if p is None:
             return None
         with self.timer.span(self.label):
+            if p.g is not None or p.bias is not None:  # DoRA scales the base output; a bias joins the delta first
+                return add_delta(y, self._delta(p, x), p.g, p.base_bias)
+            # y + delta in float32, rounded once to y's dtype (as PEFT adds its float32 delta), accumulated
+            # into one float32 copy of y: no full-size delta, zeros or sum of its own
+            B, T, out = y.shape
             if (gr := p.grouped) is not None:
-                B, T = x.shape[:2]
-                n, _, out = gr.sBt.shape
-                xg = x.to(F32).index_select(0, gr.take).view(n, -1, x.shape[-1])  # [n, m*T, in]
-                dg = torch.bmm(torch.bmm(xg, gr.At), gr.sBt)  # [n, m*T, out]
-                delta = x.new_zeros(B + 1, T, out, dtype=F32).index_copy_(0, gr.put, dg.view(-1, T, out))[:B]
+                acc = torch.empty(B + 1, T, out, dtype=F32, device=y.device)  # row B: padding places, dropped
+                acc[:B] = y
+                acc.index_add_(0, gr.put, self._grouped(gr, x).view(-1, T, out))
+                acc = acc[:B]
             else:
+                acc = y.to(F32)
                 d = F.linear(x.to(F32), p.A)  # [B, T, R]
                 if p.colmask is not None:
                     d = torch.where(p.colmask, d, 0.0)
-                delta = F.linear(d, p.sB)  # [B, T, out]
-            if p.bias is not None:
-                delta = delta + p.bias
-            return add_delta(y, delta, p.g, p.base_bias)
+                acc.view(-1, out).addmm_(d.view(-1, d.shape[-1]), p.sB.t())
+            return acc.to(y.dtype)
+
+    @staticmethod
+    def _grouped(gr: _Grouped, x: torch.Tensor) -> torch.Tensor:
+        """[n, m*T, out]: each place's row of x through its adapter's block."""
+        xg = x.to(F32).index_select(0, gr.take).view(gr.At.shape[0], -1, x.shape[-1])  # [n, m*T, in]
+        return torch.bmm(torch.bmm(xg, gr.At), gr.sBt)
+
+    def _delta(self, p: _ModulePlan, x: torch.Tensor) -> torch.Tensor:
+        """Each row's s * B A x (+ s * b_B), float32 [B, T, out]."""
+        B, T = x.shape[:2]
+        if (gr := p.grouped) is not None:
+            out = gr.sBt.shape[2]
+            delta = x.new_zeros(B + 1, T, out, dtype=F32).index_copy_(0, gr.put, self._grouped(gr, x).view(-1, T, out))[:B]
+        else:
+            d = F.linear(x.to(F32), p.A)  # [B, T, R]
+            if p.colmask is not None:
+                d = torch.where(p.colmask, d, 0.0)
+            delta = F.linear(d, p.sB)  # [B, T, out]
+        return delta if p.bias is None else delta + p.bias
 
 
 class _StaticModule:
