@@ -68,3 +68,27 @@ def test_every_config_in_one_mixed_batch(model, references):
     out = full_logits(runner, slots, torch.stack(batch), row_slots)
     errs = [(out[b] - expected[b]).abs().max().item() for b in range(len(batch))]
     assert max(errs) <= TOL, f"worst row {errs.index(max(errs))}: {max(errs):.2e}"
+
+
+def test_lora_rows_of_several_adapters_equal_peft_in_any_order_and_after_a_slot_is_rewritten(model, references):
+    """Grouped LoRA products keep each set of adapters' blocks stacked across batches (LoRAMethod._stacked):
+    batches of the same adapters in other row orders reuse them and equal PEFT, and once a slot is written
+    with another adapter, no batch reads the blocks stacked while it held the first."""
+    runner, slots = runner_and_slots(model, rows=6)
+    names = {0: "base", 1: "lora_all_linear", 2: "lora_qv", 3: "dora_qv"}
+    for s, n in names.items():
+        if s:
+            slots.write(s, parse_folder(fixture_dir(n), model))
+    ids = input_ids()
+
+    def check(order: list[int], names: dict[int, str]) -> None:
+        out = full_logits(runner, slots, ids.repeat(len(order) // 2, 1), order)
+        for b, s in enumerate(order):
+            err = (out[b] - references[names[s]][b % 2]).abs().max().item()
+            assert err <= TOL, (order, names[s], err)
+
+    check([1, 1, 2, 2, 0, 0], names)
+    check([2, 1, 0, 1, 2, 0], names)
+    check([3, 1, 2, 3, 1, 2], names)  # same set of adapters, other rows: the stacked blocks serve
+    slots.write(2, parse_folder(fixture_dir("lora_rslora"), model))
+    check([1, 2, 2, 1, 0, 0], {**names, 2: "lora_rslora"})
