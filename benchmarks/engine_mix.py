@@ -1,0 +1,71 @@
+"""The engine alone (its own thread, clients as threads, no HTTP) under the serving table's load: N clients,
+each sending requests of 128 random token ids one after another, 64 new tokens each (ignore_eos), for
+the bare model or eight rank-16 LoRAs on every Linear drawn at random per request. Prints output
+tokens per second and the median TTFT; comparing it with `loadtests/cpu_serving.py` over HTTP separates
+the engine's cost from the serving path's.
+
+    .venv/bin/python -m benchmarks.engine_mix --adapters lora     # or: --adapters none
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from benchmarks.prefix import ask, build
+from server.adapters.methods import write_demo
+from server.adapters.registry import Registry
+from server.adapters.spec import BaseModelInfo
+from server.adapters.store import AdapterStore
+from server.config import ModelConfig, RegistryConfig
+from server.engine.model_loader import load_base_model
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapters", choices=["lora", "none"], default="lora")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=4, help="per client")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    loaded = load_base_model(ModelConfig())
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "store"
+        reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model), RegistryConfig(64))
+        names: list[str | None] = []
+        for i in range(1, 9):
+            src = Path(tmp) / f"src{i}"
+            write_demo("lora16", src, loaded.model.config, seed=i)
+            reg.add_folder(f"lora16-{i}", src)
+            names.append(f"lora16-{i}")
+        use = names if a.adapters == "lora" else [None]
+        e = build("server", loaded, store)
+        e.start()
+        rng = random.Random(0)
+
+        def client(c: int) -> list:
+            return [ask(e, f"r{c}-{k}", tuple(rng.randint(100, 30000) for _ in range(128)), rng.choice(use), 64)
+                    for k in range(a.requests)]
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(a.clients) as pool:
+            res = [r for rs in pool.map(client, range(a.clients)) for r in rs]
+        wall = time.perf_counter() - t0
+        e.stop()
+    out = {"output_tok_s": sum(len(r.token_ids) for r in res) / wall,
+           "ttft_p50_s": statistics.median(r.timings.time_to_first_token_seconds for r in res)}
+    sys.stdout.write(f"{a.adapters}, {a.clients} clients: {out['output_tok_s']:.1f} output tok/s, "
+                     f"TTFT p50 {out['ttft_p50_s']:.2f} s\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
