@@ -57,7 +57,7 @@ def upload_loras(url: str, folder: Path) -> None:
 def bench(url: str, model: str, tokenizer: Path, clients: int, prompts: int, loras: list[str] | None,
           python: str) -> dict[str, float]:
     cmd = [python, "-m", "loadtests.vllm_bench", "--backend", "openai", "--base-url", url, "--model", model,
-           "--tokenizer", str(tokenizer), "--dataset-name", "random", "--random-input-len", "128",
+           "--tokenizer", str(tokenizer.relative_to(ROOT) if tokenizer.is_relative_to(ROOT) else tokenizer), "--dataset-name", "random", "--random-input-len", "128",
            "--random-output-len", "64", "--ignore-eos", "--num-prompts", str(prompts),
            "--max-concurrency", str(clients), "--seed", "0"]
     if loras:
