@@ -4,7 +4,7 @@ the bare model or eight rank-16 LoRAs on every Linear drawn at random per reques
 tokens per second and the median TTFT; comparing it with `loadtests/cpu_serving.py` over HTTP separates
 the engine's cost from the serving path's.
 
-    .venv/bin/python -m benchmarks.engine_mix --adapters lora     # or: --adapters none
+    .venv/bin/python -m benchmarks.engine_mix --adapters lora     # or: --adapters one, --adapters none
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from server.engine.model_loader import load_base_model
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapters", choices=["lora", "none"], default="lora")
+    ap.add_argument("--adapters", choices=["lora", "one", "none"], default="lora", help="8 LoRAs, one of them, none")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=4, help="per client")
     a = ap.parse_args(argv)
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             write_demo("lora16", src, loaded.model.config, seed=i)
             reg.add_folder(f"lora16-{i}", src)
             names.append(f"lora16-{i}")
-        use = names if a.adapters == "lora" else [None]
+        use = {"lora": names, "one": names[:1], "none": [None]}[a.adapters]
         e = build("server", loaded, store)
         e.start()
         rng = random.Random(0)
