@@ -246,6 +246,7 @@ def test_without_a_compiler_the_cache_keeps_the_pytorch_path(tmp_path, monkeypat
     c = PagedKVCache(1, 1, 8, 6, PS, torch.float32, torch.device("cpu"))
     assert c._kernel is None and "paged_decode" in kernels.errors
     assert not list(tmp_path.glob("*.so"))
+    c.ready(6)  # pages as a row takes them: zeroed
     step = DecodeStep(torch.tensor([[1, 2]]), torch.tensor([5]), 6, PS)
     assert c.decode(0, torch.randn(1, 2, 1, 8), step, None, 1.0).isfinite().all()
 
