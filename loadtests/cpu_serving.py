@@ -1,7 +1,7 @@
 """The CPU serving table of issue 25, measured with vLLM's own load generator against a running server.
 
-Uploads eight rank-16 PEFT LoRAs on every Linear (synthetic, seeds 1-8) to the server if it lacks them,
-then runs `vllm bench serve --backend openai` (loadtests/vllm_bench.py, from the environment
+Uploads eight rank-16 PEFT LoRAs on every Linear (synthetic: `python -m server demo-adapters`) to the server
+if it lacks them, then runs `vllm bench serve --backend openai` (loadtests/vllm_bench.py, from the environment
 loadtests/vllm_env.sh makes) for each case: random 128-token prompts, 64 new tokens, --ignore-eos.
 Results are merged into loadtests/results/cpu_serving.json under --name (the server measured).
 
@@ -15,6 +15,7 @@ import argparse
 import json
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,21 +38,19 @@ METRICS = {"output_tok_s": r"Output token throughput \(tok/s\):\s+([\d.]+)", "tt
 
 
 def upload_loras(url: str, folder: Path) -> None:
-    from transformers import AutoConfig
-
-    from server.adapters.methods import write_demo
-
-    cfg = AutoConfig.from_pretrained(folder)
+    """The eight LoRAs, written by `python -m server demo-adapters` (this module imports no server code)."""
     with httpx.Client(base_url=url, timeout=300) as c:
         have = {a["adapter_id"] for a in c.get("/adapters").json()["adapters"]}
-        for i, name in enumerate(LORAS, start=1):
-            if name in have:
-                continue
-            src = Path(tempfile.mkdtemp())
-            write_demo("lora16", src, cfg, seed=i)
-            files = [("files", (p.name, p.read_bytes())) for p in src.iterdir() if p.is_file()]
-            r = c.post("/adapters", data={"adapter_id": name}, files=files)
-            r.raise_for_status()
+        if all(name in have for name in LORAS):
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, "-m", "server", "demo-adapters", "--out", tmp, "--model", str(folder),
+                            "--count", "8", "--kinds", "lora16", "--seed", "1"], check=True, cwd=ROOT, capture_output=True)
+            made = sorted(p for p in Path(tmp).iterdir() if p.is_dir())
+            for name, src in zip(LORAS, made, strict=True):
+                if name not in have:
+                    files = [("files", (p.name, p.read_bytes())) for p in src.iterdir() if p.is_file()]
+                    c.post("/adapters", data={"adapter_id": name}, files=files).raise_for_status()
 
 
 def bench(url: str, model: str, tokenizer: Path, clients: int, prompts: int, loras: list[str] | None,
