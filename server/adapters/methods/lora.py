@@ -275,41 +275,41 @@ class LoRAPlan(MethodPlan):
                 return add_delta(y, self._delta(p, x), p.g, p.base_bias)
             # y + delta in float32, rounded once to y's dtype (as PEFT adds its float32 delta), added into
             # one float32 copy of y
-            B, T, out = y.shape
-            if (gr := p.grouped) is not None:
-                dg = self._grouped(gr, x).view(-1, T, out)
-                if gr.place is None:  # rows without this module's adapter add 0 (CPU index_add_ loops per row)
-                    delta = dg.new_zeros(B + 1, T, out).index_copy_(0, gr.put, dg)[:B]
-                else:
-                    delta = dg.index_select(0, gr.place)
-                acc = y.to(F32).add_(delta)
+            acc = y.to(F32)
+            if p.grouped is not None:
+                acc.add_(self._rows(p.grouped, x))
             else:
-                assert p.A is not None and p.sB is not None
-                acc = y.to(F32)
-                d = F.linear(x.to(F32), p.A)  # [B, T, R]
-                if p.colmask is not None:
-                    d = torch.where(p.colmask, d, 0.0)
-                acc.view(-1, out).addmm_(d.view(-1, d.shape[-1]), p.sB.t())
+                assert p.sB is not None
+                d = self._shrink(p, x)
+                acc.view(-1, acc.shape[-1]).addmm_(d.view(-1, d.shape[-1]), p.sB.t())
             return acc.to(y.dtype)
 
     @staticmethod
-    def _grouped(gr: _Grouped, x: torch.Tensor) -> torch.Tensor:
-        """[n, m*T, out]: each place's row of x through its adapter's block."""
+    def _rows(gr: _Grouped, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, out]: each row's s * B A x by the grouped products (one per adapter present), brought back
+        to the rows by a gather where every row has a place, else by a scatter onto zeros (rows without
+        this module's adapter add 0; CPU index_add_ would loop row by row)."""
+        B, T = x.shape[:2]
         xg = x.to(F32).index_select(0, gr.take).view(gr.At.shape[0], -1, x.shape[-1])  # [n, m*T, in]
-        return torch.bmm(torch.bmm(xg, gr.At), gr.sBt)
+        dg = torch.bmm(torch.bmm(xg, gr.At), gr.sBt).view(-1, T, gr.sBt.shape[2])  # [n*m, T, out]
+        if gr.place is not None:
+            return dg.index_select(0, gr.place)
+        return dg.new_zeros(B + 1, T, dg.shape[2]).index_copy_(0, gr.put, dg)[:B]
+
+    @staticmethod
+    def _shrink(p: _ModulePlan, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, R]: the one adapter's A x, zero for rows that do not use it."""
+        assert p.A is not None
+        d = F.linear(x.to(F32), p.A)
+        return d if p.colmask is None else torch.where(p.colmask, d, 0.0)
 
     def _delta(self, p: _ModulePlan, x: torch.Tensor) -> torch.Tensor:
         """Each row's s * B A x (+ s * b_B), float32 [B, T, out]."""
-        B, T = x.shape[:2]
-        if (gr := p.grouped) is not None:
-            out = gr.sBt.shape[2]
-            delta = x.new_zeros(B + 1, T, out, dtype=F32).index_copy_(0, gr.put, self._grouped(gr, x).view(-1, T, out))[:B]
+        if p.grouped is not None:
+            delta = self._rows(p.grouped, x)
         else:
-            assert p.A is not None and p.sB is not None
-            d = F.linear(x.to(F32), p.A)  # [B, T, R]
-            if p.colmask is not None:
-                d = torch.where(p.colmask, d, 0.0)
-            delta = F.linear(d, p.sB)  # [B, T, out]
+            assert p.sB is not None
+            delta = F.linear(self._shrink(p, x), p.sB)
         return delta if p.bias is None else delta + p.bias
 
 
@@ -420,8 +420,7 @@ class LoRAMethod(AdapterMethod):
     def write(self, slot: int, payload: MethodWeights) -> None:
         w = payload
         assert isinstance(w, LoRAWeights)
-        self.clear(slot)
-        self._stacks.clear()
+        self.clear(slot)  # drops every stack holding the slot (no stack holds a slot not written)
         dev = self.ctx.device
         for m in w.modules:
             sb = None if m.bias is None else (m.bias * m.scale).to(dev)
