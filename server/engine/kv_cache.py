@@ -11,7 +11,7 @@ query heads that share it, and computes in float32 whatever the cache's dtype; n
 written. Measured on SmolLM2 in float32 against the contiguous rows before pages (benchmarks/runner_ab.py,
 BENCHMARKS.md) it costs the same at 64 keys and less at 900. Elsewhere (CUDA, where graphs capture the
 step; soft-capped attention; no C++ compiler) and for prefill, attention reads a row's pages gathered
-into a [B, kv_heads, P * page_size, head_dim] view (`read`, `gathered_decode`): one index_select per layer
+into a [B, kv_heads, P * page_size, head_dim] view (`read`, `_gathered_decode`): one index_select per layer
 over whole pages, then SDPA. The heads axis leads the pool so that the gathered rows come out contiguous
 per head and position.
 
@@ -28,27 +28,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-
-
-def gathered_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: torch.Tensor, mask: torch.Tensor,
-                    scale: float) -> torch.Tensor:
-    """Attention of one query per row over its pages: q [kvh, B, G, d] (the G query heads that share a
-    K/V head), one layer's pool k, v [kvh, pages, ps, d], tables [B, n], mask [B, n * ps] additive.
-    Returns [kvh, B, G, d]. The rows' pages gathered (one index_select each for keys and values), then
-    SDPA with the K/V heads as the batch and a head's G queries as its rows (it reads the gathered memory
-    as it lies, no GQA expansion). On the CPU in bfloat16 it computes in float32: torch's bfloat16 CPU
-    kernel is 2.4x (40 keys) to 5x (300 keys) slower there at batch 16 (SmolLM2's shapes)."""
-    kvh, B, G, d = q.shape
-    n, ps = tables.shape[1], k.shape[2]
-    idx = tables.reshape(-1)
-    keys = k.view(kvh, -1, ps * d).index_select(1, idx).view(kvh, B, n * ps, d)
-    values = v.view(kvh, -1, ps * d).index_select(1, idx).view(kvh, B, n * ps, d)
-    qq = q
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        qq, keys, values = q.float(), keys.float(), values.float()
-    o = F.scaled_dot_product_attention(qq, keys, values, attn_mask=mask.to(qq.dtype)[None, :, None, :], scale=scale)
-    return o.to(q.dtype)
-
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 # paged_decode.cpp: q, k_pool, v_pool, bf16, tables, table_width, lengths, B, heads, kv_heads, head_dim,
@@ -96,7 +75,7 @@ class PagedKVCache:
         self.ready(1)  # the zero page
         cpu_types = (torch.float32, torch.bfloat16)
         self._kernel = kernels.load("paged_decode", PAGED_DECODE) if native and device.type == "cpu" and dtype in cpu_types else None
-        # the PyTorch path's additive masks: SDPA's query dtype (float32 for bfloat16 on the CPU, see gathered_decode)
+        # the PyTorch path's additive masks: SDPA's query dtype (float32 for bfloat16 on the CPU, see _gathered_decode)
         self.mask_dtype = torch.float32 if device.type == "cpu" and dtype == torch.bfloat16 else dtype
 
     def ready(self, high: int) -> None:
@@ -171,10 +150,22 @@ class PagedKVCache:
             if bad:
                 raise IndexError("a page table names a page outside the pool, or fewer pages than its row's keys")
             return out.to(q.dtype).view(B, H, 1, d)
+        return self._gathered_decode(li, q, step, window, scale)
+
+    def _gathered_decode(self, li: int, q: torch.Tensor, step: DecodeStep, window: int | None, scale: float
+                         ) -> torch.Tensor:
+        """`decode` in PyTorch ops: the rows' pages gathered (`read`), then SDPA with the K/V heads as the
+        batch and a head's G queries as its rows (it reads the gathered memory, [kvh, B, L, d], as it lies:
+        no GQA expansion). On the CPU in bfloat16 it computes in float32: torch's bfloat16 CPU kernel is
+        2.4x (40 keys) to 5x (300 keys) slower there at batch 16 (SmolLM2's shapes)."""
+        B, H, _, d = q.shape
         qs = q.view(B, self.kv_heads, H // self.kv_heads, d).transpose(0, 1)  # [kvh, B, G, d]
-        mask = step.mask(window, self.mask_dtype)
-        o = gathered_decode(qs, self.k[li], self.v[li], step.tables[:, : mask.shape[1] // self.page_size], mask, scale)
-        return o.transpose(0, 1).reshape(B, H, 1, d)
+        keys, values = (t.transpose(0, 1) for t in self.read(li, step.tables, step.width))  # [kvh, B, L, d]
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            qs, keys, values = qs.float(), keys.float(), values.float()
+        mask = step.mask(window, qs.dtype)[None, :, None, :]
+        o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=scale)  # [kvh, B, G, d]
+        return o.to(q.dtype).transpose(0, 1).reshape(B, H, 1, d)
 
     def write_positions(self, table: list[int], first: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Entries [L, kvh, N, hd] at positions first..first+N-1 of the row whose pages are `table` (an
