@@ -196,22 +196,25 @@ class ModelRunner:
         step = DecodeStep(tables, start + lengths - 1, kv_len, self.cache.page_size) \
             if T == 1 and self.attn_softcap is None else None
 
-        def attend(li: int, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            kvh = k.shape[1]
-            self.cache.write(li, slots, k.transpose(1, 2).reshape(B * T, kvh, -1), v.transpose(1, 2).reshape(B * T, kvh, -1))
+        def over_pages(li: int, attn: Any, q: torch.Tensor) -> torch.Tensor:
+            """Queries q [B, heads, T, hd] over each row's pages (their K/V written)."""
             w = self.windows[li]
-            if step is not None:
-                return self.cache.decode(li, q, step, w, attn.scaling)  # [B, heads, 1, hd]
             if w not in masks:
                 masks[w] = self._mask(start, lengths, T, kv_len, w)
             kc, vc = self.cache.read(li, tables, kv_len)  # [B, kvh, kv_len, hd]
             return self._sdpa(q, kc, vc, masks[w], attn.scaling, self.n_heads != self.n_kv)  # [B, heads, T, hd]
 
+        def attend(li: int, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kvh = k.shape[1]
+            self.cache.write(li, slots, k.transpose(1, 2).reshape(B * T, kvh, -1), v.transpose(1, 2).reshape(B * T, kvh, -1))
+            if step is not None:
+                return self.cache.decode(li, q, step, self.windows[li], attn.scaling)  # [B, heads, 1, hd]
+            return over_pages(li, attn, q)
+
         rope_pos = pos if rope_shift is None else pos + rope_shift[:, None]
         last = rope_pos[torch.arange(B, device=self.device), lengths - 1] if self.longrope else None
         if token_plan is not None and not all_logits:
-            return self._packed(input_ids, lengths, rope_pos, last, slots, plan, token_plan, tables, kv_len,
-                                masks_for=lambda w: self._mask(start, lengths, T, kv_len, w), full_rows=full_rows)
+            return self._packed(input_ids, lengths, rope_pos, last, slots, plan, token_plan, over_pages, full_rows)
         h = self._layers(self.embed(input_ids, plan), rope_pos, plan, attend, packed=self.packed, last=last)
         full = None if not full_rows else self.logits(self.inner.norm(h[full_rows]), plan, full_rows)
         if not all_logits:
@@ -219,8 +222,8 @@ class ModelRunner:
         return self.logits(self.inner.norm(h), plan), full
 
     def _packed(self, input_ids: torch.Tensor, lengths: torch.Tensor, rope_pos: torch.Tensor, last: torch.Tensor | None,
-                slots: torch.Tensor, plan: BatchPlan, token_plan: BatchPlan, tables: torch.Tensor, kv_len: int,
-                masks_for: Callable[[int | None], torch.Tensor], full_rows: list[int] | None
+                slots: torch.Tensor, plan: BatchPlan, token_plan: BatchPlan,
+                over_pages: Callable[[int, Any, torch.Tensor], torch.Tensor], full_rows: list[int] | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`forward_full` of right-padded rows with the padding left out: the layers run on the N real
         tokens, each its own row of `token_plan` (the rows' adapters, token by token), so a short prompt
@@ -229,18 +232,13 @@ class ModelRunner:
         run per row on `plan`."""
         B, T = input_ids.shape
         sel = (torch.arange(T, device=self.device)[None, :] < lengths[:, None]).reshape(-1).nonzero().squeeze(1)  # [N]
-        masks: dict[int | None, torch.Tensor] = {}
         at = slots[sel]  # each token's cache slot
 
         def attend(li: int, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             heads, hd = q.shape[1], q.shape[3]  # q [N, heads, 1, hd], k, v [N, kvh, 1, hd]
             self.cache.write(li, at, k[:, :, 0], v[:, :, 0])
-            w = self.windows[li]
-            if w not in masks:
-                masks[w] = masks_for(w)
-            kc, vc = self.cache.read(li, tables, kv_len)  # [B, kvh, kv_len, hd]
             qp = q.new_zeros(B * T, heads, hd).index_copy_(0, sel, q[:, :, 0]).view(B, T, heads, hd).transpose(1, 2)
-            o = self._sdpa(qp, kc, vc, masks[w], attn.scaling, self.n_heads != self.n_kv)  # [B, heads, T, hd]
+            o = over_pages(li, attn, qp)  # [B, heads, T, hd]
             return o.transpose(1, 2).reshape(B * T, heads, hd)[sel][:, :, None]  # [N, heads, 1, hd]
 
         ids = input_ids.reshape(-1)[sel][:, None]  # [N, 1]
