@@ -20,12 +20,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.prefix import ask, build
-from server.adapters.methods import write_demo
-from server.adapters.registry import Registry
-from server.adapters.spec import BaseModelInfo
-from server.adapters.store import AdapterStore
-from server.config import ModelConfig, RegistryConfig
+from benchmarks.prefix import adapters, ask, build
+from server.config import ModelConfig
 from server.engine.model_loader import load_base_model
 
 
@@ -39,13 +35,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     loaded = load_base_model(ModelConfig())
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
-        reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model), RegistryConfig(64))
-        names: list[str | None] = []
-        for i in range(1, 9):
-            src = Path(tmp) / f"src{i}"
-            write_demo("lora16", src, loaded.model.config, seed=i)
-            reg.add_folder(f"lora16-{i}", src)
-            names.append(f"lora16-{i}")
+        names: list[str | None] = list(adapters(loaded, store, ("lora16",) * 8))
         use = {"lora": names, "one": names[:1], "none": [None]}[a.adapters]
         e = build("server", loaded, store)
         e.start()

@@ -62,8 +62,9 @@ def build(pkg: str, loaded: LoadedModel, store: Path, **cfg: Any) -> Any:
     return m["engine.engine"].Engine(loaded, reg, ecfg, m["metrics"].Metrics())
 
 
-def adapters(loaded: LoadedModel, store: Path) -> list[str]:
-    """Eight adapters of mixed families over the real model."""
+def adapters(loaded: LoadedModel, store: Path, kinds: tuple[str, ...] = KINDS) -> list[str]:
+    """Synthetic adapters of these kinds (default: eight of mixed families) over the real model, in the
+    store at `store`, named <kind>-<i> (seed i)."""
     from server.adapters.registry import Registry
     from server.adapters.spec import BaseModelInfo
     from server.adapters.store import AdapterStore
@@ -71,7 +72,7 @@ def adapters(loaded: LoadedModel, store: Path) -> list[str]:
 
     reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model), RegistryConfig(64))
     names = []
-    for i, kind in enumerate(KINDS):
+    for i, kind in enumerate(kinds):
         src = Path(tempfile.mkdtemp())
         write_demo(kind, src, loaded.model.config, seed=i)  # type: ignore[attr-defined]
         reg.add_folder(f"{kind}-{i}", src)
