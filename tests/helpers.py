@@ -50,11 +50,13 @@ def fixture_dir(name: str) -> Path:
     return PEFT_DIR / name if (PEFT_DIR / name).is_dir() else AH_DIR / name
 
 
-def runner_and_slots(model: torch.nn.Module, num_slots: int = 8, rows: int = 8) -> tuple[ModelRunner, AdapterSlots]:
-    """A runner and slots on the model's device, in its dtype."""
-    runner = ModelRunner(model, rows, 512)
+def runner_and_slots(model: torch.nn.Module, num_slots: int = 8, rows: int = 8, native: bool = True
+                     ) -> tuple[ModelRunner, AdapterSlots]:
+    """A runner and slots on the model's device, in its dtype (`native`: the CPU kernels where they serve)."""
+    runner = ModelRunner(model, rows, 512, native=native)
     dev = runner.device
-    return runner, AdapterSlots(model, num_slots, dev, runner.dtype, StepTimer(dev), encode=runner.prefix_kv)
+    return runner, AdapterSlots(model, num_slots, dev, runner.dtype, StepTimer(dev), encode=runner.prefix_kv,
+                                native=native)
 
 
 def full_logits(runner: ModelRunner, slots: AdapterSlots, ids: torch.Tensor, row_slots: list[int]) -> torch.Tensor:
@@ -79,10 +81,10 @@ CORPUS = (
 )
 
 
-def our_logits(model, name: str | None, device, dtype) -> torch.Tensor:  # noqa: ANN001
+def our_logits(model, name: str | None, device, dtype, native: bool = True) -> torch.Tensor:  # noqa: ANN001
     """Logits [B, T, V] of the fixture inputs through our runner on the model's device (after the
     adapter's KV prefix, for prompt and prefix tuning, as the engine places it)."""
-    runner, slots = runner_and_slots(model, 4, 4)
+    runner, slots = runner_and_slots(model, 4, 4, native)
     assert runner.device.type == torch.device(device).type and runner.dtype == dtype
     if name is not None:
         slots.write(1, parse_folder(fixture_dir(name), model))

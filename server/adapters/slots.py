@@ -43,6 +43,19 @@ class BatchPlan:
                 y = t
         return y
 
+    def linear_out_group(self, layer: int, names: tuple[str, ...], x: torch.Tensor, ys: list[torch.Tensor]
+                         ) -> list[torch.Tensor]:
+        """`linear_out` of sibling Linears of one input x (outputs ys), each method in order, in one go where
+        the method can."""
+        for p in self.plans:
+            if (t := p.linear_out_group(layer, names, x, ys)) is not None:
+                ys = t
+                continue
+            for i, n in enumerate(names):
+                if (u := p.linear_out(layer, n, x, ys[i])) is not None:
+                    ys[i] = u
+        return ys
+
     def changes_input(self, layer: int, name: str) -> bool:
         return any(p.changes_input(layer, name) for p in self.plans)
 
@@ -98,13 +111,13 @@ class AdapterSlots:
 
     def __init__(self, model: torch.nn.Module, num_slots: int, device: torch.device, dtype: torch.dtype,
                  timer: StepTimer, plan_cache: int = 16, compile_kernels: bool = False,
-                 encode: Encoder | None = None) -> None:
+                 encode: Encoder | None = None, native: bool = True) -> None:
         base = BaseModelInfo.from_model(model)
         modules = {n: m for n, m in model.named_modules() if n in base.linears}
         if compile_kernels:
             raise_recompile_limit()
         ctx = SlotContext(base, num_slots + 1, device, dtype, modules, compile_kernels, encode, out_norms(model),
-                          model.get_input_embeddings(), model.get_output_embeddings())  # type: ignore[operator]
+                          model.get_input_embeddings(), model.get_output_embeddings(), native)  # type: ignore[operator]
         self.base = base
         self.timer = timer
         self.num_slots = num_slots

@@ -108,7 +108,8 @@ class Engine:
                                   pack=cfg.compile_kernels, native=cfg.compile_kernels)
         self.paging = Paging(self.runner.cache, cfg.prefix_caching == "on", self.runner.longrope)
         self.slots = AdapterSlots(loaded.model, cfg.device_slots, loaded.device, loaded.dtype, self.timer,
-                                  compile_kernels=static and cuda and cfg.compile_kernels, encode=self.runner.prefix_kv)
+                                  compile_kernels=static and cuda and cfg.compile_kernels, encode=self.runner.prefix_kv,
+                                  native=cfg.compile_kernels)
         self.adapters = AdapterManager(self.slots, on_change=self._resident_changed,
                                        on_evict=self.metrics.cache.labels("evict").inc,
                                        byte_budget=device_budget(cfg.adapter_device_bytes, loaded.device))

@@ -365,7 +365,7 @@ class ModelRunner:
         def project(li: int, module: Any, names: tuple[str, ...], group: str, x: torch.Tensor) -> list[torch.Tensor]:
             pk = packed[li] if packed is not None else {}
             if group in pk and not any(plan.changes_input(li, n) for n in names):
-                return [plan.linear_out(li, n, x, y) for n, y in zip(names, pk[group](x), strict=True)]
+                return plan.linear_out_group(li, names, x, list(pk[group](x)))
             return [plan.linear(li, n, getattr(module, n), x) for n in names]
 
         x = norm(self.layers[0].input_layernorm, h)

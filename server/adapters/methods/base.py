@@ -86,6 +86,12 @@ class MethodPlan:
         x [P, in], experts and rows [P] (each pair's expert and batch row), y [P, out]."""
         return None
 
+    def linear_out_group(self, layer: int, names: tuple[str, ...], x: torch.Tensor, ys: list[torch.Tensor]
+                         ) -> list[torch.Tensor] | None:
+        """`linear_out` of sibling Linears that read the same input x (q/k/v, gate/up; outputs ys), in one go
+        where the method can; None: `linear_out` of each in turn."""
+        return None
+
     def changes_input(self, layer: int, name: str) -> bool:
         """Whether `linear_in` has work here. If no method's has, the runner may compute this Linear in one
         product with its siblings (q/k/v, gate/up) and apply `linear_out` to its slice."""
@@ -199,6 +205,7 @@ class SlotContext:
     # the base model's input embedding and LM head modules (the vocabulary's two ends)
     embedding: torch.nn.Module | None = None
     head: torch.nn.Module | None = None
+    native: bool = False  # on the CPU, small batches' hooks may run native kernels (server/kernels, --compile-kernels)
 
 
 class AdapterMethod(ABC):

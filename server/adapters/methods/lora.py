@@ -22,6 +22,8 @@ its own columns. Compiled (CUDA), the hooks read each row's own block instead (`
 
 from __future__ import annotations
 
+import ctypes
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ... import kernels
 from ...compiled import Compiled
 from ...engine.moe import group_offsets, grouped_linear
 from ..families import Method
@@ -39,6 +42,10 @@ from .layout import StaticLayout
 
 F32 = torch.float32
 STACKED = 4  # sets of adapters whose blocks stay stacked for grouped products (LoRAMethod._stacked)
+NATIVE_TYPES = (torch.float32, torch.bfloat16)
+NATIVE_TOKENS = 64  # up to this many tokens a step's LoRA deltas go through the native kernel (lora_rows.cpp)
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+LORA_ROWS = [_I64, _I64, _I64, _P, ctypes.c_int, _I64, _P, _P, _P, ctypes.c_int, ctypes.c_int]
 NAME: Method = "lora"
 
 
@@ -231,6 +238,33 @@ class _Grouped:
 
 
 @dataclass
+class _Native:
+    """One module's blocks as the native kernel reads them (lora_rows.cpp) for a batch's rows."""
+
+    loc: torch.Tensor  # [B] int64: each row's adapter among the blocks, -1 for rows of none
+    key: tuple[int, ...]  # what `loc` encodes (the adapters present): modules of one key share a call
+    A: torch.Tensor  # element (a, r, k) at A + a * strides[0] + r * strides[1] + k * strides[2]
+    strides: tuple[int, int, int]
+    sBt: torch.Tensor  # [.., R, out] s * B transposed, contiguous per adapter
+    b_stride: int  # between adapters' sBt blocks (0 for one adapter)
+
+
+class _NativeCall:
+    """The constant part of one kernel call over sibling modules: which outputs they change, their
+    blocks, ranks and widths as the kernel reads them."""
+
+    def __init__(self, use: list[int], mods: list[_Native]) -> None:
+        self.keep = mods  # the tensors whose memory the pointers name
+        self.use = use
+        self.loc = mods[0].loc.data_ptr()
+        vals = [len(mods)]
+        for m in mods:
+            vals += [m.A.data_ptr(), *m.strides, m.sBt.data_ptr(), m.b_stride, m.sBt.shape[-2], m.sBt.shape[-1]]
+        self.mods = (ctypes.c_int64 * len(vals))(*vals)
+        self.ys = ctypes.c_int64 * (2 * len(mods))
+
+
+@dataclass
 class _ModulePlan:
     A: torch.Tensor | None  # [R, in]: the one adapter here (None: grouped)
     sB: torch.Tensor | None  # [out, R]
@@ -239,6 +273,7 @@ class _ModulePlan:
     g: torch.Tensor | None = None  # [B, 1, out] DoRA scale per row (ones for other rows)
     base_bias: torch.Tensor | None = None  # [out] the Linear's own bias, which DoRA does not scale
     grouped: _Grouped | None = None  # several adapters: the grouped products replace A, sB and colmask
+    native: _Native | None = None  # where the native kernel may add the delta (plain LoRA on the CPU)
 
 
 def add_delta(y: torch.Tensor, delta: torch.Tensor, g: torch.Tensor | None, base_bias: torch.Tensor | None
@@ -254,9 +289,11 @@ def add_delta(y: torch.Tensor, delta: torch.Tensor, g: torch.Tensor | None, base
 
 class LoRAPlan(MethodPlan):
     def __init__(self, mods: dict[tuple[int, str], _ModulePlan], timer: StepTimer, label: str,
-                 experts: dict[tuple[int, str], _ExpertTable], slot_idx: torch.Tensor) -> None:
+                 experts: dict[tuple[int, str], _ExpertTable], slot_idx: torch.Tensor, kernel: Callable | None) -> None:
         self.mods, self.timer, self.label = mods, timer, label
         self.experts, self.slot_idx = experts, slot_idx
+        self.kernel = kernel
+        self._calls: dict[tuple[int, tuple[str, ...]], _NativeCall | None] = {}
 
     def experts_out(self, layer: int, name: str, x: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor,
                     y: torch.Tensor) -> torch.Tensor | None:
@@ -270,6 +307,8 @@ class LoRAPlan(MethodPlan):
         p = self.mods.get((layer, name))
         if p is None:
             return None
+        if p.native is not None and self.linear_out_group(layer, (name,), x, [y]) is not None:
+            return y
         with self.timer.span(self.label):
             if p.g is not None or p.bias is not None:  # DoRA scales the base output; a bias joins the delta first
                 return add_delta(y, self._delta(p, x), p.g, p.base_bias)
@@ -283,6 +322,45 @@ class LoRAPlan(MethodPlan):
                 d = self._shrink(p, x)
                 acc.view(-1, acc.shape[-1]).addmm_(d.view(-1, d.shape[-1]), p.sB.t())
             return acc.to(y.dtype)
+
+    def linear_out_group(self, layer: int, names: tuple[str, ...], x: torch.Tensor, ys: list[torch.Tensor]
+                         ) -> list[torch.Tensor] | None:
+        """Sibling Linears of one input in one native call, where every adapted one may take it."""
+        c = self._calls.get((layer, names), False)
+        if c is False:
+            c = self._calls[(layer, names)] = self._call(layer, names)
+        if c is None or not self._native(c, x, ys):
+            return None
+        return ys
+
+    def _call(self, layer: int, names: tuple[str, ...]) -> _NativeCall | None:
+        use = [i for i, n in enumerate(names) if (layer, n) in self.mods]
+        nat = [self.mods[(layer, names[i])].native for i in use]
+        if self.kernel is None or not use or any(n is None for n in nat) or len({n.key for n in nat}) > 1:  # type: ignore[union-attr]
+            return None
+        return _NativeCall(use, nat)  # type: ignore[arg-type]
+
+    def _native(self, c: _NativeCall, x: torch.Tensor, ys: list[torch.Tensor]) -> bool:
+        """Add each row's delta into ys in place by the native kernel, if this call is one it takes: a few
+        tokens (decode), float32 or bfloat16, rows laid out evenly."""
+        if x.dim() != 3 or x.dtype not in NATIVE_TYPES or not x.is_contiguous():
+            return False
+        B, T = x.shape[:2]
+        if B * T > NATIVE_TOKENS:
+            return False
+        t0 = time.perf_counter()
+        vals = []
+        for i in c.use:
+            y = ys[i]
+            if y.dtype != x.dtype or y.stride(2) != 1 or (T > 1 and y.stride(0) != T * y.stride(1)):
+                return False
+            vals += [y.data_ptr(), y.stride(1) if T > 1 else y.stride(0)]
+        bf16 = x.dtype == torch.bfloat16
+        self.kernel(B * T, T, x.shape[2], x.data_ptr(), bf16, x.shape[2], c.loc, c.mods, c.ys(*vals), bf16,
+                    torch.get_num_threads())
+        if self.timer.enabled:
+            self.timer.add(self.label, time.perf_counter() - t0)
+        return True
 
     @staticmethod
     def _rows(gr: _Grouped, x: torch.Tensor) -> torch.Tensor:
@@ -416,6 +494,7 @@ class LoRAMethod(AdapterMethod):
         self._stacks: OrderedDict[tuple[int, ...], dict[str, tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self._routed = Compiled(routed_delta, ctx.compile)
         self._fused = Compiled(fused_delta) if ctx.compile and self.fused_hooks else None
+        self._kernel = kernels.load("lora_rows", LORA_ROWS) if ctx.native and ctx.device.type == "cpu" else None
 
     def write(self, slot: int, payload: MethodWeights) -> None:
         w = payload
@@ -424,7 +503,8 @@ class LoRAMethod(AdapterMethod):
         dev = self.ctx.device
         for m in w.modules:
             sb = None if m.bias is None else (m.bias * m.scale).to(dev)
-            self.mods.setdefault(m.module, {})[slot] = _Slot(m.A.to(dev), (m.B * m.scale).to(dev), sb, self._g(m))
+            sB = (m.B * m.scale).to(dev).t().contiguous().t()  # [out, r] over [r, out] memory: the kernel's layout
+            self.mods.setdefault(m.module, {})[slot] = _Slot(m.A.to(dev).contiguous(), sB, sb, self._g(m))
         if self.experts.write(slot, w.experts):
             self.static.drop()
         self.written.add(slot)
@@ -506,7 +586,7 @@ class LoRAMethod(AdapterMethod):
             if present:
                 mods[self.ctx.base.split(module)] = self._module(module, slots, slot_idx, present, per)
         experts = self.experts.used([s for s in slots if s != self._merged])
-        return LoRAPlan(mods, self.timer, self.name, experts, slot_idx) if mods or experts else None
+        return LoRAPlan(mods, self.timer, self.name, experts, slot_idx, self._kernel) if mods or experts else None
 
     def _module(self, module: str, slots: list[int], slot_idx: torch.Tensor, present: list[int],
                 per: dict[int, _Slot]) -> _ModulePlan:
@@ -531,8 +611,23 @@ class LoRAMethod(AdapterMethod):
                 if w.g is not None:
                     g[[i for i, x in enumerate(slots) if x == s], 0] = w.g
         base_bias = self.ctx.modules[module].bias
+        native = None if self._kernel is None or bias is not None or g is not None else self._native(slots, present, A, sB, grouped)
         return _ModulePlan(A, sB, colmask, bias, g, None if g is None or base_bias is None else base_bias.detach().to(F32),
-                           grouped)
+                           grouped, native)
+
+    def _native(self, slots: list[int], present: list[int], A: torch.Tensor | None, sB: torch.Tensor | None,
+                grouped: _Grouped | None) -> _Native | None:
+        """The blocks as the native kernel reads them: the stacked ones ([n, in, R], [n, R, out]) or the one
+        adapter's own ([r, in], and s B stored transposed)."""
+        loc = torch.tensor([present.index(s) if s in present else -1 for s in slots], dtype=torch.int64)
+        if grouped is not None:
+            At, sBt = grouped.At, grouped.sBt
+            return _Native(loc, tuple(present), At, (At.stride(0), At.stride(2), At.stride(1)), sBt, sBt.stride(0))
+        assert A is not None and sB is not None
+        sBt = sB.t()
+        if A.stride(1) != 1 or not sBt.is_contiguous():
+            return None
+        return _Native(loc, tuple(present), A, (0, A.stride(0), 1), sBt, 0)
 
     def _grouped(self, module: str, slots: list[int], present: list[int], ws: list[_Slot]) -> _Grouped:
         dev, B = self.ctx.device, len(slots)

@@ -1,0 +1,174 @@
+// LoRA deltas added into a few rows' base outputs on the CPU, each row through its own adapter's blocks,
+// for one Linear or a group of sibling Linears that read the same input (q/k/v, gate/up), in one call:
+//
+//     y_m[t] = round(y_m[t] + sB_m[a_t] (A_m[a_t] x[t]))     for every token t with a_t >= 0, module m
+//
+// computed in float32 (x converted from bfloat16 where it is), the sum rounded once to y's dtype: what
+// the PyTorch path does with `y.to(float32) + delta` then `.to(y.dtype)`. A token of no adapter
+// (a_t < 0) is not touched. Built for decode-sized batches, where a few dozen tokens make every
+// PyTorch op of the eager path (casts, gathers, two batched products, the add, the cast back) cost
+// more in dispatch than in arithmetic. Built and loaded by server/kernels/__init__.py.
+//
+// Layouts (float32), as `mods` gives them: module m's A block of adapter a, element (r, k) at A_m + a * sa + r * sr + k * sk
+// (either sr or sk is 1: [R, in] rows or [in, R] columns); its s * B block transposed, [R_m, out_m]
+// contiguous at sB_m + a * sb. x: token t's row at x + t * x_stride; y_m: token t's row at
+// y_m + t * y_stride_m, contiguous. loc [B]: token t's adapter, from row t / T.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t CHUNK = 128;  // output columns per work item of the expand phase
+constexpr int64_t JB = 32;      // output columns accumulated in registers at a time
+
+// bfloat16 <-> float32 over arrays, as bit patterns, so that the loops vectorize.
+inline void widen(const uint16_t* src, float* dst, int64_t n) {
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(src[i]) << 16;  // bfloat16 is float32's top half
+}
+
+inline void narrow(const float* src, uint16_t* dst, int64_t n) {  // round to nearest even, as torch's .to(bfloat16)
+  const uint32_t* u = reinterpret_cast<const uint32_t*>(src);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t v = u[i];
+    const uint32_t r = (v + 0x7fffu + ((v >> 16) & 1u)) >> 16;
+    dst[i] = static_cast<uint16_t>((v & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r);  // NaN stays NaN
+  }
+}
+
+// h[0:R] = A x for A in [in, R] columns (the stacked layout): R fixed, so h stays in registers.
+template <int R>
+inline void shrink_cols(const float* A, int64_t sk, const float* x, int64_t in, float* h) {
+  float acc[R] = {};
+  for (int64_t k = 0; k < in; ++k) {
+    const float* Ak = A + k * sk;
+    const float xk = x[k];
+#pragma omp simd
+    for (int r = 0; r < R; ++r) acc[r] += Ak[r] * xk;
+  }
+  for (int r = 0; r < R; ++r) h[r] = acc[r];
+}
+
+inline void shrink(const float* A, int64_t R, int64_t sr, int64_t sk, const float* x, int64_t in, float* h) {
+  if (sk == 1) {  // [R, in] rows: one dot product per rank
+    for (int64_t r = 0; r < R; ++r) {
+      const float* Ar = A + r * sr;
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t k = 0; k < in; ++k) s += Ar[k] * x[k];
+      h[r] = s;
+    }
+    return;
+  }
+  switch (R) {
+    case 8: return shrink_cols<8>(A, sk, x, in, h);
+    case 16: return shrink_cols<16>(A, sk, x, in, h);
+    case 32: return shrink_cols<32>(A, sk, x, in, h);
+    case 64: return shrink_cols<64>(A, sk, x, in, h);
+    default: break;
+  }
+  std::fill(h, h + R, 0.0f);
+  for (int64_t k = 0; k < in; ++k) {
+    const float* Ak = A + k * sk;
+    const float xk = x[k];
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r) h[r] += Ak[r] * xk;
+  }
+}
+
+// acc[0:w] = sB^T h over the columns j0.. of one adapter's [R, out] block, JB columns at a time.
+inline void expand(const float* sB, int64_t out, int64_t R, const float* h, int64_t w, float* acc) {
+  int64_t j = 0;
+  for (; j + JB <= w; j += JB) {
+    float a[JB] = {};
+    for (int64_t r = 0; r < R; ++r) {
+      const float* Br = sB + r * out + j;
+      const float hr = h[r];
+#pragma omp simd
+      for (int q = 0; q < JB; ++q) a[q] += hr * Br[q];
+    }
+    for (int q = 0; q < JB; ++q) acc[j + q] = a[q];
+  }
+  if (j < w) {
+    std::fill(acc + j, acc + w, 0.0f);
+    for (int64_t r = 0; r < R; ++r) {
+      const float* Br = sB + r * out;
+      for (int64_t q = j; q < w; ++q) acc[q] += h[r] * Br[q];
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" int lora_rows(int64_t N, int64_t T, int64_t in, const void* x, int x_bf16, int64_t x_stride,
+                         const int64_t* loc, const int64_t* mods, const int64_t* ys, int y_bf16, int threads) {
+  // mods: n_mod, then per module A, its three strides, sB, its adapter stride, R, out; ys: per module y, its row stride
+  const int64_t n_mod = mods[0];
+  if (N <= 0 || n_mod <= 0) return 0;
+  std::vector<int64_t> A_ptrs(n_mod), A_strides(3 * n_mod), sB_ptrs(n_mod), sB_strides(n_mod), ranks(n_mod),
+      outs(n_mod), y_ptrs(n_mod), y_strides(n_mod);
+  for (int64_t m = 0; m < n_mod; ++m) {
+    const int64_t* d = mods + 1 + 8 * m;
+    A_ptrs[m] = d[0];
+    A_strides[3 * m] = d[1], A_strides[3 * m + 1] = d[2], A_strides[3 * m + 2] = d[3];
+    sB_ptrs[m] = d[4], sB_strides[m] = d[5], ranks[m] = d[6], outs[m] = d[7];
+    y_ptrs[m] = ys[2 * m], y_strides[m] = ys[2 * m + 1];
+  }
+  int64_t Rsum = 0;
+  std::vector<int64_t> h_off(n_mod), chunk_off(n_mod + 1, 0);
+  for (int64_t m = 0; m < n_mod; ++m) {
+    h_off[m] = Rsum;
+    Rsum += ranks[m];
+    chunk_off[m + 1] = chunk_off[m] + (outs[m] + CHUNK - 1) / CHUNK;
+  }
+  std::vector<float> h(static_cast<size_t>(N * Rsum), 0.0f);  // [N, sum of ranks]: every module's A x
+  const int64_t items = chunk_off[n_mod];
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> xf(static_cast<size_t>(in));
+    float acc[CHUNK], yf[CHUNK];
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < N; ++t) {
+      const int64_t a = loc[t / T];
+      if (a < 0) continue;
+      if (x_bf16) {
+        widen(static_cast<const uint16_t*>(x) + t * x_stride, xf.data(), in);
+      } else {
+        std::memcpy(xf.data(), static_cast<const float*>(x) + t * x_stride, sizeof(float) * in);
+      }
+      for (int64_t m = 0; m < n_mod; ++m) {
+        const float* A = reinterpret_cast<const float*>(A_ptrs[m]) + a * A_strides[3 * m];
+        shrink(A, ranks[m], A_strides[3 * m + 1], A_strides[3 * m + 2], xf.data(), in, h.data() + t * Rsum + h_off[m]);
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < items; ++item) {
+      int64_t m = 0;
+      while (chunk_off[m + 1] <= item) ++m;
+      const int64_t R = ranks[m], out = outs[m];
+      const int64_t j0 = (item - chunk_off[m]) * CHUNK, w = std::min(CHUNK, out - j0);
+      for (int64_t t = 0; t < N; ++t) {
+        const int64_t a = loc[t / T];
+        if (a < 0) continue;
+        const float* sB = reinterpret_cast<const float*>(sB_ptrs[m]) + a * sB_strides[m] + j0;
+        expand(sB, out, R, h.data() + t * Rsum + h_off[m], w, acc);
+        if (y_bf16) {
+          uint16_t* y = reinterpret_cast<uint16_t*>(y_ptrs[m]) + t * y_strides[m] + j0;
+          widen(y, yf, w);
+#pragma omp simd
+          for (int64_t j = 0; j < w; ++j) yf[j] += acc[j];
+          narrow(yf, y, w);
+        } else {
+          float* y = reinterpret_cast<float*>(y_ptrs[m]) + t * y_strides[m] + j0;
+#pragma omp simd
+          for (int64_t j = 0; j < w; ++j) y[j] += acc[j];
+        }
+      }
+    }
+  }
+  return 0;
+}
