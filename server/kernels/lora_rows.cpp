@@ -9,10 +9,11 @@
 // PyTorch op of the eager path (casts, gathers, two batched products, the add, the cast back) cost
 // more in dispatch than in arithmetic. Built and loaded by server/kernels/__init__.py.
 //
-// Layouts (float32), as `mods` gives them: module m's A block of adapter a, element (r, k) at A_m + a * sa + r * sr + k * sk
-// (either sr or sk is 1: [R, in] rows or [in, R] columns); its s * B block transposed, [R_m, out_m]
-// contiguous at sB_m + a * sb. x: token t's row at x + t * x_stride; y_m: token t's row at
-// y_m + t * y_stride_m, contiguous. loc [B]: token t's adapter, from row t / T.
+// `mods`: n_mod, n_ad (the adapters `loc` indexes), then per module its width out_m and, per adapter,
+// three entries: its A block [r, in] (float32, contiguous), its s * B block transposed [r, out_m]
+// (float32, contiguous), and r (each adapter at its own rank). `ys`: per module, y_m and its row
+// stride. x: token t's row at x + t * x_stride. loc [B]: each row's adapter (-1: none); token t is of
+// row t / T.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -40,43 +41,14 @@ inline void narrow(const float* src, uint16_t* dst, int64_t n) {  // round to ne
   }
 }
 
-// h[0:R] = A x for A in [in, R] columns (the stacked layout): R fixed, so h stays in registers.
-template <int R>
-inline void shrink_cols(const float* A, int64_t sk, const float* x, int64_t in, float* h) {
-  float acc[R] = {};
-  for (int64_t k = 0; k < in; ++k) {
-    const float* Ak = A + k * sk;
-    const float xk = x[k];
-#pragma omp simd
-    for (int r = 0; r < R; ++r) acc[r] += Ak[r] * xk;
-  }
-  for (int r = 0; r < R; ++r) h[r] = acc[r];
-}
-
-inline void shrink(const float* A, int64_t R, int64_t sr, int64_t sk, const float* x, int64_t in, float* h) {
-  if (sk == 1) {  // [R, in] rows: one dot product per rank
-    for (int64_t r = 0; r < R; ++r) {
-      const float* Ar = A + r * sr;
-      float s = 0.0f;
+// h[0:R] = A x for A in [R, in] rows: one dot product per rank.
+inline void shrink(const float* A, int64_t R, const float* x, int64_t in, float* h) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float* Ar = A + r * in;
+    float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-      for (int64_t k = 0; k < in; ++k) s += Ar[k] * x[k];
-      h[r] = s;
-    }
-    return;
-  }
-  switch (R) {
-    case 8: return shrink_cols<8>(A, sk, x, in, h);
-    case 16: return shrink_cols<16>(A, sk, x, in, h);
-    case 32: return shrink_cols<32>(A, sk, x, in, h);
-    case 64: return shrink_cols<64>(A, sk, x, in, h);
-    default: break;
-  }
-  std::fill(h, h + R, 0.0f);
-  for (int64_t k = 0; k < in; ++k) {
-    const float* Ak = A + k * sk;
-    const float xk = x[k];
-#pragma omp simd
-    for (int64_t r = 0; r < R; ++r) h[r] += Ak[r] * xk;
+    for (int64_t k = 0; k < in; ++k) s += Ar[k] * x[k];
+    h[r] = s;
   }
 }
 
@@ -106,24 +78,18 @@ inline void expand(const float* sB, int64_t out, int64_t R, const float* h, int6
 
 extern "C" int lora_rows(int64_t N, int64_t T, int64_t in, const void* x, int x_bf16, int64_t x_stride,
                          const int64_t* loc, const int64_t* mods, const int64_t* ys, int y_bf16, int threads) {
-  // mods: n_mod, then per module A, its three strides, sB, its adapter stride, R, out; ys: per module y, its row stride
-  const int64_t n_mod = mods[0];
+  const int64_t n_mod = mods[0], n_ad = mods[1];
   if (N <= 0 || n_mod <= 0) return 0;
-  std::vector<int64_t> A_ptrs(n_mod), A_strides(3 * n_mod), sB_ptrs(n_mod), sB_strides(n_mod), ranks(n_mod),
-      outs(n_mod), y_ptrs(n_mod), y_strides(n_mod);
-  for (int64_t m = 0; m < n_mod; ++m) {
-    const int64_t* d = mods + 1 + 8 * m;
-    A_ptrs[m] = d[0];
-    A_strides[3 * m] = d[1], A_strides[3 * m + 1] = d[2], A_strides[3 * m + 2] = d[3];
-    sB_ptrs[m] = d[4], sB_strides[m] = d[5], ranks[m] = d[6], outs[m] = d[7];
-    y_ptrs[m] = ys[2 * m], y_strides[m] = ys[2 * m + 1];
-  }
-  int64_t Rsum = 0;
+  const int64_t per = 1 + 3 * n_ad;  // a module's entries in `mods`
   std::vector<int64_t> h_off(n_mod), chunk_off(n_mod + 1, 0);
+  int64_t Rsum = 0;
   for (int64_t m = 0; m < n_mod; ++m) {
+    const int64_t* d = mods + 2 + per * m;
+    int64_t R = 0;
+    for (int64_t a = 0; a < n_ad; ++a) R = std::max(R, d[1 + 3 * a + 2]);
     h_off[m] = Rsum;
-    Rsum += ranks[m];
-    chunk_off[m + 1] = chunk_off[m] + (outs[m] + CHUNK - 1) / CHUNK;
+    Rsum += R;
+    chunk_off[m + 1] = chunk_off[m] + (d[0] + CHUNK - 1) / CHUNK;
   }
   std::vector<float> h(static_cast<size_t>(N * Rsum), 0.0f);  // [N, sum of ranks]: every module's A x
   const int64_t items = chunk_off[n_mod];
@@ -141,29 +107,31 @@ extern "C" int lora_rows(int64_t N, int64_t T, int64_t in, const void* x, int x_
         std::memcpy(xf.data(), static_cast<const float*>(x) + t * x_stride, sizeof(float) * in);
       }
       for (int64_t m = 0; m < n_mod; ++m) {
-        const float* A = reinterpret_cast<const float*>(A_ptrs[m]) + a * A_strides[3 * m];
-        shrink(A, ranks[m], A_strides[3 * m + 1], A_strides[3 * m + 2], xf.data(), in, h.data() + t * Rsum + h_off[m]);
+        const int64_t* e = mods + 2 + per * m + 1 + 3 * a;  // this adapter's A, sB, rank
+        if (e[2] > 0) shrink(reinterpret_cast<const float*>(e[0]), e[2], xf.data(), in, h.data() + t * Rsum + h_off[m]);
       }
     }
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; ++item) {
       int64_t m = 0;
       while (chunk_off[m + 1] <= item) ++m;
-      const int64_t R = ranks[m], out = outs[m];
+      const int64_t* d = mods + 2 + per * m;
+      const int64_t out = d[0];
       const int64_t j0 = (item - chunk_off[m]) * CHUNK, w = std::min(CHUNK, out - j0);
       for (int64_t t = 0; t < N; ++t) {
         const int64_t a = loc[t / T];
         if (a < 0) continue;
-        const float* sB = reinterpret_cast<const float*>(sB_ptrs[m]) + a * sB_strides[m] + j0;
-        expand(sB, out, R, h.data() + t * Rsum + h_off[m], w, acc);
+        const int64_t* e = d + 1 + 3 * a;
+        if (e[2] == 0) continue;  // no block of this module: the row is left as it is
+        expand(reinterpret_cast<const float*>(e[1]) + j0, out, e[2], h.data() + t * Rsum + h_off[m], w, acc);
         if (y_bf16) {
-          uint16_t* y = reinterpret_cast<uint16_t*>(y_ptrs[m]) + t * y_strides[m] + j0;
+          uint16_t* y = reinterpret_cast<uint16_t*>(ys[2 * m]) + t * ys[2 * m + 1] + j0;
           widen(y, yf, w);
 #pragma omp simd
           for (int64_t j = 0; j < w; ++j) yf[j] += acc[j];
           narrow(yf, y, w);
         } else {
-          float* y = reinterpret_cast<float*>(y_ptrs[m]) + t * y_strides[m] + j0;
+          float* y = reinterpret_cast<float*>(ys[2 * m]) + t * ys[2 * m + 1] + j0;
 #pragma omp simd
           for (int64_t j = 0; j < w; ++j) y[j] += acc[j];
         }

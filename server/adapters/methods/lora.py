@@ -23,6 +23,7 @@ its own columns. Compiled (CUDA), the hooks read each row's own block instead (`
 from __future__ import annotations
 
 import ctypes
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from .layout import StaticLayout
 
 F32 = torch.float32
 STACKED = 4  # sets of adapters whose blocks stay stacked for grouped products (LoRAMethod._stacked)
+RUN_TOKENS = 16  # rows of several adapters go by runs of one adapter when runs average this many tokens
 NATIVE_TYPES = (torch.float32, torch.bfloat16)
 NATIVE_TOKENS = 64  # up to this many tokens a step's LoRA deltas go through the native kernel (lora_rows.cpp)
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
@@ -239,27 +241,28 @@ class _Grouped:
 
 @dataclass
 class _Native:
-    """One module's blocks as the native kernel reads them (lora_rows.cpp) for a batch's rows."""
+    """One module's blocks as the native kernel reads them (lora_rows.cpp): per adapter of the batch (in
+    the order `loc` numbers them), its A [r, in] and s * B transposed [r, out], both contiguous; an adapter
+    without this module has none (rank 0, its rows add nothing here)."""
 
-    loc: torch.Tensor  # [B] int64: each row's adapter among the blocks, -1 for rows of none
-    key: tuple[int, ...]  # what `loc` encodes (the adapters present): modules of one key share a call
-    A: torch.Tensor  # element (a, r, k) at A + a * strides[0] + r * strides[1] + k * strides[2]
-    strides: tuple[int, int, int]
-    sBt: torch.Tensor  # [.., R, out] s * B transposed, contiguous per adapter
-    b_stride: int  # between adapters' sBt blocks (0 for one adapter)
+    loc: torch.Tensor  # [B] int64: each row's adapter among the batch's, -1 for rows of none
+    out: int
+    blocks: list[tuple[torch.Tensor, torch.Tensor] | None]
 
 
 class _NativeCall:
-    """The constant part of one kernel call over sibling modules: which outputs they change, their
-    blocks, ranks and widths as the kernel reads them."""
+    """The constant part of one kernel call over sibling modules: which outputs they change, and their
+    blocks as the kernel reads them."""
 
     def __init__(self, use: list[int], mods: list[_Native]) -> None:
         self.keep = mods  # the tensors whose memory the pointers name
         self.use = use
         self.loc = mods[0].loc.data_ptr()
-        vals = [len(mods)]
+        vals = [len(mods), len(mods[0].blocks)]
         for m in mods:
-            vals += [m.A.data_ptr(), *m.strides, m.sBt.data_ptr(), m.b_stride, m.sBt.shape[-2], m.sBt.shape[-1]]
+            vals.append(m.out)
+            for blk in m.blocks:
+                vals += [0, 0, 0] if blk is None else [blk[0].data_ptr(), blk[1].data_ptr(), blk[0].shape[0]]
         self.mods = (ctypes.c_int64 * len(vals))(*vals)
         self.ys = ctypes.c_int64 * (2 * len(mods))
 
@@ -272,8 +275,18 @@ class _ModulePlan:
     bias: torch.Tensor | None  # [B, 1, out] per-row s * b_B (zeros for rows without one)
     g: torch.Tensor | None = None  # [B, 1, out] DoRA scale per row (ones for other rows)
     base_bias: torch.Tensor | None = None  # [out] the Linear's own bias, which DoRA does not scale
-    grouped: _Grouped | None = None  # several adapters: the grouped products replace A, sB and colmask
+    grouped: Callable[[], _Grouped] | None = None  # several adapters: the grouped products (built on first use)
+    runs: list[tuple[int, int, _Slot]] | None = None  # several adapters: rows s:e of one adapter each
     native: _Native | None = None  # where the native kernel may add the delta (plain LoRA on the CPU)
+
+    def many(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Several adapters: a function of x giving each row's s * B A x [B, T, out] float32, by runs of
+        rows (long runs: prefill) or by grouped products over the adapters (short runs: decode)."""
+        if self.runs is None or self.grouped is None:
+            return None
+        if len(self.runs) * RUN_TOKENS <= x.shape[0] * x.shape[1]:
+            return lambda x: LoRAPlan.by_runs(self.runs, x)  # type: ignore[arg-type]
+        return lambda x: LoRAPlan.grouped(self.grouped(), x)  # type: ignore[misc]
 
 
 def add_delta(y: torch.Tensor, delta: torch.Tensor, g: torch.Tensor | None, base_bias: torch.Tensor | None
@@ -315,8 +328,10 @@ class LoRAPlan(MethodPlan):
             # y + delta in float32, rounded once to y's dtype (as PEFT adds its float32 delta), added into
             # one float32 copy of y
             acc = y.to(F32)
-            if p.grouped is not None:
-                acc.add_(self._rows(p.grouped, x))
+            if p.runs is not None and len(p.runs) * RUN_TOKENS <= x.shape[0] * x.shape[1]:
+                self.by_runs(p.runs, x, acc)
+            elif (many := p.many(x)) is not None:
+                acc.add_(many(x))
             else:
                 assert p.sB is not None
                 d = self._shrink(p, x)
@@ -336,7 +351,7 @@ class LoRAPlan(MethodPlan):
     def _call(self, layer: int, names: tuple[str, ...]) -> _NativeCall | None:
         use = [i for i, n in enumerate(names) if (layer, n) in self.mods]
         nat = [self.mods[(layer, names[i])].native for i in use]
-        if self.kernel is None or not use or any(n is None for n in nat) or len({n.key for n in nat}) > 1:  # type: ignore[union-attr]
+        if self.kernel is None or not use or any(n is None for n in nat):
             return None
         return _NativeCall(use, nat)  # type: ignore[arg-type]
 
@@ -363,7 +378,19 @@ class LoRAPlan(MethodPlan):
         return True
 
     @staticmethod
-    def _rows(gr: _Grouped, x: torch.Tensor) -> torch.Tensor:
+    def by_runs(runs: list[tuple[int, int, _Slot]], x: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+        """Each row's s * B A x [B, T, out], added into acc (else onto zeros), by two products per run of
+        rows of one adapter (rows of none, or of an adapter without this module, add nothing)."""
+        if acc is None:
+            acc = x.new_zeros(*x.shape[:2], runs[0][2].sB.shape[0], dtype=F32)
+        x32 = x.to(F32)
+        for s, e, w in runs:
+            h = F.linear(x32[s:e], w.A)
+            acc[s:e].view(-1, acc.shape[2]).addmm_(h.view(-1, h.shape[2]), w.sB.t())
+        return acc
+
+    @staticmethod
+    def grouped(gr: _Grouped, x: torch.Tensor) -> torch.Tensor:
         """[B, T, out]: each row's s * B A x by the grouped products (one per adapter present), brought back
         to the rows by a gather where every row has a place, else by a scatter onto zeros (rows without
         this module's adapter add 0; CPU index_add_ would loop row by row)."""
@@ -383,8 +410,8 @@ class LoRAPlan(MethodPlan):
 
     def _delta(self, p: _ModulePlan, x: torch.Tensor) -> torch.Tensor:
         """Each row's s * B A x (+ s * b_B), float32 [B, T, out]."""
-        if p.grouped is not None:
-            delta = self._rows(p.grouped, x)
+        if (many := p.many(x)) is not None:
+            delta = many(x)
         else:
             assert p.sB is not None
             delta = F.linear(self._shrink(p, x), p.sB)
@@ -581,20 +608,31 @@ class LoRAMethod(AdapterMethod):
 
     def plan(self, slots: list[int], slot_idx: torch.Tensor) -> MethodPlan | None:
         mods = {}
+        batch = sorted({s for s in slots if s in self.written and s != self._merged})  # the native kernel's numbering
+        loc = torch.tensor([batch.index(s) if s in batch else -1 for s in slots]) if self._kernel is not None else None
+        runs, start = [], 0  # consecutive rows of one slot
+        for i in range(1, len(slots) + 1):
+            if i == len(slots) or slots[i] != slots[start]:
+                runs.append((start, i, slots[start]))
+                start = i
         for module, per in self.mods.items():
             present = sorted({s for s in slots if s in per and s != self._merged})
             if present:
-                mods[self.ctx.base.split(module)] = self._module(module, slots, slot_idx, present, per)
+                p = mods[self.ctx.base.split(module)] = self._module(module, slots, slot_idx, present, per, runs)
+                if loc is not None and p.bias is None and p.g is None:
+                    p.native = _Native(loc, per[present[0]].sB.shape[0],
+                                       [(per[s].A, per[s].sB.t()) if s in present else None for s in batch])
         experts = self.experts.used([s for s in slots if s != self._merged])
         return LoRAPlan(mods, self.timer, self.name, experts, slot_idx, self._kernel) if mods or experts else None
 
     def _module(self, module: str, slots: list[int], slot_idx: torch.Tensor, present: list[int],
-                per: dict[int, _Slot]) -> _ModulePlan:
+                per: dict[int, _Slot], runs: list[tuple[int, int, int]]) -> _ModulePlan:
         dev, B = self.ctx.device, len(slots)
         ws = [per[s] for s in present]
-        A = sB = colmask = grouped = None
+        A = sB = colmask = grouped = mine = None
         if len(present) > 1:
-            grouped = self._grouped(module, slots, present, ws)
+            grouped = functools.cache(lambda: self._grouped(module, slots, present, ws))
+            mine = [(s, e, per[x]) for s, e, x in runs if x in present]
         else:
             A, sB = ws[0].A, ws[0].sB  # the slot's own blocks, read in place
             if any(s != present[0] for s in slots):
@@ -611,23 +649,8 @@ class LoRAMethod(AdapterMethod):
                 if w.g is not None:
                     g[[i for i, x in enumerate(slots) if x == s], 0] = w.g
         base_bias = self.ctx.modules[module].bias
-        native = None if self._kernel is None or bias is not None or g is not None else self._native(slots, present, A, sB, grouped)
         return _ModulePlan(A, sB, colmask, bias, g, None if g is None or base_bias is None else base_bias.detach().to(F32),
-                           grouped, native)
-
-    def _native(self, slots: list[int], present: list[int], A: torch.Tensor | None, sB: torch.Tensor | None,
-                grouped: _Grouped | None) -> _Native | None:
-        """The blocks as the native kernel reads them: the stacked ones ([n, in, R], [n, R, out]) or the one
-        adapter's own ([r, in], and s B stored transposed)."""
-        loc = torch.tensor([present.index(s) if s in present else -1 for s in slots], dtype=torch.int64)
-        if grouped is not None:
-            At, sBt = grouped.At, grouped.sBt
-            return _Native(loc, tuple(present), At, (At.stride(0), At.stride(2), At.stride(1)), sBt, sBt.stride(0))
-        assert A is not None and sB is not None
-        sBt = sB.t()
-        if A.stride(1) != 1 or not sBt.is_contiguous():
-            return None
-        return _Native(loc, tuple(present), A, (0, A.stride(0), 1), sBt, 0)
+                           grouped, mine)
 
     def _grouped(self, module: str, slots: list[int], present: list[int], ws: list[_Slot]) -> _Grouped:
         dev, B = self.ctx.device, len(slots)
