@@ -17,12 +17,14 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from benchmarks.prefix import adapters, ask, build
 from server.config import ModelConfig
 from server.engine.model_loader import load_base_model
+from server.threads import on_own_thread
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -32,12 +34,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--requests", type=int, default=4, help="per client")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
-    loaded = load_base_model(ModelConfig())
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
-        names: list[str | None] = list(adapters(loaded, store, ("lora16",) * 8))
+
+        def setup() -> tuple[Any, list[str | None]]:  # on a thread that ends, as the server loads (server/threads.py)
+            loaded = load_base_model(ModelConfig())
+            names: list[str | None] = list(adapters(loaded, store, ("lora16",) * 8))
+            return build("server", loaded, store), names
+
+        e, names = on_own_thread(setup)
         use = {"lora": names, "one": names[:1], "none": [None]}[a.adapters]
-        e = build("server", loaded, store)
         e.start()
         rng = random.Random(0)
 

@@ -20,6 +20,7 @@ from .api.routes import router
 from .api.vllm import router as vllm_router
 from .config import Settings
 from .metrics import Metrics
+from .threads import in_own_thread
 
 PLAYGROUND = Path(__file__).parent / "static" / "playground"
 
@@ -64,7 +65,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async def load() -> None:
             try:
-                await asyncio.to_thread(build, services)
+                await in_own_thread(build, services)
             except Exception as e:  # /health stays 503 and says why
                 log.exception("loading failed")
                 services.load_error = f"loading failed: {e}"

@@ -21,6 +21,7 @@ from ..errors import (
     InvalidRequestError,
     UnsupportedAdapterError,
 )
+from ..threads import in_own_thread
 from .deps import AdminAuth, Ready, ReadyDep, ServicesDep, UserAuth
 from .disconnect import until_disconnected
 from .errors import inband_error
@@ -86,7 +87,7 @@ async def upload_adapter(request: Request, s: ReadyDep, replace: bool = False) -
         uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
         if not uploads:
             raise InvalidRequestError("the form needs one or more 'files' parts")
-        return await asyncio.to_thread(_stage_and_add, s, adapter_id, uploads, replace)
+        return await in_own_thread(_stage_and_add, s, adapter_id, uploads, replace)
     finally:
         await form.close()
 
@@ -97,7 +98,7 @@ async def add_demo_adapters(s: ReadyDep) -> dict[str, Any]:
     """Untrained demo adapters for the served model ((IA)3, LoRA, a bottleneck: `adapter-server
     demo-adapters` writes the same), registered as demo-ia3, demo-lora, demo-seq-bn where those ids are
     free. The playground's "add demo adapters" button; they change outputs, they teach nothing."""
-    return {"adapters": await asyncio.to_thread(_add_demo, s)}
+    return {"adapters": await in_own_thread(_add_demo, s)}
 
 
 def _add_demo(s: Ready) -> list[dict[str, Any]]:

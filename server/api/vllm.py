@@ -19,6 +19,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import AdapterNotFoundError, ConflictError, ForbiddenError, NotEnabledError
+from ..threads import in_own_thread
 from .deps import AdminAuth, ReadyDep
 
 router = APIRouter(prefix="/v1", dependencies=[AdminAuth])
@@ -56,7 +57,7 @@ def _folder(root: Path | None, path: str) -> Path:
 @router.post("/load_lora_adapter", response_class=PlainTextResponse)
 async def load_lora_adapter(body: LoadIn, s: ReadyDep) -> str:
     folder = _folder(s.settings.adapter_load_root, body.lora_path)
-    await asyncio.to_thread(s.registry.add_folder, body.lora_name, folder, False, LOADED_FROM)
+    await in_own_thread(s.registry.add_folder, body.lora_name, folder, False, LOADED_FROM)
     return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 
 

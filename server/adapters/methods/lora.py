@@ -347,9 +347,10 @@ class LoRAPlan(MethodPlan):
     def linear_out_group(self, layer: int, names: tuple[str, ...], x: torch.Tensor, ys: list[torch.Tensor]
                          ) -> list[torch.Tensor] | None:
         """Sibling Linears of one input in one native call, where every adapted one may take it."""
-        c = self._calls.get((layer, names), False)
-        if c is False:
-            c = self._calls[(layer, names)] = self._call(layer, names)
+        key = (layer, names)
+        if key not in self._calls:
+            self._calls[key] = self._call(layer, names)
+        c = self._calls[key]
         if c is None or not self._native(c, x, ys):
             return None
         return ys
@@ -362,9 +363,9 @@ class LoRAPlan(MethodPlan):
         return _NativeCall(use, nat)  # type: ignore[arg-type]
 
     def _native(self, c: _NativeCall, x: torch.Tensor, ys: list[torch.Tensor]) -> bool:
-        """Add each row's delta into ys in place by the native kernel, if this call is one it takes: a few
-        tokens (decode), float32 or bfloat16, rows laid out evenly."""
-        if x.dim() != 3 or x.dtype not in NATIVE_TYPES or not x.is_contiguous():
+        """Add each row's delta into ys in place by the native kernel, if this call is one it takes: float32
+        or bfloat16, rows laid out evenly, a few tokens (decode) or low ranks (NATIVE_TOKENS, NATIVE_RANK)."""
+        if self.kernel is None or x.dim() != 3 or x.dtype not in NATIVE_TYPES or not x.is_contiguous():
             return False
         B, T = x.shape[:2]
         if B * T > NATIVE_TOKENS and c.rank > NATIVE_RANK:
