@@ -5,9 +5,12 @@
 //
 // computed in float32 (x converted from bfloat16 where it is), the sum rounded once to y's dtype: what
 // the PyTorch path does with `y.to(float32) + delta` then `.to(y.dtype)`. A token of no adapter
-// (a_t < 0) is not touched. Built for decode-sized batches, where a few dozen tokens make every
-// PyTorch op of the eager path (casts, gathers, two batched products, the add, the cast back) cost
-// more in dispatch than in arithmetic. Built and loaded by server/kernels/__init__.py.
+// (a_t < 0) is not touched. Made for decode-sized batches, where every PyTorch op of the eager path
+// (casts, gathers, two batched products, the add, the cast back) costs more in dispatch than in
+// arithmetic; it also beats that path on long batches (prefill) up to rank 32, by adding into y in
+// place instead of through a float32 copy of it (server/adapters/methods/lora.py says when it is used).
+// Rows are split over threads for the products A x, output columns for the rest. Built and loaded by
+// server/kernels/__init__.py.
 //
 // `mods`: n_mod, n_ad (the adapters `loc` indexes), then per module its width out_m and, per adapter,
 // three entries: its A block [r, in] (float32, contiguous), its s * B block transposed [r, out_m]
