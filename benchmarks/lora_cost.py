@@ -1,8 +1,8 @@
 """What eight LoRAs cost inside the engine on the CPU, against the bare model in the same process: the
 decode step (static batches of 1 and 16 rows, best of three runs of 48 steps) and one prefill pass (16
 prompts of 128 random tokens), with the time inside the LoRA hooks measured around them. `--no-native`
-runs the PyTorch products instead of the native kernel (server/kernels/lora_rows.cpp), which is how
-the numbers before it were taken. The engine is built on a thread that ends and stepped from this one
+runs the PyTorch products instead of the native LoRA kernel (server/kernels/lora_rows.cpp; the paged
+decode kernel stays). The engine is built on a thread that ends and stepped from this one
 (see server/threads.py for why that matters).
 
     .venv/bin/python -m benchmarks.lora_cost              # or --no-native, --dtype float32
@@ -11,6 +11,7 @@ the numbers before it were taken. The engine is built on a thread that ends and 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from benchmarks.bench import PROMPTS
+from server import kernels
 from server.adapters.methods import lora as lora_method
 from server.adapters.methods import write_demo
 from server.adapters.registry import Registry
@@ -57,8 +59,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--no-native", action="store_true", help="PyTorch's products for the LoRA deltas")
     ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--out", type=Path, default=None, help="merge the results into this JSON (by dtype and path)")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
+    if a.no_native:  # only the LoRA kernel: the paged decode kernel and packed projections stay
+        load = kernels.load
+        kernels.load = lambda name, *x: None if name == "lora_rows" else load(name, *x)  # type: ignore[assignment]
     lora_method.LoRAPlan.linear_out = _timed(lora_method.LoRAPlan.linear_out)  # type: ignore[method-assign]
     lora_method.LoRAPlan.linear_out_group = _timed(lora_method.LoRAPlan.linear_out_group)  # type: ignore[method-assign]
 
@@ -67,8 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reg = Registry(AdapterStore(Path(tempfile.mkdtemp())), BaseModelInfo.from_model(loaded.model), RegistryConfig(64))
         for i in range(8):
             reg.add_folder(f"m{i}", write_demo("lora16", Path(tempfile.mkdtemp()) / f"m{i}", loaded.model.config, seed=i))
-        cfg = EngineConfig(max_batch_size=32, max_model_len=1024, merge_policy="never", device_slots=16,
-                           compile_kernels=not a.no_native)
+        cfg = EngineConfig(max_batch_size=32, max_model_len=1024, merge_policy="never", device_slots=16)
         return Engine(loaded, reg, cfg, Metrics()), loaded.tokenizer
 
     eng, tok = on_own_thread(setup)
@@ -120,6 +125,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out["prefill 16 x 128"] = {"bare_s": bare_s, "lora_s": lora_s, "ratio": bare_s / lora_s, "lora_hook_s": hook_s}
     for k, v in out.items():
         sys.stdout.write(f"{k}: {v}\n")
+    if a.out is not None:
+        old = json.loads(a.out.read_text()) if a.out.exists() else {}
+        cmd = "python -m benchmarks.lora_cost" + (f" --dtype {a.dtype}" if a.dtype != "bfloat16" else "") + (" --no-native" if a.no_native else "")
+        old[f"{a.dtype}, {'native kernel' if not a.no_native else 'PyTorch products'}"] = {
+            **out, "date": time.strftime("%Y-%m-%d"), "command": cmd}
+        a.out.write_text(json.dumps(old, indent=1))
     return out
 
 
