@@ -21,6 +21,11 @@ FIXTURES = ["lora_qv", "lora_all_linear", "lora_rslora"]  # PEFT's own files: ra
 QKV = ("q_proj", "k_proj", "v_proj")
 
 
+def counted(kernel, calls: list[int]):  # noqa: ANN001, ANN201
+    """The kernel, noting each call in `calls`."""
+    return lambda *a: calls.append(1) or kernel(*a)
+
+
 def hook(tmp_path, native: bool, dtype: torch.dtype, rows: list[int], T: int, calls: list[int]) -> torch.Tensor:
     """q/k/v outputs after the LoRA hook of layer 1 for random inputs: rows[b] is row b's slot (0: none,
     1-3: FIXTURES, 4: a synthetic rank-48 LoRA)."""
@@ -32,8 +37,7 @@ def hook(tmp_path, native: bool, dtype: torch.dtype, rows: list[int], T: int, ca
     plan = slots.plan(rows)
     lora = next(p for p in plan.plans if isinstance(p, LoRAPlan))
     if lora.kernel is not None:
-        kernel = lora.kernel
-        lora.kernel = lambda *a: calls.append(1) or kernel(*a)
+        lora.kernel = counted(lora.kernel, calls)
     cfg = model.config
     hd = cfg.hidden_size // cfg.num_attention_heads
     sizes = [cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.num_key_value_heads * hd]
@@ -99,8 +103,7 @@ def test_dora_scales_and_lora_biases_in_the_kernel_equal_the_pytorch_products(na
         calls: list[int] = []
         p = next(p for p in plan.plans if isinstance(p, LoRAPlan))
         if p.kernel is not None:
-            kernel = p.kernel
-            p.kernel = lambda *a: calls.append(1) or kernel(*a)
+            p.kernel = counted(p.kernel, calls)
         g = torch.Generator().manual_seed(1)
         x = torch.randn(len(rows), 3, model.config.hidden_size, generator=g)
         base = torch.randn(len(rows), 3, lin.out_features, generator=g)
