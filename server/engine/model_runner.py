@@ -196,12 +196,19 @@ class ModelRunner:
         step = DecodeStep(tables, start + lengths - 1, kv_len, self.cache.page_size) \
             if T == 1 and self.attn_softcap is None else None
 
+        # every row a whole prompt from position 0 (no cached prefix, no padding): plain causal attention,
+        # which SDPA computes without a mask and without the key blocks past each query block (CPU and CUDA)
+        causal = kv_len == T and self.attn_softcap is None and (T == 1 or bool(((start == 0) & (lengths == T)).all()))
+
         def over_pages(li: int, attn: Any, q: torch.Tensor) -> torch.Tensor:
             """Queries q [B, heads, T, hd] over each row's pages (their K/V written)."""
             w = self.windows[li]
+            kc, vc = self.cache.read(li, tables, kv_len)  # [B, kvh, kv_len, hd]
+            if causal and (w is None or w >= T):
+                return F.scaled_dot_product_attention(q, kc, vc, is_causal=True, scale=attn.scaling,
+                                                      enable_gqa=self.n_heads != self.n_kv)
             if w not in masks:
                 masks[w] = self._mask(start, lengths, T, kv_len, w)
-            kc, vc = self.cache.read(li, tables, kv_len)  # [B, kvh, kv_len, hd]
             return self._sdpa(q, kc, vc, masks[w], attn.scaling, self.n_heads != self.n_kv)  # [B, heads, T, hd]
 
         def attend(li: int, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
