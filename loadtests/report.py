@@ -298,14 +298,25 @@ def prefill_section(d: dict[str, Any]) -> list[str]:
           "first token (best of three), against the same model's Linear products alone for the same L tokens "
           "(q/k/v and gate/up packed, as the engine runs them, and the LM head on the last position), timed in the "
           "same process.", "",
-          "| dtype | L | prefill tok/s (ms) | products alone tok/s (ms) | prefill / products speed |", "|---|---|---|---|---|"]
+          "| dtype | L | prefill tok/s (ms) | products alone tok/s (ms) | prefill / products speed | llama.cpp pp tok/s (GGUF) |",
+          "|---|---|---|---|---|---|"]
+    lc = json.loads((PLOTS / "llama_cpp.json").read_text()) if (PLOTS / "llama_cpp.json").exists() else None
+    pp = {} if lc is None else {(r["model"].split(".")[-2].lower(), r["n_prompt"]): r for r in lc["results"] if r["n_gen"] == 0}
     for dtype, r in d.items():
         for L, x in r.items():
             if isinstance(x, dict):
+                ref = pp.get(({"bfloat16": "bf16"}.get(dtype, dtype), int(L)))
+                cell = "" if ref is None else f"{ref['tok_s']:.0f} ± {ref['stddev']:.0f} ({ref['model'].split('.')[-2]})"
                 md.append(f"| {dtype} ({r['date']}) | {L} | {x['prompt_tok_s']:.0f} ({x['prefill_s'] * 1e3:.0f}) | "
-                          f"{x['products_tok_s']:.0f} ({x['products_s'] * 1e3:.0f}) | {x['ratio']:.2f} |")
+                          f"{x['products_tok_s']:.0f} ({x['products_s'] * 1e3:.0f}) | {x['ratio']:.2f} | {cell} |")
     cmds = sorted({r["command"] for r in d.values()})
-    return [*md, "", "Commands: " + "; ".join(f"`{c}`" for c in cmds), ""]
+    md += ["", "Commands: " + "; ".join(f"`{c}`" for c in cmds)]
+    if lc is not None:
+        tg = [r for r in lc["results"] if r["n_prompt"] == 0]
+        md += ["", f"llama.cpp from `loadtests/results/llama_cpp.json` ({lc['date']}, `python -m loadtests.llama_cpp`, which ran "
+               f"`{lc['command']}` minutes after the prefill run): " + "; ".join(
+                   f"{r['model']} batch-1 generation of {r['n_gen']} tokens {r['tok_s']:.1f} ± {r['stddev']:.1f} tok/s" for r in tg) + "."]
+    return [*md, ""]
 
 
 def prefix_section(d: dict[str, Any], path: str) -> list[str]:

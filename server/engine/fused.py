@@ -9,6 +9,7 @@ Used on CUDA only; if compilation fails, the eager function is used and the reas
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -70,7 +71,8 @@ class Packed:
     views of the packed tensor, so there is no second copy, and a fold into a Linear's weight (an (IA)3
     merge) is seen by the packed product too."""
 
-    def __init__(self, linears: list[Any]) -> None:
+    def __init__(self, linears: list[Any], linear: Callable[..., torch.Tensor] = F.linear) -> None:
+        self.linear = linear  # the product: F.linear, or SmallProducts.linear (decode-sized batches)
         ws = [m.weight for m in linears]
         self.sizes = [w.shape[0] for w in ws]
         self.weight = torch.cat([w.detach() for w in ws])
@@ -92,10 +94,11 @@ class Packed:
         return same_bias and len({(w.shape[1], w.dtype, w.device) for w in ws}) == 1
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+        return list(self.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
 
 
-def pack_layers(layers: list[Any], arch: Architecture) -> list[dict[str, Packed]]:
+def pack_layers(layers: list[Any], arch: Architecture, linear: Callable[..., torch.Tensor] = F.linear
+                ) -> list[dict[str, Packed]]:
     """Pack q/k/v and gate/up of every layer where they are separate Linears and the shapes allow it
     (a fused projection is one product already; a routed MLP has no gate and up Linears)."""
     out = []
@@ -104,5 +107,5 @@ def pack_layers(layers: list[Any], arch: Architecture) -> list[dict[str, Packed]
         groups = {"qkv": [getattr(a, n) for n in arch.qkv]}
         if all(hasattr(m, n) for n in arch.gate_up):
             groups["gate_up"] = [getattr(m, n) for n in arch.gate_up]
-        out.append({k: Packed(v) for k, v in groups.items() if len(v) > 1 and Packed.possible(v)})
+        out.append({k: Packed(v, linear) for k, v in groups.items() if len(v) > 1 and Packed.possible(v)})
     return out

@@ -22,6 +22,7 @@ from ..architectures import architecture, decoder, text_config
 from .fused import FusedOps, pack_layers
 from .kv_cache import DecodeStep, PagedKVCache
 from .moe import routed_experts
+from .small_products import SmallProducts
 
 Fn = TypeVar("Fn", bound=Callable[..., Any])
 _MKLDNN = threading.RLock()
@@ -78,7 +79,8 @@ class ModelRunner:
                                   native)
         fused = FusedOps(cfg, self.inner) if compile_kernels and arch.llama_layout else None
         self.fused = fused if fused is not None and fused.enabled else None  # decode_static only
-        self.packed = pack_layers(self.layers, arch) if pack else None
+        self.small = SmallProducts(native and self.device.type == "cpu" and self.dtype == torch.bfloat16)
+        self.packed = pack_layers(self.layers, arch, self.small.linear) if pack else None
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
               gqa: bool) -> torch.Tensor:
@@ -113,7 +115,7 @@ class ModelRunner:
     def logits(self, h: torch.Tensor, plan: BatchPlan, rows: list[int] | None = None) -> torch.Tensor:
         """The LM head on normed hidden states (entry n of h is batch row rows[n], or row n), each row's own
         where its adapter has one, soft-capped where the architecture caps, as float32."""
-        return plan.logits(h, self.model.lm_head, self._finish, rows)
+        return plan.logits(h, self.small.module(self.model.lm_head), self._finish, rows)
 
     def _finish(self, logits: torch.Tensor) -> torch.Tensor:
         """What the model does after its head: the final soft-cap (in the model's dtype, as the library
@@ -373,7 +375,7 @@ class ModelRunner:
             pk = packed[li] if packed is not None else {}
             if group in pk and not any(plan.changes_input(li, n) for n in names):
                 return plan.linear_out_group(li, names, x, list(pk[group](x)))
-            return [plan.linear(li, n, getattr(module, n), x) for n in names]
+            return [plan.linear(li, n, self.small.module(getattr(module, n)), x) for n in names]
 
         x = norm(self.layers[0].input_layernorm, h)
         for li, layer in enumerate(self.layers):
@@ -386,7 +388,7 @@ class ModelRunner:
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             q, k = rope(q, k, *rotary[li])  # [B, heads, T, hd], [B, kvh, T, hd]
             o = attend(li, attn, q, k, v).transpose(1, 2).reshape(B, T, -1)
-            o = plan.linear(li, "o_proj", attn.o_proj, o)
+            o = plan.linear(li, "o_proj", self.small.module(attn.o_proj), o)
             attn_norm = getattr(layer, A.attn_out_norm) if A.attn_out_norm else None
             h, x = add_norm(li, "attn", h, o, getattr(layer, A.mlp_in_norm), attn_norm)
             a = self._mlp(li, layer.mlp, x, plan, project, act_mul)
@@ -404,7 +406,7 @@ class ModelRunner:
         gu = project(li, mlp, A.gate_up, "gate_up", x)
         g, u = gu[0].chunk(2, dim=-1) if A.fused_gate_up else gu
         act = getattr(mlp, A.act)
-        return plan.linear(li, "down_proj", mlp.down_proj, act(g) * u if act_mul is None else act_mul(g, u))
+        return plan.linear(li, "down_proj", self.small.module(mlp.down_proj), act(g) * u if act_mul is None else act_mul(g, u))
 
     def _moe(self, li: int, mlp: Any, x: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
         """A routed MLP: the router's logits (a Linear to the adapters: LoRA may change them), the top-k
