@@ -1,14 +1,20 @@
 """LoRA (HF PEFT): y = W x + s * (B (A x) + b_B) on any Linear of the decoder layers, per row.
 
 Storage is per (module, slot) at each adapter's real rank, in float32 (PEFT keeps adapter weights in
-float32 over a lower-precision base and casts the sum back). The scaling is folded into B and b_B
-when a slot is written. A batch plan concatenates, per module, the A and B of the adapters the batch
-uses (once per batch composition) and routes rows with a column mask, so one batch of any mix of
-LoRA adapters is two small products per targeted Linear, and a rank-8 row never pays for a
-rank-64 neighbour beyond the concatenation:
+float32 over a lower-precision base and casts the sum back); s * B is kept transposed in memory. The
+scaling is folded into B and b_B when a slot is written. Each row adds its own adapter's delta, in
+float32, to its base output, and the sum is rounded once to the base dtype:
 
-    d = x @ A_cat.T masked to the row's own columns     # [B, T, R]
-    y = (y + d @ (s B)_cat.T + (s b)[row])               # in float32, then the base dtype
+    y = y + s B (A x) + s b_B                          # per row, its adapter's blocks
+
+A batch plan routes rows by the adapters present, per module, in one of four ways:
+- on the CPU, the native kernel (server/kernels/lora_rows.cpp): one call per Linear, or per group of
+  sibling Linears of one input (`linear_out_group`), each row reading its own adapter's blocks (for
+  decode-sized batches at any rank, and longer ones up to rank NATIVE_RANK);
+- one adapter: two products over the batch, rows of other adapters masked to zero;
+- several adapters in long runs of rows (prefill): two products per run;
+- several adapters in short runs: grouped products over the rows of each adapter, gathered and
+  zero-padded to the largest group (stacks of the set's blocks, kept per set of adapters).
 
 DoRA (PEFT `use_dora`) is the same plus a per-output-row magnitude scale g = m / ||W + s B A||_row,
 computed once when the slot is written: y = W x + b + (g - 1) (W x) + g s B (A x), in PEFT's order of
