@@ -275,15 +275,30 @@ def cpu_serving_section(d: dict[str, Any], path: str) -> list[str]:
     return md
 
 
+# the in-process CPU tables: title, paragraph, columns
+LORA_COST_HEAD = (
+    "### Eight rank-16 LoRAs on every Linear, in process (`python -m benchmarks.lora_cost`)",
+    "From `loadtests/results/lora_cost.json`: static batches of 1 and 16 rows decoding (best of three runs of 48 steps), "
+    "rows cycling over the eight LoRAs, against the bare model in the same process; one prefill pass of 16 prompts of "
+    "128 random tokens (best of three). Hook time: inside the LoRA hooks. One run of each command.",
+    ["products", "decode batch 1: bare, LoRAs tok/s (ratio; hook ms/step)", "decode batch 16",
+     "prefill 16 x 128: bare, LoRAs s (ratio; hook s)", "command"])
+PREFILL_HEAD = (
+    "### Prefill against the model's own products (`python -m benchmarks.prefill`)",
+    "From `loadtests/results/prefill.json`: one request of L random tokens through the engine, time to its first token "
+    "(best of three), against the same model's Linear products alone for the same L tokens (q/k/v and gate/up packed, "
+    "as the engine runs them, and the LM head on the last position), timed in the same process.",
+    ["dtype", "L", "prefill tok/s (ms)", "products alone tok/s (ms)", "prefill / products speed", "llama.cpp pp tok/s (GGUF)"])
+
+
+def _table(title: str, intro: str, columns: list[str]) -> list[str]:
+    """A section's title, its paragraph and the head of its table."""
+    return [title, "", intro, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def lora_cost_section(d: dict[str, Any]) -> list[str]:
     """benchmarks/lora_cost.py: eight LoRAs against the bare model in one process."""
-    md = ["### Eight rank-16 LoRAs on every Linear, in process (`python -m benchmarks.lora_cost`)", "",
-          "From `loadtests/results/lora_cost.json`: static batches of 1 and 16 rows decoding (best of three runs of "
-          "48 steps), rows cycling over the eight LoRAs, against the bare model in the same process; one prefill pass "
-          "of 16 prompts of 128 random tokens (best of three). Hook time: inside the LoRA hooks. One run of each "
-          "command.", "",
-          "| products | decode batch 1: bare, LoRAs tok/s (ratio; hook ms/step) | decode batch 16 | prefill 16 x 128: bare, LoRAs s (ratio; hook s) | command |",
-          "|---|---|---|---|---|"]
+    md = _table(*LORA_COST_HEAD)
     for name, r in d.items():
         cells = []
         for B in (1, 16):
@@ -298,13 +313,7 @@ def lora_cost_section(d: dict[str, Any]) -> list[str]:
 
 def prefill_section(d: dict[str, Any]) -> list[str]:
     """benchmarks/prefill.py: prompt tokens per second against the model's own products."""
-    md = ["### Prefill against the model's own products (`python -m benchmarks.prefill`)", "",
-          "From `loadtests/results/prefill.json`: one request of L random tokens through the engine, time to its "
-          "first token (best of three), against the same model's Linear products alone for the same L tokens "
-          "(q/k/v and gate/up packed, as the engine runs them, and the LM head on the last position), timed in the "
-          "same process.", "",
-          "| dtype | L | prefill tok/s (ms) | products alone tok/s (ms) | prefill / products speed | llama.cpp pp tok/s (GGUF) |",
-          "|---|---|---|---|---|---|"]
+    md = _table(*PREFILL_HEAD)
     lc = json.loads((PLOTS / "llama_cpp.json").read_text()) if (PLOTS / "llama_cpp.json").exists() else None
     pp = {} if lc is None else {(r["model"].split(".")[-2].lower(), r["n_prompt"]): r for r in lc["results"] if r["n_gen"] == 0}
     for dtype, r in d.items():
