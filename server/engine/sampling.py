@@ -19,6 +19,7 @@ draws cannot shift another's.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .. import kernels
 from ..errors import AdapterServerError, GenerationFailedError
 from .grammar import mask_rows
 from .types import SamplingParams, TopLogprobs
@@ -57,9 +59,27 @@ def _token_hashes(vocab: int, device: torch.device) -> torch.Tensor:
 
 def exponential_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     """E [B, V] float32 with E ~ Exp(1), a pure function of (key, token id)."""
-    u = mix32(keys[:, None] ^ _token_hashes(vocab, keys.device)[None, :]) >> 8  # 24 uniform bits
-    uniform = (u.to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1), never 0 or 1
-    return -torch.log(uniform)
+    return -torch.log(uniforms(keys, vocab))
+
+
+def uniforms(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """U [B, V] float32 in (0, 1), never 0 or 1: 24 bits of mix32(key ^ mix32(token id)). On the CPU one
+    pass of a native kernel (server/kernels/uniform_noise.cpp, the same bits), else tensor ops."""
+    hashes = _token_hashes(vocab, keys.device)
+    kernel = _uniform_kernel() if keys.device.type == "cpu" else None
+    if kernel is not None:
+        keys = keys.contiguous()
+        out = torch.empty(keys.shape[0], vocab, dtype=torch.float32)
+        kernel(keys.shape[0], vocab, keys.data_ptr(), hashes.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        return out
+    u = mix32(keys[:, None] ^ hashes[None, :]) >> 8  # 24 uniform bits
+    return (u.to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+@functools.cache
+def _uniform_kernel() -> Any:
+    P, I64 = ctypes.c_void_p, ctypes.c_int64
+    return kernels.load("uniform_noise", [I64, I64, P, P, P, ctypes.c_int])
 
 
 @dataclass(frozen=True)

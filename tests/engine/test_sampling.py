@@ -181,3 +181,22 @@ def test_top_logprobs_are_the_raw_distributions_most_likely_tokens():
         assert [t for t, _ in got.top[i]] == ids[i, :n].tolist()
         assert all(abs(v - w) < 1e-6 for (_, v), w in zip(got.top[i], vals[i, :n].tolist(), strict=True))
     assert got.tokens[2] == 0 and abs(got.logprobs[2] - lsm[2, 0].item()) < 1e-6  # raw logprob of the biased token
+
+
+def test_the_native_uniforms_are_the_tensor_ops_bits(monkeypatch):
+    """The CPU kernel behind the sampling noise (uniform_noise.cpp) gives the tensor ops' values bit for bit,
+    so a seed draws the same tokens with or without a compiler."""
+    import pytest
+
+    from server.engine import sampling
+
+    if sampling._uniform_kernel() is None:
+        pytest.skip("no C++ compiler")
+    keys = row_keys(torch.tensor([0, 1, 7, (1 << 62) + 12345, 99]), torch.tensor([0, 3, 1_000_000, 5, 2**31]))
+    for vocab in (1, 5, 257, 49152):
+        got = sampling.uniforms(keys, vocab)
+        monkeypatch.setattr(sampling, "_uniform_kernel", lambda: None)
+        want = sampling.uniforms(keys, vocab)
+        monkeypatch.undo()
+        assert torch.equal(got, want), vocab
+        assert got.min().item() > 0 and got.max().item() < 1
