@@ -12,52 +12,28 @@ torch work that the API hands off go to `in_own_thread`: a new thread per call, 
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
+def _name(fn: Callable[..., Any]) -> str:
+    return f"work-{getattr(fn, '__name__', 'call')}"
+
+
 async def in_own_thread(fn: Callable[..., T], *args: Any) -> T:
-    """fn(*args) on a new thread, awaited; its exception is raised here."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[T] = loop.create_future()
-
-    def settle(ok: bool, value: Any) -> None:
-        if not fut.done():  # the awaiting task may have been cancelled meanwhile
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
-
-    def target() -> None:
-        try:
-            r = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
-            loop.call_soon_threadsafe(settle, False, e)
-        else:
-            loop.call_soon_threadsafe(settle, True, r)
-
-    threading.Thread(target=target, name=f"work-{getattr(fn, '__name__', 'call')}", daemon=True).start()
-    return await fut
+    """fn(*args) on a new thread, awaited; its exception is raised here. The thread ends after the call."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix=_name(fn))
+    try:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+    finally:
+        pool.shutdown(wait=False)  # its one thread exits once the call is done
 
 
 def on_own_thread(fn: Callable[..., T], *args: Any) -> T:
     """fn(*args) on a new thread, waited for (the blocking form of `in_own_thread`, for scripts that load a
     model before starting an engine)."""
-    out: list[Any] = []
-
-    def target() -> None:
-        try:
-            out.append((True, fn(*args)))
-        except BaseException as e:  # noqa: BLE001 - raised in the caller
-            out.append((False, e))
-
-    t = threading.Thread(target=target, name=f"work-{getattr(fn, '__name__', 'call')}", daemon=True)
-    t.start()
-    t.join()
-    ok, value = out[0]
-    if not ok:
-        raise value
-    return value
+    with ThreadPoolExecutor(1, thread_name_prefix=_name(fn)) as pool:  # leaving it joins the thread
+        return pool.submit(fn, *args).result()
