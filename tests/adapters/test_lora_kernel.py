@@ -114,3 +114,25 @@ def test_dora_scales_and_lora_biases_in_the_kernel_equal_the_pytorch_products(na
     assert torch.equal(got[[1, 4]], base[[1, 4]])
     assert not torch.equal(got[[0, 2, 3]], base[[0, 2, 3]])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("names", [["lora_qv", "lora_all_linear", "lora_rslora"], ["dora_qv", "dora_rslora_all"]],
+                         ids=["lora", "dora"])
+def test_long_runs_of_several_adapters_by_pytorch_products_equal_the_kernel(names):
+    """A prefill's rows in runs of one adapter each: without the kernel, two products per run (LoRA added
+    into the output in place; DoRA through its delta), equal to the kernel's rows; rows of none untouched."""
+    rows = [s for s in range(1, len(names) + 1) for _ in range(2)] + [0, 0]
+    out = {}
+    for native in (True, False):
+        model = tiny_model()
+        _, slots = runner_and_slots(model, len(names) + 1, native=native)
+        for s, name in enumerate(names, start=1):
+            slots.write(s, parse_folder(fixture_dir(name), model))
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(len(rows), 16, model.config.hidden_size, generator=g)
+        base = torch.randn(len(rows), 16, model.config.hidden_size, generator=g)
+        out[native] = slots.plan(rows).linear_out(1, "q_proj", x, base.clone()), base
+    (got, base), (want, _) = out[True], out[False]
+    assert torch.equal(want[-2:], base[-2:])
+    assert not torch.equal(want[:-2], base[:-2])
+    torch.testing.assert_close(want, got, rtol=1e-5, atol=1e-5)

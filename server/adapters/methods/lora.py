@@ -267,7 +267,8 @@ class _NativeCall:
     """The constant part of one kernel call over sibling modules: which outputs they change, and their
     blocks as the kernel reads them."""
 
-    def __init__(self, use: list[int], mods: list[_Native]) -> None:
+    def __init__(self, kernel: Callable[..., int], use: list[int], mods: list[_Native]) -> None:
+        self.kernel = kernel
         self.keep = mods  # the tensors whose memory the pointers name
         self.use = use
         self.loc = mods[0].loc.data_ptr()
@@ -292,16 +293,12 @@ class _ModulePlan:
     base_bias: torch.Tensor | None = None  # [out] the Linear's own bias, which DoRA does not scale
     grouped: Callable[[], _Grouped] | None = None  # several adapters: the grouped products (built on first use)
     runs: list[tuple[int, int, _Slot]] | None = None  # several adapters: rows s:e of one adapter each
-    native: _Native | None = None  # where the native kernel may add the delta (plain LoRA on the CPU)
+    native: _Native | None = None  # where the native kernel may add the delta (on the CPU)
 
-    def many(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """Several adapters: a function of x giving each row's s * B A x [B, T, out] float32, by runs of
-        rows (long runs: prefill) or by grouped products over the adapters (short runs: decode)."""
-        if self.runs is None or self.grouped is None:
-            return None
-        if len(self.runs) * RUN_TOKENS <= x.shape[0] * x.shape[1]:
-            return lambda x: LoRAPlan.by_runs(self.runs, x)  # type: ignore[arg-type]
-        return lambda x: LoRAPlan.grouped(self.grouped(), x)  # type: ignore[misc]
+    def by_runs(self, x: torch.Tensor) -> bool:
+        """Several adapters, in runs long enough (prefill) to go by two products per run of rows of one
+        adapter; shorter runs (decode) go by the grouped products over the adapters."""
+        return self.runs is not None and len(self.runs) * RUN_TOKENS <= x.shape[0] * x.shape[1]
 
 
 def add_delta(y: torch.Tensor, delta: torch.Tensor, g: torch.Tensor | None, base_bias: torch.Tensor | None
@@ -342,16 +339,9 @@ class LoRAPlan(MethodPlan):
                 return add_delta(y, self._delta(p, x), p.g, p.base_bias)
             # y + delta in float32, rounded once to y's dtype (as PEFT adds its float32 delta): an in-place
             # add of a float32 tensor into y computes in float32 and rounds once, in one pass over y
-            if p.runs is not None and len(p.runs) * RUN_TOKENS <= x.shape[0] * x.shape[1]:
-                x32 = x.to(F32)
-                for s, e, w in p.runs:
-                    y[s:e].add_(F.linear(F.linear(x32[s:e], w.A), w.sB))
-            elif (many := p.many(x)) is not None:
-                y.add_(many(x))
-            else:
-                assert p.sB is not None
-                y.add_(F.linear(self._shrink(p, x), p.sB))
-            return y
+            if p.by_runs(x):
+                return self._add_runs(p, x, y)
+            return y.add_(self._delta(p, x))
 
     def linear_out_group(self, layer: int, names: tuple[str, ...], x: torch.Tensor, ys: list[torch.Tensor]
                          ) -> list[torch.Tensor] | None:
@@ -369,12 +359,12 @@ class LoRAPlan(MethodPlan):
         nat = [self.mods[(layer, names[i])].native for i in use]
         if self.kernel is None or not use or any(n is None for n in nat):
             return None
-        return _NativeCall(use, nat)  # type: ignore[arg-type]
+        return _NativeCall(self.kernel, use, nat)  # type: ignore[arg-type]
 
     def _native(self, c: _NativeCall, x: torch.Tensor, ys: list[torch.Tensor]) -> bool:
         """Add each row's delta into ys in place by the native kernel, if this call is one it takes: float32
         or bfloat16, rows laid out evenly, a few tokens (decode) or low ranks (NATIVE_TOKENS, NATIVE_RANK)."""
-        if self.kernel is None or x.dim() != 3 or x.dtype not in NATIVE_TYPES or not x.is_contiguous():
+        if x.dim() != 3 or x.dtype not in NATIVE_TYPES or not x.is_contiguous():
             return False
         B, T = x.shape[:2]
         if B * T > NATIVE_TOKENS and c.rank > NATIVE_RANK:
@@ -387,25 +377,24 @@ class LoRAPlan(MethodPlan):
                 return False
             vals += [y.data_ptr(), y.stride(1) if T > 1 else y.stride(0)]
         bf16 = x.dtype == torch.bfloat16
-        self.kernel(B * T, T, x.shape[2], x.data_ptr(), bf16, x.shape[2], c.loc, c.mods, c.ys(*vals), bf16,
+        c.kernel(B * T, T, x.shape[2], x.data_ptr(), bf16, x.shape[2], c.loc, c.mods, c.ys(*vals), bf16,
                     torch.get_num_threads())
         if self.timer.enabled:
             self.timer.add(self.label, time.perf_counter() - t0)
         return True
 
     @staticmethod
-    def by_runs(runs: list[tuple[int, int, _Slot]], x: torch.Tensor) -> torch.Tensor:
-        """Each row's s * B A x [B, T, out] float32, by two products per run of rows of one adapter (rows
-        of none, or of an adapter without this module, are zeros)."""
-        acc = x.new_zeros(*x.shape[:2], runs[0][2].sB.shape[0], dtype=F32)
+    def _add_runs(p: _ModulePlan, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out [B, T, out] + each row's s * B A x, in place, by two products per run of rows of one adapter
+        (rows of none, or of an adapter without this module, add nothing)."""
+        assert p.runs is not None
         x32 = x.to(F32)
-        for s, e, w in runs:
-            h = F.linear(x32[s:e], w.A)
-            acc[s:e].view(-1, acc.shape[2]).addmm_(h.view(-1, h.shape[2]), w.sB.t())
-        return acc
+        for s, e, w in p.runs:
+            out[s:e].add_(F.linear(F.linear(x32[s:e], w.A), w.sB))
+        return out
 
     @staticmethod
-    def grouped(gr: _Grouped, x: torch.Tensor) -> torch.Tensor:
+    def _by_groups(gr: _Grouped, x: torch.Tensor) -> torch.Tensor:
         """[B, T, out]: each row's s * B A x by the grouped products (one per adapter present), brought back
         to the rows by a gather where every row has a place, else by a scatter onto zeros (rows without
         this module's adapter add 0; CPU index_add_ would loop row by row)."""
@@ -425,8 +414,10 @@ class LoRAPlan(MethodPlan):
 
     def _delta(self, p: _ModulePlan, x: torch.Tensor) -> torch.Tensor:
         """Each row's s * B A x (+ s * b_B), float32 [B, T, out]."""
-        if (many := p.many(x)) is not None:
-            delta = many(x)
+        if p.by_runs(x):
+            delta = self._add_runs(p, x, x.new_zeros(*x.shape[:2], p.runs[0][2].sB.shape[0], dtype=F32))  # type: ignore[index]
+        elif p.grouped is not None:
+            delta = self._by_groups(p.grouped(), x)
         else:
             assert p.sB is not None
             delta = F.linear(self._shrink(p, x), p.sB)
