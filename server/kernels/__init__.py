@@ -67,7 +67,8 @@ def _build(name: str) -> Path:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) on PATH")
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), cxx.encode(), _cpu().encode()])).hexdigest()[:20]
+    headers = [h.read_bytes() for h in sorted(HERE.glob("*.h"))]  # what the sources include from here
+    key = hashlib.sha256(b"\0".join([source, *headers, " ".join(FLAGS).encode(), cxx.encode(), _cpu().encode()])).hexdigest()[:20]
     out = cache_dir() / f"{name}-{key}.so"
     if out.exists():
         return out
@@ -75,7 +76,8 @@ def _build(name: str) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, renamed into place: atomic
         src, lib = Path(tmp) / f"{name}.cpp", Path(tmp) / f"{name}.so"
         src.write_bytes(source)
-        run = subprocess.run([cxx, *FLAGS, str(src), "-o", str(lib)], capture_output=True, text=True, timeout=300)
+        run = subprocess.run([cxx, *FLAGS, f"-I{HERE}", str(src), "-o", str(lib)], capture_output=True, text=True,
+                             timeout=300)
         if run.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {run.stderr.strip()[-400:]}")
         os.replace(lib, out)

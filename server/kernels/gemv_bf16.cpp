@@ -7,8 +7,9 @@
 // x [M, K] and W [N, K] contiguous, K a multiple of 32; b [N] or null; y [M, N]. Built and loaded by
 // server/kernels/__init__.py.
 #include <cstdint>
-#include <cstring>
 #include <immintrin.h>
+
+#include "bf16.h"
 
 #ifndef __AVX512BF16__
 #error "needs AVX512-BF16"
@@ -17,20 +18,6 @@
 namespace {
 
 constexpr int64_t NB = 4;  // output rows per inner block: each x chunk is loaded once for NB rows of W
-
-inline uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-inline float from_bf16(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 }  // namespace
 
@@ -51,8 +38,8 @@ extern "C" int gemv_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* x, con
       }
       for (int64_t j = 0; j < nn; ++j) {
         float s = _mm512_reduce_add_ps(acc[j]);
-        if (b != nullptr) s += from_bf16(b[n0 + j]);
-        y[m * N + n0 + j] = to_bf16(s);
+        if (b != nullptr) s += bfloat::to_float(b[n0 + j]);
+        y[m * N + n0 + j] = bfloat::from_float(s);
       }
     }
   }

@@ -25,28 +25,13 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
 
 constexpr int64_t E = 5;        // entries per adapter in `mods`: A, sB, rank, g, s * b_B
 constexpr int64_t CHUNK = 128;  // output columns per work item of the expand phase
 constexpr int64_t JB = 32;      // output columns accumulated in registers at a time
-
-// bfloat16 <-> float32 over arrays, as bit patterns, so that the loops vectorize.
-inline void widen(const uint16_t* src, float* dst, int64_t n) {
-  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(src[i]) << 16;  // bfloat16 is float32's top half
-}
-
-inline void narrow(const float* src, uint16_t* dst, int64_t n) {  // round to nearest even, as torch's .to(bfloat16)
-  const uint32_t* u = reinterpret_cast<const uint32_t*>(src);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t v = u[i];
-    const uint32_t r = (v + 0x7fffu + ((v >> 16) & 1u)) >> 16;
-    dst[i] = static_cast<uint16_t>((v & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r);  // NaN stays NaN
-  }
-}
 
 // h[0:R] = A x for A in [R, in] rows: one dot product per rank.
 inline void shrink(const float* A, int64_t R, const float* x, int64_t in, float* h) {
@@ -109,7 +94,7 @@ extern "C" int lora_rows(int64_t N, int64_t T, int64_t in, const void* x, int x_
       const int64_t a = loc[t / T];
       if (a < 0) continue;
       if (x_bf16) {
-        widen(static_cast<const uint16_t*>(x) + t * x_stride, xf.data(), in);
+        bfloat::widen(static_cast<const uint16_t*>(x) + t * x_stride, xf.data(), in);
       } else {
         std::memcpy(xf.data(), static_cast<const float*>(x) + t * x_stride, sizeof(float) * in);
       }
@@ -138,7 +123,7 @@ extern "C" int lora_rows(int64_t N, int64_t T, int64_t in, const void* x, int x_
         }
         float* yv;
         if (y_bf16) {
-          widen(reinterpret_cast<uint16_t*>(ys[2 * m]) + t * ys[2 * m + 1] + j0, yf, w);
+          bfloat::widen(reinterpret_cast<uint16_t*>(ys[2 * m]) + t * ys[2 * m + 1] + j0, yf, w);
           yv = yf;
         } else {
           yv = reinterpret_cast<float*>(ys[2 * m]) + t * ys[2 * m + 1] + j0;
@@ -154,7 +139,7 @@ extern "C" int lora_rows(int64_t N, int64_t T, int64_t in, const void* x, int x_
 #pragma omp simd
           for (int64_t j = 0; j < w; ++j) yv[j] += acc[j];
         }
-        if (y_bf16) narrow(yf, reinterpret_cast<uint16_t*>(ys[2 * m]) + t * ys[2 * m + 1] + j0, w);
+        if (y_bf16) bfloat::narrow(yf, reinterpret_cast<uint16_t*>(ys[2 * m]) + t * ys[2 * m + 1] + j0, w);
       }
     }
   }

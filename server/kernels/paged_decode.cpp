@@ -15,15 +15,14 @@
 #include <limits>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
 
 // A page's [page_size, head_dim] block as float32: the cache's own memory, or converted into `scratch`.
 inline const float* page_block(const void* pool, int bf16, int64_t offset, int64_t n, float* scratch) {
   if (!bf16) return static_cast<const float*>(pool) + offset;
-  const uint16_t* src = static_cast<const uint16_t*>(pool) + offset;
-  uint32_t* dst = reinterpret_cast<uint32_t*>(scratch);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<uint32_t>(src[i]) << 16;  // bfloat16 is float32's top half
+  bfloat::widen(static_cast<const uint16_t*>(pool) + offset, scratch, n);
   return scratch;
 }
 
