@@ -26,6 +26,7 @@ the last layer's norm as the "original" one at every layer: see `BottleneckMetho
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import get_activation
 
+from ... import kernels
 from ...compiled import Compiled
 from ..families import Method
 from ..spec import Location, MethodWeights
@@ -93,6 +95,13 @@ class BottleneckWeights(MethodWeights):
 
 NAME: Method = "bottleneck"
 LN_EPS = 1e-5  # the adapter's own nn.LayerNorm, not the model's RMSNorm
+# The native kernel (server/kernels/bottleneck_rows.cpp): bfloat16 sites whose rows all end as (u + a) + h
+# without layer norms, in batches of up to NATIVE_TOKENS tokens (decode); its activations by name.
+NATIVE_TOKENS = 64
+NATIVE_ACTS = {"relu": 0, "swish": 1, "silu": 1, "gelu": 2, "gelu_new": 3, "gelu_pytorch_tanh": 3, "tanh": 4,
+               "leakyrelu": 5, "sigmoid": 6}
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+BOTTLENECK_ROWS = [_I64, _I64, _I64, _P, _P, _P, _P, _P, ctypes.c_int]
 
 
 def activation(name: str):  # noqa: ANN201
@@ -116,7 +125,7 @@ class _Block:
 
     down_w: torch.Tensor  # [r, H]
     down_b: torch.Tensor  # [r]
-    up_w: torch.Tensor  # [H, r]  s * W_up (the scaling folded in)
+    up_w: torch.Tensor  # [H, r]  s * W_up (the scaling folded in), a transposed view of an [r, H] block
     up_b: torch.Tensor  # [H]     s * b_up
     ln_before: tuple[torch.Tensor, torch.Tensor] | None
     ln_after: tuple[torch.Tensor, torch.Tensor] | None
@@ -148,22 +157,52 @@ class _SitePlan:
     lnb: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (row mask [B,1,1], w [B,1,H], b [B,1,H])
     lna: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None  # (mode1, mode2 masks, w, b)
     rows: torch.Tensor  # [B, 1, 1] bool: rows with an adapter at this site
+    native: _NativeSite | None = None  # where the native kernel may compute the site (on the CPU)
+
+
+class _NativeSite:
+    """One site's blocks as the native kernel reads them (bottleneck_rows.cpp): per adapter of the batch,
+    in the order `loc` numbers them, its four blocks, width, input (0: a + h, 1: a, 2: h) and activation."""
+
+    def __init__(self, loc: torch.Tensor, blocks: list[_Block], z_modes: list[int], acts: list[int]) -> None:
+        self.keep = (loc, blocks)  # the tensors whose memory the pointers name
+        self.loc = loc.data_ptr()
+        vals = [len(blocks)]
+        for b, z, act in zip(blocks, z_modes, acts, strict=True):
+            vals += [b.down_w.data_ptr(), b.down_b.data_ptr(), b.up_w.data_ptr(), b.up_b.data_ptr(), b.down_w.shape[0],
+                     z, act]
+        self.table = (ctypes.c_int64 * len(vals))(*vals)
 
 
 class BottleneckPlan(MethodPlan):
     def __init__(self, sites: dict[tuple[int, Location], _SitePlan], timer: StepTimer, hidden: int,
-                 norms: Callable[[int, Location], tuple[Norm | None, Norm | None]]) -> None:
+                 norms: Callable[[int, Location], tuple[Norm | None, Norm | None]],
+                 kernel: Callable[..., int] | None = None) -> None:
         self.sites = sites
         self.timer = timer
         self.hidden = hidden
         self.norms = norms
+        self.kernel = kernel
 
     def residual(self, layer: int, loc: Location, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
         p = self.sites.get((layer, loc))
         if p is None:
             return None
         with self.timer.span(NAME):
-            return self._apply(p, h, a, *self.norms(layer, loc))
+            out_norm, hub_norm = self.norms(layer, loc)
+            if p.native is not None and out_norm is None and (y := self._native(p.native, h, a)) is not None:
+                return y
+            return self._apply(p, h, a, out_norm, hub_norm)
+
+    def _native(self, n: _NativeSite, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
+        """The site by the native kernel, for a batch it takes: a few tokens, bfloat16, contiguous rows."""
+        B, T, H = h.shape
+        if B * T > NATIVE_TOKENS or not (h.is_contiguous() and a.is_contiguous()) or a.dtype != h.dtype:
+            return None
+        out = torch.empty_like(h)
+        assert self.kernel is not None
+        self.kernel(B * T, T, H, h.data_ptr(), a.data_ptr(), out.data_ptr(), n.loc, n.table, torch.get_num_threads())
+        return out
 
     def residual_rows(self, layer: int, loc: Location) -> torch.Tensor:
         return self.sites[(layer, loc)].rows
@@ -347,6 +386,8 @@ class BottleneckMethod(AdapterMethod):
         self._act_names: list[str] = []
         self._acts: dict[tuple[str, ...], tuple[object, ...]] = {}
         self._residual = Compiled(static_residual, ctx.compile)
+        native = ctx.native and ctx.device.type == "cpu" and ctx.dtype == torch.bfloat16
+        self._kernel = kernels.load("bottleneck_rows", BOTTLENECK_ROWS) if native else None
 
     def write(self, slot: int, payload: MethodWeights) -> None:
         w = payload
@@ -366,7 +407,8 @@ class BottleneckMethod(AdapterMethod):
     def _block(b: BottleneckBlock, put) -> _Block:  # noqa: ANN001
         pair = lambda p: None if p is None else (put(p[0]), put(p[1]))  # noqa: E731
         s = b.scale  # [H]: per output channel, so s * (W d + b) = (s W) d + s b
-        return _Block(put(b.down_w), put(b.down_b), put(b.up_w * s[:, None]), put(b.up_b * s),
+        # s * W_up [H, r] as the transposed view of an [r, H] block: the native kernel reads its rows
+        return _Block(put(b.down_w), put(b.down_b), put((b.up_w * s[:, None]).t()).t(), put(b.up_b * s),
                       pair(b.ln_before), pair(b.ln_after))
 
     def clear(self, slot: int) -> None:
@@ -438,7 +480,7 @@ class BottleneckMethod(AdapterMethod):
             present = sorted({s for s in slots if s in blocks})
             if present:
                 sites[key] = self._site(slots, slot_idx, present, blocks)
-        return BottleneckPlan(sites, self.timer, self.ctx.base.hidden_size, self.norms) if sites else None
+        return BottleneckPlan(sites, self.timer, self.ctx.base.hidden_size, self.norms, self._kernel) if sites else None
 
     def norms(self, layer: int, loc: Location) -> tuple[Norm | None, Norm | None]:
         """(the architecture's norm on this sub-layer's output, the norm AdapterHub hooks in as "original"):
@@ -491,11 +533,18 @@ class BottleneckMethod(AdapterMethod):
                 lna_w[rows, 0], lna_b[rows, 0] = b.ln_after[0], b.ln_after[1]
         z_from = {(1.0, 1.0): "a+h", (1.0, 0.0): "a", (0.0, 1.0): "h"}.get(next(iter(inputs))) if len(inputs) == 1 else None
         plain_out = outs == {(1.0, 0.0, 1.0)} and not any_lna  # every row: (u + a) + h, as rows without one
+        native = None
+        names = [self.options[s].non_linearity for s in present]
+        if self._kernel is not None and plain_out and not any_lnb and all(n in NATIVE_ACTS for n in names):
+            zs = [{(1.0, 1.0): 0, (1.0, 0.0): 1, (0.0, 1.0): 2}[coefficients(self.options[s])[:2]] for s in present]
+            loc = torch.tensor([present.index(s) if s in present else -1 for s in slots], dtype=torch.long)
+            native = _NativeSite(loc, blks, zs, [NATIVE_ACTS[n] for n in names])
         return _SitePlan(
             wd, bd, wu_t, colmask, acts, blks[0].up_b if uniform else ub, coef, z_from, plain_out,
             (lnb_m, lnb_w, lnb_b) if any_lnb else None,
             (lna_m1, lna_m2, lna_w, lna_b) if any_lna else None,
             torch.isin(slot_idx, torch.tensor(present, device=dev))[:, None, None],
+            native,
         )
 
 
