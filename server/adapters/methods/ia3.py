@@ -73,14 +73,14 @@ class IA3Plan(MethodPlan):
         if v is None or v[0] is None:
             return None
         with self.timer.span(NAME):  # feedforward: y = W (x * l) + b, product in float32 as PEFT does
-            return (x.to(F32) * v[0]).to(x.dtype)
+            return torch.mul(x, v[0], out=torch.empty_like(x))  # (one op: computed in float32, stored in x's dtype)
 
     def linear_out(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         v = self.vecs.get((layer, name))
         if v is None or v[1] is None:
             return None
-        with self.timer.span(NAME):  # y = (W x + b) * l
-            return (y.to(F32) * v[1]).to(y.dtype)
+        with self.timer.span(NAME):  # y = (W x + b) * l, in place: y is this Linear's own output
+            return y.mul_(v[1])  # computed in float32 (v's dtype), stored in y's: PEFT's (y.float() * l).to(y.dtype)
 
 
 def scale_rows(x: torch.Tensor, table: torch.Tensor, slot_idx: torch.Tensor) -> torch.Tensor:
