@@ -116,3 +116,21 @@ def test_smollm2_end_to_end(loaded, tmp_path):
         assert "adapter_server_requests_total" in c.get("/metrics").text
     finally:
         s.close()
+
+
+def test_the_converted_model_is_readable_by_the_servers_own_user(tmp_path):
+    """A container converts the embedded model as root at build time and serves it as its own user: every
+    file of the conversion is readable by others (the weights came out 0600 once, through a private
+    temporary file, and the image's server could not open them)."""
+    import os
+    import stat
+
+    from server.engine.model_loader import embedded_folder
+
+    old = os.umask(0o022)
+    try:
+        folder = embedded_folder(tmp_path)
+    finally:
+        os.umask(old)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir()}
+    assert "model.safetensors" in modes and all(m == 0o644 for m in modes.values()), modes

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -76,6 +77,16 @@ def embedded_gguf() -> Path:
     return path
 
 
+def readable(folder: Path) -> None:
+    """Files as the umask allows, for every user it lets read them: the weights are saved through a
+    private temporary file (mode 0600), and a cache converted by root at an image's build time is read by
+    the server's own user."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
 def embedded_folder(cache_dir: Path) -> Path:
     """The SmolLM2 folder in safetensors, converting the GGUF on the first call."""
     target = cache_dir / EMBEDDED_NAME
@@ -95,6 +106,7 @@ def embedded_folder(cache_dir: Path) -> Path:
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    readable(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)  # atomic: a half-written cache is never picked up
     log.info("converted in %.1f s", time.perf_counter() - t0)
