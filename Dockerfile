@@ -1,10 +1,14 @@
 # adapter-server image. CPU by default; for CUDA:
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t adapter-server:cuda .
 #   docker run --gpus all -p 8000:8000 -v adapters:/data/adapters adapter-server:cuda
-FROM python:3.11-slim-bookworm
+# Without Docker Hub, `make image` builds it with podman on a base made from Debian's packages
+# (deploy/image.sh: BASE_IMAGE, and the torch wheel from local disk through TORCH_FIND_LINKS).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_FIND_LINKS=
 ARG SMOLLM_VERSION=0.1.2
 
 ENV PYTHONUNBUFFERED=1 \
@@ -17,8 +21,8 @@ ENV PYTHONUNBUFFERED=1 \
     ADAPTER_SERVER_STORE=/data/adapters \
     ADAPTER_SERVER_CACHE_DIR=/opt/adapter-server/models
 
-# g++ builds the CPU's paged decode attention kernel at first start (server/kernels; without it, a slower
-# PyTorch path serves)
+# g++ builds the CPU's native kernels (paged decode, LoRA and bottleneck rows, ...) for the machine the
+# container starts on, at first use (server/kernels; without it, slower PyTorch paths serve)
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --gid 10001 app && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin app
@@ -26,7 +30,7 @@ RUN groupadd --gid 10001 app && useradd --create-home --uid 10001 --gid 10001 --
 WORKDIR /opt/adapter-server
 
 # torch first, pinned, from the index the build argument names (CPU wheels unless told otherwise)
-RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" ${TORCH_FIND_LINKS:+--find-links "${TORCH_FIND_LINKS}"}
 
 COPY pyproject.toml README.md ./
 COPY server ./server

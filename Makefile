@@ -9,7 +9,7 @@ PY          := $(BIN)/python
 STAMP       := $(VENV)/.installed
 RAY_STAMP   := $(VENV)/.installed-cluster
 
-.PHONY: install install-cluster serve cluster test browser test-gpu gpu-wheels bench bench-ab bench-gpu loadtest report prometheus clean
+.PHONY: install install-cluster serve cluster test browser test-gpu gpu-wheels bench bench-ab bench-gpu loadtest report prometheus clean image image-check
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,15 @@ test: $(STAMP) $(RAY_STAMP) prometheus browser
 # on every device. Off-line GPU machines: `make gpu-wheels` here, then run tests/gpu/device_run.sh there.
 test-gpu: $(STAMP)
 	$(BIN)/pytest -q -s tests/gpu tests/engine
+
+# The CPU image with podman, without an image registry: a base from Debian's packages, the pinned torch
+# wheel from local disk (deploy/image.sh). Then run it as a user would (health, non-root, the README
+# walk-through, adapters kept across a replaced container): loadtests/container_check.py.
+image:
+	deploy/image.sh
+
+image-check: $(STAMP)
+	$(PY) -m loadtests.container_check --out loadtests/results/container_check.json
 
 gpu-wheels:
 	PYTHON=$(PY) bash tests/gpu/wheels.sh
