@@ -30,7 +30,8 @@ constexpr int64_t L = 16;      // float32 lanes accumulated side by side (one AV
 
 constexpr int64_t RB = 8;      // rows of W_down per work item of the down product
 
-constexpr int64_t SERIAL_WORK = 1 << 21;  // multiply-adds per product below which one thread runs it
+constexpr int64_t SERIAL_WORK = 1 << 21;   // multiply-adds per product below which one thread runs it
+constexpr int64_t SERIAL_BYTES = 1 << 18;  // and bytes of weights (bfloat16 W_down and W_up of the adapters used)
 constexpr int64_t TB = 4;      // tokens computed together, sharing each load of a weight
 
 // s[u] = sum_i w[i] z[toks[u]][i] for tb <= TB tokens (rows of z [., n]), L partial sums each
@@ -85,9 +86,13 @@ extern "C" int bottleneck_rows(int64_t N, int64_t T, int64_t H, const uint16_t* 
   const int64_t chunks = (H + CHUNK - 1) / CHUNK;
   const int64_t rblocks = (R + RB - 1) / RB;
   std::vector<float> z(static_cast<size_t>(N * H)), d(static_cast<size_t>(N * R));  // inputs, activations
-  // a second thread pays for itself only past some work (this machine: 16 tokens at width 36 took 23 us on
-  // one thread, 30 on two; at width 288, 157 against 110)
-  const int team = N * R * H < SERIAL_WORK ? 1 : threads;
+  // a second thread pays for itself only past some work or some bytes of weights to read (this machine: 16
+  // tokens at width 36 took 23 us on one thread, 30 on two; at width 288, 157 against 110; one token at
+  // width 288, its 0.66 MB of weights read from memory, 1.8x the time on one thread)
+  int64_t bytes = 0;
+  for (int64_t k = 0; k < n_ad; ++k)
+    if (!group[k].empty()) bytes += 4 * H * table[1 + E * k + 4];
+  const int team = N * R * H < SERIAL_WORK && bytes < SERIAL_BYTES ? 1 : threads;
 #pragma omp parallel num_threads(team)
   {
     // 0. each adapter token's input z, widened

@@ -106,3 +106,15 @@ def test_what_the_kernel_does_not_take_goes_by_pytorch(tmp_path):
     got, _, _ = site(tmp_path, True, [9, 1], 1, calls, extra="seq_bn_ln")
     want, _, _ = site(tmp_path, False, [9, 1], 1, [], extra="seq_bn_ln")
     assert calls == [] and torch.equal(got, want)
+
+
+def test_sites_with_a_wide_adapter_take_the_kernel_for_a_few_tokens_only(tmp_path, monkeypatch):
+    """Past NATIVE_WIDTH (here lowered under par_bn's width) the kernel serves 2 to 8 tokens: one token and
+    many go by oneDNN's products, which beat it there on wide blocks."""
+    from server.adapters.methods import bottleneck
+
+    monkeypatch.setattr(bottleneck, "NATIVE_WIDTH", 16)
+    for rows, T, native in (([2, 1], 1, True), ([2], 1, False), ([2, 1] * 8, 1, False), ([1], 1, True)):
+        calls: list[int] = []
+        site(tmp_path, True, rows, T, calls)
+        assert calls == ([1] if native else []), (rows, T)
