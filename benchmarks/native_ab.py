@@ -11,6 +11,7 @@ cases alternate in one process). Prints tokens/s and each case's milliseconds a 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -83,7 +84,7 @@ def main() -> None:
     for case in ("native", "pytorch"):
         v = max(res[case])
         line.append(f"{case} {v:.1f} ({v / b:.3f} of bare, +{1000 * args.batch * (1 / v - 1 / b):.2f} ms a step)")
-    print("; ".join(line))
+    sys.stdout.write("; ".join(line) + "\n")
 
 
 if __name__ == "__main__":
