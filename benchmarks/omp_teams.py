@@ -1,7 +1,9 @@
 """Why torch work off the engine thread runs on threads that end (server/threads.py): the same bfloat16
 products at batch 1 (SmolLM2's gate/up shape, 60 of them), timed on the thread that made the tensors,
 on a second thread while the first one lives on with its OpenMP team, and on one new thread that does
-everything. Each case in its own process, best of five rounds of ten.
+everything; then on the main thread after a request-like pooled thread parsed an adapter from disk (and
+kept an OpenMP team), against after that parse ran on a thread that ended, as the registry runs it. Each
+case in its own process, best of five rounds of ten.
 
     .venv/bin/python -m benchmarks.omp_teams
 """
@@ -16,7 +18,9 @@ import time
 import torch
 
 CASES = {"main": "made and run on the main thread", "second": "made on the main thread, run on a second one",
-         "own": "made and run on one new thread"}
+         "own": "made and run on one new thread",
+         "pooled-parse": "on the main thread, after an adapter was parsed on a pooled thread that lives on",
+         "own-parse": "on the main thread, after an adapter was parsed on a thread that ended (the registry's way)"}
 
 
 def _bench(W: list[torch.Tensor], x: torch.Tensor) -> float:
@@ -46,11 +50,39 @@ def child(case: str) -> float:
         t = threading.Thread(target=lambda: out.append(_bench(W, x)))
         t.start()
         t.join()
-    else:
+    elif case == "own":
         t = threading.Thread(target=lambda: out.append(_bench(*_make())))
         t.start()
         t.join()
+    else:  # a request thread that reads an adapter from disk (Registry.acquire), then the engine's products
+        from concurrent.futures import ThreadPoolExecutor
+
+        from server.threads import on_own_thread
+
+        W, x = _make()
+        parse = _adapter_parse()
+        pool = ThreadPoolExecutor(1)  # as asyncio's: its thread lives on
+        pool.submit(parse if case == "pooled-parse" else lambda: on_own_thread(parse)).result()
+        out.append(_bench(W, x))
     return out[0]
+
+
+def _adapter_parse():  # noqa: ANN202
+    """A parse of a rank-64 PEFT LoRA on every Linear of a 4-layer model of hidden size 2,048."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from server.adapters.formats import parse_adapter
+    from server.adapters.spec import BaseModelInfo
+    from server.adapters.synth import linear_dims_from_config, write_peft_lora
+
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=4, num_attention_heads=16,
+                      num_key_value_heads=8, vocab_size=1000)
+    folder = write_peft_lora(Path(tempfile.mkdtemp()), cfg.num_hidden_layers, linear_dims_from_config(cfg), r=64)
+    base = BaseModelInfo.from_model(AutoModelForCausalLM.from_config(cfg))
+    return lambda: parse_adapter({p.name: p for p in folder.iterdir()}, base)
 
 
 def main() -> None:

@@ -6,7 +6,9 @@ every team, the engine's included, hand work to its threads by sleeping and waki
 instead of spinning: each of the hundreds of small parallel ops of a decode step then pays for a wake-up.
 A model loaded on one of asyncio's pooled threads (which live on) made the engine thread's decode steps
 run at about two thirds of their speed on this 2-core machine. So loading, adapter uploads and other
-torch work that the API hands off go to `in_own_thread`: a new thread per call, whose team ends with it.
+torch work that the API hands off go to `in_own_thread`: a new thread per call, whose team ends with it;
+and a request that pins an adapter held only on disk (the registry's `acquire`, on a request thread)
+parses it with `on_own_thread`.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from ..errors import (
     InvalidAdapterError,
 )
 from ..metrics import Metrics
+from ..threads import on_own_thread
 from .formats import parse_adapter, read_upload
 from .formats.tokenizer import load_tokenizer
 from .methods import RECORDS
@@ -306,7 +307,9 @@ class Registry:
                 version = rec.version
             t0 = time.perf_counter()
             try:
-                weights = parse_adapter(self.store.files(adapter_id), self.base)
+                # on a thread that ends: the request threads live on (asyncio's pool), and torch work there
+                # would leave them an OpenMP team that slows the engine's (server/threads.py)
+                weights = on_own_thread(parse_adapter, self.store.files(adapter_id), self.base)
             except (InvalidAdapterError, AdapterNotFoundError, OSError) as e:
                 self._admin_settled()
                 with self._lock:

@@ -20,6 +20,7 @@ from server.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
     AdapterTooLargeError,
+    InvalidAdapterError,
     InvalidAdapterIdError,
 )
 from tests.helpers import FIXTURES, fixture_dir, tiny_model
@@ -247,6 +248,31 @@ def test_host_tier_lru_and_lazy_reload(tmp_path):
     ref = r.acquire("a")  # read from disk again
     assert tiers(r) == {"a": "host", "b": "disk", "c": "host"}
     r.release(ref)
+
+
+def test_a_read_from_disk_parses_on_a_thread_that_ends(tmp_path, monkeypatch):
+    """Requests pin adapters from asyncio's pooled threads, which live on: torch work there would leave
+    them an OpenMP team, and the engine's decode steps slower for good (server/threads.py). The disk read
+    and parse of an acquire run on a new thread, gone once it returns; errors come through as before."""
+    from server.adapters import registry
+
+    ran: list[threading.Thread] = []
+    parse = registry.parse_adapter
+    monkeypatch.setattr(registry, "parse_adapter", lambda *a: ran.append(threading.current_thread()) or parse(*a))
+    r = make(tmp_path, host=1)
+    for n, src in [("a", "ia3_default"), ("b", "seq_bn")]:
+        r.add_folder(n, fixture_dir(src))
+    ran.clear()  # (uploads parse where their caller runs them: the API's routes give each its own thread)
+    r.release(r.acquire("a"))  # on disk only: read again
+    assert len(ran) == 1 and ran[0] is not threading.current_thread()
+    ran[0].join(5)
+    assert not ran[0].is_alive()
+    for f in (tmp_path / "store").rglob("*"):  # b's weights file damaged on disk
+        if f.is_file() and "b" in f.relative_to(tmp_path / "store").parts[:1] and f.suffix in (".bin", ".safetensors"):
+            f.write_bytes(b"damaged")
+    r.release(r.acquire("a"))  # keeps a in host memory, b on disk only
+    with pytest.raises(InvalidAdapterError):
+        r.acquire("b")
 
 
 def test_host_tier_holds_bytes_too(tmp_path):
