@@ -8,6 +8,7 @@ adapter kind against the bare model at batch 1 and 16.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -92,6 +93,28 @@ def run_batch(engine: Engine, adapters: list[str | None], max_new: int) -> float
     while len(done) < len(adapters):
         engine.step()
     return time.perf_counter() - t0
+
+
+def decode_rate(engine: Engine, prompts: list[list[int]], adapters: list[str | None], new: int) -> float:
+    """Tokens/s of one static batch's decode steps: row i on prompts[i % len] and adapters[i], `new` tokens
+    each, all submitted at once; the first step (admission and prefill) and the last token not counted."""
+    done: list[object] = []
+    for i, a in enumerate(adapters):
+        engine.submit(GenerationRequest(f"d{next(_ids)}", tuple(prompts[i % len(prompts)]), a,
+                                        SamplingParams(max_new_tokens=new, ignore_eos=True)),
+                      lambda ev: done.append(ev) if isinstance(ev, (GenerationResult, Exception)) else None)
+    engine.step()  # admit and prefill
+    t0, steps = time.perf_counter(), 0
+    while len(done) < len(adapters):
+        engine.step()
+        steps += 1
+    bad = [d for d in done if not isinstance(d, GenerationResult)]
+    if bad:
+        raise RuntimeError(f"a request failed: {bad[0]}")
+    return len(adapters) * (steps - 1) / (time.perf_counter() - t0)
+
+
+_ids = itertools.count()
 
 
 def hf_generate(loaded: LoadedModel, max_new: int) -> float:

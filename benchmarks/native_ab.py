@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 
 def main() -> None:
@@ -27,11 +25,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
 
-    from benchmarks.bench import PROMPTS, make_engine
+    from benchmarks.bench import PROMPTS, decode_rate, make_engine
     from server.adapters.methods import write_demo
     from server.config import ModelConfig
     from server.engine.model_loader import load_base_model
-    from server.engine.types import GenerationRequest, GenerationResult, SamplingParams
     from server.threads import on_own_thread
 
     kinds = args.kinds.split(",")
@@ -43,7 +40,6 @@ def main() -> None:
         on_own_thread(lambda i=i, folder=folder: eng.registry.add_folder(f"m{i}", folder))
     prompts = [eng.tokenizer(p).input_ids for p in PROMPTS]
     kernels = {name: m._kernel for name, m in eng.slots.methods.items() if getattr(m, "_kernel", None) is not None}
-    n = 0
 
     def native(on: bool) -> None:
         for name, k in kernels.items():
@@ -51,21 +47,7 @@ def main() -> None:
         eng.slots._plans.clear()  # plans hold the kernel they were built with
 
     def run(adapters: list[str | None], steps: int) -> float:
-        nonlocal n
-        done: list[Any] = []
-        for i, a in enumerate(adapters):
-            n += 1
-            eng.submit(GenerationRequest(f"r{n}", tuple(prompts[i % len(prompts)]), a,
-                                         SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)),
-                       lambda ev: done.append(ev) if isinstance(ev, (GenerationResult, Exception)) else None)
-        eng.step()  # admit and prefill
-        t0, k = time.perf_counter(), 0
-        while len(done) < len(adapters):
-            eng.step()
-            k += 1
-        if any(not isinstance(d, GenerationResult) for d in done):
-            raise RuntimeError(f"a request failed: {done}")
-        return len(adapters) * (k - 1) / (time.perf_counter() - t0)
+        return decode_rate(eng, prompts, adapters, steps + 1)
 
     bare: list[str | None] = [None] * args.batch
     rows: list[str | None] = [f"m{i % len(kinds)}" for i in range(args.batch)]

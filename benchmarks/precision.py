@@ -49,11 +49,10 @@ def speed(name: str, batches: list[int], new: int, model_name: str = "smollm2") 
     """Decode tokens/s per batch size, bare and on 8 mixed adapters; memory; the drift logits."""
     import torch
 
-    from benchmarks.bench import make_engine
+    from benchmarks.bench import decode_rate, make_engine
     from server.adapters.methods import write_demo
     from server.config import ModelConfig
     from server.engine.model_loader import load_base_model
-    from server.engine.types import GenerationRequest, GenerationResult, SamplingParams
 
     dtype, quant = CONFIGS[name]
     rss0 = _rss_mb()
@@ -68,20 +67,7 @@ def speed(name: str, batches: list[int], new: int, model_name: str = "smollm2") 
     prompts = _prompts(eng.tokenizer)
 
     def run(adapters: list[str | None], n: int) -> float:
-        done: list[object] = []
-        for i, a in enumerate(adapters):
-            eng.submit(GenerationRequest(f"b{i}", tuple(prompts[i % len(prompts)]), a,
-                                         SamplingParams(max_new_tokens=n, ignore_eos=True)),
-                       lambda ev: done.append(ev) if isinstance(ev, (GenerationResult, Exception)) else None)
-        eng.step()  # admit and prefill
-        t0, steps = time.perf_counter(), 0
-        while len(done) < len(adapters):
-            eng.step()
-            steps += 1
-        bad = [d for d in done if not isinstance(d, GenerationResult)]
-        if bad:
-            raise RuntimeError(f"{name}: {bad[0]}")
-        return len(adapters) * (steps - 1) / (time.perf_counter() - t0)
+        return decode_rate(eng, prompts, adapters, n)
 
     for label, pick in (("bare", lambda i: None), ("8 mixed adapters", lambda i: f"m{i % 8}")):
         rates = {}
