@@ -10,8 +10,8 @@
 // (casts, gathers, two batched products, the add, the cast back) costs more in dispatch than in
 // arithmetic; it also beats that path on long batches (prefill) up to rank 32, by adding into y in
 // place instead of through a float32 copy of it (server/adapters/methods/lora.py says when it is used).
-// Rows are split over threads for the products A x, output columns for the rest. Built and loaded by
-// server/kernels/__init__.py.
+// Tokens, in the order of their adapters, are split over threads for the products A x, output columns for
+// the rest. Built and loaded by server/kernels/__init__.py.
 //
 // `mods`: n_mod, n_ad (the adapters `loc` indexes), then per module its width out_m, its base bias
 // (float32 [out_m], or 0: read by DoRA only) and, per adapter, five entries: its A block [r, in]
@@ -31,7 +31,7 @@ namespace {
 
 constexpr int64_t E = 5;        // entries per adapter in `mods`: A, sB, rank, g, s * b_B
 constexpr int64_t CHUNK = 128;  // output columns per work item of the expand phase
-constexpr int64_t JB = 32;      // output columns accumulated in registers at a time
+constexpr int64_t JB = 128;     // output columns accumulated in registers at a time (8 independent sums)
 
 // h[0:R] = A x for A in [R, in] rows: one dot product per rank.
 inline void shrink(const float* A, int64_t R, const float* x, int64_t in, float* h) {
@@ -85,12 +85,18 @@ extern "C" int lora_rows(int64_t N, int64_t T, int64_t in, const void* x, int x_
   }
   std::vector<float> h(static_cast<size_t>(N * Rsum), 0.0f);  // [N, sum of ranks]: every module's A x
   const int64_t items = chunk_off[n_mod];
+  // tokens in the order of their adapters, so the static split below gives each thread the A blocks of fewer
+  // adapters to read from memory (16 rows over 8 LoRAs, 120 calls: 5.9 -> 5.2 ms; with JB 128, 4.8)
+  std::vector<int64_t> order(static_cast<size_t>(N));
+  for (int64_t t = 0; t < N; ++t) order[t] = t;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return loc[p / T] < loc[q / T]; });
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> xf(static_cast<size_t>(in));
     float acc[CHUNK], yf[CHUNK];
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < N; ++t) {
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t t = order[i];
       const int64_t a = loc[t / T];
       if (a < 0) continue;
       if (x_bf16) {
