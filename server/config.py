@@ -40,7 +40,7 @@ class EngineConfig:
     max_queue: int = 256
     request_timeout_s: float = 600.0
     cuda_graphs: Graphs = "auto"
-    compile_kernels: bool = True  # pack sibling projections; on the CPU, native kernels (paged decode, LoRA, small bf16 products); with CUDA graphs, fuse the decode step's elementwise chains
+    compile_kernels: bool = True  # pack sibling projections; on the CPU, native kernels (paged decode, LoRA and bottleneck rows, small bf16 products); with CUDA graphs, fuse the decode step's elementwise chains
     device_slots: int = 16  # adapters resident on the device at once
     # device bytes they may hold together: None ("auto"), half the GPU memory free once the model is in place,
     # less the KV cache still to grow (no limit on the CPU); 0, no limit but the slot count

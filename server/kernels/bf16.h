@@ -25,6 +25,8 @@ inline float to_float(uint16_t v) {
   return f;
 }
 
+inline float round(float f) { return to_float(from_float(f)); }  // f rounded to the nearest bfloat16 value
+
 // arrays, in loops that vectorize
 inline void widen(const uint16_t* src, float* dst, int64_t n) {
   uint32_t* d = reinterpret_cast<uint32_t*>(dst);

@@ -68,8 +68,6 @@ inline float act(int64_t kind, float x) {
   }
 }
 
-inline float round_bf16(float x) { return bfloat::to_float(bfloat::from_float(x)); }
-
 }  // namespace
 
 extern "C" int bottleneck_rows(int64_t N, int64_t T, int64_t H, const uint16_t* h, const uint16_t* a,
@@ -107,7 +105,7 @@ extern "C" int bottleneck_rows(int64_t N, int64_t T, int64_t H, const uint16_t* 
       } else if (zmode == 2) {
         bfloat::widen(h + t * H, zt, H);
       } else {
-        for (int64_t i = 0; i < H; ++i) zt[i] = round_bf16(bfloat::to_float(a[t * H + i]) + bfloat::to_float(h[t * H + i]));
+        for (int64_t i = 0; i < H; ++i) zt[i] = bfloat::round(bfloat::to_float(a[t * H + i]) + bfloat::to_float(h[t * H + i]));
       }
     }
     // 1. d = act(W_down z + b_down): work items are (adapter, block of RB rows of W_down)
@@ -129,7 +127,7 @@ extern "C" int bottleneck_rows(int64_t N, int64_t T, int64_t H, const uint16_t* 
           float s[TB];
           dots(wrow.data(), z.data(), H, group[k].data() + n0, tb, s);
           for (int64_t u = 0; u < tb; ++u)
-            d[group[k][n0 + u] * R + j] = round_bf16(act(e[6], round_bf16(s[u] + bj)));
+            d[group[k][n0 + u] * R + j] = bfloat::round(act(e[6], bfloat::round(s[u] + bj)));
         }
       }
     }
@@ -170,7 +168,7 @@ extern "C" int bottleneck_rows(int64_t N, int64_t T, int64_t H, const uint16_t* 
         const int64_t t = toks[n];
         const float* an = acc.data() + n * CHUNK;
         for (int64_t i = 0; i < w; ++i) {
-          const float res = round_bf16(bfloat::to_float(a[t * H + i0 + i]) + bfloat::to_float(h[t * H + i0 + i]));
+          const float res = bfloat::round(bfloat::to_float(a[t * H + i0 + i]) + bfloat::to_float(h[t * H + i0 + i]));
           out[t * H + i0 + i] = bfloat::from_float(res + bfloat::to_float(ub[i]) + an[i]);
         }
       }
