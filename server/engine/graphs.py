@@ -6,10 +6,11 @@ overhead, not by reading the weights. Here a decode step of fixed shape is captu
 - shapes are fixed by a batch bucket (rows, padded up) and a KV length bucket (a power of two that
   covers every row's position); rows past the real batch are padding: their page tables name only the
   zero page, so what they write lands in the cache's sink (kv_cache.py);
-- inputs live in static buffers, filled by one copy each: [6, rows] token ids, cache positions,
+- inputs live in static buffers, filled by one copy each: [8, rows + 1] token ids, cache positions,
   adapter slots, rotary positions (they differ for rows with an AdapterHub prefix), each row's index
-  among the batch's distinct slots, and those distinct slots (padded to a bucket); and the rows' page
-  tables [rows, pages of a whole context];
+  among the batch's distinct slots, those distinct slots (padded to a bucket), the rows sorted by
+  that index and where each distinct slot's rows start among them (the segments of segmented
+  products); and the rows' page tables [rows, pages of a whole context];
 - the KV cache's page pool is allocated once (it never moves) and adapter slot tables are written in
   place, so a replay sees the current pages and weights of every row; adapters are routed by the slot buffer inside the graph, so
   one graph serves every mix of slots of the methods in its key;
@@ -34,13 +35,13 @@ from typing import Any
 
 import torch
 
-from ..adapters.methods import Routing
+from ..adapters.methods import Routing, route
 from ..adapters.slots import AdapterSlots
 from .model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 GraphKey = tuple[int, int, tuple[tuple[str, int], ...], int]  # batch bucket, KV bucket, methods, distinct slots bucket
-IDS, POS, SLOT, ROPE, LOCAL, UNIQ = range(6)  # the rows of the input buffer
+IDS, POS, SLOT, ROPE, LOCAL, UNIQ, ORDER, STARTS = range(8)  # the rows of the input buffer
 
 
 def pow2(n: int, floor: int) -> int:
@@ -68,13 +69,13 @@ class DecodeGraphs:
         self.rows, self.max_len = rows, max_len
         self.buckets = batch_buckets(self.rows)
         self.min_kv = min(min_kv, self.max_len)
-        self.inputs = torch.zeros(6, self.rows, dtype=torch.long, device=runner.device)  # see IDS..UNIQ
+        self.inputs = torch.zeros(8, self.rows + 1, dtype=torch.long, device=runner.device)  # see IDS..STARTS
         pages = runner.cache.pages_for(self.kv_bucket(max_len))
         self.tables = torch.zeros(self.rows, pages, dtype=torch.long, device=runner.device)  # [rows, P]: 0 the zero page
         self._host_tables = torch.zeros(self.rows, pages, dtype=torch.long, pin_memory=capture)
         # the input embeddings of a step whose rows' adapters have their own (made before the replay)
         self.embeds = torch.zeros(self.rows, 1, runner.cfg.hidden_size, dtype=runner.dtype, device=runner.device)
-        self._host = torch.zeros(6, self.rows, dtype=torch.long, pin_memory=capture)
+        self._host = torch.zeros(8, self.rows + 1, dtype=torch.long, pin_memory=capture)
         self.graphs: dict[GraphKey, tuple[Any, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.replays = self.eager_steps = 0
@@ -105,7 +106,9 @@ class DecodeGraphs:
     def _step(self, key: GraphKey) -> torch.Tensor:
         B, kv_len, methods, U = key
         x = self.inputs
-        routing = Routing(slots=x[SLOT, :B], uniq=x[UNIQ, :max(U, 1)], local=x[LOCAL, :B])
+        U = max(U, 1)
+        routing = Routing(slots=x[SLOT, :B], uniq=x[UNIQ, :U], local=x[LOCAL, :B], order=x[ORDER, :B],
+                          starts=x[STARTS, :U + 1])
         plan = self.slots.static_plan(routing, methods)
         if self.slots.ends(methods):  # embeddings in, normed hidden states out: the ends run outside
             return self.runner.decode_static(x[IDS, :B, None], x[POS, :B], plan, kv_len, self.tables[:B], x[ROPE, :B],
@@ -118,7 +121,7 @@ class DecodeGraphs:
         the cache positions); rows n..B-1 are padding, their tables all the zero page."""
         n, B = len(tokens), key[0]
         host, ht = self._host, self._host_tables
-        host[:, :B] = 0
+        host[:, :B + 1] = 0
         ht[:B] = 0
         P = self.runner.cache.pages_for(key[1])
         for i, t in enumerate(tables):
@@ -128,12 +131,13 @@ class DecodeGraphs:
         host[POS, :n] = torch.tensor(positions)
         host[SLOT, :n] = torch.tensor(slots)
         host[ROPE, :n] = torch.tensor(positions if rope_positions is None else rope_positions)
-        uniq = sorted(set(slots))
-        where = {s: k for k, s in enumerate(uniq)}
-        host[LOCAL, :n] = torch.tensor([where[s] for s in slots])  # padding rows point at entry 0: their output is dropped
-        host[UNIQ, :B] = uniq[0]  # padding entries repeat a real one; no row points at them
-        host[UNIQ, :len(uniq)] = torch.tensor(uniq)
-        self.inputs[:, :B].copy_(host[:, :B], non_blocking=True)
+        U = max(key[3], len(set(slots)))  # a bare-model key routes nothing; its buffers are still well formed
+        uniq, local, order, starts = route(slots, U)
+        host[LOCAL, :n] = torch.tensor(local)  # padding rows point at entry 0 and are in no segment: their output is dropped
+        host[UNIQ, :U] = torch.tensor(uniq)  # padding entries repeat a real one; no row points at them
+        host[ORDER, :n] = torch.tensor(order)
+        host[STARTS, :U + 1] = torch.tensor(starts)
+        self.inputs[:, :B + 1].copy_(host[:, :B + 1], non_blocking=True)
 
     def run(self, tokens: list[int], positions: list[int], slots: list[int], key: GraphKey,
             tables: list[list[int]], rope_positions: list[int] | None = None) -> torch.Tensor:

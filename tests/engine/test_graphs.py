@@ -88,6 +88,30 @@ def test_graph_step_reading_only_the_batchs_distinct_adapters_equals_the_dynamic
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_graph_step_with_segmented_lora_kernels_equals_the_dynamic_step(tmp_path, device, monkeypatch):
+    """LoRA and DoRA rows of several adapters (biases, rsLoRA, other families beside them) decoded by the
+    segmented kernels (server/kernels/segments.py; on the CPU in Triton's interpreter) inside the graph
+    step: the same tokens as the dynamic step, and the kernels did run."""
+    segments = pytest.importorskip("server.kernels.segments")
+    if not segments.available():
+        pytest.skip(segments.ERROR)
+    from server.adapters.methods.lora import LoRAMethod
+
+    calls: list[int] = []
+    real = segments.lora
+    monkeypatch.setattr(segments, "lora", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(LoRAMethod, "segment_kernels", True)
+    group = ["lora_qv", "hub_lora_all", "lora_bias", "dora_qv", "dora_rslora_all", "ia3_default"]
+    cases = [(a, p) for a in [None, *group] for p in PROMPTS[:2]]
+    ref = run_mixed(engine_on(tmp_path, device, "off", "a"), cases)
+    got = run_mixed(engine_on(tmp_path, device, "on", "b"), cases)
+    for (a, p), want, r in zip(cases, ref, got, strict=True):
+        assert r.token_ids == want.token_ids, (a, p)
+        assert max(abs(x - y) for x, y in zip(r.logprobs, want.logprobs, strict=True)) < 1e-4, (a, p)
+    assert calls and max(calls) > 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_graph_step_serves_bare_and_ia3_only_batches_and_padding_rows_are_harmless(tmp_path, device):
     """Batches of 3 and 5 rows run in buckets of 4 and 8: the padding rows must not touch real rows."""
     cases = [(a, p) for a in [None, "ia3_default", "ia3_ff_in"] for p in PROMPTS[:2]][:5]

@@ -27,7 +27,7 @@ from typing import Any, get_args
 
 from ..families import Method
 from . import bottleneck, ia3, lora, prefix, vocab
-from .base import AdapterMethod, MethodPlan, MethodRecord, Routing, StepTimer
+from .base import AdapterMethod, MethodPlan, MethodRecord, Routing, StepTimer, route
 
 RECORDS: dict[str, MethodRecord] = {r.name: r for r in (
     ia3.RECORD, bottleneck.RECORD, lora.RECORD, lora.DORA_RECORD, prefix.PROMPT_RECORD, prefix.PREFIX_RECORD,
@@ -51,5 +51,5 @@ def write_demo(kind: str, out: Path, cfg: Any, seed: int = 0) -> Path:
 DEMO: dict[str, tuple[str, int]] = {f"demo-{kind.replace('_', '-')}": (kind, seed) for kind, seed in
                                     sorted((r.demo for r in RECORDS.values() if r.demo), key=lambda d: d[1])}
 
-__all__ = ["ADAPTER_TYPES", "DEMO", "RECORDS", "AdapterMethod", "MethodPlan", "MethodRecord", "Routing", "StepTimer",
+__all__ = ["ADAPTER_TYPES", "DEMO", "RECORDS", "AdapterMethod", "MethodPlan", "MethodRecord", "Routing", "StepTimer", "route",
            "write_demo"]

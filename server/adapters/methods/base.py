@@ -132,11 +132,30 @@ class Routing:
     slots: torch.Tensor
     uniq: torch.Tensor
     local: torch.Tensor
+    order: torch.Tensor | None = None  # [B] the rows sorted by `local` (rows of one distinct slot together)
+    starts: torch.Tensor | None = None  # [U + 1]: distinct slot k's rows are order[starts[k]:starts[k + 1]]
 
     def distinct(self, num_slots: int) -> bool:
         """Whether to gather the batch's distinct blocks (a copy: about three times their bytes moved)
         rather than take one product over every slot's block in place (each slot's bytes once)."""
         return 3 * self.uniq.shape[0] < num_slots
+
+
+def route(slots: list[int], U: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """The host side of a `Routing` for rows using `slots`, with U >= the distinct slots: (uniq [U] the
+    distinct slots, padded with repeats of the first that no row points at; local [B] each row's index
+    in uniq; order [B] the rows sorted by it; starts [U + 1] where each distinct slot's rows begin in
+    order, padded entries empty)."""
+    uniq = sorted(set(slots))
+    where = {s: k for k, s in enumerate(uniq)}
+    local = [where[s] for s in slots]
+    order = sorted(range(len(slots)), key=local.__getitem__)
+    starts = [0] * (U + 1)
+    for k in local:
+        starts[k + 1] += 1
+    for k in range(U):
+        starts[k + 1] += starts[k]
+    return uniq + uniq[:1] * (U - len(uniq)), local, order, starts
 
 
 Synth = Callable[[str, Path, Any, int], Path]  # (kind, folder, model config, seed) -> the folder, written

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -60,6 +61,7 @@ NATIVE_RANK = 32
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 LORA_ROWS = [_I64, _I64, _I64, _P, ctypes.c_int, _I64, _P, _P, _P, ctypes.c_int, ctypes.c_int]
 NAME: Method = "lora"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -433,13 +435,15 @@ class _StaticModule:
         self.sB = torch.zeros(out, S, R, device=dev, dtype=F32)  # [out, S*R] as one matrix
         self.sb = torch.zeros(S, out, device=dev, dtype=F32)
         self.g = torch.ones(S, out, device=dev, dtype=F32)
+        self.rank = torch.zeros(S, device=dev, dtype=torch.int32)  # each slot's own rank (0: none): the segmented kernels read no more
         self.base_bias = base_bias
 
     def put(self, slot: int, w: _Slot | None) -> None:
-        self.A[slot], self.sB[:, slot], self.sb[slot], self.g[slot] = 0, 0, 0, 1
+        self.A[slot], self.sB[:, slot], self.sb[slot], self.g[slot], self.rank[slot] = 0, 0, 0, 1, 0
         if w is None:
             return
         r = w.A.shape[0]
+        self.rank[slot] = r
         self.A[slot, :r], self.sB[:, slot, :r] = w.A, w.sB
         if w.sb is not None:
             self.sb[slot] = w.sb
@@ -487,9 +491,10 @@ class LoRAStaticPlan(MethodPlan):
 
     def __init__(self, mods: dict[tuple[int, str], _StaticModule], routing: Routing, magnitude: bool,
                  routed: Callable[..., torch.Tensor], fused: Callable[..., torch.Tensor] | None,
-                 experts: dict[tuple[int, str], _ExpertTable] | None = None) -> None:
+                 experts: dict[tuple[int, str], _ExpertTable] | None = None,
+                 segmented: Callable[..., torch.Tensor] | None = None) -> None:
         self.mods, self.routing, self.magnitude = mods, routing, magnitude
-        self.routed, self.fused = routed, fused
+        self.routed, self.fused, self.segmented = routed, fused, segmented
         self.experts = experts or {}
 
     def experts_out(self, layer: int, name: str, x: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor,
@@ -502,6 +507,10 @@ class LoRAStaticPlan(MethodPlan):
         if st is None:
             return None
         r, g = self.routing, st.g if self.magnitude else None
+        if self.segmented is not None and x.shape[1] == 1 and r.order is not None:  # decode: one token a row
+            self.segmented(x[:, 0], y[:, 0], st.A, st.sB, st.sb, st.rank, r.uniq, r.starts, r.order, g,
+                           st.base_bias if g is not None else None)
+            return y
         if self.fused is not None:
             return self.fused(x, y, st.A, st.sB, st.sb, g, st.base_bias, r.slots)
         u, j = (r.uniq, r.local) if r.distinct(st.A.shape[0]) else (None, r.slots)
@@ -514,6 +523,9 @@ class LoRAMethod(AdapterMethod):
     # Compiled graph hooks as `fused_delta` (each row's block, read in place) rather than `routed_delta`: on an
     # H100 (8B, batch 16) one rank-16 LoRA cost +40% against +69%, eight mixed +42% against +108%.
     fused_hooks = True
+    # Graph hooks of decode steps as the segmented kernels (server/kernels/segments.py): None on CUDA where
+    # Triton is there; True also elsewhere (Triton's interpreter: the tests); False never.
+    segment_kernels: bool | None = None
 
     def __init__(self, ctx: SlotContext, timer: StepTimer) -> None:
         super().__init__(ctx, timer)
@@ -528,6 +540,18 @@ class LoRAMethod(AdapterMethod):
         self._routed = Compiled(routed_delta, ctx.compile)
         self._fused = Compiled(fused_delta) if ctx.compile and self.fused_hooks else None
         self._kernel = kernels.load("lora_rows", LORA_ROWS) if ctx.native and ctx.device.type == "cpu" else None
+        self._segmented = self._segment_kernel()
+
+    def _segment_kernel(self) -> Callable[..., torch.Tensor] | None:
+        want = self.segment_kernels
+        if want is False or (want is None and self.ctx.device.type != "cuda"):
+            return None
+        from ...kernels import segments
+
+        if not segments.available():
+            log.warning("segmented LoRA kernels unavailable, graph hooks use PyTorch products: %s", segments.ERROR)
+            return None
+        return segments.lora
 
     def write(self, slot: int, payload: MethodWeights) -> None:
         w = payload
@@ -596,7 +620,7 @@ class LoRAMethod(AdapterMethod):
     def static_plan(self, routing: Routing) -> MethodPlan | None:
         split = self.ctx.base.split
         return LoRAStaticPlan({split(m): st for m, st in self.static.tables().items()}, routing, self.magnitude,
-                              self._routed, self._fused, dict(self.experts.tables))
+                              self._routed, self._fused, dict(self.experts.tables), self._segmented)
 
     @property
     def layout_version(self) -> int:

@@ -1,0 +1,239 @@
+"""LoRA and DoRA on the GPU: the segmented kernels (server/kernels/segments.py) against the graph hooks they
+replace (`python -m benchmarks.gpu_lora`, on a machine with CUDA).
+
+1. Kernels alone, Llama-3.1-8B's Linear shapes at batch 16 (and 64): one adapted Linear's delta added to
+   its output, each way captured in a CUDA graph of 20 calls (no launch cost): the segmented kernels;
+   each row's block in gathers and sums, compiled (`fused_delta`, the compiled default before); the
+   routed products over the batch's distinct blocks (`routed_delta`). Microseconds per call, and the
+   bandwidth of the adapter bytes each call must read (each distinct adapter's A and s*B once).
+2. The engine, decode tokens/s with graphs and compiled kernels, the model's shapes with random weights:
+   bare, one rank-16 LoRA on every Linear, eight of them mixed, eight of ranks 4-32, DoRA; the LoRA graph
+   hooks as the segmented kernels against the compiled per-row form, interleaved, best of two.
+3. One step's kernels under the profiler, LoRA rows, both ways.
+
+Writes JSON (`--out`) after every stage, so a run cut by its time limit keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if not torch.cuda.is_available():  # a smoke test on the CPU: the kernels in Triton's interpreter (before triton loads)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from benchmarks.gpu import (
+    DEV,
+    MIXED_RANKS,
+    build_model,
+    decode_rate,
+    engine_for,
+    free_memory,
+    kernel_profile,
+    word_tokenizer,
+)
+from server.adapters.methods import route, write_demo
+from server.adapters.methods.lora import LoRAMethod, fused_delta, routed_delta
+from server.adapters.registry import Registry
+from server.adapters.spec import BaseModelInfo
+from server.adapters.store import AdapterStore
+from server.compiled import Compiled
+from server.config import RegistryConfig
+from server.engine.model_loader import LoadedModel
+
+log = logging.getLogger(__name__)
+SWEEP = [(256, 64, 64), (256, 128, 128), (1024, 128, 128), (256, 64, 256)]  # (K_PER_PROGRAM, BLOCK_K, BLOCK_N) beside the defaults
+SHAPES = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)}  # (in, out)
+
+
+def graphed_us(fn: Any, calls: int = 20, reps: int = 20) -> float:
+    """Microseconds per call of `fn`, captured `calls` times into one CUDA graph, replayed."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        g.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / (reps * calls) * 1e6
+
+
+def kernel_case(inp: int, out: int, B: int, ranks: list[int], fused: Compiled) -> dict[str, Any]:
+    """One Linear of 17 slots (as 16 device slots), rows spread over the adapters of `ranks` (slots 1..)."""
+    S, R = 17, max(ranks)
+    A = torch.zeros(S, R, inp, device=DEV)
+    sB = torch.zeros(out, S, R, device=DEV)
+    rank = torch.zeros(S, dtype=torch.int32, device=DEV)
+    for s, r in enumerate(ranks, start=1):
+        A[s, :r] = torch.randn(r, inp, device=DEV) / inp**0.5
+        sB[:, s, :r] = torch.randn(out, r, device=DEV) * 0.01
+        rank[s] = r
+    sb = torch.zeros(S, out, device=DEV)
+    slots = [1 + b % len(ranks) for b in range(B)]
+    U = 1 << (len(set(slots)) - 1).bit_length()
+    uniq, local, order, starts = (torch.tensor(v, device=DEV) for v in route(slots, U))
+    i = torch.tensor(slots, device=DEV)
+    x = torch.randn(B, 1, inp, device=DEV, dtype=torch.bfloat16)
+    y = torch.randn(B, 1, out, device=DEV, dtype=torch.bfloat16)
+    from server.kernels import segments
+
+    ways = {
+        "segmented": lambda: segments.lora(x[:, 0], y[:, 0], A, sB, sb, rank, uniq, starts, order),
+        "per_row_compiled": lambda: fused(x, y, A, sB, sb, None, None, i),
+        "routed_distinct": lambda: routed_delta(x, y, A, sB, sb, None, None, i, uniq, local),
+    }
+    want = routed_delta(x, y.clone(), A, sB, sb, None, None, i, None, i)
+    y0 = y.clone()
+    segments.lora(x[:, 0], y[:, 0], A, sB, sb, rank, uniq, starts, order)
+    err = (y.float() - want.float()).abs().max().item()
+    y.copy_(y0)
+    adapter_bytes = sum(4 * r * (inp + out) for r in ranks)
+    row: dict[str, Any] = {"in": inp, "out": out, "batch": B, "ranks": ranks, "max_abs_err_vs_routed": err,
+                           "adapter_bytes": adapter_bytes}
+    for kpp, bk, bn in SWEEP:  # the segmented kernels' tile sizes
+        old = segments.K_PER_PROGRAM, segments.BLOCK_K, segments.BLOCK_N
+        segments.K_PER_PROGRAM, segments.BLOCK_K, segments.BLOCK_N = kpp, bk, bn
+        try:
+            row[f"segmented_{kpp}_{bk}_{bn}_us"] = graphed_us(ways["segmented"])
+        except Exception as e:
+            row[f"segmented_{kpp}_{bk}_{bn}_us"] = f"{type(e).__name__}: {e}"[:200]
+        finally:
+            segments.K_PER_PROGRAM, segments.BLOCK_K, segments.BLOCK_N = old
+    for name, fn in ways.items():
+        try:
+            us = graphed_us(fn)
+            row[f"{name}_us"] = us
+            row[f"{name}_gb_s"] = adapter_bytes / us / 1e3
+        except Exception as e:  # keep measuring the others
+            row[f"{name}_us"] = f"{type(e).__name__}: {e}"[:200]
+    return row
+
+
+def engine_cases(name: str, B: int, prompt: int, new: int, res: dict[str, Any], save: Any) -> None:
+    model = build_model(name)
+    vocab = model.config.vocab_size
+    loaded = LoadedModel(model, word_tokenizer(vocab), name, DEV, torch.bfloat16)
+    store = Path(tempfile.mkdtemp())
+    reg = Registry(AdapterStore(store), BaseModelInfo.from_model(model), RegistryConfig(64))
+    kinds = {"lora": ["lora16"] * 8, "mixed": [f"lora{r}" for r in MIXED_RANKS], "dora": ["dora16"]}
+    names: dict[str, list[str]] = {}
+    t0 = time.perf_counter()
+    for fam, ks in kinds.items():
+        for k, kind in enumerate(ks):
+            src = Path(tempfile.mkdtemp())
+            write_demo(kind, src, model.config, seed=k)
+            reg.add_folder(f"{fam}-{k}", src)
+            names.setdefault(fam, []).append(f"{fam}-{k}")
+    res["synth_s"] = time.perf_counter() - t0
+    cases: dict[str, list[str | None]] = {
+        "bare": [None] * B,
+        "lora r16 x1": [names["lora"][0]] * B,
+        "lora r16 x8 mixed": [names["lora"][k % 8] for k in range(B)],
+        "lora 8 mixed ranks": [names["mixed"][k % 8] for k in range(B)],
+        "dora r16 x1": [names["dora"][0]] * B,
+    }
+    max_len = prompt + new + 8
+    engines = {}
+    for way, seg in (("segmented", True), ("per_row_compiled", False)):
+        LoRAMethod.segment_kernels = seg
+        try:
+            eng = engines[way] = engine_for(loaded, store, "on", B, max_len)
+        finally:
+            LoRAMethod.segment_kernels = None
+        assert eng.graphs is not None
+        with torch.inference_mode():
+            res[f"capture_{way}_s"] = eng.graphs.warmup([eng.graphs.kv_bucket(max_len)])
+    tok: dict[str, dict[str, float]] = {}
+    res["tok_s"] = tok
+    for label, rows in cases.items():
+        for eng in engines.values():
+            decode_rate(eng, rows, prompt, 4, vocab)  # resident, graphs captured
+        runs: dict[str, list[float]] = {w: [] for w in engines}
+        for _ in range(2):
+            for way, eng in engines.items():
+                runs[way].append(decode_rate(eng, rows, prompt, new, vocab))
+        tok[label] = {w: max(v) for w, v in runs.items()}
+        log.info("%s b%d %s: %s", name, B, label, tok[label])
+        save()
+    bare = tok["bare"]
+    res["cost_vs_bare"] = {label: {w: bare[w] / v[w] - 1 for w in v} for label, v in tok.items() if label != "bare"}
+    res["eight_vs_one"] = {w: tok["lora r16 x8 mixed"][w] / tok["lora r16 x1"][w] for w in engines}
+    save()
+    prof: dict[str, Any] = {}
+    res["profile"] = prof
+    for way, eng in engines.items() if DEV.type == "cuda" else ():
+        for m in ("lora", "dora"):
+            try:
+                prof[f"{m} {way}"] = p = kernel_profile(eng, B, prompt + new, m, top=8)
+                log.info("profile %s %s: %d kernels, %.3f ms", m, way, p["kernels"], p["kernel_time_ms"])
+            except Exception as e:
+                prof[f"{m} {way}"] = f"{type(e).__name__}: {e}"[:300]
+        save()
+    if DEV.type == "cuda":
+        prof["bare"] = kernel_profile(engines["segmented"], B, prompt + new, None, top=4)
+    save()
+    engines.clear()
+    del model, loaded
+    free_memory()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--models", default="llama-3.1-8b")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--kernel-batches", default="16,64", help="batch sizes of the kernels-alone stage ('' skips it)")
+    ap.add_argument("--out", type=Path, default=Path("bench_results/gpu_lora.json"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
+    torch.set_grad_enabled(False)
+    cuda = DEV.type == "cuda"
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name() if cuda else "cpu (a smoke test)", "torch": torch.__version__,
+                           "date": time.strftime("%Y-%m-%d"), "kernels": [], "models": {}}
+    import triton
+
+    out["triton"] = triton.__version__
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        args.out.write_text(json.dumps(out, indent=1))
+
+    if cuda and args.kernel_batches:
+        fused = Compiled(fused_delta)
+        for B in (int(b) for b in args.kernel_batches.split(",")):
+            for ranks in ([16], [16] * 8, list(MIXED_RANKS)):
+                for label, (inp, o) in SHAPES.items():
+                    row = kernel_case(inp, o, B, ranks, fused)
+                    row["shape"] = label
+                    out["kernels"].append(row)
+                    log.info("kernel %s", row)
+                    save()
+                free_memory()
+    for name in filter(None, args.models.split(",")):
+        res: dict[str, Any] = {"batch": args.batch}
+        out["models"][name] = res
+        engine_cases(name, args.batch, args.prompt, args.new, res, save)
+    print(json.dumps({k: v for k, v in out.items() if k != "kernels"}, indent=1))  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""The segmented adapter kernels (server/kernels/segments.py) against the plain PyTorch products the graph
+hooks take otherwise (`routed_delta`, every slot's block with each row keeping its own columns). Without
+CUDA they run in Triton's interpreter; on CUDA (make test-gpu) compiled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.adapters.methods import route
+from server.adapters.methods.lora import routed_delta
+
+segments = pytest.importorskip("server.kernels.segments")
+if not segments.available():
+    pytest.skip(f"segmented kernels unavailable: {segments.ERROR}", allow_module_level=True)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+F32 = torch.float32
+
+
+def tables(S: int, R: int, inp: int, out: int, ranks: list[int], seed: int = 0):
+    """A static layout as LoRA's _StaticModule holds it: blocks zero-padded to R, slot 0 empty."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.zeros(S, R, inp)
+    sB = torch.zeros(out, S, R)
+    sb = torch.zeros(S, out)
+    gs = torch.ones(S, out)
+    for s, r in enumerate(ranks):
+        if r:
+            A[s, :r] = torch.randn(r, inp, generator=g) / inp**0.5
+            sB[:, s, :r] = torch.randn(out, r, generator=g)
+            sb[s] = torch.randn(out, generator=g) * 0.1
+            gs[s] = torch.rand(out, generator=g) + 0.5
+    rank = torch.tensor(ranks, dtype=torch.int32)
+    return [t.to(DEVICE) for t in (A, sB, sb, gs, rank)]
+
+
+def routing(slots: list[int], U: int):
+    uniq, _, order, starts = route(slots, U)
+    return [torch.tensor(v, device=DEVICE) for v in (uniq, starts, order)]
+
+
+def test_route_groups_rows_by_distinct_slot():
+    uniq, local, order, starts = route([5, 0, 5, 2, 0], 4)
+    assert uniq == [0, 2, 5, 0] and local == [2, 0, 2, 1, 0]
+    assert order == [1, 4, 3, 0, 2] and starts == [0, 2, 3, 5, 5]
+    for k in range(3):
+        assert all(local[i] == k for i in order[starts[k]:starts[k + 1]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("case", ["mixed", "one", "many_rows", "wide"])
+def test_segmented_lora_equals_the_plain_products(dtype, dora, case):
+    """Rows of several adapters of different ranks, of none (slot 0), and of a slot without a block
+    here (rank 0), in any order; distinct slots padded to a bucket; y a column slice of a wider output
+    (a packed q/k/v product); inputs and outputs wider than one tile and not multiples of one."""
+    S, R, inp, out = 6, 16, 200, 96
+    ranks = [0, 16, 8, 0, 4, 16]
+    slots = {"mixed": [1, 4, 0, 1, 2, 3, 5, 2], "one": [2] * 5, "many_rows": [1, 2] * 17 + [0],
+             "wide": [5, 1, 5]}[case]
+    if case == "wide":
+        R, inp, out, ranks = 64, 1100, 300, [0, 64, 8, 0, 0, 40]
+    A, sB, sb, g, rank = tables(S, R, inp, out, ranks)
+    B = len(slots)
+    U = 1 << (len(set(slots)) - 1).bit_length()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 1, inp, generator=gen).to(DEVICE, dtype)
+    packed = torch.randn(B, 1, out + 40, generator=gen).to(DEVICE, dtype)
+    y = packed[:, :, 20:20 + out]
+    bias = (torch.randn(out, generator=gen) * 0.1).to(DEVICE) if dora else None
+    i = torch.tensor(slots, device=DEVICE)
+    want = routed_delta(x, y.clone(), A, sB, sb, g if dora else None, bias, i, None, i)
+    uniq, starts, order = routing(slots, U)
+    before = packed.clone()
+    got = segments.lora(x[:, 0], y[:, 0], A, sB, sb, rank, uniq, starts, order, g if dora else None, bias)
+    assert got.data_ptr() == y.data_ptr()  # in place
+    assert torch.equal(packed[:, :, :20], before[:, :, :20]) and torch.equal(packed[:, :, 20 + out:], before[:, :, 20 + out:])
+    y32, want32 = y.float(), want.float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(y32, want32, rtol=1e-5, atol=1e-5)
+    else:  # the float32 sums differ in order: at most one bfloat16 rounding step apart
+        ulp = want32.abs().clamp_min(1e-30) * 2**-7
+        assert ((y32 - want32).abs() <= ulp).all()
+        assert (y32 == want32).float().mean() > 0.9
+    for b, s in enumerate(slots):  # rows of none, or of a slot without a block here, are untouched bit for bit
+        if ranks[s] == 0:
+            assert torch.equal(y[b], before[b, :, 20:20 + out])
+
+
+def test_empty_segments_and_padding_rows_are_not_touched():
+    """Rows outside every segment (a graph's padding rows) and padded distinct slots do nothing."""
+    A, sB, sb, g, rank = tables(4, 16, 64, 32, [0, 16, 16, 8])
+    x = torch.randn(8, 64, device=DEVICE)
+    y = torch.randn(8, 32, device=DEVICE)
+    uniq, starts, order = routing([1, 3, 1], 4)  # three real rows of a bucket of 8
+    order = torch.cat([order, torch.zeros(5, dtype=order.dtype, device=DEVICE)])
+    before = y.clone()
+    segments.lora(x, y, A, sB, sb, rank, uniq, starts, order)
+    assert torch.equal(y[3:], before[3:])
+    i = torch.tensor([1, 3, 1], device=DEVICE)
+    want = routed_delta(x[:3, None], before[:3, None].clone(), A, sB, sb, None, None, i, None, i)[:, 0]
+    torch.testing.assert_close(y[:3], want, rtol=1e-5, atol=1e-5)
