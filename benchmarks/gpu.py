@@ -167,7 +167,8 @@ def kernel_profile(eng: Engine, B: int, kv_len: int, method: str | None = None, 
     key = g.key([slot] * B, kv_len - 1)
     assert key is not None
     P = eng.runner.cache.pages_for(g.max_len)
-    tables = [list(range(1 + b * P, 1 + (b + 1) * P)) for b in range(B)]  # a whole context of pages per row (no rows run)
+    usable = eng.runner.cache.n_pages - 2  # page 0 (read, never written) and the sink are not handed out
+    tables = [[1 + (b * P + j) % usable for j in range(P)] for b in range(B)]  # a whole context per row (no rows run)
     g.fill([3] * B, list(range(g.max_len - B, g.max_len)), [slot] * B, key, tables)
     for _ in range(2):
         g._step(key)

@@ -50,7 +50,8 @@ from server.config import RegistryConfig
 from server.engine.model_loader import LoadedModel
 
 log = logging.getLogger(__name__)
-SWEEP = [(256, 64, 64), (256, 128, 128), (1024, 128, 128), (256, 64, 256)]  # (K_PER_PROGRAM, BLOCK_K, BLOCK_N) beside the defaults
+WAYS = [("segmented", True, True), ("segmented_ungrouped", True, False), ("per_row_compiled", False, True)]
+SWEEP = [(64, 2, 128), (64, 8, 128), (128, 2, 128), (64, 4, 64)]  # (BLOCK_K, ITERS, BLOCK_N) beside the defaults
 SHAPES = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)}  # (in, out)
 
 
@@ -95,27 +96,27 @@ def kernel_case(inp: int, out: int, B: int, ranks: list[int], fused: Compiled) -
     from server.kernels import segments
 
     ways = {
-        "segmented": lambda: segments.lora(x[:, 0], y[:, 0], A, sB, sb, rank, uniq, starts, order),
+        "segmented": lambda: segments.lora(x[:, 0], [y[:, 0]], [A], [sB], [sb], [rank], uniq, starts, order),
         "per_row_compiled": lambda: fused(x, y, A, sB, sb, None, None, i),
         "routed_distinct": lambda: routed_delta(x, y, A, sB, sb, None, None, i, uniq, local),
     }
     want = routed_delta(x, y.clone(), A, sB, sb, None, None, i, None, i)
     y0 = y.clone()
-    segments.lora(x[:, 0], y[:, 0], A, sB, sb, rank, uniq, starts, order)
+    segments.lora(x[:, 0], [y[:, 0]], [A], [sB], [sb], [rank], uniq, starts, order)
     err = (y.float() - want.float()).abs().max().item()
     y.copy_(y0)
     adapter_bytes = sum(4 * r * (inp + out) for r in ranks)
     row: dict[str, Any] = {"in": inp, "out": out, "batch": B, "ranks": ranks, "max_abs_err_vs_routed": err,
                            "adapter_bytes": adapter_bytes}
-    for kpp, bk, bn in SWEEP:  # the segmented kernels' tile sizes
-        old = segments.K_PER_PROGRAM, segments.BLOCK_K, segments.BLOCK_N
-        segments.K_PER_PROGRAM, segments.BLOCK_K, segments.BLOCK_N = kpp, bk, bn
+    for bk, it, bn in SWEEP:  # the segmented kernels' tile sizes
+        old = segments.BLOCK_K, segments.ITERS, segments.BLOCK_N
+        segments.BLOCK_K, segments.ITERS, segments.BLOCK_N = bk, it, bn
         try:
-            row[f"segmented_{kpp}_{bk}_{bn}_us"] = graphed_us(ways["segmented"])
+            row[f"segmented_{bk}x{it}_{bn}_us"] = graphed_us(ways["segmented"])
         except Exception as e:
-            row[f"segmented_{kpp}_{bk}_{bn}_us"] = f"{type(e).__name__}: {e}"[:200]
+            row[f"segmented_{bk}x{it}_{bn}_us"] = f"{type(e).__name__}: {e}"[:200]
         finally:
-            segments.K_PER_PROGRAM, segments.BLOCK_K, segments.BLOCK_N = old
+            segments.BLOCK_K, segments.ITERS, segments.BLOCK_N = old
     for name, fn in ways.items():
         try:
             us = graphed_us(fn)
@@ -124,6 +125,34 @@ def kernel_case(inp: int, out: int, B: int, ranks: list[int], fused: Compiled) -
         except Exception as e:  # keep measuring the others
             row[f"{name}_us"] = f"{type(e).__name__}: {e}"[:200]
     return row
+
+
+def group_case(inp: int, outs: list[int], B: int, ranks: list[int]) -> dict[str, Any]:
+    """Sibling Linears of one input (q/k/v, gate/up) in one pair of launches, against one pair each."""
+    from server.kernels import segments
+
+    S, R = 17, max(ranks)
+    slots = [1 + b % len(ranks) for b in range(B)]
+    U = 1 << (len(set(slots)) - 1).bit_length()
+    uniq, _, order, starts = (torch.tensor(v, device=DEV) for v in route(slots, U))
+    x = torch.randn(B, inp, device=DEV, dtype=torch.bfloat16)
+    ys = list(torch.randn(B, sum(outs), device=DEV, dtype=torch.bfloat16).split(outs, dim=-1))
+    mods = []
+    for o in outs:
+        A = torch.randn(S, R, inp, device=DEV) / inp**0.5
+        sB = torch.randn(o, S, R, device=DEV) * 0.01
+        rank = torch.tensor([0] + [ranks[(s - 1) % len(ranks)] for s in range(1, S)], dtype=torch.int32, device=DEV)
+        mods.append((A, sB, torch.zeros(S, o, device=DEV), rank))
+    def one() -> None:
+        segments.lora(x, ys, [m[0] for m in mods], [m[1] for m in mods], [m[2] for m in mods], [m[3] for m in mods],
+                      uniq, starts, order)
+
+    def each() -> None:
+        for y, (A, sB, sb, rank) in zip(ys, mods, strict=True):
+            segments.lora(x, [y], [A], [sB], [sb], [rank], uniq, starts, order)
+
+    return {"in": inp, "outs": outs, "batch": B, "ranks": ranks, "grouped_us": graphed_us(one),
+            "each_us": graphed_us(each)}
 
 
 def engine_cases(name: str, B: int, prompt: int, new: int, res: dict[str, Any], save: Any) -> None:
@@ -151,12 +180,12 @@ def engine_cases(name: str, B: int, prompt: int, new: int, res: dict[str, Any], 
     }
     max_len = prompt + new + 8
     engines = {}
-    for way, seg in (("segmented", True), ("per_row_compiled", False)):
-        LoRAMethod.segment_kernels = seg
+    for way, seg, group in WAYS:
+        LoRAMethod.segment_kernels, LoRAMethod.group_segments = seg, group
         try:
             eng = engines[way] = engine_for(loaded, store, "on", B, max_len)
         finally:
-            LoRAMethod.segment_kernels = None
+            LoRAMethod.segment_kernels, LoRAMethod.group_segments = None, True
         assert eng.graphs is not None
         with torch.inference_mode():
             res[f"capture_{way}_s"] = eng.graphs.warmup([eng.graphs.kv_bucket(max_len)])
@@ -207,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     cuda = DEV.type == "cuda"
     out: dict[str, Any] = {"device": torch.cuda.get_device_name() if cuda else "cpu (a smoke test)", "torch": torch.__version__,
-                           "date": time.strftime("%Y-%m-%d"), "kernels": [], "models": {}}
+                           "date": time.strftime("%Y-%m-%d"), "kernels": [], "groups": [], "models": {}}
     import triton
 
     out["triton"] = triton.__version__
@@ -227,6 +256,13 @@ def main(argv: list[str] | None = None) -> int:
                     log.info("kernel %s", row)
                     save()
                 free_memory()
+            for ranks in ([16], [16] * 8):
+                for shape, (inp, outs) in {"q/k/v": (4096, [4096, 1024, 1024]), "gate/up": (4096, [14336, 14336])}.items():
+                    row = group_case(inp, outs, B, ranks)
+                    row["shape"] = shape
+                    out["groups"].append(row)
+                    log.info("group %s", row)
+                    save()
     for name in filter(None, args.models.split(",")):
         res: dict[str, Any] = {"batch": args.batch}
         out["models"][name] = res

@@ -7,10 +7,15 @@ U distinct slots' rows begin in `order` (the segments; padded entries are empty)
 product then runs as two kernels over every segment, as Punica's SGMV and SGLang's csgmv do:
 
 - `shrink`: d = x @ A[slot]^T per segment, float32, split over the input dimension into partial
-  sums (no atomics: the result does not depend on scheduling);
+  sums (no atomics: the result does not depend on scheduling). Each program reads a few input tiles
+  unrolled, so their loads are in flight together: these kernels are bound by latency, not bytes;
 - `expand`: y = y + (sum of the partials) @ sB[slot]^T + sb[slot] per segment, in place, in float32,
   rounded once to y's dtype (as PEFT adds its float32 delta), with DoRA's per-output scale g folded
   into the same epilogue: y + (g - 1) (y - bias) + g delta.
+
+Sibling Linears of one input (q/k/v, gate/up; up to three) go in the same two launches: each has its
+own tables (of one padded rank), which the kernels reach by element offsets from the first's, and its
+own output (slices of one packed product, or separate tensors).
 
 The grid is fixed by (U, row tiles of the largest possible segment, splits or column tiles), so the
 launches can be captured in a CUDA graph; programs whose segment is shorter, empty, or of a slot
@@ -47,10 +52,10 @@ except ImportError as e:  # the CPU path never needs these kernels
 
 
 BLOCK_M = 16  # rows per program: tl.dot's smallest tile
-K_PER_PROGRAM = 512  # input columns each shrink program sums over
-BLOCK_K = 64  # input columns per step of a shrink program
+BLOCK_K = 64  # input columns per unrolled step of a shrink program
+ITERS = 4  # unrolled steps per shrink program
 BLOCK_N = 128  # output columns per expand program
-MAX_SPLIT = 32
+MAX_MODULES = 3
 
 
 def available() -> bool:
@@ -58,74 +63,90 @@ def available() -> bool:
 
 
 @jit
-def _shrink(x_ptr, a_ptr, part_ptr, uniq_ptr, starts_ptr, order_ptr, rank_ptr, K,
-            stride_xm, stride_as, stride_ar, stride_ps, stride_pm,
-            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
-    u = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
+def _pick(mod, v0, v1, v2):
+    return tl.where(mod == 0, v0, tl.where(mod == 1, v1, v2))
+
+
+@jit
+def _segment(u, pid_m, starts_ptr, order_ptr, BLOCK_M: tl.constexpr):
     start = tl.load(starts_ptr + u)
     end = tl.load(starts_ptr + u + 1)
+    offs_m = start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # places in `order`
+    m_ok = offs_m < end
+    rows = tl.load(order_ptr + offs_m, mask=m_ok, other=0)
+    return offs_m, rows, m_ok, start + pid_m * BLOCK_M < end
+
+
+@jit
+def _shrink(x_ptr, a_ptr, part_ptr, rank_ptr, uniq_ptr, starts_ptr, order_ptr, K,
+            stride_xm, stride_as, stride_ar, stride_pmod, stride_ps, stride_pm,
+            a_off1, a_off2, rank_off1, rank_off2,
+            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ITERS: tl.constexpr,
+            SPLIT: tl.constexpr):
+    u = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    mod = tl.program_id(2) // SPLIT
+    pid_k = tl.program_id(2) % SPLIT
     slot = tl.load(uniq_ptr + u)
-    rank = tl.load(rank_ptr + slot)
-    first = start + pid_m * BLOCK_M
-    if (first < end) & (rank > 0):
-        offs_m = first + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < end
-        rows = tl.load(order_ptr + offs_m, mask=m_ok, other=0)
+    rank = tl.load(rank_ptr + _pick(mod, 0, rank_off1, rank_off2) + slot)
+    offs_m, rows, m_ok, any_row = _segment(u, pid_m, starts_ptr, order_ptr, BLOCK_M)
+    if any_row & (rank > 0):
         offs_r = tl.arange(0, BLOCK_R)
         r_ok = offs_r < rank
+        a_base = a_ptr + _pick(mod, 0, a_off1, a_off2) + slot * stride_as
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        a_base = a_ptr + slot * stride_as
-        for k0 in range(pid_k * BLOCK_K, K, SPLIT * BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
+        for it in tl.static_range(ITERS):
+            offs_k = (pid_k * ITERS + it) * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
             xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                          other=0.0).to(tl.float32)
             at = tl.load(a_base + offs_r[None, :] * stride_ar + offs_k[:, None], mask=k_ok[:, None] & r_ok[None, :],
                          other=0.0)
             acc += tl.dot(xt, at, input_precision="ieee")
-        tl.store(part_ptr + pid_k * stride_ps + rows[:, None] * stride_pm + offs_r[None, :], acc, mask=m_ok[:, None])
+        # by place in `order`, not by row: the expand's loads of it then wait for no load of `order`
+        tl.store(part_ptr + mod * stride_pmod + pid_k * stride_ps + offs_m[:, None] * stride_pm + offs_r[None, :], acc,
+                 mask=m_ok[:, None])
 
 
 @jit
-def _expand(y_ptr, part_ptr, b_ptr, sb_ptr, g_ptr, bias_ptr, uniq_ptr, starts_ptr, order_ptr, rank_ptr, N,
-            stride_ym, stride_ps, stride_pm, stride_bs, stride_br, stride_bn, stride_sbs, stride_gs,
+def _expand(y_ptr, part_ptr, b_ptr, sb_ptr, g_ptr, bias_ptr, rank_ptr, uniq_ptr, starts_ptr, order_ptr,
+            stride_pmod, stride_ps, stride_pm, stride_bs, stride_br, stride_bn,
+            n0, n1, n2, sy0, sy1, sy2, t1, t2, y_off1, y_off2, b_off1, b_off2, sb_off1, sb_off2,
+            g_off1, g_off2, rank_off1, rank_off2, bias_off1, bias_off2,
             BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
             HAS_G: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr):
     u = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
-    start = tl.load(starts_ptr + u)
-    end = tl.load(starts_ptr + u + 1)
+    mod = tl.where(pid_n >= t2, 2, tl.where(pid_n >= t1, 1, 0))  # the module whose columns this program writes
+    tile = pid_n - _pick(mod, 0, t1, t2)
+    N = _pick(mod, n0, n1, n2)
     slot = tl.load(uniq_ptr + u)
-    rank = tl.load(rank_ptr + slot)
-    first = start + pid_m * BLOCK_M
-    if (first < end) & (rank > 0):
-        offs_m = first + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < end
-        rows = tl.load(order_ptr + offs_m, mask=m_ok, other=0)
+    rank = tl.load(rank_ptr + _pick(mod, 0, rank_off1, rank_off2) + slot)
+    offs_m, rows, m_ok, any_row = _segment(u, pid_m, starts_ptr, order_ptr, BLOCK_M)
+    if any_row & (rank > 0):
         offs_r = tl.arange(0, BLOCK_R)
         r_ok = offs_r < rank
         d = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        p_base = part_ptr + mod * stride_pmod + offs_m[:, None] * stride_pm + offs_r[None, :]
         for s in tl.static_range(SPLIT):
-            d += tl.load(part_ptr + s * stride_ps + rows[:, None] * stride_pm + offs_r[None, :], mask=m_ok[:, None],
-                         other=0.0)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            d += tl.load(p_base + s * stride_ps, mask=m_ok[:, None], other=0.0)
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        bt = tl.load(b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        bt = tl.load(b_ptr + _pick(mod, 0, b_off1, b_off2) + slot * stride_bs + offs_r[:, None] * stride_br
+                     + offs_n[None, :] * stride_bn, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         delta = tl.dot(d, bt, input_precision="ieee")
-        delta = delta + tl.load(sb_ptr + slot * stride_sbs + offs_n, mask=n_ok, other=0.0)[None, :]
-        y_at = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
+        at_n = slot * N + offs_n  # sb and g: [S, N] each, contiguous
+        delta = delta + tl.load(sb_ptr + _pick(mod, 0, sb_off1, sb_off2) + at_n, mask=n_ok, other=0.0)[None, :]
+        y_at = y_ptr + _pick(mod, 0, y_off1, y_off2) + rows[:, None] * _pick(mod, sy0, sy1, sy2) + offs_n[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
         y = tl.load(y_at, mask=ok, other=0.0)
         y32 = y.to(tl.float32)
         if HAS_G:
-            g = tl.load(g_ptr + slot * stride_gs + offs_n, mask=n_ok, other=1.0)[None, :]
+            g = tl.load(g_ptr + _pick(mod, 0, g_off1, g_off2) + at_n, mask=n_ok, other=1.0)[None, :]
             wx = y32
             if HAS_BIAS:
-                wx = y32 - tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+                wx = y32 - tl.load(bias_ptr + _pick(mod, 0, bias_off1, bias_off2) + offs_n, mask=n_ok, other=0.0)[None, :]
             out = y32 + (g - 1.0) * wx + g * delta
         else:
             out = y32 + delta
@@ -143,34 +164,61 @@ def _pow2(n: int, floor: int) -> int:
     return out
 
 
-def lora(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, sB: torch.Tensor, sb: torch.Tensor, rank: torch.Tensor,
-         uniq: torch.Tensor, starts: torch.Tensor, order: torch.Tensor, g: torch.Tensor | None = None,
-         bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y [B, out] (a row-strided view is fine) += each row's s B A x + s b, in place, in float32 rounded once,
-    or DoRA's y + (g - 1)(y - bias) + g (s B A x + s b) where g is given. x [B, in]; per-slot tables
-    A [S, R, in], sB [out, S, R] (any strides with unit stride along `in` for A), sb [S, out], g [S, out],
-    rank [S] each slot's own rank (0: no block); the batch's segments uniq [U], starts [U + 1],
-    order [B] (rows of no segment are left as they are). Returns y."""
-    B, K = x.shape
-    N = y.shape[1]
-    S, R, _ = A.shape
-    U = uniq.shape[0]
-    assert x.stride(1) == 1 and y.stride(1) == 1 and A.stride(2) == 1, "unit stride along the feature dimension"
-    BR = _pow2(R, 16)
-    split = max(1, min(MAX_SPLIT, -(-K // K_PER_PROGRAM)))
-    block_k = BLOCK_K if BLOCK_K * split <= K else 16
-    m_tiles = -(-B // BLOCK_M)
-    part = torch.empty(split, B, BR, device=x.device, dtype=torch.float32)
-    _shrink[(U, m_tiles, split)](x, A, part, uniq, starts, order, rank, K, x.stride(0), A.stride(0), A.stride(1),
-                                 part.stride(0), part.stride(1), BLOCK_M=BLOCK_M, BLOCK_R=BR, BLOCK_K=block_k,
-                                 SPLIT=split)
-    block_n = BLOCK_N if N >= BLOCK_N else _pow2(N, 16)
-    has_g, has_bias = g is not None, g is not None and bias is not None
-    _expand[(U, m_tiles, -(-N // block_n))](
-        y, part, sB, sb, g if has_g else sb, bias if has_bias else sb, uniq, starts, order, rank, N,
-        y.stride(0), part.stride(0), part.stride(1), sB.stride(1), sB.stride(2), sB.stride(0), sb.stride(0),
-        g.stride(0) if g is not None else 0,
-        BLOCK_M=BLOCK_M, BLOCK_R=BR, BLOCK_N=block_n, SPLIT=split, HAS_G=has_g, HAS_BIAS=has_bias,
-        BF16=y.dtype == torch.bfloat16)
-    return y
+def _offsets(ts: list[torch.Tensor]) -> list[int]:
+    """Each tensor's start in elements from the first's (two entries: modules 1 and 2, 0 where absent)."""
+    size = ts[0].element_size()
+    out = []
+    for t in ts[1:]:
+        diff = t.data_ptr() - ts[0].data_ptr()
+        assert diff % size == 0 and t.dtype == ts[0].dtype
+        out.append(diff // size)
+    return out + [0] * (MAX_MODULES - len(ts))
 
+
+def lora(x: torch.Tensor, ys: list[torch.Tensor], As: list[torch.Tensor], sBs: list[torch.Tensor],
+         sbs: list[torch.Tensor], ranks: list[torch.Tensor], uniq: torch.Tensor, starts: torch.Tensor,
+         order: torch.Tensor, gs: list[torch.Tensor] | None = None, biases: list[torch.Tensor] | None = None
+         ) -> list[torch.Tensor]:
+    """Each y of ys [B, out_i] (row-strided views are fine) += each row's s B A x + s b of module i, in place,
+    in float32 rounded once, or DoRA's y + (g - 1)(y - bias) + g (s B A x + s b) where gs are given; for up
+    to three sibling modules of one input x [B, in], in two launches. Per module, its per-slot tables:
+    A [S, R, in] (unit stride along `in`), sB [out, S, R], sb and g [S, out] contiguous, rank [S] each
+    slot's own rank (0: no block), biases [out]; every module's A and sB of one shape but `out`. The
+    batch's segments: uniq [U], starts [U + 1], order [B] (rows of no segment are left as they are).
+    Returns ys."""
+    n = len(ys)
+    assert 1 <= n <= MAX_MODULES and len(As) == len(sBs) == len(sbs) == len(ranks) == n
+    B, K = x.shape
+    S, R, _ = As[0].shape
+    U = uniq.shape[0]
+    assert x.stride(1) == 1 and all(y.stride(1) == 1 for y in ys) and all(a.stride(2) == 1 for a in As)
+    assert all(a.stride() == As[0].stride() for a in As) and all(b.stride() == sBs[0].stride() for b in sBs)
+    assert all(t.is_contiguous() for t in (*sbs, *(gs or ()), *ranks))
+    BR = _pow2(R, 16)
+    block_k = BLOCK_K if K >= BLOCK_K else 16
+    split = -(-K // (block_k * ITERS))
+    m_tiles = -(-B // BLOCK_M)
+    part = torch.empty(n, split, B, BR, device=x.device, dtype=torch.float32)
+    rank_off = _offsets(ranks)
+    _shrink[(U, m_tiles, n * split)](
+        x, As[0], part, ranks[0], uniq, starts, order, K, x.stride(0), As[0].stride(0), As[0].stride(1),
+        part.stride(0), part.stride(1), part.stride(2), *_offsets(As)[:2], *rank_off[:2],
+        BLOCK_M=BLOCK_M, BLOCK_R=BR, BLOCK_K=block_k, ITERS=ITERS, SPLIT=split)
+    outs = [y.shape[1] for y in ys]
+    block_n = BLOCK_N if min(outs) >= BLOCK_N else _pow2(min(outs), 16)
+    tiles = [-(-o // block_n) for o in outs]
+    first = [sum(tiles[:i]) for i in range(n)] + [1 << 30] * (MAX_MODULES - n)
+    pad = lambda v: v + [v[0]] * (MAX_MODULES - n)  # noqa: E731
+    has_g = gs is not None
+    has_bias = has_g and biases is not None
+    g0 = gs if gs is not None else sbs
+    bias0 = biases if has_bias and biases is not None else sbs
+    _expand[(U, m_tiles, sum(tiles))](
+        ys[0], part, sBs[0], sbs[0], g0[0], bias0[0], ranks[0], uniq, starts, order,
+        part.stride(0), part.stride(1), part.stride(2), sBs[0].stride(1), sBs[0].stride(2), sBs[0].stride(0),
+        *pad(outs), *pad([y.stride(0) for y in ys]), first[1], first[2], *_offsets(ys)[:2], *_offsets(sBs)[:2],
+        *_offsets(sbs)[:2], *(_offsets(g0)[:2] if has_g else (0, 0)), *rank_off[:2],
+        *(_offsets(bias0)[:2] if has_bias else (0, 0)),
+        BLOCK_M=BLOCK_M, BLOCK_R=BR, BLOCK_N=block_n, SPLIT=split, HAS_G=has_g, HAS_BIAS=has_bias,
+        BF16=ys[0].dtype == torch.bfloat16)
+    return ys

@@ -73,8 +73,9 @@ def test_segmented_lora_equals_the_plain_products(dtype, dora, case):
     want = routed_delta(x, y.clone(), A, sB, sb, g if dora else None, bias, i, None, i)
     uniq, starts, order = routing(slots, U)
     before = packed.clone()
-    got = segments.lora(x[:, 0], y[:, 0], A, sB, sb, rank, uniq, starts, order, g if dora else None, bias)
-    assert got.data_ptr() == y.data_ptr()  # in place
+    got = segments.lora(x[:, 0], [y[:, 0]], [A], [sB], [sb], [rank], uniq, starts, order, [g] if dora else None,
+                        [bias] if dora else None)
+    assert got[0].data_ptr() == y.data_ptr()  # in place
     assert torch.equal(packed[:, :, :20], before[:, :, :20]) and torch.equal(packed[:, :, 20 + out:], before[:, :, 20 + out:])
     y32, want32 = y.float(), want.float()
     if dtype == torch.float32:
@@ -96,8 +97,43 @@ def test_empty_segments_and_padding_rows_are_not_touched():
     uniq, starts, order = routing([1, 3, 1], 4)  # three real rows of a bucket of 8
     order = torch.cat([order, torch.zeros(5, dtype=order.dtype, device=DEVICE)])
     before = y.clone()
-    segments.lora(x, y, A, sB, sb, rank, uniq, starts, order)
+    segments.lora(x, [y], [A], [sB], [sb], [rank], uniq, starts, order)
     assert torch.equal(y[3:], before[3:])
     i = torch.tensor([1, 3, 1], device=DEVICE)
     want = routed_delta(x[:3, None], before[:3, None].clone(), A, sB, sb, None, None, i, None, i)[:, 0]
     torch.testing.assert_close(y[:3], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("packed", [True, False])
+def test_sibling_modules_in_one_launch_equal_each_on_its_own(dtype, dora, packed):
+    """q/k/v-like siblings of one input, outputs of different widths (slices of one packed product, or
+    separate tensors), each with its own tables and ranks (a module that a slot does not adapt: rank 0),
+    in one shrink and one expand: the same as the plain products module by module."""
+    S, R, inp = 5, 16, 160
+    outs = [96, 32, 48]
+    ranks = [[0, 16, 8, 4, 0], [0, 0, 8, 16, 16], [0, 16, 16, 4, 8]]
+    mods = [tables(S, R, inp, o, rk, seed=k) for k, (o, rk) in enumerate(zip(outs, ranks, strict=True))]
+    slots = [1, 3, 0, 2, 4, 1, 3]
+    B = len(slots)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(B, 1, inp, generator=gen).to(DEVICE, dtype)
+    if packed:
+        full = torch.randn(B, 1, sum(outs), generator=gen).to(DEVICE, dtype)
+        ys = list(full.split(outs, dim=-1))
+    else:
+        ys = [torch.randn(B, 1, o, generator=gen).to(DEVICE, dtype) for o in outs]
+    biases = [(torch.randn(o, generator=gen) * 0.1).to(DEVICE) for o in outs]
+    i = torch.tensor(slots, device=DEVICE)
+    want = [routed_delta(x, y.clone(), A, sB, sb, g if dora else None, bias if dora else None, i, None, i)
+            for y, (A, sB, sb, g, _), bias in zip(ys, mods, biases, strict=True)]
+    uniq, starts, order = routing(slots, 8)
+    segments.lora(x[:, 0], [y[:, 0] for y in ys], *[[m[k] for m in mods] for k in (0, 1, 2, 4)], uniq, starts, order,
+                  [m[3] for m in mods] if dora else None, biases if dora else None)
+    for y, w in zip(ys, want, strict=True):
+        if dtype == torch.float32:
+            torch.testing.assert_close(y, w, rtol=1e-5, atol=1e-5)
+        else:
+            w32 = w.float()
+            assert ((y.float() - w32).abs() <= w32.abs() * 2**-7).all()

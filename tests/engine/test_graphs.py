@@ -96,19 +96,23 @@ def test_graph_step_with_segmented_lora_kernels_equals_the_dynamic_step(tmp_path
     if not segments.available():
         pytest.skip(segments.ERROR)
     from server.adapters.methods.lora import LoRAMethod
+    from server.engine.fused import pack_layers
 
-    calls: list[int] = []
+    calls: list[tuple[int, int]] = []  # (rows, sibling modules) of each launch pair
     real = segments.lora
-    monkeypatch.setattr(segments, "lora", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(segments, "lora", lambda *a: calls.append((a[0].shape[0], len(a[1]))) or real(*a))
     monkeypatch.setattr(LoRAMethod, "segment_kernels", True)
     group = ["lora_qv", "hub_lora_all", "lora_bias", "dora_qv", "dora_rslora_all", "ia3_default"]
     cases = [(a, p) for a in [None, *group] for p in PROMPTS[:2]]
     ref = run_mixed(engine_on(tmp_path, device, "off", "a"), cases)
-    got = run_mixed(engine_on(tmp_path, device, "on", "b"), cases)
+    e = engine_on(tmp_path, device, "on", "b")
+    r = e.runner  # q/k/v and gate/up as one product each, as with compiled kernels: siblings share the launches
+    r.packed = pack_layers(r.layers, r.arch, r.small.linear)
+    got = run_mixed(e, cases)
     for (a, p), want, r in zip(cases, ref, got, strict=True):
         assert r.token_ids == want.token_ids, (a, p)
         assert max(abs(x - y) for x, y in zip(r.logprobs, want.logprobs, strict=True)) < 1e-4, (a, p)
-    assert calls and max(calls) > 1
+    assert max(n for n, _ in calls) > 1 and max(m for _, m in calls) > 1
 
 
 @pytest.mark.parametrize("device", DEVICES)

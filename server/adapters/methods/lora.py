@@ -35,6 +35,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -492,9 +493,9 @@ class LoRAStaticPlan(MethodPlan):
     def __init__(self, mods: dict[tuple[int, str], _StaticModule], routing: Routing, magnitude: bool,
                  routed: Callable[..., torch.Tensor], fused: Callable[..., torch.Tensor] | None,
                  experts: dict[tuple[int, str], _ExpertTable] | None = None,
-                 segmented: Callable[..., torch.Tensor] | None = None) -> None:
+                 segmented: Callable[..., Any] | None = None, group: bool = True) -> None:
         self.mods, self.routing, self.magnitude = mods, routing, magnitude
-        self.routed, self.fused, self.segmented = routed, fused, segmented
+        self.routed, self.fused, self.segmented, self.group = routed, fused, segmented, group
         self.experts = experts or {}
 
     def experts_out(self, layer: int, name: str, x: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor,
@@ -502,14 +503,38 @@ class LoRAStaticPlan(MethodPlan):
         t = self.experts.get((layer, name))
         return None if t is None else t.delta_static(x, experts, self.routing.slots[rows], y)
 
+    def linear_out_group(self, layer: int, names: tuple[str, ...], x: torch.Tensor, ys: list[torch.Tensor]
+                         ) -> list[torch.Tensor] | None:
+        """Sibling Linears of one input (q/k/v, gate/up) in the same two launches of the segmented kernels,
+        where their tables have one padded rank (else None: each on its own)."""
+        use = [(i, st) for i, n in enumerate(names) if (st := self.mods.get((layer, n))) is not None]
+        sts = [st for _, st in use]
+        if not use or not self.group or not self._segments(x) or len({st.R for st in sts}) > 1 or (
+                self.magnitude and len({st.base_bias is None for st in sts}) > 1):
+            return None
+        self._segmented(x, [ys[i] for i, _ in use], sts)
+        return ys
+
+    def _segments(self, x: torch.Tensor) -> bool:
+        """Whether the segmented kernels take this call: decode steps (one token a row)."""
+        return self.segmented is not None and x.shape[1] == 1 and self.routing.order is not None
+
+    def _segmented(self, x: torch.Tensor, ys: list[torch.Tensor], sts: list[_StaticModule]) -> None:
+        r = self.routing
+        dora = self.magnitude
+        bias = dora and sts[0].base_bias is not None
+        assert self.segmented is not None and r.order is not None and r.starts is not None
+        self.segmented(x[:, 0], [y[:, 0] for y in ys], [st.A for st in sts], [st.sB for st in sts],
+                       [st.sb for st in sts], [st.rank for st in sts], r.uniq, r.starts, r.order,
+                       [st.g for st in sts] if dora else None, [st.base_bias for st in sts] if bias else None)
+
     def linear_out(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         st = self.mods.get((layer, name))
         if st is None:
             return None
         r, g = self.routing, st.g if self.magnitude else None
-        if self.segmented is not None and x.shape[1] == 1 and r.order is not None:  # decode: one token a row
-            self.segmented(x[:, 0], y[:, 0], st.A, st.sB, st.sb, st.rank, r.uniq, r.starts, r.order, g,
-                           st.base_bias if g is not None else None)
+        if self._segments(x):
+            self._segmented(x, [y], [st])
             return y
         if self.fused is not None:
             return self.fused(x, y, st.A, st.sB, st.sb, g, st.base_bias, r.slots)
@@ -526,6 +551,7 @@ class LoRAMethod(AdapterMethod):
     # Graph hooks of decode steps as the segmented kernels (server/kernels/segments.py): None on CUDA where
     # Triton is there; True also elsewhere (Triton's interpreter: the tests); False never.
     segment_kernels: bool | None = None
+    group_segments = True  # sibling Linears (q/k/v, gate/up) in the same launches of the segmented kernels
 
     def __init__(self, ctx: SlotContext, timer: StepTimer) -> None:
         super().__init__(ctx, timer)
@@ -541,8 +567,9 @@ class LoRAMethod(AdapterMethod):
         self._fused = Compiled(fused_delta) if ctx.compile and self.fused_hooks else None
         self._kernel = kernels.load("lora_rows", LORA_ROWS) if ctx.native and ctx.device.type == "cpu" else None
         self._segmented = self._segment_kernel()
+        self._group = self.group_segments
 
-    def _segment_kernel(self) -> Callable[..., torch.Tensor] | None:
+    def _segment_kernel(self) -> Callable[..., Any] | None:
         want = self.segment_kernels
         if want is False or (want is None and self.ctx.device.type != "cuda"):
             return None
@@ -620,7 +647,7 @@ class LoRAMethod(AdapterMethod):
     def static_plan(self, routing: Routing) -> MethodPlan | None:
         split = self.ctx.base.split
         return LoRAStaticPlan({split(m): st for m, st in self.static.tables().items()}, routing, self.magnitude,
-                              self._routed, self._fused, dict(self.experts.tables), self._segmented)
+                              self._routed, self._fused, dict(self.experts.tables), self._segmented, self._group)
 
     @property
     def layout_version(self) -> int:
