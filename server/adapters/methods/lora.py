@@ -59,6 +59,11 @@ NATIVE_TYPES = (torch.float32, torch.bfloat16)
 # rank 64: 6.0 against 4.1 ms (this machine, gate_proj of SmolLM2, 8 adapters).
 NATIVE_TOKENS = 64
 NATIVE_RANK = 32
+# With compiled hooks, graph-replayed decode batches go by the segmented kernels when their distinct slots
+# average this many rows or more (each kernel tile is 16 rows of one adapter), else by the compiled per-row
+# form. H100, Llama-3.1-8B shapes, batch 16, LoRA r16 on every Linear: one adapter +25% per step against
+# +35%; eight adapters of two rows each +43% against +36% (benchmarks/gpu_lora.py, 2026-12-06).
+SEGMENT_ROWS = 8
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 LORA_ROWS = [_I64, _I64, _I64, _P, ctypes.c_int, _I64, _P, _P, _P, ctypes.c_int, ctypes.c_int]
 NAME: Method = "lora"
@@ -493,9 +498,10 @@ class LoRAStaticPlan(MethodPlan):
     def __init__(self, mods: dict[tuple[int, str], _StaticModule], routing: Routing, magnitude: bool,
                  routed: Callable[..., torch.Tensor], fused: Callable[..., torch.Tensor] | None,
                  experts: dict[tuple[int, str], _ExpertTable] | None = None,
-                 segmented: Callable[..., Any] | None = None, group: bool = True) -> None:
+                 segmented: Callable[..., Any] | None = None, group: bool = True, always: bool = False) -> None:
         self.mods, self.routing, self.magnitude = mods, routing, magnitude
         self.routed, self.fused, self.segmented, self.group = routed, fused, segmented, group
+        self.segments_always = always
         self.experts = experts or {}
 
     def experts_out(self, layer: int, name: str, x: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor,
@@ -516,8 +522,12 @@ class LoRAStaticPlan(MethodPlan):
         return ys
 
     def _segments(self, x: torch.Tensor) -> bool:
-        """Whether the segmented kernels take this call: decode steps (one token a row)."""
-        return self.segmented is not None and x.shape[1] == 1 and self.routing.order is not None
+        """Whether the segmented kernels take this call: decode steps (one token a row), and with compiled
+        hooks beside them, only batches whose distinct slots average SEGMENT_ROWS rows or more."""
+        if self.segmented is None or x.shape[1] != 1 or self.routing.order is None:
+            return False
+        r = self.routing
+        return self.fused is None or self.segments_always or r.slots.shape[0] >= SEGMENT_ROWS * r.uniq.shape[0]
 
     def _segmented(self, x: torch.Tensor, ys: list[torch.Tensor], sts: list[_StaticModule]) -> None:
         r = self.routing
@@ -548,8 +558,10 @@ class LoRAMethod(AdapterMethod):
     # Compiled graph hooks as `fused_delta` (each row's block, read in place) rather than `routed_delta`: on an
     # H100 (8B, batch 16) one rank-16 LoRA cost +40% against +69%, eight mixed +42% against +108%.
     fused_hooks = True
-    # Graph hooks of decode steps as the segmented kernels (server/kernels/segments.py): None on CUDA where
-    # Triton is there; True also elsewhere (Triton's interpreter: the tests); False never.
+    # Graph hooks of decode steps as the segmented kernels (server/kernels/segments.py). None: on CUDA where
+    # Triton is there, for batches of few distinct adapters when the hooks are compiled (SEGMENT_ROWS), for
+    # every batch when not; True: every decode batch, also without CUDA (Triton's interpreter: the tests);
+    # False: never.
     segment_kernels: bool | None = None
     group_segments = True  # sibling Linears (q/k/v, gate/up) in the same launches of the segmented kernels
 
@@ -568,6 +580,7 @@ class LoRAMethod(AdapterMethod):
         self._kernel = kernels.load("lora_rows", LORA_ROWS) if ctx.native and ctx.device.type == "cpu" else None
         self._segmented = self._segment_kernel()
         self._group = self.group_segments
+        self._segments_always = self.segment_kernels is True
 
     def _segment_kernel(self) -> Callable[..., Any] | None:
         want = self.segment_kernels
@@ -647,7 +660,8 @@ class LoRAMethod(AdapterMethod):
     def static_plan(self, routing: Routing) -> MethodPlan | None:
         split = self.ctx.base.split
         return LoRAStaticPlan({split(m): st for m, st in self.static.tables().items()}, routing, self.magnitude,
-                              self._routed, self._fused, dict(self.experts.tables), self._segmented, self._group)
+                              self._routed, self._fused, dict(self.experts.tables), self._segmented, self._group,
+                              self._segments_always)
 
     @property
     def layout_version(self) -> int:
