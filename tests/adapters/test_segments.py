@@ -137,3 +137,22 @@ def test_sibling_modules_in_one_launch_equal_each_on_its_own(dtype, dora, packed
         else:
             w32 = w.float()
             assert ((y.float() - w32).abs() <= w32.abs() * 2**-7).all()
+
+
+def test_decode_batches_of_few_distinct_adapters_take_the_segmented_kernels():
+    """Beside compiled hooks, the segmented kernels take a decode batch whose distinct slots average
+    SEGMENT_ROWS rows or more; without compiled hooks, or forced, every decode batch; never a prefill."""
+    from server.adapters.methods import Routing
+    from server.adapters.methods.lora import SEGMENT_ROWS, LoRAStaticPlan
+
+    def plan(U: int, fused: bool, always: bool = False) -> LoRAStaticPlan:
+        z = torch.zeros(16, dtype=torch.long)
+        r = Routing(slots=z, uniq=torch.zeros(U, dtype=torch.long), local=z, order=z, starts=torch.zeros(U + 1))
+        return LoRAStaticPlan({}, r, False, routed_delta, (lambda *a: None) if fused else None,
+                              segmented=segments.lora, always=always)
+
+    x = torch.zeros(16, 1, 8)
+    assert SEGMENT_ROWS == 8  # measured on an H100: the figures in BENCHMARKS.md, GPU notes
+    assert [plan(U, True)._segments(x) for U in (1, 2, 4, 8)] == [True, True, False, False]  # 16 rows
+    assert plan(8, False)._segments(x) and plan(8, True, always=True)._segments(x)
+    assert not plan(1, False)._segments(torch.zeros(16, 3, 8))
