@@ -108,13 +108,18 @@ def test_what_the_kernel_does_not_take_goes_by_pytorch(tmp_path):
     assert calls == [] and torch.equal(got, want)
 
 
-def test_sites_with_a_wide_adapter_take_the_kernel_for_a_few_tokens_only(tmp_path, monkeypatch):
-    """Past NATIVE_WIDTH (here lowered under par_bn's width) the kernel serves 2 to 8 tokens: one token and
-    many go by oneDNN's products, which beat it there on wide blocks."""
+def test_sites_with_a_wide_adapter_take_the_kernel_for_a_few_of_its_tokens_only(tmp_path, monkeypatch):
+    """Past NATIVE_WIDTH (here lowered under par_bn's width) the kernel serves batches of 2 to 8 tokens, and
+    larger ones whose wide adapters have at most 8 tokens (a par_bn on a few rows of a mixed batch): one
+    token, and many tokens of a wide adapter, go by oneDNN's products, which beat it there."""
     from server.adapters.methods import bottleneck
 
     monkeypatch.setattr(bottleneck, "NATIVE_WIDTH", 16)
-    for rows, T, native in (([2, 1], 1, True), ([2], 1, False), ([2, 1] * 8, 1, False), ([1], 1, True)):
+    for rows, T, native in (([2, 1], 1, True), ([2], 1, False), ([2] * 16, 1, False), ([2, 1] * 8, 1, True),
+                            ([2, 1, 1, 1] * 4, 3, False), ([2, 0, 1, 1] * 4, 2, True), ([1], 1, True)):
         calls: list[int] = []
         site(tmp_path, True, rows, T, calls)
         assert calls == ([1] if native else []), (rows, T)
+    got, _, _ = site(tmp_path, True, [2, 1, 0, 6] * 4, 1, [])  # the wide adapters' rows by the kernel: the same sums
+    want, h, a = site(tmp_path, False, [2, 1, 0, 6] * 4, 1, [])
+    assert one_step(got, want, a.float() + h.float())

@@ -97,12 +97,16 @@ NAME: Method = "bottleneck"
 LN_EPS = 1e-5  # the adapter's own nn.LayerNorm, not the model's RMSNorm
 # The native kernel (server/kernels/bottleneck_rows.cpp): bfloat16 sites whose rows all end as (u + a) + h
 # without layer norms, in batches of up to NATIVE_TOKENS tokens (decode); its activations by name. Sites
-# with an adapter wider than NATIVE_WIDTH take it for WIDE_TOKENS only: at one token oneDNN's bfloat16
-# product of a width-288 par_bn beat it (+2.0 against +2.3 ms a step), at 16 they tie (+5.0, +5.2), at 4 it
-# wins (+3.1 against +5.2); narrow ones gain at every size (seq_bn, batch 1: +1.7 -> +1.1 ms; 16: +3.4 -> +1.7).
+# with an adapter wider than NATIVE_WIDTH take it when those adapters' tokens are WIDE_TOKENS: at one token
+# oneDNN's bfloat16 product of a width-288 par_bn beat it (+2.0 against +2.3 ms a step), at 16 they tie
+# (+5.0, +5.2), at 4 it wins (+3.1 against +5.2); narrow ones gain at every size (seq_bn, batch 1: +1.7 ->
+# +1.1 ms; 16: +3.4 -> +1.7). In a larger batch it takes a site whose wide adapters have at most 8 tokens:
+# the kernel reads each adapter's rows for its own tokens, where PyTorch's path multiplies every token by
+# every adapter's columns.
 NATIVE_TOKENS = 64
 NATIVE_WIDTH = 64
 WIDE_TOKENS = range(2, 9)
+WIDE_BY_ROWS = True  # False: the rule by the batch's tokens (before 2026-12-06; benchmarks A/B it)
 NATIVE_ACTS = {"relu": 0, "swish": 1, "silu": 1, "gelu": 2, "gelu_new": 3, "gelu_pytorch_tanh": 3, "tanh": 4,
                "leakyrelu": 5, "sigmoid": 6}
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
@@ -173,6 +177,8 @@ class _NativeSite:
         self.keep = (loc, blocks)  # the tensors whose memory the pointers name
         self.loc = loc.data_ptr()
         self.width = max(b.down_w.shape[0] for b in blocks)
+        wide = [k for k, b in enumerate(blocks) if b.down_w.shape[0] > NATIVE_WIDTH]
+        self.wide_rows = sum(int(x) in wide for x in loc.tolist())  # rows of an adapter wider than NATIVE_WIDTH
         vals = [len(blocks)]
         for b, z, act in zip(blocks, z_modes, acts, strict=True):
             vals += [b.down_w.data_ptr(), b.down_b.data_ptr(), b.up_w.data_ptr(), b.up_b.data_ptr(), b.down_w.shape[0],
@@ -203,7 +209,8 @@ class BottleneckPlan(MethodPlan):
     def _native(self, n: _NativeSite, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
         """The site by the native kernel, for a batch it takes: a few tokens, bfloat16, contiguous rows."""
         B, T, H = h.shape
-        if B * T > NATIVE_TOKENS or (n.width > NATIVE_WIDTH and B * T not in WIDE_TOKENS):
+        wide_ok = B * T in WIDE_TOKENS or (WIDE_BY_ROWS and B * T > 1 and n.wide_rows * T < WIDE_TOKENS.stop)
+        if B * T > NATIVE_TOKENS or (n.width > NATIVE_WIDTH and not wide_ok):
             return None
         if not (h.is_contiguous() and a.is_contiguous()) or a.dtype != h.dtype:
             return None
