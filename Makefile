@@ -44,10 +44,10 @@ browser:
 test: $(STAMP) $(RAY_STAMP) prometheus browser
 	$(BIN)/pytest -q
 
-# On a machine with CUDA: the CUDA tests (parity on CUDA, graphs against the CPU engine) and the engine tests
-# on every device. Off-line GPU machines: `make gpu-wheels` here, then run tests/gpu/device_run.sh there.
+# On a machine with CUDA: the CUDA tests (parity on CUDA, graphs against the CPU engine), the engine tests
+# on every device, and the segmented adapter kernels compiled for CUDA. Off-line GPU machines: `make gpu-wheels` here, then run tests/gpu/device_run.sh there.
 test-gpu: $(STAMP)
-	$(BIN)/pytest -q -s tests/gpu tests/engine
+	$(BIN)/pytest -q -s tests/gpu tests/engine tests/adapters/test_segments.py
 
 # The CPU image with podman, without an image registry: a base from Debian's packages, the pinned torch
 # wheel from local disk (deploy/image.sh). Then run it as a user would (health, non-root, the README
