@@ -8,7 +8,9 @@ replace (`python -m benchmarks.gpu_lora`, on a machine with CUDA).
    bandwidth of the adapter bytes each call must read (each distinct adapter's A and s*B once).
 2. The engine, decode tokens/s with graphs and compiled kernels, the model's shapes with random weights:
    bare, one rank-16 LoRA on every Linear, eight of them mixed, eight of ranks 4-32, DoRA; the LoRA graph
-   hooks as the segmented kernels against the compiled per-row form, interleaved, best of two.
+   hooks as the segmented kernels against the compiled per-row form, interleaved, best of two. With
+   `--families bottleneck`: seq_bn (one, eight mixed), par_bn and double_seq_bn, their products by the
+   segmented kernels against the routed products.
 3. One step's kernels under the profiler, LoRA rows, both ways.
 
 Writes JSON (`--out`) after every stage, so a run cut by its time limit keeps what it measured.
@@ -22,6 +24,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,7 @@ from benchmarks.gpu import (
     word_tokenizer,
 )
 from server.adapters.methods import route, write_demo
+from server.adapters.methods.bottleneck import BottleneckMethod
 from server.adapters.methods.lora import LoRAMethod, fused_delta, routed_delta
 from server.adapters.registry import Registry
 from server.adapters.spec import BaseModelInfo
@@ -50,7 +54,6 @@ from server.config import RegistryConfig
 from server.engine.model_loader import LoadedModel
 
 log = logging.getLogger(__name__)
-WAYS = [("segmented", True, True), ("segmented_ungrouped", True, False), ("per_row_compiled", False, True)]
 SWEEP = [(64, 2, 128), (64, 8, 128), (128, 2, 128), (64, 4, 64)]  # (BLOCK_K, ITERS, BLOCK_N) beside the defaults
 SHAPES = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)}  # (in, out)
 
@@ -155,13 +158,46 @@ def group_case(inp: int, outs: list[int], B: int, ranks: list[int]) -> dict[str,
             "each_us": graphed_us(each)}
 
 
-def engine_cases(name: str, B: int, prompt: int, new: int, res: dict[str, Any], save: Any) -> None:
+def _lora_way(seg: bool | None, group: bool) -> Callable[[], None]:
+    def set_() -> None:
+        LoRAMethod.segment_kernels, LoRAMethod.group_segments = seg, group
+    return set_
+
+
+def _bn_way(seg: bool) -> Callable[[], None]:
+    def set_() -> None:
+        BottleneckMethod.segment_kernels = seg
+    return set_
+
+
+def _defaults() -> None:
+    LoRAMethod.segment_kernels, LoRAMethod.group_segments, BottleneckMethod.segment_kernels = None, True, False
+
+
+# family -> (synthetic kinds by name, cases (name -> each row's adapter, from the names and the batch), ways
+# (name -> what to set before making its engine), the methods to profile, (x8, x1) cases for "eight_vs_one")
+FAMILIES: dict[str, tuple[Any, ...]] = {
+    "lora": ({"lora": ["lora16"] * 8, "mixed": [f"lora{r}" for r in MIXED_RANKS], "dora": ["dora16"]},
+             lambda n, B: {"lora r16 x1": [n["lora"][0]] * B, "lora r16 x8 mixed": [n["lora"][k % 8] for k in range(B)],
+                           "lora 8 mixed ranks": [n["mixed"][k % 8] for k in range(B)], "dora r16 x1": [n["dora"][0]] * B},
+             {"segmented": _lora_way(True, True), "segmented_ungrouped": _lora_way(True, False),
+              "per_row_compiled": _lora_way(False, True)},
+             ("lora", "dora"), ("lora r16 x8 mixed", "lora r16 x1")),
+    "bottleneck": ({"seq_bn": ["seq_bn"] * 8, "par_bn": ["par_bn"], "double": ["double_seq_bn"]},
+                   lambda n, B: {"seq_bn x1": [n["seq_bn"][0]] * B, "seq_bn x8 mixed": [n["seq_bn"][k % 8] for k in range(B)],
+                                 "par_bn x1": [n["par_bn"][0]] * B, "double_seq_bn x1": [n["double"][0]] * B},
+                   {"segmented": _bn_way(True), "routed": _bn_way(False)},
+                   ("bottleneck",), ("seq_bn x8 mixed", "seq_bn x1")),
+}
+
+
+def engine_cases(name: str, family: str, B: int, prompt: int, new: int, res: dict[str, Any], save: Any) -> None:
+    kinds, make_cases, ways, profiled, (x8, x1) = FAMILIES[family]
     model = build_model(name)
     vocab = model.config.vocab_size
     loaded = LoadedModel(model, word_tokenizer(vocab), name, DEV, torch.bfloat16)
     store = Path(tempfile.mkdtemp())
     reg = Registry(AdapterStore(store), BaseModelInfo.from_model(model), RegistryConfig(64))
-    kinds = {"lora": ["lora16"] * 8, "mixed": [f"lora{r}" for r in MIXED_RANKS], "dora": ["dora16"]}
     names: dict[str, list[str]] = {}
     t0 = time.perf_counter()
     for fam, ks in kinds.items():
@@ -171,21 +207,15 @@ def engine_cases(name: str, B: int, prompt: int, new: int, res: dict[str, Any], 
             reg.add_folder(f"{fam}-{k}", src)
             names.setdefault(fam, []).append(f"{fam}-{k}")
     res["synth_s"] = time.perf_counter() - t0
-    cases: dict[str, list[str | None]] = {
-        "bare": [None] * B,
-        "lora r16 x1": [names["lora"][0]] * B,
-        "lora r16 x8 mixed": [names["lora"][k % 8] for k in range(B)],
-        "lora 8 mixed ranks": [names["mixed"][k % 8] for k in range(B)],
-        "dora r16 x1": [names["dora"][0]] * B,
-    }
+    cases: dict[str, list[str | None]] = {"bare": [None] * B, **make_cases(names, B)}
     max_len = prompt + new + 8
     engines = {}
-    for way, seg, group in WAYS:
-        LoRAMethod.segment_kernels, LoRAMethod.group_segments = seg, group
+    for way, set_way in ways.items():
+        set_way()
         try:
             eng = engines[way] = engine_for(loaded, store, "on", B, max_len)
         finally:
-            LoRAMethod.segment_kernels, LoRAMethod.group_segments = None, True
+            _defaults()
         assert eng.graphs is not None
         with torch.inference_mode():
             res[f"capture_{way}_s"] = eng.graphs.warmup([eng.graphs.kv_bucket(max_len)])
@@ -203,12 +233,12 @@ def engine_cases(name: str, B: int, prompt: int, new: int, res: dict[str, Any], 
         save()
     bare = tok["bare"]
     res["cost_vs_bare"] = {label: {w: bare[w] / v[w] - 1 for w in v} for label, v in tok.items() if label != "bare"}
-    res["eight_vs_one"] = {w: tok["lora r16 x8 mixed"][w] / tok["lora r16 x1"][w] for w in engines}
+    res["eight_vs_one"] = {w: tok[x8][w] / tok[x1][w] for w in engines}
     save()
     prof: dict[str, Any] = {}
     res["profile"] = prof
     for way, eng in engines.items() if DEV.type == "cuda" else ():
-        for m in ("lora", "dora"):
+        for m in profiled:
             try:
                 prof[f"{m} {way}"] = p = kernel_profile(eng, B, prompt + new, m, top=8)
                 log.info("profile %s %s: %d kernels, %.3f ms", m, way, p["kernels"], p["kernel_time_ms"])
@@ -216,7 +246,7 @@ def engine_cases(name: str, B: int, prompt: int, new: int, res: dict[str, Any], 
                 prof[f"{m} {way}"] = f"{type(e).__name__}: {e}"[:300]
         save()
     if DEV.type == "cuda":
-        prof["bare"] = kernel_profile(engines["segmented"], B, prompt + new, None, top=4)
+        prof["bare"] = kernel_profile(next(iter(engines.values())), B, prompt + new, None, top=4)
     save()
     engines.clear()
     del model, loaded
@@ -226,6 +256,7 @@ def engine_cases(name: str, B: int, prompt: int, new: int, res: dict[str, Any], 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", default="llama-3.1-8b")
+    ap.add_argument("--families", default="lora", help="lora, bottleneck, or both (comma-separated)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
@@ -264,9 +295,10 @@ def main(argv: list[str] | None = None) -> int:
                     log.info("group %s", row)
                     save()
     for name in filter(None, args.models.split(",")):
-        res: dict[str, Any] = {"batch": args.batch}
-        out["models"][name] = res
-        engine_cases(name, args.batch, args.prompt, args.new, res, save)
+        for family in filter(None, args.families.split(",")):
+            res: dict[str, Any] = {"batch": args.batch}
+            out["models"][name if family == "lora" else f"{name} {family}"] = res
+            engine_cases(name, family, args.batch, args.prompt, args.new, res, save)
     print(json.dumps({k: v for k, v in out.items() if k != "kernels"}, indent=1))  # noqa: T201
     return 0
 

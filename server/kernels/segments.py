@@ -68,6 +68,15 @@ def _pick(mod, v0, v1, v2):
 
 
 @jit
+def _round_bf16(v):
+    """float32 values rounded to their nearest bfloat16 (ties to even), still float32: by hand, since Triton's
+    interpreter truncates, and then storing or casting them to bfloat16 is exact everywhere."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+
+
+@jit
 def _segment(u, pid_m, starts_ptr, order_ptr, BLOCK_M: tl.constexpr):
     start = tl.load(starts_ptr + u)
     end = tl.load(starts_ptr + u + 1)
@@ -101,7 +110,7 @@ def _shrink(x_ptr, a_ptr, part_ptr, rank_ptr, uniq_ptr, starts_ptr, order_ptr, K
             xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                          other=0.0).to(tl.float32)
             at = tl.load(a_base + offs_r[None, :] * stride_ar + offs_k[:, None], mask=k_ok[:, None] & r_ok[None, :],
-                         other=0.0)
+                         other=0.0).to(tl.float32)
             acc += tl.dot(xt, at, input_precision="ieee")
         # by place in `order`, not by row: the expand's loads of it then wait for no load of `order`
         tl.store(part_ptr + mod * stride_pmod + pid_k * stride_ps + offs_m[:, None] * stride_pm + offs_r[None, :], acc,
@@ -150,10 +159,8 @@ def _expand(y_ptr, part_ptr, b_ptr, sb_ptr, g_ptr, bias_ptr, rank_ptr, uniq_ptr,
             out = y32 + (g - 1.0) * wx + g * delta
         else:
             out = y32 + delta
-        if BF16:  # round to nearest even by hand: Triton's interpreter truncates (and then this is exact there too)
-            bits = out.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            out = tl.where(out != out, out, bits.to(tl.float32, bitcast=True))
+        if BF16:
+            out = _round_bf16(out)
         tl.store(y_at, out.to(y.dtype), mask=ok)
 
 
@@ -222,3 +229,90 @@ def lora(x: torch.Tensor, ys: list[torch.Tensor], As: list[torch.Tensor], sBs: l
         BLOCK_M=BLOCK_M, BLOCK_R=BR, BLOCK_N=block_n, SPLIT=split, HAS_G=has_g, HAS_BIAS=has_bias,
         BF16=ys[0].dtype == torch.bfloat16)
     return ys
+
+
+# The bottleneck's activations by id (as the CPU kernel numbers them: bottleneck.NATIVE_ACTS)
+RELU, SILU, GELU, GELU_TANH, TANH, LEAKY_RELU, SIGMOID = range(7)
+
+
+@jit
+def _activation(d, act):
+    """d [M, R] float32 through activation `act` (a scalar id), in float32."""
+    sig = 1.0 / (1.0 + tl.exp(-d))
+    t = 0.7978845608028654 * (d + 0.044715 * d * d * d)
+    tanh_t = 2.0 / (1.0 + tl.exp(-2.0 * t)) - 1.0
+    out = tl.where(act == RELU, tl.maximum(d, 0.0), d)
+    out = tl.where(act == SILU, d * sig, out)
+    out = tl.where(act == GELU, 0.5 * d * (1.0 + tl.math.erf(d * 0.7071067811865476)), out)
+    out = tl.where(act == GELU_TANH, 0.5 * d * (1.0 + tanh_t), out)
+    out = tl.where(act == TANH, 2.0 / (1.0 + tl.exp(-2.0 * d)) - 1.0, out)
+    out = tl.where(act == LEAKY_RELU, tl.where(d >= 0.0, d, 0.01 * d), out)
+    return tl.where(act == SIGMOID, sig, out)
+
+
+@jit
+def _bn_expand(out_ptr, part_ptr, bd_ptr, b_ptr, ub_ptr, rank_ptr, act_ptr, uniq_ptr, starts_ptr, order_ptr, N,
+               stride_om, stride_ps, stride_pm, stride_bds, stride_bs, stride_br, stride_bn, stride_ubs,
+               BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+               BF16: tl.constexpr):
+    u = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    slot = tl.load(uniq_ptr + u)
+    rank = tl.load(rank_ptr + slot)
+    offs_m, rows, m_ok, any_row = _segment(u, pid_m, starts_ptr, order_ptr, BLOCK_M)
+    if any_row & (rank > 0):
+        offs_r = tl.arange(0, BLOCK_R)
+        r_ok = offs_r < rank
+        d = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        p_base = part_ptr + offs_m[:, None] * stride_pm + offs_r[None, :]
+        for s in tl.static_range(SPLIT):
+            d += tl.load(p_base + s * stride_ps, mask=m_ok[:, None], other=0.0)
+        d += tl.load(bd_ptr + slot * stride_bds + offs_r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+        if BF16:  # each step rounded where the eager ops round: the down product with its bias, the activation
+            d = _round_bf16(d)
+        d = _activation(d, tl.load(act_ptr + slot))
+        if BF16:
+            d = _round_bf16(d)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        bt = tl.load(b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                     mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(d, bt, input_precision="ieee")
+        if BF16:  # the up product, then its bias
+            acc = _round_bf16(acc)
+        acc = acc + tl.load(ub_ptr + slot * stride_ubs + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if BF16:
+            acc = _round_bf16(acc)
+        tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+def bottleneck(z: torch.Tensor, wd: torch.Tensor, bd: torch.Tensor, wu: torch.Tensor, ub: torch.Tensor,
+               width: torch.Tensor, act: torch.Tensor, uniq: torch.Tensor, starts: torch.Tensor, order: torch.Tensor
+               ) -> torch.Tensor:
+    """[B, H] in z's dtype: each row's act(z W_down^T + b_down) W_up^T + b_up with its own slot's blocks (zero
+    for rows of no segment, or of a slot without a block here), rounded where the eager products and the
+    activation round (`static_residual`). z [B, H]; per-slot tables wd [S, R, H], bd [S, R], wu [H, S, R],
+    ub [S, H] (scaling folded in), width [S] int32 each slot's own width (0: none), act [S] int32 its
+    activation (RELU..SIGMOID); the segments as for `lora`."""
+    B, K = z.shape
+    S, R, _ = wd.shape
+    U = uniq.shape[0]
+    assert z.stride(1) == 1 and wd.stride(2) == 1 and bd.is_contiguous() and ub.is_contiguous()
+    BR = _pow2(R, 16)
+    block_k = BLOCK_K if K >= BLOCK_K else 16
+    split = -(-K // (block_k * ITERS))
+    m_tiles = -(-B // BLOCK_M)
+    part = torch.empty(1, split, B, BR, device=z.device, dtype=torch.float32)
+    _shrink[(U, m_tiles, split)](
+        z, wd, part, width, uniq, starts, order, K, z.stride(0), wd.stride(0), wd.stride(1),
+        part.stride(0), part.stride(1), part.stride(2), 0, 0, 0, 0,
+        BLOCK_M=BLOCK_M, BLOCK_R=BR, BLOCK_K=block_k, ITERS=ITERS, SPLIT=split)
+    out = torch.zeros(B, K, device=z.device, dtype=z.dtype)
+    block_n = BLOCK_N if K >= BLOCK_N else _pow2(K, 16)
+    _bn_expand[(U, m_tiles, -(-K // block_n))](
+        out, part, bd, wu, ub, width, act, uniq, starts, order, K, out.stride(0), part.stride(1), part.stride(2),
+        bd.stride(0), wu.stride(1), wu.stride(2), wu.stride(0), ub.stride(0),
+        BLOCK_M=BLOCK_M, BLOCK_R=BR, BLOCK_N=block_n, SPLIT=split, BF16=z.dtype == torch.bfloat16)
+    return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from server.adapters.methods import route
 from server.adapters.methods.lora import routed_delta
@@ -156,3 +157,45 @@ def test_decode_batches_of_few_distinct_adapters_take_the_segmented_kernels():
     assert [plan(U, True)._segments(x) for U in (1, 2, 4, 8)] == [True, True, False, False]  # 16 rows
     assert plan(8, False)._segments(x) and plan(8, True, always=True)._segments(x)
     assert not plan(1, False)._segments(torch.zeros(16, 3, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("acts", [["relu", "swish", "gelu"], ["gelu_new", "tanh", "leakyrelu", "sigmoid"]])
+def test_segmented_bottleneck_products_equal_the_eager_ones(dtype, acts):
+    """act(z W_down^T + b_down) W_up^T + b_up per row, each row by its own slot's blocks (widths below the
+    table's, an activation per slot), zero for rows of none: against the eager ops row by row, which round
+    in bfloat16 after the down product, the activation, the up product and its bias."""
+    from server.adapters.methods.bottleneck import NATIVE_ACTS, activation
+
+    S, R, H = 5, 48, 144
+    widths = [0, 48, 20, 0, 33]
+    g = torch.Generator().manual_seed(3)
+    wd = torch.zeros(S, R, H)
+    bd = torch.zeros(S, R)
+    wu = torch.zeros(H, S, R)
+    ub = torch.zeros(S, H)
+    names = [acts[s % len(acts)] for s in range(S)]
+    for s, r in enumerate(widths):
+        if r:
+            wd[s, :r] = torch.randn(r, H, generator=g) / H**0.5
+            bd[s, :r] = torch.randn(r, generator=g) * 0.1
+            wu[:, s, :r] = torch.randn(H, r, generator=g) / r**0.5
+            ub[s] = torch.randn(H, generator=g) * 0.1
+    wd, bd, wu, ub = (t.to(DEVICE, dtype) for t in (wd, bd, wu, ub))
+    width = torch.tensor(widths, dtype=torch.int32, device=DEVICE)
+    kact = torch.tensor([NATIVE_ACTS[n] for n in names], dtype=torch.int32, device=DEVICE)
+    slots = [1, 4, 0, 2, 1, 3, 4, 2, 1]
+    z = torch.randn(len(slots), H, generator=g).to(DEVICE, dtype)
+    uniq, starts, order = routing(slots, 8)
+    got = segments.bottleneck(z, wd, bd, wu, ub, width, kact, uniq, starts, order)
+    for b, s in enumerate(slots):
+        r = widths[s]
+        if r == 0:
+            assert torch.equal(got[b], torch.zeros_like(got[b]))
+            continue
+        d = activation(names[s])(F.linear(z[b], wd[s, :r], bd[s, :r]))
+        want = (F.linear(d, wu[:, s, :r]) + ub[s]).float()
+        # within a few roundings of the terms summed (the eager gelu_new rounds at each of its ops)
+        scale = F.linear(d.float().abs(), wu[:, s, :r].float().abs()) + ub[s].float().abs()
+        tol = scale * (2**-6 if dtype == torch.bfloat16 else 1e-5) + 1e-6
+        assert ((got[b].float() - want).abs() <= tol).all(), (b, s, names[s])

@@ -120,6 +120,33 @@ def test_graph_step_with_segmented_lora_kernels_equals_the_dynamic_step(tmp_path
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_graph_step_with_segmented_bottleneck_kernels_equals_the_dynamic_step(tmp_path, device, monkeypatch):
+    """Bottleneck rows of every placement (seq, parallel, double, Compacter; adapter layer norms before and
+    after; several activations) beside LoRA and bare rows, their products by the segmented kernels inside
+    the graph step (on the CPU in Triton's interpreter): the same tokens as the dynamic step."""
+    segments = pytest.importorskip("server.kernels.segments")
+    if not segments.available():
+        pytest.skip(segments.ERROR)
+    if device == "cpu" and torch.cuda.is_available():
+        pytest.skip("with CUDA the kernels are compiled for it: the interpreter runs them only where there is none")
+    from server.adapters.methods.bottleneck import BottleneckMethod
+
+    calls: list[int] = []
+    real = segments.bottleneck
+    monkeypatch.setattr(segments, "bottleneck", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(BottleneckMethod, "segment_kernels", True)
+    group = ["seq_bn", "par_bn", "double_seq_bn", "seq_bn_ln", "compacter", "par_bn_ln_after", "seq_bn_tanh_float",
+             "lora_qv"]
+    cases = [(a, p) for a in [None, *group] for p in PROMPTS[:2]]
+    ref = run_mixed(engine_on(tmp_path, device, "off", "a"), cases)
+    got = run_mixed(engine_on(tmp_path, device, "on", "b"), cases)
+    for (a, p), want, r in zip(cases, ref, got, strict=True):
+        assert r.token_ids == want.token_ids, (a, p)
+        assert max(abs(x - y) for x, y in zip(r.logprobs, want.logprobs, strict=True)) < 1e-4, (a, p)
+    assert calls and max(calls) > 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_graph_step_serves_bare_and_ia3_only_batches_and_padding_rows_are_harmless(tmp_path, device):
     """Batches of 3 and 5 rows run in buckets of 4 and 8: the padding rows must not touch real rows."""
     cases = [(a, p) for a in [None, "ia3_default", "ia3_ff_in"] for p in PROMPTS[:2]][:5]

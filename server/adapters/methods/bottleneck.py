@@ -27,8 +27,10 @@ the last layer's norm as the "original" one at every layer: see `BottleneckMetho
 from __future__ import annotations
 
 import ctypes
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +96,7 @@ class BottleneckWeights(MethodWeights):
 
 
 NAME: Method = "bottleneck"
+log = logging.getLogger(__name__)
 LN_EPS = 1e-5  # the adapter's own nn.LayerNorm, not the model's RMSNorm
 # The native kernel (server/kernels/bottleneck_rows.cpp): bfloat16 sites whose rows all end as (u + a) + h
 # without layer norms, in batches of up to NATIVE_TOKENS tokens (decode); its activations by name. Sites
@@ -284,12 +287,16 @@ class _StaticSite:
         self.coef = torch.tensor(IDENTITY, device=dev, dtype=dt).repeat(S, 1)  # [S, 5]
         self.act = torch.zeros(S, dtype=torch.long, device=dev)
         self.has = torch.zeros(S, dtype=torch.bool, device=dev)  # slot has a block here
+        # for the segmented kernels (server/kernels/segments.py): each slot's own width (0: none) and its
+        # activation by the kernels' numbering (NATIVE_ACTS; -1: one they lack)
+        self.width = torch.zeros(S, dtype=torch.int32, device=dev)
+        self.kact = torch.zeros(S, dtype=torch.int32, device=dev)
         self.ln = torch.zeros(S, 3, dtype=torch.bool, device=dev)  # before, after mode 1, after mode 2
         self.lnw = torch.ones(S, 2, H, device=dev, dtype=dt)  # before, after
         self.lnb = torch.zeros(S, 2, H, device=dev, dtype=dt)
 
     def put(self, slot: int, b: _Block | None, opts: BottleneckOptions | None, act: int) -> None:
-        for t in (self.wd, self.bd, self.ub, self.ln, self.lnb, self.has):
+        for t in (self.wd, self.bd, self.ub, self.ln, self.lnb, self.has, self.width, self.kact):
             t[slot] = 0
         self.wu[:, slot] = 0
         self.lnw[slot] = 1
@@ -299,6 +306,7 @@ class _StaticSite:
             return
         r = b.down_w.shape[0]
         self.has[slot] = True
+        self.width[slot], self.kact[slot] = r, NATIVE_ACTS.get(opts.non_linearity, -1)
         self.wd[slot, :r], self.bd[slot, :r] = b.down_w, b.down_b
         self.wu[:, slot, :r], self.ub[slot] = b.up_w, b.up_b
         *c, mode = coefficients(opts)
@@ -325,17 +333,8 @@ def static_residual(h: torch.Tensor, a: torch.Tensor, i: torch.Tensor, u: torch.
     once; j [B] is each row's index in u), or with u None every slot's block in place (j = i); either
     way each row keeps its own columns. (Measured on an H200 and dropped: a block per row, which for a
     width-2048 bottleneck moved 4x the bytes of the all-slots product.)"""
+    z, zn, lnz = static_input(h, a, i, coef, ln, lnw, lnb, has_lnb, out_norm, hub_norm)
     H = h.shape[-1]
-    cxa, cxh, cra, crh, cfh = coef.index_select(0, i).t()[:, :, None, None]  # each [B, 1, 1]
-    lni = ln.index_select(0, i)[:, None, None, :]  # [B, 1, 1, 3]
-    lw, lb = lnw.index_select(0, i)[:, :, None, :], lnb.index_select(0, i)[:, :, None, :]  # [B, 2, 1, H]
-    z = a * cxa + h * cxh
-    if out_norm is not None:  # hooked: see BottleneckPlan._apply
-        lnz = (cxa == 1) & (cxh == 1)
-        zn = hub_norm(z)  # type: ignore[misc]
-        z = torch.where(lnz, zn, z)
-    if has_lnb:
-        z = torch.where(lni[..., 0], F.layer_norm(z, (H,), eps=LN_EPS) * lw[:, 0] + lb[:, 0], z)
     if u is not None:
         wd, bd, wu = wd.index_select(0, u), bd.index_select(0, u), wu.index_select(1, u)
     N, R = wd.shape[:2]
@@ -353,10 +352,41 @@ def static_residual(h: torch.Tensor, a: torch.Tensor, i: torch.Tensor, u: torch.
         own = (torch.arange(N, device=i.device)[None, :] == j[:, None])[:, None, :, None]  # [B, 1, N, 1]
         d = torch.where(own, d.view(B, T, N, R), 0.0).view(B, T, N * R)
     u_ = F.linear(d, wu.reshape(H, N * R)) + ub.index_select(0, i)[:, None, :]  # [B, T, H]
+    return static_output(h, a, i, u_, coef, ln, lnw, lnb, has_lna, out_norm, zn, lnz)
+
+
+def static_input(h: torch.Tensor, a: torch.Tensor, i: torch.Tensor, coef: torch.Tensor, ln: torch.Tensor,
+                 lnw: torch.Tensor, lnb: torch.Tensor, has_lnb: bool, out_norm: Norm | None = None,
+                 hub_norm: Norm | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The general formula's adapter input z [B, T, H] (and, where the site is hooked, the normed input zn
+    and the rows lnz that take it), before the products."""
+    H = h.shape[-1]
+    cxa, cxh = coef.index_select(0, i).t()[:2, :, None, None]  # each [B, 1, 1]
+    z = a * cxa + h * cxh
+    zn = lnz = None
+    if out_norm is not None:  # hooked: see BottleneckPlan._apply
+        lnz = (cxa == 1) & (cxh == 1)
+        zn = hub_norm(z)  # type: ignore[misc]
+        z = torch.where(lnz, zn, z)
+    if has_lnb:
+        lni = ln.index_select(0, i)[:, None, None, :]  # [B, 1, 1, 3]
+        lw, lb = lnw.index_select(0, i)[:, :, None, :], lnb.index_select(0, i)[:, :, None, :]  # [B, 2, 1, H]
+        z = torch.where(lni[..., 0], F.layer_norm(z, (H,), eps=LN_EPS) * lw[:, 0] + lb[:, 0], z)
+    return z, zn, lnz
+
+
+def static_output(h: torch.Tensor, a: torch.Tensor, i: torch.Tensor, u_: torch.Tensor, coef: torch.Tensor,
+                  ln: torch.Tensor, lnw: torch.Tensor, lnb: torch.Tensor, has_lna: bool, out_norm: Norm | None,
+                  zn: torch.Tensor | None, lnz: torch.Tensor | None) -> torch.Tensor:
+    """The general formula's sub-block output from the up product u_ [B, T, H] (its bias added)."""
+    H = h.shape[-1]
+    _, _, cra, crh, cfh = coef.index_select(0, i).t()[:, :, None, None]  # each [B, 1, 1]
     r = a * cra + h * crh
     if out_norm is not None:
-        r = torch.where(lnz & (cra == 1) & (crh == 1), zn, r)
+        r = torch.where(lnz & (cra == 1) & (crh == 1), zn, r)  # type: ignore[operator,arg-type]
     if has_lna:
+        lni = ln.index_select(0, i)[:, None, None, :]  # [B, 1, 1, 3]
+        lw, lb = lnw.index_select(0, i)[:, :, None, :], lnb.index_select(0, i)[:, :, None, :]  # [B, 2, 1, H]
         m1, m2 = lni[..., 1], lni[..., 2]
         x = F.layer_norm(torch.where(m2, u_ + r, u_), (H,), eps=LN_EPS) * lw[:, 1] + lb[:, 1]
         core = torch.where(m2, x, torch.where(m1, x + r, u_ + r))
@@ -373,8 +403,10 @@ class BottleneckStaticPlan(MethodPlan):
 
     def __init__(self, sites: dict[tuple[int, Location], _StaticSite], acts: tuple[object, ...],
                  routing: Routing, fn: Callable[..., torch.Tensor],
-                 norms: Callable[[int, Location], tuple[Norm | None, Norm | None]]) -> None:
+                 norms: Callable[[int, Location], tuple[Norm | None, Norm | None]],
+                 segmented: tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]] | None = None) -> None:
         self.sites, self.acts, self.routing, self.fn, self.norms = sites, acts, routing, fn, norms
+        self.segmented = segmented  # (input, the segmented products, output), where the kernels take every activation
 
     def residual_rows(self, layer: int, loc: Location) -> torch.Tensor:
         return self.sites[(layer, loc)].has.index_select(0, self.routing.slots)[:, None, None]
@@ -384,13 +416,24 @@ class BottleneckStaticPlan(MethodPlan):
         if st is None:
             return None
         r = self.routing
+        out_norm, hub_norm = self.norms(layer, loc)
+        if self.segmented is not None and h.shape[1] == 1 and r.order is not None and r.starts is not None:
+            inp, products, out = self.segmented  # decode: the products by the segmented kernels
+            z, zn, lnz = inp(h, a, r.slots, st.coef, st.ln, st.lnw, st.lnb, st.has_lnb, out_norm, hub_norm)
+            u_ = products(z[:, 0].contiguous(), st.wd, st.bd, st.wu, st.ub, st.width, st.kact, r.uniq, r.starts,
+                          r.order)
+            return out(h, a, r.slots, u_[:, None], st.coef, st.ln, st.lnw, st.lnb, st.has_lna, out_norm, zn, lnz)
         u, j = (r.uniq, r.local) if r.distinct(st.wd.shape[0]) else (None, r.slots)
         return self.fn(h, a, r.slots, u, j, st.wd, st.bd, st.wu, st.ub, st.coef, st.act, st.ln, st.lnw, st.lnb,
-                       st.has_lnb, st.has_lna, self.acts, *self.norms(layer, loc))
+                       st.has_lnb, st.has_lna, self.acts, out_norm, hub_norm)
 
 
 class BottleneckMethod(AdapterMethod):
     name = NAME
+    # Graph hooks of decode steps through the segmented kernels (server/kernels/segments.py; on CUDA, or in
+    # Triton's interpreter elsewhere), where every activation of the layout is one they compute. Off by
+    # default: not yet measured on a GPU (LoRA's are, lora.py).
+    segment_kernels = False
 
     def __init__(self, ctx: SlotContext, timer: StepTimer) -> None:
         super().__init__(ctx, timer)
@@ -401,6 +444,15 @@ class BottleneckMethod(AdapterMethod):
         self._act_names: list[str] = []
         self._acts: dict[tuple[str, ...], tuple[object, ...]] = {}
         self._residual = Compiled(static_residual, ctx.compile)
+        self._segmented: tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]] | None = None
+        if self.segment_kernels:
+            from ...kernels import segments
+
+            if segments.available():
+                self._segmented = (Compiled(static_input, ctx.compile), segments.bottleneck,
+                                   Compiled(static_output, ctx.compile))
+            else:
+                log.warning("segmented bottleneck kernels unavailable: %s", segments.ERROR)
         native = ctx.native and ctx.device.type == "cpu" and ctx.dtype == torch.bfloat16
         self._kernel = kernels.load("bottleneck_rows", BOTTLENECK_ROWS) if native else None
 
@@ -474,7 +526,8 @@ class BottleneckMethod(AdapterMethod):
         names = tuple(self._act_names)
         if names not in self._acts:  # the same function objects every time: a compiled hook guards on them
             self._acts[names] = tuple(activation(n) for n in names)
-        return BottleneckStaticPlan(tables, self._acts[names], routing, self._residual, self.norms)
+        seg = self._segmented if all(n in NATIVE_ACTS for n in names) else None
+        return BottleneckStaticPlan(tables, self._acts[names], routing, self._residual, self.norms, seg)
 
     @property
     def layout_version(self) -> int:
