@@ -23,11 +23,15 @@ CPU the pool is resident only as far as pages have been used.
 from __future__ import annotations
 
 import ctypes
+import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .. import kernels
+
+log = logging.getLogger(__name__)
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 # paged_decode.cpp: q, k_pool, v_pool, bf16, tables, table_width, lengths, B, heads, kv_heads, head_dim,
@@ -60,6 +64,11 @@ class DecodeStep:
 
 
 class PagedKVCache:
+    # Decode attention by the Triton kernel that reads each row's pages in place (server/kernels/paged_attention.py;
+    # on CUDA, or in Triton's interpreter elsewhere) instead of gathering them for SDPA. Off by default: not yet
+    # measured on a GPU.
+    triton_decode = False
+
     def __init__(self, layers: int, kv_heads: int, head_dim: int, n_pages: int, page_size: int,
                  dtype: torch.dtype, device: torch.device, native: bool = True) -> None:
         """`native`: on the CPU, decode attention by the native kernel (built on first use)."""
@@ -77,6 +86,7 @@ class PagedKVCache:
         self._kernel = kernels.load("paged_decode", PAGED_DECODE) if native and device.type == "cpu" and dtype in cpu_types else None
         # the PyTorch path's additive masks: SDPA's query dtype (float32 for bfloat16 on the CPU, see _gathered_decode)
         self.mask_dtype = torch.float32 if device.type == "cpu" and dtype == torch.bfloat16 else dtype
+        self._triton = self._triton_kernel() if self.triton_decode else None
 
     def ready(self, high: int) -> None:
         """Zero the pages handed out for the first time (those below `high` not yet zeroed)."""
@@ -129,6 +139,20 @@ class PagedKVCache:
             out.append(g.view(self.kv_heads, B, n * self.page_size, self.head_dim)[:, :, :kv_len].transpose(0, 1))
         return out[0], out[1]
 
+    def _triton_takes(self, heads: int) -> bool:
+        from ..kernels import paged_attention
+
+        return paged_attention.supports(heads, self.kv_heads, self.head_dim, self.page_size)
+
+    @staticmethod
+    def _triton_kernel() -> Callable[..., torch.Tensor] | None:
+        from ..kernels import paged_attention
+
+        if not paged_attention.available():
+            log.warning("the paged decode attention kernel is unavailable: %s", paged_attention.ERROR)
+            return None
+        return paged_attention.decode
+
     def _buffer(self, i: int, shape: tuple[int, int, int]) -> torch.Tensor:
         """The i-th gather buffer (keys 0, values 1) viewed as `shape`; it grows, never shrinks."""
         n = shape[0] * shape[1] * shape[2]
@@ -140,6 +164,9 @@ class PagedKVCache:
         """Layer li's attention of one query per row: q [B, H, 1, d] over the pages of `step`, each row's
         keys 0..pos (the last `window` of them on a sliding-window layer). Returns [B, H, 1, d]."""
         B, H, _, d = q.shape
+        if self._triton is not None and self._triton_takes(H):
+            out = self._triton(q[:, :, 0], self.k[li], self.v[li], step.tables, step.lengths, window, scale)
+            return out.view(B, H, 1, d)
         if self._kernel is not None:
             qf = q.reshape(B, H, d).float().contiguous()
             out = torch.empty_like(qf)

@@ -41,11 +41,13 @@ try:
 
     jit = triton.jit
     ERROR: str | None = None
+    INTERPRET = type(tl.zeros).__name__ == "InterpretedFunction"  # its tl.dot of bfloat16 is wrong: cast first
     if not torch.cuda.is_available() and type(tl.zeros).__name__ != "InterpretedFunction":
         ERROR = "no CUDA device, and triton was imported before its interpreter was chosen (set TRITON_INTERPRET=1)"
 except ImportError as e:  # the CPU path never needs these kernels
     triton = tl = None  # type: ignore[assignment]
     ERROR = f"triton is not installed: {e}"
+    INTERPRET = False
 
     def jit(fn: Any) -> Any:
         return fn

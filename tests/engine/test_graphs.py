@@ -147,6 +147,32 @@ def test_graph_step_with_segmented_bottleneck_kernels_equals_the_dynamic_step(tm
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_graph_step_with_the_paged_attention_kernel_equals_the_dynamic_step(tmp_path, device, monkeypatch):
+    """Decode attention by the Triton kernel reading each row's pages in place (server/kernels/
+    paged_attention.py; on the CPU in Triton's interpreter), rows of different lengths joining mid-way,
+    prefix-tuned rows with entries before their prompts: the same tokens as the dynamic step without it."""
+    paged = pytest.importorskip("server.kernels.paged_attention")
+    if not paged.available():
+        pytest.skip("Triton kernels unavailable here")
+    if device == "cpu" and torch.cuda.is_available():
+        pytest.skip("with CUDA the kernels are compiled for it: the interpreter runs them only where there is none")
+    from server.engine.kv_cache import PagedKVCache
+
+    calls: list[int] = []
+    real = paged.decode
+    monkeypatch.setattr(paged, "decode", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    group = ["lora_qv", "seq_bn", "prefix_tuning", "hub_prefix"]
+    cases = [(a, p) for a in [None, *group] for p in PROMPTS[:2]]
+    ref = run_mixed(engine_on(tmp_path, device, "off", "a"), cases)
+    monkeypatch.setattr(PagedKVCache, "triton_decode", True)
+    got = run_mixed(engine_on(tmp_path, device, "on", "b"), cases)
+    for (a, p), want, r in zip(cases, ref, got, strict=True):
+        assert r.token_ids == want.token_ids, (a, p)
+        assert max(abs(x - y) for x, y in zip(r.logprobs, want.logprobs, strict=True)) < 1e-4, (a, p)
+    assert calls and max(calls) > 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_graph_step_serves_bare_and_ia3_only_batches_and_padding_rows_are_harmless(tmp_path, device):
     """Batches of 3 and 5 rows run in buckets of 4 and 8: the padding rows must not touch real rows."""
     cases = [(a, p) for a in [None, "ia3_default", "ia3_ff_in"] for p in PROMPTS[:2]][:5]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine that has CUDA, torch and transformers but no network: install the carried
 # wheels (made here by tests/gpu/wheels.sh), run the CUDA tests, then the GPU benchmark (BENCH_LORA=1 first runs
-# benchmarks/gpu_lora.py, the segmented LoRA kernels against the per-row hooks).
+# benchmarks/gpu_lora.py, the segmented LoRA kernels against the per-row hooks; BENCH_ATTN=1
+# benchmarks/gpu_attention.py, the paged decode attention kernel against gathered pages and SDPA).
 #   device: run(command="bash tests/gpu/device_run.sh", carry=[".whl"])
 # Stages are bounded by STAGE_S so partial results still come back; logs and JSON go to $OUT.
 set -uo pipefail
@@ -19,6 +20,10 @@ echo "tests rc=${PIPESTATUS[0]}"
 if [ "${BENCH_LORA:-0}" = 1 ]; then  # LoRA's segmented kernels against the per-row hooks (benchmarks/gpu_lora.py)
   timeout "${BENCH_LORA_S:-270}" python3 -m benchmarks.gpu_lora --out "$OUT/gpu_lora.json" ${BENCH_LORA_ARGS:-} > "$OUT/bench-lora.log" 2>&1
   echo "bench-lora rc=$?"; grep -E " b[0-9]+ |profile " "$OUT/bench-lora.log" | cut -c1-300 | tail -20
+fi
+if [ "${BENCH_ATTN:-0}" = 1 ]; then  # the paged decode attention kernel against gathered pages and SDPA
+  timeout "${BENCH_ATTN_S:-200}" python3 -m benchmarks.gpu_attention --out "$OUT/gpu_attention.json" ${BENCH_ATTN_ARGS:-} > "$OUT/bench-attn.log" 2>&1
+  echo "bench-attn rc=$?"; grep -E " b[0-9]+: |layer " "$OUT/bench-attn.log" | cut -c1-200 | tail -20
 fi
 if [ "${BENCH:-1}" = 1 ]; then
   timeout "${BENCH_S:-300}" python3 -m benchmarks.gpu --out "$OUT/gpu.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench-gpu.log" | grep -vE "^ |^\{|^\}" | tail -40
