@@ -17,6 +17,10 @@ Sibling Linears of one input (q/k/v, gate/up; up to three) go in the same two la
 own tables (of one padded rank), which the kernels reach by element offsets from the first's, and its
 own output (slices of one packed product, or separate tensors).
 
+A bottleneck adapter's two products run the same way (`bottleneck`): the shrink, then an expand that
+adds the down bias, applies the slot's activation and takes the up product with its bias, rounding to
+the model's dtype where the eager ops round, into a fresh output (rows of none get zeros).
+
 The grid is fixed by (U, row tiles of the largest possible segment, splits or column tiles), so the
 launches can be captured in a CUDA graph; programs whose segment is shorter, empty, or of a slot
 without a block here (rank 0) return at once. A slot's block is padded to the table's rank, but the
