@@ -83,13 +83,18 @@ def _round_bf16(v):
 
 
 @jit
-def _segment(u, pid_m, starts_ptr, order_ptr, BLOCK_M: tl.constexpr):
+def _segment(u, pid_m, rank_ptr, uniq_ptr, starts_ptr, order_ptr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Program (u, pid_m)'s share of segment u: its slot, its places in `order` and their rows (masked past
+    the segment), the rank columns of the slot's block, and whether it has any work."""
+    slot = tl.load(uniq_ptr + u)
+    rank = tl.load(rank_ptr + slot)
     start = tl.load(starts_ptr + u)
     end = tl.load(starts_ptr + u + 1)
     offs_m = start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # places in `order`
     m_ok = offs_m < end
     rows = tl.load(order_ptr + offs_m, mask=m_ok, other=0)
-    return offs_m, rows, m_ok, start + pid_m * BLOCK_M < end
+    offs_r = tl.arange(0, BLOCK_R)
+    return slot, offs_m, rows, m_ok, offs_r, offs_r < rank, (start + pid_m * BLOCK_M < end) & (rank > 0)
 
 
 @jit
@@ -102,12 +107,9 @@ def _shrink(x_ptr, a_ptr, part_ptr, rank_ptr, uniq_ptr, starts_ptr, order_ptr, K
     pid_m = tl.program_id(1)
     mod = tl.program_id(2) // SPLIT
     pid_k = tl.program_id(2) % SPLIT
-    slot = tl.load(uniq_ptr + u)
-    rank = tl.load(rank_ptr + _pick(mod, 0, rank_off1, rank_off2) + slot)
-    offs_m, rows, m_ok, any_row = _segment(u, pid_m, starts_ptr, order_ptr, BLOCK_M)
-    if any_row & (rank > 0):
-        offs_r = tl.arange(0, BLOCK_R)
-        r_ok = offs_r < rank
+    slot, offs_m, rows, m_ok, offs_r, r_ok, go = _segment(u, pid_m, rank_ptr + _pick(mod, 0, rank_off1, rank_off2),
+                                                          uniq_ptr, starts_ptr, order_ptr, BLOCK_M, BLOCK_R)
+    if go:
         a_base = a_ptr + _pick(mod, 0, a_off1, a_off2) + slot * stride_as
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for it in tl.static_range(ITERS):
@@ -136,12 +138,9 @@ def _expand(y_ptr, part_ptr, b_ptr, sb_ptr, g_ptr, bias_ptr, rank_ptr, uniq_ptr,
     mod = tl.where(pid_n >= t2, 2, tl.where(pid_n >= t1, 1, 0))  # the module whose columns this program writes
     tile = pid_n - _pick(mod, 0, t1, t2)
     N = _pick(mod, n0, n1, n2)
-    slot = tl.load(uniq_ptr + u)
-    rank = tl.load(rank_ptr + _pick(mod, 0, rank_off1, rank_off2) + slot)
-    offs_m, rows, m_ok, any_row = _segment(u, pid_m, starts_ptr, order_ptr, BLOCK_M)
-    if any_row & (rank > 0):
-        offs_r = tl.arange(0, BLOCK_R)
-        r_ok = offs_r < rank
+    slot, offs_m, rows, m_ok, offs_r, r_ok, go = _segment(u, pid_m, rank_ptr + _pick(mod, 0, rank_off1, rank_off2),
+                                                          uniq_ptr, starts_ptr, order_ptr, BLOCK_M, BLOCK_R)
+    if go:
         d = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         p_base = part_ptr + mod * stride_pmod + offs_m[:, None] * stride_pm + offs_r[None, :]
         for s in tl.static_range(SPLIT):
@@ -264,12 +263,9 @@ def _bn_expand(out_ptr, part_ptr, bd_ptr, b_ptr, ub_ptr, rank_ptr, act_ptr, uniq
     u = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
-    slot = tl.load(uniq_ptr + u)
-    rank = tl.load(rank_ptr + slot)
-    offs_m, rows, m_ok, any_row = _segment(u, pid_m, starts_ptr, order_ptr, BLOCK_M)
-    if any_row & (rank > 0):
-        offs_r = tl.arange(0, BLOCK_R)
-        r_ok = offs_r < rank
+    slot, offs_m, rows, m_ok, offs_r, r_ok, go = _segment(u, pid_m, rank_ptr, uniq_ptr, starts_ptr, order_ptr,
+                                                          BLOCK_M, BLOCK_R)
+    if go:
         d = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         p_base = part_ptr + offs_m[:, None] * stride_pm + offs_r[None, :]
         for s in tl.static_range(SPLIT):

@@ -43,6 +43,24 @@ def run_mixed(engine, cases, **kw) -> list[GenerationResult]:
     return [c.result for c in cols]
 
 
+def assert_same(cases, want_results, got_results) -> None:
+    """The same tokens, and logprobs within 1e-4, case by case."""
+    for (a, p), want, r in zip(cases, want_results, got_results, strict=True):
+        assert r.token_ids == want.token_ids, (a, p)
+        assert max(abs(x - y) for x, y in zip(r.logprobs, want.logprobs, strict=True)) < 1e-4, (a, p)
+
+
+def triton_kernels(module: str, device: str):  # noqa: ANN201
+    """A Triton kernel module where its kernels run on `device`: compiled on CUDA, in the interpreter on a
+    machine without CUDA (else the test skips)."""
+    mod = pytest.importorskip(module)
+    if not mod.available():
+        pytest.skip("Triton kernels unavailable here")
+    if device == "cpu" and torch.cuda.is_available():
+        pytest.skip("with CUDA the kernels are compiled for it: the interpreter runs them only where there is none")
+    return mod
+
+
 def test_batch_buckets_cover_every_size():
     for n in (1, 3, 8, 17, 32, 64, 100):
         b = batch_buckets(n)
@@ -57,9 +75,8 @@ def test_graph_step_equals_dynamic_step_in_mixed_continuous_batches(tmp_path, de
     ref = run_mixed(engine_on(tmp_path, device, "off", "a"), cases)
     e = engine_on(tmp_path, device, "on", "b")
     got = run_mixed(e, cases)
-    for (a, p), want, r in zip(cases, ref, got, strict=True):
-        assert r.finish_reason == "length" and r.token_ids == want.token_ids, (a, p)
-        assert max(abs(x - y) for x, y in zip(r.logprobs, want.logprobs, strict=True)) < 1e-4, (a, p)
+    assert all(r.finish_reason == "length" for r in got)
+    assert_same(cases, ref, got)
     g = e.graphs
     assert g is not None
     # every decode step took the fixed-shape step: every family has a static plan
@@ -83,9 +100,7 @@ def test_graph_step_reading_only_the_batchs_distinct_adapters_equals_the_dynamic
     cases = [(a, p) for a in [None, *group] for p in PROMPTS[:2]]
     ref = run_mixed(engine_on(tmp_path, device, "off", "a"), cases)
     got = run_mixed(engine_on(tmp_path, device, "on", "b"), cases)
-    for (a, p), want, r in zip(cases, ref, got, strict=True):
-        assert r.token_ids == want.token_ids, (a, p)
-        assert max(abs(x - y) for x, y in zip(r.logprobs, want.logprobs, strict=True)) < 1e-4, (a, p)
+    assert_same(cases, ref, got)
     assert any(chose)  # the distinct-blocks products ran
 
 
@@ -94,11 +109,7 @@ def test_graph_step_with_segmented_lora_kernels_equals_the_dynamic_step(tmp_path
     """LoRA and DoRA rows of several adapters (biases, rsLoRA, other families beside them) decoded by the
     segmented kernels (server/kernels/segments.py; on the CPU in Triton's interpreter) inside the graph
     step: the same tokens as the dynamic step, and the kernels did run."""
-    segments = pytest.importorskip("server.kernels.segments")
-    if not segments.available():
-        pytest.skip(segments.ERROR)
-    if device == "cpu" and torch.cuda.is_available():
-        pytest.skip("with CUDA the kernels are compiled for it: the interpreter runs them only where there is none")
+    segments = triton_kernels("server.kernels.segments", device)
     from server.adapters.methods.lora import LoRAMethod
     from server.engine.fused import pack_layers
 
@@ -113,9 +124,7 @@ def test_graph_step_with_segmented_lora_kernels_equals_the_dynamic_step(tmp_path
     r = e.runner  # q/k/v and gate/up as one product each, as with compiled kernels: siblings share the launches
     r.packed = pack_layers(r.layers, r.arch, r.small.linear)
     got = run_mixed(e, cases)
-    for (a, p), want, r in zip(cases, ref, got, strict=True):
-        assert r.token_ids == want.token_ids, (a, p)
-        assert max(abs(x - y) for x, y in zip(r.logprobs, want.logprobs, strict=True)) < 1e-4, (a, p)
+    assert_same(cases, ref, got)
     assert max(n for n, _ in calls) > 1 and max(m for _, m in calls) > 1
 
 
@@ -124,11 +133,7 @@ def test_graph_step_with_segmented_bottleneck_kernels_equals_the_dynamic_step(tm
     """Bottleneck rows of every placement (seq, parallel, double, Compacter; adapter layer norms before and
     after; several activations) beside LoRA and bare rows, their products by the segmented kernels inside
     the graph step (on the CPU in Triton's interpreter): the same tokens as the dynamic step."""
-    segments = pytest.importorskip("server.kernels.segments")
-    if not segments.available():
-        pytest.skip(segments.ERROR)
-    if device == "cpu" and torch.cuda.is_available():
-        pytest.skip("with CUDA the kernels are compiled for it: the interpreter runs them only where there is none")
+    segments = triton_kernels("server.kernels.segments", device)
     from server.adapters.methods.bottleneck import BottleneckMethod
 
     calls: list[int] = []
@@ -140,9 +145,7 @@ def test_graph_step_with_segmented_bottleneck_kernels_equals_the_dynamic_step(tm
     cases = [(a, p) for a in [None, *group] for p in PROMPTS[:2]]
     ref = run_mixed(engine_on(tmp_path, device, "off", "a"), cases)
     got = run_mixed(engine_on(tmp_path, device, "on", "b"), cases)
-    for (a, p), want, r in zip(cases, ref, got, strict=True):
-        assert r.token_ids == want.token_ids, (a, p)
-        assert max(abs(x - y) for x, y in zip(r.logprobs, want.logprobs, strict=True)) < 1e-4, (a, p)
+    assert_same(cases, ref, got)
     assert calls and max(calls) > 1
 
 
@@ -151,11 +154,7 @@ def test_graph_step_with_the_paged_attention_kernel_equals_the_dynamic_step(tmp_
     """Decode attention by the Triton kernel reading each row's pages in place (server/kernels/
     paged_attention.py; on the CPU in Triton's interpreter), rows of different lengths joining mid-way,
     prefix-tuned rows with entries before their prompts: the same tokens as the dynamic step without it."""
-    paged = pytest.importorskip("server.kernels.paged_attention")
-    if not paged.available():
-        pytest.skip("Triton kernels unavailable here")
-    if device == "cpu" and torch.cuda.is_available():
-        pytest.skip("with CUDA the kernels are compiled for it: the interpreter runs them only where there is none")
+    paged = triton_kernels("server.kernels.paged_attention", device)
     from server.engine.kv_cache import PagedKVCache
 
     calls: list[int] = []
@@ -166,9 +165,7 @@ def test_graph_step_with_the_paged_attention_kernel_equals_the_dynamic_step(tmp_
     ref = run_mixed(engine_on(tmp_path, device, "off", "a"), cases)
     monkeypatch.setattr(PagedKVCache, "triton_decode", True)
     got = run_mixed(engine_on(tmp_path, device, "on", "b"), cases)
-    for (a, p), want, r in zip(cases, ref, got, strict=True):
-        assert r.token_ids == want.token_ids, (a, p)
-        assert max(abs(x - y) for x, y in zip(r.logprobs, want.logprobs, strict=True)) < 1e-4, (a, p)
+    assert_same(cases, ref, got)
     assert calls and max(calls) > 1
 
 
