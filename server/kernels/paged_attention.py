@@ -54,7 +54,7 @@ def _attend(q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, o_ptr, m_ptr, l_ptr, s
     for i in tl.static_range(PAGES):
         p = split * PAGES + i
         pos = p * PS + offs_s  # the key positions of this page
-        ok = (pos < length) & (pos >= first) & (p < n_pages_table)
+        ok = (pos < length) & (pos >= first)  # (pages past the table are skipped below)
         if (p * PS < length) & ((p + 1) * PS > first) & (p < n_pages_table):
             page = tl.load(tables_ptr + b * stride_tb + p)
             base = kvh * stride_kh + page * stride_kp + offs_s[:, None] * stride_ks + offs_d[None, :]
