@@ -38,6 +38,27 @@ class Compiled:
         return self.fn(*args)
 
 
+class Guarded:
+    """A kernel call that, the first time it raises (a compiler or driver refusing it), is switched off for
+    good and says why once: the call returns whether it ran, and the caller takes its PyTorch path when not.
+    Kernels are compiled at their first call, which a CUDA graph's warm-up makes before its capture."""
+
+    def __init__(self, fn: Callable[..., Any], name: str) -> None:
+        self.fn, self.name = fn, name
+        self.error: str | None = None
+
+    def __call__(self, *args: Any) -> bool:
+        if self.error is not None:
+            return False
+        try:
+            self.fn(*args)
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"[:300]
+            log.warning("%s failed, its callers use PyTorch's ops from now on: %s", self.name, self.error)
+            return False
+        return True
+
+
 def raise_recompile_limit(n: int = 64) -> None:
     """Each hook is compiled once per variant (batch 1 vs more, a site with or without a layer norm);
     the default limit of 8 would silently send later variants back to eager."""

@@ -145,12 +145,13 @@ def test_decode_batches_of_few_distinct_adapters_take_the_segmented_kernels():
     SEGMENT_ROWS rows or more; without compiled hooks, or forced, every decode batch; never a prefill."""
     from server.adapters.methods import Routing
     from server.adapters.methods.lora import SEGMENT_ROWS, LoRAStaticPlan
+    from server.compiled import Guarded
 
     def plan(U: int, fused: bool, always: bool = False) -> LoRAStaticPlan:
         z = torch.zeros(16, dtype=torch.long)
         r = Routing(slots=z, uniq=torch.zeros(U, dtype=torch.long), local=z, order=z, starts=torch.zeros(U + 1))
         return LoRAStaticPlan({}, r, False, routed_delta, (lambda *a: None) if fused else None,
-                              segmented=segments.lora, always=always)
+                              segmented=Guarded(segments.lora, "segmented"), always=always)
 
     x = torch.zeros(16, 1, 8)
     assert SEGMENT_ROWS == 8  # measured on an H100: the figures in BENCHMARKS.md, GPU notes
@@ -199,3 +200,34 @@ def test_segmented_bottleneck_products_equal_the_eager_ones(dtype, acts):
         scale = F.linear(d.float().abs(), wu[:, s, :r].float().abs()) + ub[s].float().abs()
         tol = scale * (2**-6 if dtype == torch.bfloat16 else 1e-5) + 1e-6
         assert ((got[b].float() - want).abs() <= tol).all(), (b, s, names[s])
+
+
+def test_a_kernel_that_fails_is_switched_off_and_the_plain_products_serve():
+    """A segmented kernel that raises (a compiler refusing it) leaves the output untouched, the hook computes
+    it by the plain products instead, and later calls do not try the kernel again."""
+    from server.adapters.methods import Routing
+    from server.adapters.methods.lora import LoRAStaticPlan, _StaticModule
+    from server.compiled import Guarded
+
+    tries: list[int] = []
+
+    def broken(*a):  # noqa: ANN002, ANN202
+        tries.append(1)
+        raise RuntimeError("no kernel for you")
+
+    A, sB, sb, _, rank = tables(3, 16, 32, 24, [0, 16, 8])
+    st = _StaticModule(3, 16, 24, 32, DEVICE, None)
+    st.A, st.sB, st.sb, st.rank = A, sB, sb, rank
+    slots = [1, 2, 1, 0]
+    uniq, starts, order = routing(slots, 4)
+    i = torch.tensor(slots, device=DEVICE)
+    r = Routing(slots=i, uniq=uniq, local=torch.tensor(route(slots, 4)[1], device=DEVICE), order=order, starts=starts)
+    guard = Guarded(broken, "a broken kernel")
+    plan = LoRAStaticPlan({(0, "q_proj"): st}, r, False, routed_delta, None, segmented=guard)
+    x = torch.randn(4, 1, 32, device=DEVICE)
+    y = torch.randn(4, 1, 24, device=DEVICE)
+    want = routed_delta(x, y.clone(), A, sB, sb, None, None, i, None, i)
+    for _ in range(2):
+        got = plan.linear_out(0, "q_proj", x, y.clone())
+        torch.testing.assert_close(got, want)
+    assert tries == [1] and guard.error is not None and "no kernel for you" in guard.error

@@ -126,6 +126,7 @@ def test_graph_step_with_segmented_lora_kernels_equals_the_dynamic_step(tmp_path
     got = run_mixed(e, cases)
     assert_same(cases, ref, got)
     assert max(n for n, _ in calls) > 1 and max(m for _, m in calls) > 1
+    assert all(e.slots.methods[m]._segmented.error is None for m in ("lora", "dora"))  # no call fell back
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -35,13 +35,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ... import kernels
-from ...compiled import Compiled
+from ...compiled import Compiled, Guarded
 from ...engine.moe import group_offsets, grouped_linear
 from ..families import Method
 from ..spec import MethodWeights
@@ -498,7 +497,7 @@ class LoRAStaticPlan(MethodPlan):
     def __init__(self, mods: dict[tuple[int, str], _StaticModule], routing: Routing, magnitude: bool,
                  routed: Callable[..., torch.Tensor], fused: Callable[..., torch.Tensor] | None,
                  experts: dict[tuple[int, str], _ExpertTable] | None = None,
-                 segmented: Callable[..., Any] | None = None, group: bool = True, always: bool = False) -> None:
+                 segmented: Guarded | None = None, group: bool = True, always: bool = False) -> None:
         self.mods, self.routing, self.magnitude = mods, routing, magnitude
         self.routed, self.fused, self.segmented, self.group = routed, fused, segmented, group
         self.segments_always = always
@@ -518,23 +517,23 @@ class LoRAStaticPlan(MethodPlan):
         if not use or not self.group or not self._segments(x) or len({st.R for st in sts}) > 1 or (
                 self.magnitude and len({st.base_bias is None for st in sts}) > 1):
             return None
-        self._segmented(x, [ys[i] for i, _ in use], sts)
-        return ys
+        return ys if self._segmented(x, [ys[i] for i, _ in use], sts) else None
 
     def _segments(self, x: torch.Tensor) -> bool:
         """Whether the segmented kernels take this call: decode steps (one token a row), and with compiled
         hooks beside them, only batches whose distinct slots average SEGMENT_ROWS rows or more."""
-        if self.segmented is None or x.shape[1] != 1 or self.routing.order is None:
+        if self.segmented is None or self.segmented.error is not None or x.shape[1] != 1 or self.routing.order is None:
             return False
         r = self.routing
         return self.fused is None or self.segments_always or r.slots.shape[0] >= SEGMENT_ROWS * r.uniq.shape[0]
 
-    def _segmented(self, x: torch.Tensor, ys: list[torch.Tensor], sts: list[_StaticModule]) -> None:
+    def _segmented(self, x: torch.Tensor, ys: list[torch.Tensor], sts: list[_StaticModule]) -> bool:
+        """ys += the deltas by the segmented kernels, in place; whether they ran (else ys are untouched)."""
         r = self.routing
         dora = self.magnitude
         bias = dora and sts[0].base_bias is not None
         assert self.segmented is not None and r.order is not None and r.starts is not None
-        self.segmented(x[:, 0], [y[:, 0] for y in ys], [st.A for st in sts], [st.sB for st in sts],
+        return self.segmented(x[:, 0], [y[:, 0] for y in ys], [st.A for st in sts], [st.sB for st in sts],
                        [st.sb for st in sts], [st.rank for st in sts], r.uniq, r.starts, r.order,
                        [st.g for st in sts] if dora else None, [st.base_bias for st in sts] if bias else None)
 
@@ -543,8 +542,7 @@ class LoRAStaticPlan(MethodPlan):
         if st is None:
             return None
         r, g = self.routing, st.g if self.magnitude else None
-        if self._segments(x):
-            self._segmented(x, [y], [st])
+        if self._segments(x) and self._segmented(x, [y], [st]):
             return y
         if self.fused is not None:
             return self.fused(x, y, st.A, st.sB, st.sb, g, st.base_bias, r.slots)
@@ -582,7 +580,7 @@ class LoRAMethod(AdapterMethod):
         self._group = self.group_segments
         self._segments_always = self.segment_kernels is True
 
-    def _segment_kernel(self) -> Callable[..., Any] | None:
+    def _segment_kernel(self) -> Guarded | None:
         want = self.segment_kernels
         if want is False or (want is None and self.ctx.device.type != "cuda"):
             return None
@@ -591,7 +589,7 @@ class LoRAMethod(AdapterMethod):
         if not segments.available():
             log.warning("segmented LoRA kernels unavailable, graph hooks use PyTorch products: %s", segments.ERROR)
             return None
-        return segments.lora
+        return Guarded(segments.lora, "the segmented LoRA kernels")
 
     def write(self, slot: int, payload: MethodWeights) -> None:
         w = payload
