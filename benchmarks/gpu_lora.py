@@ -8,7 +8,8 @@ replace (`python -m benchmarks.gpu_lora`, on a machine with CUDA).
    bandwidth of the adapter bytes each call must read (each distinct adapter's A and s*B once).
 2. The engine, decode tokens/s with graphs and compiled kernels, the model's shapes with random weights:
    bare, one rank-16 LoRA on every Linear, eight of them mixed, eight of ranks 4-32, DoRA; the LoRA graph
-   hooks as the segmented kernels against the compiled per-row form, interleaved, best of two. With
+   hooks by segments, by rows (every row its own segment), as the server dispatches them ("auto"), and as
+   the compiled per-row form, interleaved, best of two. With
    `--families bottleneck`: seq_bn (one, eight mixed), par_bn and double_seq_bn, their products by the
    segmented kernels against the routed products.
 3. One step's kernels under the profiler, LoRA rows, both ways.
@@ -94,12 +95,14 @@ def kernel_case(inp: int, out: int, B: int, ranks: list[int], fused: Compiled) -
     U = 1 << (len(set(slots)) - 1).bit_length()
     uniq, local, order, starts = (torch.tensor(v, device=DEV) for v in route(slots, U))
     i = torch.tensor(slots, device=DEV)
+    ident = torch.arange(B + 1, device=DEV)
     x = torch.randn(B, 1, inp, device=DEV, dtype=torch.bfloat16)
     y = torch.randn(B, 1, out, device=DEV, dtype=torch.bfloat16)
     from server.kernels import segments
 
     ways = {
         "segmented": lambda: segments.lora(x[:, 0], [y[:, 0]], [A], [sB], [sb], [rank], uniq, starts, order),
+        "rows": lambda: segments.rows(x[:, 0], [y[:, 0]], [A], [sB], [sb], [rank], i, ident),
         "per_row_compiled": lambda: fused(x, y, A, sB, sb, None, None, i),
         "routed_distinct": lambda: routed_delta(x, y, A, sB, sb, None, None, i, uniq, local),
     }
@@ -158,9 +161,9 @@ def group_case(inp: int, outs: list[int], B: int, ranks: list[int]) -> dict[str,
             "each_us": graphed_us(each)}
 
 
-def _lora_way(seg: bool | None, group: bool) -> Callable[[], None]:
+def _lora_way(seg: bool | None, group: bool, dispatch: str = "auto") -> Callable[[], None]:
     def set_() -> None:
-        LoRAMethod.segment_kernels, LoRAMethod.group_segments = seg, group
+        LoRAMethod.segment_kernels, LoRAMethod.group_segments, LoRAMethod.segment_dispatch = seg, group, dispatch
     return set_
 
 
@@ -171,7 +174,8 @@ def _bn_way(seg: bool) -> Callable[[], None]:
 
 
 def _defaults() -> None:
-    LoRAMethod.segment_kernels, LoRAMethod.group_segments, BottleneckMethod.segment_kernels = None, True, False
+    LoRAMethod.segment_kernels, LoRAMethod.group_segments, LoRAMethod.segment_dispatch = None, True, "auto"
+    BottleneckMethod.segment_kernels = False
 
 
 # family -> (synthetic kinds by name, cases (name -> each row's adapter, from the names and the batch), ways
@@ -180,8 +184,8 @@ FAMILIES: dict[str, tuple[Any, ...]] = {
     "lora": ({"lora": ["lora16"] * 8, "mixed": [f"lora{r}" for r in MIXED_RANKS], "dora": ["dora16"]},
              lambda n, B: {"lora r16 x1": [n["lora"][0]] * B, "lora r16 x8 mixed": [n["lora"][k % 8] for k in range(B)],
                            "lora 8 mixed ranks": [n["mixed"][k % 8] for k in range(B)], "dora r16 x1": [n["dora"][0]] * B},
-             {"segmented": _lora_way(True, True), "segmented_ungrouped": _lora_way(True, False),
-              "per_row_compiled": _lora_way(False, True)},
+             {"segmented": _lora_way(True, True, "segments"), "rows": _lora_way(True, True, "rows"),
+              "auto": _lora_way(None, True), "per_row_compiled": _lora_way(False, True)},
              ("lora", "dora"), ("lora r16 x8 mixed", "lora r16 x1")),
     "bottleneck": ({"seq_bn": ["seq_bn"] * 8, "par_bn": ["par_bn"], "double": ["double_seq_bn"]},
                    lambda n, B: {"seq_bn x1": [n["seq_bn"][0]] * B, "seq_bn x8 mixed": [n["seq_bn"][k % 8] for k in range(B)],

@@ -76,6 +76,7 @@ class DecodeGraphs:
         # the input embeddings of a step whose rows' adapters have their own (made before the replay)
         self.embeds = torch.zeros(self.rows, 1, runner.cfg.hidden_size, dtype=runner.dtype, device=runner.device)
         self._host = torch.zeros(8, self.rows + 1, dtype=torch.long, pin_memory=capture)
+        self.ident = torch.arange(self.rows + 1, device=runner.device)  # constant: every row its own segment
         self.graphs: dict[GraphKey, tuple[Any, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.replays = self.eager_steps = 0
@@ -108,7 +109,7 @@ class DecodeGraphs:
         x = self.inputs
         U = max(U, 1)
         routing = Routing(slots=x[SLOT, :B], uniq=x[UNIQ, :U], local=x[LOCAL, :B], order=x[ORDER, :B],
-                          starts=x[STARTS, :U + 1])
+                          starts=x[STARTS, :U + 1], ident=self.ident[:B + 1])
         plan = self.slots.static_plan(routing, methods)
         if self.slots.ends(methods):  # embeddings in, normed hidden states out: the ends run outside
             return self.runner.decode_static(x[IDS, :B, None], x[POS, :B], plan, kv_len, self.tables[:B], x[ROPE, :B],

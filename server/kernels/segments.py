@@ -58,6 +58,7 @@ except ImportError as e:  # the CPU path never needs these kernels
 
 
 BLOCK_M = 16  # rows per program: tl.dot's smallest tile
+ROW_BLOCK = 2  # rows per program when each row is its own segment (`rows`; one is padding)
 BLOCK_K = 64  # input columns per unrolled step of a shrink program
 ITERS = 2  # unrolled steps per shrink program (H100, kernels alone: 2 beat 4 and 8 at every shape measured)
 BLOCK_N = 128  # output columns per expand program
@@ -83,6 +84,15 @@ def _round_bf16(v):
 
 
 @jit
+def _product(a, b, DOT: tl.constexpr):
+    """a [M, K] @ b [K, N] in float32: IEEE products on the tensor-core path for tiles of 16 rows or more,
+    else broadcast products and sums (rows alone: no tile of padding)."""
+    if DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.sum(a[:, :, None] * b[None, :, :], 1)
+
+
+@jit
 def _segment(u, pid_m, rank_ptr, uniq_ptr, starts_ptr, order_ptr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
     """Program (u, pid_m)'s share of segment u: its slot, its places in `order` and their rows (masked past
     the segment), the rank columns of the slot's block, and whether it has any work."""
@@ -102,7 +112,7 @@ def _shrink(x_ptr, a_ptr, part_ptr, rank_ptr, uniq_ptr, starts_ptr, order_ptr, K
             stride_xm, stride_as, stride_ar, stride_pmod, stride_ps, stride_pm,
             a_off1, a_off2, rank_off1, rank_off2,
             BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ITERS: tl.constexpr,
-            SPLIT: tl.constexpr):
+            SPLIT: tl.constexpr, DOT: tl.constexpr):
     u = tl.program_id(0)
     pid_m = tl.program_id(1)
     mod = tl.program_id(2) // SPLIT
@@ -119,7 +129,7 @@ def _shrink(x_ptr, a_ptr, part_ptr, rank_ptr, uniq_ptr, starts_ptr, order_ptr, K
                          other=0.0).to(tl.float32)
             at = tl.load(a_base + offs_r[None, :] * stride_ar + offs_k[:, None], mask=k_ok[:, None] & r_ok[None, :],
                          other=0.0).to(tl.float32)
-            acc += tl.dot(xt, at, input_precision="ieee")
+            acc += _product(xt, at, DOT)
         # by place in `order`, not by row: the expand's loads of it then wait for no load of `order`
         tl.store(part_ptr + mod * stride_pmod + pid_k * stride_ps + offs_m[:, None] * stride_pm + offs_r[None, :], acc,
                  mask=m_ok[:, None])
@@ -131,7 +141,7 @@ def _expand(y_ptr, part_ptr, b_ptr, sb_ptr, g_ptr, bias_ptr, rank_ptr, uniq_ptr,
             n0, n1, n2, sy0, sy1, sy2, t1, t2, y_off1, y_off2, b_off1, b_off2, sb_off1, sb_off2,
             g_off1, g_off2, rank_off1, rank_off2, bias_off1, bias_off2,
             BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-            HAS_G: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr):
+            HAS_G: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr, DOT: tl.constexpr):
     u = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -149,7 +159,7 @@ def _expand(y_ptr, part_ptr, b_ptr, sb_ptr, g_ptr, bias_ptr, rank_ptr, uniq_ptr,
         n_ok = offs_n < N
         bt = tl.load(b_ptr + _pick(mod, 0, b_off1, b_off2) + slot * stride_bs + offs_r[:, None] * stride_br
                      + offs_n[None, :] * stride_bn, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        delta = tl.dot(d, bt, input_precision="ieee")
+        delta = _product(d, bt, DOT)
         at_n = slot * N + offs_n  # sb and g: [S, N] each, contiguous
         delta = delta + tl.load(sb_ptr + _pick(mod, 0, sb_off1, sb_off2) + at_n, mask=n_ok, other=0.0)[None, :]
         y_at = y_ptr + _pick(mod, 0, y_off1, y_off2) + rows[:, None] * _pick(mod, sy0, sy1, sy2) + offs_n[None, :]
@@ -189,15 +199,16 @@ def _offsets(ts: list[torch.Tensor]) -> list[int]:
 
 def lora(x: torch.Tensor, ys: list[torch.Tensor], As: list[torch.Tensor], sBs: list[torch.Tensor],
          sbs: list[torch.Tensor], ranks: list[torch.Tensor], uniq: torch.Tensor, starts: torch.Tensor,
-         order: torch.Tensor, gs: list[torch.Tensor] | None = None, biases: list[torch.Tensor] | None = None
-         ) -> list[torch.Tensor]:
+         order: torch.Tensor, gs: list[torch.Tensor] | None = None, biases: list[torch.Tensor] | None = None,
+         block_m: int = BLOCK_M) -> list[torch.Tensor]:
     """Each y of ys [B, out_i] (row-strided views are fine) += each row's s B A x + s b of module i, in place,
     in float32 rounded once, or DoRA's y + (g - 1)(y - bias) + g (s B A x + s b) where gs are given; for up
     to three sibling modules of one input x [B, in], in two launches. Per module, its per-slot tables:
     A [S, R, in] (unit stride along `in`), sB [out, S, R], sb and g [S, out] contiguous, rank [S] each
     slot's own rank (0: no block), biases [out]; every module's A and sB of one shape but `out`. The
     batch's segments: uniq [U], starts [U + 1], order [B] (rows of no segment are left as they are).
-    Returns ys."""
+    `block_m` below 16 (ROW_BLOCK, with each row its own segment: `rows`) takes the products without
+    tl.dot's 16-row tiles. Returns ys."""
     n = len(ys)
     assert 1 <= n <= MAX_MODULES and len(As) == len(sBs) == len(sbs) == len(ranks) == n
     B, K = x.shape
@@ -209,13 +220,13 @@ def lora(x: torch.Tensor, ys: list[torch.Tensor], As: list[torch.Tensor], sBs: l
     BR = _pow2(R, 16)
     block_k = BLOCK_K if K >= BLOCK_K else 16
     split = -(-K // (block_k * ITERS))
-    m_tiles = -(-B // BLOCK_M)
+    m_tiles = -(-B // block_m)
     part = torch.empty(n, split, B, BR, device=x.device, dtype=torch.float32)
     rank_off = _offsets(ranks)
     _shrink[(U, m_tiles, n * split)](
         x, As[0], part, ranks[0], uniq, starts, order, K, x.stride(0), As[0].stride(0), As[0].stride(1),
         part.stride(0), part.stride(1), part.stride(2), *_offsets(As)[:2], *rank_off[:2],
-        BLOCK_M=BLOCK_M, BLOCK_R=BR, BLOCK_K=block_k, ITERS=ITERS, SPLIT=split)
+        BLOCK_M=block_m, BLOCK_R=BR, BLOCK_K=block_k, ITERS=ITERS, SPLIT=split, DOT=block_m >= 16)
     outs = [y.shape[1] for y in ys]
     block_n = BLOCK_N if min(outs) >= BLOCK_N else _pow2(min(outs), 16)
     tiles = [-(-o // block_n) for o in outs]
@@ -231,9 +242,19 @@ def lora(x: torch.Tensor, ys: list[torch.Tensor], As: list[torch.Tensor], sBs: l
         *pad(outs), *pad([y.stride(0) for y in ys]), first[1], first[2], *_offsets(ys)[:2], *_offsets(sBs)[:2],
         *_offsets(sbs)[:2], *(_offsets(g0)[:2] if has_g else (0, 0)), *rank_off[:2],
         *(_offsets(bias0)[:2] if has_bias else (0, 0)),
-        BLOCK_M=BLOCK_M, BLOCK_R=BR, BLOCK_N=block_n, SPLIT=split, HAS_G=has_g, HAS_BIAS=has_bias,
-        BF16=ys[0].dtype == torch.bfloat16)
+        BLOCK_M=block_m, BLOCK_R=BR, BLOCK_N=block_n, SPLIT=split, HAS_G=has_g, HAS_BIAS=has_bias,
+        BF16=ys[0].dtype == torch.bfloat16, DOT=block_m >= 16)
     return ys
+
+
+def rows(x: torch.Tensor, ys: list[torch.Tensor], As: list[torch.Tensor], sBs: list[torch.Tensor],
+         sbs: list[torch.Tensor], ranks: list[torch.Tensor], slots: torch.Tensor, ident: torch.Tensor,
+         gs: list[torch.Tensor] | None = None, biases: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """`lora` with every row its own segment (slots [B] each row's slot, ident [B + 1] = 0..B): each row reads
+    its own adapter's block (rows of one adapter share it through the cache), no product is padded to 16
+    rows. For batches of many small groups, where the segments' tiles would be mostly padding."""
+    B = x.shape[0]
+    return lora(x, ys, As, sBs, sbs, ranks, slots, ident[:B + 1], ident[:B], gs, biases, block_m=ROW_BLOCK)
 
 
 # The bottleneck's activations by id (as the CPU kernel numbers them: bottleneck.NATIVE_ACTS)
@@ -310,7 +331,7 @@ def bottleneck(z: torch.Tensor, wd: torch.Tensor, bd: torch.Tensor, wu: torch.Te
     _shrink[(U, m_tiles, split)](
         z, wd, part, width, uniq, starts, order, K, z.stride(0), wd.stride(0), wd.stride(1),
         part.stride(0), part.stride(1), part.stride(2), 0, 0, 0, 0,
-        BLOCK_M=BLOCK_M, BLOCK_R=BR, BLOCK_K=block_k, ITERS=ITERS, SPLIT=split)
+        BLOCK_M=BLOCK_M, BLOCK_R=BR, BLOCK_K=block_k, ITERS=ITERS, SPLIT=split, DOT=True)
     out = torch.zeros(B, K, device=z.device, dtype=z.dtype)
     block_n = BLOCK_N if K >= BLOCK_N else _pow2(K, 16)
     _bn_expand[(U, m_tiles, -(-K // block_n))](

@@ -52,10 +52,12 @@ def test_route_groups_rows_by_distinct_slot():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("case", ["mixed", "one", "many_rows", "wide"])
-def test_segmented_lora_equals_the_plain_products(dtype, dora, case):
+@pytest.mark.parametrize("by_rows", [False, True])
+def test_segmented_lora_equals_the_plain_products(dtype, dora, case, by_rows):
     """Rows of several adapters of different ranks, of none (slot 0), and of a slot without a block
     here (rank 0), in any order; distinct slots padded to a bucket; y a column slice of a wider output
-    (a packed q/k/v product); inputs and outputs wider than one tile and not multiples of one."""
+    (a packed q/k/v product); inputs and outputs wider than one tile and not multiples of one. By
+    segments, or with every row its own segment (`rows`)."""
     S, R, inp, out = 6, 16, 200, 96
     ranks = [0, 16, 8, 0, 4, 16]
     slots = {"mixed": [1, 4, 0, 1, 2, 3, 5, 2], "one": [2] * 5, "many_rows": [1, 2] * 17 + [0],
@@ -74,8 +76,13 @@ def test_segmented_lora_equals_the_plain_products(dtype, dora, case):
     want = routed_delta(x, y.clone(), A, sB, sb, g if dora else None, bias, i, None, i)
     uniq, starts, order = routing(slots, U)
     before = packed.clone()
-    got = segments.lora(x[:, 0], [y[:, 0]], [A], [sB], [sb], [rank], uniq, starts, order, [g] if dora else None,
-                        [bias] if dora else None)
+    if by_rows:
+        ident = torch.arange(B + 1, device=DEVICE)
+        got = segments.rows(x[:, 0], [y[:, 0]], [A], [sB], [sb], [rank], i, ident, [g] if dora else None,
+                            [bias] if dora else None)
+    else:
+        got = segments.lora(x[:, 0], [y[:, 0]], [A], [sB], [sb], [rank], uniq, starts, order,
+                            [g] if dora else None, [bias] if dora else None)
     assert got[0].data_ptr() == y.data_ptr()  # in place
     assert torch.equal(packed[:, :, :20], before[:, :, :20]) and torch.equal(packed[:, :, 20 + out:], before[:, :, 20 + out:])
     y32, want32 = y.float(), want.float()
@@ -108,7 +115,8 @@ def test_empty_segments_and_padding_rows_are_not_touched():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("packed", [True, False])
-def test_sibling_modules_in_one_launch_equal_each_on_its_own(dtype, dora, packed):
+@pytest.mark.parametrize("by_rows", [False, True])
+def test_sibling_modules_in_one_launch_equal_each_on_its_own(dtype, dora, packed, by_rows):
     """q/k/v-like siblings of one input, outputs of different widths (slices of one packed product, or
     separate tensors), each with its own tables and ranks (a module that a slot does not adapt: rank 0),
     in one shrink and one expand: the same as the plain products module by module."""
@@ -130,8 +138,12 @@ def test_sibling_modules_in_one_launch_equal_each_on_its_own(dtype, dora, packed
     want = [routed_delta(x, y.clone(), A, sB, sb, g if dora else None, bias if dora else None, i, None, i)
             for y, (A, sB, sb, g, _), bias in zip(ys, mods, biases, strict=True)]
     uniq, starts, order = routing(slots, 8)
-    segments.lora(x[:, 0], [y[:, 0] for y in ys], *[[m[k] for m in mods] for k in (0, 1, 2, 4)], uniq, starts, order,
-                  [m[3] for m in mods] if dora else None, biases if dora else None)
+    tabs = [[m[k] for m in mods] for k in (0, 1, 2, 4)]
+    extra = ([m[3] for m in mods] if dora else None, biases if dora else None)
+    if by_rows:
+        segments.rows(x[:, 0], [y[:, 0] for y in ys], *tabs, i, torch.arange(B + 1, device=DEVICE), *extra)
+    else:
+        segments.lora(x[:, 0], [y[:, 0] for y in ys], *tabs, uniq, starts, order, *extra)
     for y, w in zip(ys, want, strict=True):
         if dtype == torch.float32:
             torch.testing.assert_close(y, w, rtol=1e-5, atol=1e-5)
@@ -147,17 +159,19 @@ def test_decode_batches_of_few_distinct_adapters_take_the_segmented_kernels():
     from server.adapters.methods.lora import SEGMENT_ROWS, LoRAStaticPlan
     from server.compiled import Guarded
 
-    def plan(U: int, fused: bool, always: bool = False) -> LoRAStaticPlan:
+    def plan(U: int, fused: bool, dispatch: str = "auto") -> LoRAStaticPlan:
         z = torch.zeros(16, dtype=torch.long)
-        r = Routing(slots=z, uniq=torch.zeros(U, dtype=torch.long), local=z, order=z, starts=torch.zeros(U + 1))
+        r = Routing(slots=z, uniq=torch.zeros(U, dtype=torch.long), local=z, order=z, starts=torch.zeros(U + 1),
+                    ident=torch.arange(17))
         return LoRAStaticPlan({}, r, False, routed_delta, (lambda *a: None) if fused else None,
-                              segmented=Guarded(segments.lora, "segmented"), always=always)
+                              segmented=Guarded(lambda *a: None, "segmented"), dispatch=dispatch)
 
     x = torch.zeros(16, 1, 8)
     assert SEGMENT_ROWS == 8  # measured on an H100: the figures in BENCHMARKS.md, GPU notes
-    assert [plan(U, True)._segments(x) for U in (1, 2, 4, 8)] == [True, True, False, False]  # 16 rows
-    assert plan(8, False)._segments(x) and plan(8, True, always=True)._segments(x)
-    assert not plan(1, False)._segments(torch.zeros(16, 3, 8))
+    assert [plan(U, True)._segments(x) for U in (1, 2, 4, 8)] == ["segments", "segments", None, None]  # 16 rows
+    assert plan(8, False)._segments(x) == "segments"
+    assert plan(8, True, "segments")._segments(x) == "segments" and plan(1, True, "rows")._segments(x) == "rows"
+    assert plan(1, False)._segments(torch.zeros(16, 3, 8)) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

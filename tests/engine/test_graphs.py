@@ -105,25 +105,31 @@ def test_graph_step_reading_only_the_batchs_distinct_adapters_equals_the_dynamic
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_graph_step_with_segmented_lora_kernels_equals_the_dynamic_step(tmp_path, device, monkeypatch):
+@pytest.mark.parametrize("dispatch", ["auto", "rows"])
+def test_graph_step_with_segmented_lora_kernels_equals_the_dynamic_step(tmp_path, device, dispatch, monkeypatch):
     """LoRA and DoRA rows of several adapters (biases, rsLoRA, other families beside them) decoded by the
     segmented kernels (server/kernels/segments.py; on the CPU in Triton's interpreter) inside the graph
-    step: the same tokens as the dynamic step, and the kernels did run."""
+    step, by segments or every row its own: the same tokens as the dynamic step, and the kernels did run."""
     segments = triton_kernels("server.kernels.segments", device)
     from server.adapters.methods.lora import LoRAMethod
     from server.engine.fused import pack_layers
 
     calls: list[tuple[int, int]] = []  # (rows, sibling modules) of each launch pair
-    real = segments.lora
-    monkeypatch.setattr(segments, "lora", lambda *a: calls.append((a[0].shape[0], len(a[1]))) or real(*a))
+    kernel = "rows" if dispatch == "rows" else "lora"
+    real = getattr(segments, kernel)
+    monkeypatch.setattr(segments, kernel, lambda *a: calls.append((a[0].shape[0], len(a[1]))) or real(*a))
     monkeypatch.setattr(LoRAMethod, "segment_kernels", True)
+    monkeypatch.setattr(LoRAMethod, "segment_dispatch", dispatch)
     group = ["lora_qv", "hub_lora_all", "lora_bias", "dora_qv", "dora_rslora_all", "ia3_default"]
+    kw = {}
+    if dispatch == "rows":  # a program per row is slow in the interpreter: fewer rows and steps
+        group, kw = ["hub_lora_all", "lora_bias", "dora_rslora_all"], {"max_new_tokens": 5}
     cases = [(a, p) for a in [None, *group] for p in PROMPTS[:2]]
-    ref = run_mixed(engine_on(tmp_path, device, "off", "a"), cases)
+    ref = run_mixed(engine_on(tmp_path, device, "off", "a"), cases, **kw)
     e = engine_on(tmp_path, device, "on", "b")
     r = e.runner  # q/k/v and gate/up as one product each, as with compiled kernels: siblings share the launches
     r.packed = pack_layers(r.layers, r.arch, r.small.linear)
-    got = run_mixed(e, cases)
+    got = run_mixed(e, cases, **kw)
     assert_same(cases, ref, got)
     assert max(n for n, _ in calls) > 1 and max(m for _, m in calls) > 1
     assert all(e.slots.methods[m]._segmented.error is None for m in ("lora", "dora"))  # no call fell back

@@ -134,6 +134,7 @@ class Routing:
     local: torch.Tensor
     order: torch.Tensor | None = None  # [B] the rows sorted by `local` (rows of one distinct slot together)
     starts: torch.Tensor | None = None  # [U + 1]: distinct slot k's rows are order[starts[k]:starts[k + 1]]
+    ident: torch.Tensor | None = None  # [B + 1]: 0..B, for kernels that take every row as its own segment
 
     def distinct(self, num_slots: int) -> bool:
         """Whether to gather the batch's distinct blocks (a copy: about three times their bytes moved)

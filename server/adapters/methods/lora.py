@@ -497,10 +497,10 @@ class LoRAStaticPlan(MethodPlan):
     def __init__(self, mods: dict[tuple[int, str], _StaticModule], routing: Routing, magnitude: bool,
                  routed: Callable[..., torch.Tensor], fused: Callable[..., torch.Tensor] | None,
                  experts: dict[tuple[int, str], _ExpertTable] | None = None,
-                 segmented: Guarded | None = None, group: bool = True, always: bool = False) -> None:
+                 segmented: Guarded | None = None, group: bool = True, dispatch: str = "auto") -> None:
         self.mods, self.routing, self.magnitude = mods, routing, magnitude
         self.routed, self.fused, self.segmented, self.group = routed, fused, segmented, group
-        self.segments_always = always
+        self.dispatch = dispatch
         self.experts = experts or {}
 
     def experts_out(self, layer: int, name: str, x: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor,
@@ -514,35 +514,42 @@ class LoRAStaticPlan(MethodPlan):
         where their tables have one padded rank (else None: each on its own)."""
         use = [(i, st) for i, n in enumerate(names) if (st := self.mods.get((layer, n))) is not None]
         sts = [st for _, st in use]
-        if not use or not self.group or not self._segments(x) or len({st.R for st in sts}) > 1 or (
+        mode = self._segments(x)
+        if not use or not self.group or mode is None or len({st.R for st in sts}) > 1 or (
                 self.magnitude and len({st.base_bias is None for st in sts}) > 1):
             return None
-        return ys if self._segmented(x, [ys[i] for i, _ in use], sts) else None
+        return ys if self._segmented(mode, x, [ys[i] for i, _ in use], sts) else None
 
-    def _segments(self, x: torch.Tensor) -> bool:
-        """Whether the segmented kernels take this call: decode steps (one token a row), and with compiled
-        hooks beside them, only batches whose distinct slots average SEGMENT_ROWS rows or more."""
-        if self.segmented is None or self.segmented.error is not None or x.shape[1] != 1 or self.routing.order is None:
-            return False
+    def _segments(self, x: torch.Tensor) -> str | None:
+        """How the segmented kernels take this call, if they do: decode steps only (one token a row); by
+        default ("auto") by segments, and with compiled hooks beside them only for batches whose distinct
+        slots average SEGMENT_ROWS rows or more; forced "segments" or "rows" (every row its own) for any
+        decode batch."""
         r = self.routing
-        return self.fused is None or self.segments_always or r.slots.shape[0] >= SEGMENT_ROWS * r.uniq.shape[0]
+        if self.segmented is None or self.segmented.error is not None or x.shape[1] != 1 or r.order is None:
+            return None
+        if self.dispatch != "auto":
+            return self.dispatch if self.dispatch != "rows" or r.ident is not None else None
+        return "segments" if self.fused is None or r.slots.shape[0] >= SEGMENT_ROWS * r.uniq.shape[0] else None
 
-    def _segmented(self, x: torch.Tensor, ys: list[torch.Tensor], sts: list[_StaticModule]) -> bool:
-        """ys += the deltas by the segmented kernels, in place; whether they ran (else ys are untouched)."""
+    def _segmented(self, mode: str, x: torch.Tensor, ys: list[torch.Tensor], sts: list[_StaticModule]) -> bool:
+        """ys += the deltas by the segmented kernels (`mode`: by segments, or by rows), in place; whether they
+        ran (else ys are untouched)."""
         r = self.routing
         dora = self.magnitude
         bias = dora and sts[0].base_bias is not None
         assert self.segmented is not None and r.order is not None and r.starts is not None
-        return self.segmented(x[:, 0], [y[:, 0] for y in ys], [st.A for st in sts], [st.sB for st in sts],
-                       [st.sb for st in sts], [st.rank for st in sts], r.uniq, r.starts, r.order,
-                       [st.g for st in sts] if dora else None, [st.base_bias for st in sts] if bias else None)
+        route = (r.slots, r.ident) if mode == "rows" else (r.uniq, r.starts, r.order)
+        return self.segmented(mode, x[:, 0], [y[:, 0] for y in ys], [st.A for st in sts], [st.sB for st in sts],
+                              [st.sb for st in sts], [st.rank for st in sts], *route,
+                              [st.g for st in sts] if dora else None, [st.base_bias for st in sts] if bias else None)
 
     def linear_out(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         st = self.mods.get((layer, name))
         if st is None:
             return None
         r, g = self.routing, st.g if self.magnitude else None
-        if self._segments(x) and self._segmented(x, [y], [st]):
+        if (mode := self._segments(x)) is not None and self._segmented(mode, x, [y], [st]):
             return y
         if self.fused is not None:
             return self.fused(x, y, st.A, st.sB, st.sb, g, st.base_bias, r.slots)
@@ -557,11 +564,12 @@ class LoRAMethod(AdapterMethod):
     # H100 (8B, batch 16) one rank-16 LoRA cost +40% against +69%, eight mixed +42% against +108%.
     fused_hooks = True
     # Graph hooks of decode steps as the segmented kernels (server/kernels/segments.py). None: on CUDA where
-    # Triton is there, for batches of few distinct adapters when the hooks are compiled (SEGMENT_ROWS), for
-    # every batch when not; True: every decode batch, also without CUDA (Triton's interpreter: the tests);
-    # False: never.
+    # Triton is there; True: also without CUDA (Triton's interpreter: the tests); False: never.
     segment_kernels: bool | None = None
     group_segments = True  # sibling Linears (q/k/v, gate/up) in the same launches of the segmented kernels
+    # Which decode batches they take: "auto" (SEGMENT_ROWS), or every one "segments" or "rows" (each row its
+    # own segment, no 16-row tiles; not yet measured on a GPU). The benchmarks A/B these.
+    segment_dispatch = "auto"
 
     def __init__(self, ctx: SlotContext, timer: StepTimer) -> None:
         super().__init__(ctx, timer)
@@ -578,7 +586,7 @@ class LoRAMethod(AdapterMethod):
         self._kernel = kernels.load("lora_rows", LORA_ROWS) if ctx.native and ctx.device.type == "cpu" else None
         self._segmented = self._segment_kernel()
         self._group = self.group_segments
-        self._segments_always = self.segment_kernels is True
+        self._dispatch = self.segment_dispatch
 
     def _segment_kernel(self) -> Guarded | None:
         want = self.segment_kernels
@@ -589,7 +597,8 @@ class LoRAMethod(AdapterMethod):
         if not segments.available():
             log.warning("segmented LoRA kernels unavailable, graph hooks use PyTorch products: %s", segments.ERROR)
             return None
-        return Guarded(segments.lora, "the segmented LoRA kernels")
+        return Guarded(lambda mode, *a: (segments.rows if mode == "rows" else segments.lora)(*a),
+                       "the segmented LoRA kernels")
 
     def write(self, slot: int, payload: MethodWeights) -> None:
         w = payload
@@ -659,7 +668,7 @@ class LoRAMethod(AdapterMethod):
         split = self.ctx.base.split
         return LoRAStaticPlan({split(m): st for m, st in self.static.tables().items()}, routing, self.magnitude,
                               self._routed, self._fused, dict(self.experts.tables), self._segmented, self._group,
-                              self._segments_always)
+                              self._dispatch)
 
     @property
     def layout_version(self) -> int:
