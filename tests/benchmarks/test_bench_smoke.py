@@ -159,3 +159,21 @@ def test_runner_ab_against_this_commit():
     out = runner_ab.main(["--rev", "HEAD", "--model", str(TINY), "--batches", "1,2", "--steps", "8", "--prompt", "4",
                           "--threads", "1"])
     assert set(out) == {"1", "2"} and all(v["base_ms"] > 0 and v["this_ms"] > 0 for v in out.values())
+
+
+def test_gpu_lora(tmp_path, monkeypatch):
+    """The segmented kernels' GPU benchmark, its engine stage for the bottleneck family: on the CPU its kernels
+    run in Triton's interpreter (the kernels-alone stage needs CUDA graphs and is skipped)."""
+    segments = pytest.importorskip("server.kernels.segments")
+    if not segments.available() or torch.cuda.is_available():
+        pytest.skip("runs where the kernels run in Triton's interpreter")
+    from benchmarks import gpu_lora
+
+    monkeypatch.setattr(gpu_lora, "DEV", torch.device("cpu"))
+    out = tmp_path / "gpu_lora.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        gpu_lora.main(["--models", "tiny", "--families", "bottleneck", "--batch", "2", "--prompt", "8", "--new", "6",
+                       "--out", str(out)])
+    r = json.loads(out.read_text())["models"]["tiny bottleneck"]
+    assert set(r["tok_s"]) == {"bare", "seq_bn x1", "seq_bn x8 mixed", "par_bn x1", "double_seq_bn x1"}
+    assert all(set(v) == {"segmented", "routed"} and min(v.values()) > 0 for v in r["tok_s"].values())
