@@ -187,13 +187,14 @@ def kernel_profile(eng: Engine, B: int, kv_len: int, method: str | None = None, 
 MIXED_RANKS = (4, 8, 8, 16, 16, 16, 32, 32)  # mean 16.5: against eight rank-16 LoRAs
 
 
-def synth_adapters(loaded: LoadedModel, store: Path) -> dict[str, list[str]]:
-    """Eight of each family's demo adapter, eight LoRAs of mixed ranks, and one of the rest."""
+def synth_adapters(loaded: LoadedModel, store: Path, kinds: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """Demo adapters into `store`, `kinds` (name -> synthetic kinds; adapter ids name-0, name-1, ...) or by
+    default eight of each family's demo adapter, eight LoRAs of mixed ranks, and one of the rest."""
     cfg = loaded.model.config
     reg = Registry(AdapterStore(store), BaseModelInfo.from_model(loaded.model), RegistryConfig(64))
-    kinds = {"ia3": ["ia3"] * 8, "seq_bn": ["seq_bn"] * 8, "lora": ["lora16"] * 8,
-             "lora_mixed": [f"lora{r}" for r in MIXED_RANKS], "dora": ["dora16"], "par_bn": ["par_bn"],
-             "double_seq_bn": ["double_seq_bn"]}
+    kinds = kinds or {"ia3": ["ia3"] * 8, "seq_bn": ["seq_bn"] * 8, "lora": ["lora16"] * 8,
+                      "lora_mixed": [f"lora{r}" for r in MIXED_RANKS], "dora": ["dora16"], "par_bn": ["par_bn"],
+                      "double_seq_bn": ["double_seq_bn"]}
     out: dict[str, list[str]] = {}
     for name, ks in kinds.items():
         for i, kind in enumerate(ks):

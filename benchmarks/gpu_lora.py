@@ -42,16 +42,13 @@ from benchmarks.gpu import (
     engine_for,
     free_memory,
     kernel_profile,
+    synth_adapters,
     word_tokenizer,
 )
-from server.adapters.methods import route, write_demo
+from server.adapters.methods import route
 from server.adapters.methods.bottleneck import BottleneckMethod
 from server.adapters.methods.lora import LoRAMethod, fused_delta, routed_delta
-from server.adapters.registry import Registry
-from server.adapters.spec import BaseModelInfo
-from server.adapters.store import AdapterStore
 from server.compiled import Compiled
-from server.config import RegistryConfig
 from server.engine.model_loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -201,15 +198,8 @@ def engine_cases(name: str, family: str, B: int, prompt: int, new: int, res: dic
     vocab = model.config.vocab_size
     loaded = LoadedModel(model, word_tokenizer(vocab), name, DEV, torch.bfloat16)
     store = Path(tempfile.mkdtemp())
-    reg = Registry(AdapterStore(store), BaseModelInfo.from_model(model), RegistryConfig(64))
-    names: dict[str, list[str]] = {}
     t0 = time.perf_counter()
-    for fam, ks in kinds.items():
-        for k, kind in enumerate(ks):
-            src = Path(tempfile.mkdtemp())
-            write_demo(kind, src, model.config, seed=k)
-            reg.add_folder(f"{fam}-{k}", src)
-            names.setdefault(fam, []).append(f"{fam}-{k}")
+    names = synth_adapters(loaded, store, kinds)
     res["synth_s"] = time.perf_counter() - t0
     cases: dict[str, list[str | None]] = {"bare": [None] * B, **make_cases(names, B)}
     max_len = prompt + new + 8

@@ -14,6 +14,25 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
+
+
+def demo_engine(kinds: list[str], dtype: str) -> tuple[Any, list[list[int]]]:
+    """The embedded SmolLM2 in `dtype` on the CPU, an engine over it (never folding adapters), and one synthetic
+    adapter per kind resident as m0, m1, ...; with the benchmark prompts' token ids."""
+    from benchmarks.bench import PROMPTS, make_engine
+    from server.adapters.methods import write_demo
+    from server.config import ModelConfig
+    from server.engine.model_loader import load_base_model
+    from server.threads import on_own_thread
+
+    loaded = on_own_thread(lambda: load_base_model(ModelConfig("smollm2", "cpu", dtype, Path(".cache/models"))))  # type: ignore[arg-type]
+    eng = make_engine(loaded, Path(tempfile.mkdtemp()) / "store", merge="never")
+    src = Path(tempfile.mkdtemp())
+    for i, kind in enumerate(kinds):
+        folder = write_demo(kind, src / f"m{i}", loaded.model.config, seed=i)
+        on_own_thread(lambda i=i, folder=folder: eng.registry.add_folder(f"m{i}", folder))
+    return eng, [eng.tokenizer(p).input_ids for p in PROMPTS]
 
 
 def main() -> None:
@@ -25,20 +44,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
 
-    from benchmarks.bench import PROMPTS, decode_rate, make_engine
-    from server.adapters.methods import write_demo
-    from server.config import ModelConfig
-    from server.engine.model_loader import load_base_model
-    from server.threads import on_own_thread
+    from benchmarks.bench import decode_rate
 
     kinds = args.kinds.split(",")
-    loaded = on_own_thread(lambda: load_base_model(ModelConfig("smollm2", "cpu", args.dtype, Path(".cache/models"))))
-    eng = make_engine(loaded, Path(tempfile.mkdtemp()) / "store", merge="never")
-    src = Path(tempfile.mkdtemp())
-    for i, kind in enumerate(kinds):
-        folder = write_demo(kind, src / f"m{i}", loaded.model.config, seed=i)
-        on_own_thread(lambda i=i, folder=folder: eng.registry.add_folder(f"m{i}", folder))
-    prompts = [eng.tokenizer(p).input_ids for p in PROMPTS]
+    eng, prompts = demo_engine(kinds, args.dtype)
     kernels = {name: m._kernel for name, m in eng.slots.methods.items() if getattr(m, "_kernel", None) is not None}
 
     def native(on: bool) -> None:
