@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .segments import ERROR, INTERPRET, jit, tl
+from .segments import ERROR, INTERPRET, jit, pow2, tl
 
 BLOCK_G = 16  # query heads per K/V head, padded: tl.dot's smallest tile
 PAGES_PER_SPLIT = 4  # pages each `_attend` program reads at most
@@ -108,8 +108,8 @@ def _combine(o_ptr, m_ptr, l_ptr, out_ptr, stride_ob, stride_oh, stride_os, stri
 def supports(heads: int, kv_heads: int, head_dim: int, page_size: int) -> bool:
     """Whether `decode` takes these shapes: up to BLOCK_G query heads per K/V head, head_dim and page_size
     powers of two of 16 or more."""
-    pow2 = lambda n: n >= 16 and n & (n - 1) == 0  # noqa: E731
-    return heads % kv_heads == 0 and heads // kv_heads <= BLOCK_G and pow2(head_dim) and pow2(page_size)
+    tile = lambda n: n >= 16 and n & (n - 1) == 0  # noqa: E731
+    return heads % kv_heads == 0 and heads // kv_heads <= BLOCK_G and tile(head_dim) and tile(page_size)
 
 
 def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor,
@@ -135,5 +135,5 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: torch.Tens
         CAST=INTERPRET)
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
     _combine[(B, H)](o, m, s, out, o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1), out.stride(0),
-                     out.stride(1), SPLITS=splits, BLOCK_S=max(2, 1 << (splits - 1).bit_length()), D=D)
+                     out.stride(1), SPLITS=splits, BLOCK_S=pow2(splits, 2), D=D)
     return out

@@ -179,7 +179,7 @@ def _expand(y_ptr, part_ptr, b_ptr, sb_ptr, g_ptr, bias_ptr, rank_ptr, uniq_ptr,
         tl.store(y_at, out.to(y.dtype), mask=ok)
 
 
-def _pow2(n: int, floor: int) -> int:
+def pow2(n: int, floor: int) -> int:
     out = floor
     while out < n:
         out *= 2
@@ -197,6 +197,25 @@ def _offsets(ts: list[torch.Tensor]) -> list[int]:
     return out + [0] * (MAX_MODULES - len(ts))
 
 
+def _shrink_all(x: torch.Tensor, As: list[torch.Tensor], ranks: list[torch.Tensor], uniq: torch.Tensor,
+                starts: torch.Tensor, order: torch.Tensor, block_m: int) -> torch.Tensor:
+    """The shrink launch for `lora` and `bottleneck`: x [B, in] against each module's A [S, R, in] (of one
+    shape and strides, unit stride along `in`), each slot's columns up to its rank [S]. Returns the partial
+    sums [modules, splits, B, R padded to a power of two], by place in `order`."""
+    B, K = x.shape
+    R = As[0].shape[1]
+    assert x.stride(1) == 1 and all(a.stride() == As[0].stride() and a.stride(2) == 1 for a in As)
+    assert all(r.is_contiguous() for r in ranks)
+    block_k = BLOCK_K if K >= BLOCK_K else 16
+    split = -(-K // (block_k * ITERS))
+    part = torch.empty(len(As), split, B, pow2(R, 16), device=x.device, dtype=torch.float32)
+    _shrink[(uniq.shape[0], -(-B // block_m), len(As) * split)](
+        x, As[0], part, ranks[0], uniq, starts, order, K, x.stride(0), As[0].stride(0), As[0].stride(1),
+        part.stride(0), part.stride(1), part.stride(2), *_offsets(As)[:2], *_offsets(ranks)[:2],
+        BLOCK_M=block_m, BLOCK_R=part.shape[3], BLOCK_K=block_k, ITERS=ITERS, SPLIT=split, DOT=block_m >= 16)
+    return part
+
+
 def lora(x: torch.Tensor, ys: list[torch.Tensor], As: list[torch.Tensor], sBs: list[torch.Tensor],
          sbs: list[torch.Tensor], ranks: list[torch.Tensor], uniq: torch.Tensor, starts: torch.Tensor,
          order: torch.Tensor, gs: list[torch.Tensor] | None = None, biases: list[torch.Tensor] | None = None,
@@ -211,24 +230,15 @@ def lora(x: torch.Tensor, ys: list[torch.Tensor], As: list[torch.Tensor], sBs: l
     tl.dot's 16-row tiles. Returns ys."""
     n = len(ys)
     assert 1 <= n <= MAX_MODULES and len(As) == len(sBs) == len(sbs) == len(ranks) == n
-    B, K = x.shape
-    S, R, _ = As[0].shape
+    B = x.shape[0]
     U = uniq.shape[0]
-    assert x.stride(1) == 1 and all(y.stride(1) == 1 for y in ys) and all(a.stride(2) == 1 for a in As)
-    assert all(a.stride() == As[0].stride() for a in As) and all(b.stride() == sBs[0].stride() for b in sBs)
-    assert all(t.is_contiguous() for t in (*sbs, *(gs or ()), *ranks))
-    BR = _pow2(R, 16)
-    block_k = BLOCK_K if K >= BLOCK_K else 16
-    split = -(-K // (block_k * ITERS))
-    m_tiles = -(-B // block_m)
-    part = torch.empty(n, split, B, BR, device=x.device, dtype=torch.float32)
+    assert all(y.stride(1) == 1 for y in ys) and all(b.stride() == sBs[0].stride() for b in sBs)
+    assert all(t.is_contiguous() for t in (*sbs, *(gs or ())))
+    part = _shrink_all(x, As, ranks, uniq, starts, order, block_m)
+    BR, split, m_tiles = part.shape[3], part.shape[1], -(-B // block_m)
     rank_off = _offsets(ranks)
-    _shrink[(U, m_tiles, n * split)](
-        x, As[0], part, ranks[0], uniq, starts, order, K, x.stride(0), As[0].stride(0), As[0].stride(1),
-        part.stride(0), part.stride(1), part.stride(2), *_offsets(As)[:2], *rank_off[:2],
-        BLOCK_M=block_m, BLOCK_R=BR, BLOCK_K=block_k, ITERS=ITERS, SPLIT=split, DOT=block_m >= 16)
     outs = [y.shape[1] for y in ys]
-    block_n = BLOCK_N if min(outs) >= BLOCK_N else _pow2(min(outs), 16)
+    block_n = BLOCK_N if min(outs) >= BLOCK_N else pow2(min(outs), 16)
     tiles = [-(-o // block_n) for o in outs]
     first = [sum(tiles[:i]) for i in range(n)] + [1 << 30] * (MAX_MODULES - n)
     pad = lambda v: v + [v[0]] * (MAX_MODULES - n)  # noqa: E731
@@ -320,21 +330,12 @@ def bottleneck(z: torch.Tensor, wd: torch.Tensor, bd: torch.Tensor, wu: torch.Te
     ub [S, H] (scaling folded in), width [S] int32 each slot's own width (0: none), act [S] int32 its
     activation (RELU..SIGMOID); the segments as for `lora`."""
     B, K = z.shape
-    S, R, _ = wd.shape
-    U = uniq.shape[0]
-    assert z.stride(1) == 1 and wd.stride(2) == 1 and bd.is_contiguous() and ub.is_contiguous()
-    BR = _pow2(R, 16)
-    block_k = BLOCK_K if K >= BLOCK_K else 16
-    split = -(-K // (block_k * ITERS))
-    m_tiles = -(-B // BLOCK_M)
-    part = torch.empty(1, split, B, BR, device=z.device, dtype=torch.float32)
-    _shrink[(U, m_tiles, split)](
-        z, wd, part, width, uniq, starts, order, K, z.stride(0), wd.stride(0), wd.stride(1),
-        part.stride(0), part.stride(1), part.stride(2), 0, 0, 0, 0,
-        BLOCK_M=BLOCK_M, BLOCK_R=BR, BLOCK_K=block_k, ITERS=ITERS, SPLIT=split, DOT=True)
+    assert bd.is_contiguous() and ub.is_contiguous()
+    part = _shrink_all(z, [wd], [width], uniq, starts, order, BLOCK_M)
+    BR, split, m_tiles = part.shape[3], part.shape[1], -(-B // BLOCK_M)
     out = torch.zeros(B, K, device=z.device, dtype=z.dtype)
-    block_n = BLOCK_N if K >= BLOCK_N else _pow2(K, 16)
-    _bn_expand[(U, m_tiles, -(-K // block_n))](
+    block_n = BLOCK_N if K >= BLOCK_N else pow2(K, 16)
+    _bn_expand[(uniq.shape[0], m_tiles, -(-K // block_n))](
         out, part, bd, wu, ub, width, act, uniq, starts, order, K, out.stride(0), part.stride(1), part.stride(2),
         bd.stride(0), wu.stride(1), wu.stride(2), wu.stride(0), ub.stride(0),
         BLOCK_M=BLOCK_M, BLOCK_R=BR, BLOCK_N=block_n, SPLIT=split, BF16=z.dtype == torch.bfloat16)
