@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Callable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -139,19 +139,15 @@ class PagedKVCache:
             out.append(g.view(self.kv_heads, B, n * self.page_size, self.head_dim)[:, :, :kv_len].transpose(0, 1))
         return out[0], out[1]
 
-    def _triton_takes(self, heads: int) -> bool:
-        from ..kernels import paged_attention
-
-        return paged_attention.supports(heads, self.kv_heads, self.head_dim, self.page_size)
-
     @staticmethod
-    def _triton_kernel() -> Callable[..., torch.Tensor] | None:
+    def _triton_kernel() -> ModuleType | None:
+        """server/kernels/paged_attention.py where its kernels can run here."""
         from ..kernels import paged_attention
 
         if not paged_attention.available():
             log.warning("the paged decode attention kernel is unavailable: %s", paged_attention.ERROR)
             return None
-        return paged_attention.decode
+        return paged_attention
 
     def _buffer(self, i: int, shape: tuple[int, int, int]) -> torch.Tensor:
         """The i-th gather buffer (keys 0, values 1) viewed as `shape`; it grows, never shrinks."""
@@ -164,8 +160,8 @@ class PagedKVCache:
         """Layer li's attention of one query per row: q [B, H, 1, d] over the pages of `step`, each row's
         keys 0..pos (the last `window` of them on a sliding-window layer). Returns [B, H, 1, d]."""
         B, H, _, d = q.shape
-        if self._triton is not None and self._triton_takes(H):
-            out = self._triton(q[:, :, 0], self.k[li], self.v[li], step.tables, step.lengths, window, scale)
+        if self._triton is not None and self._triton.supports(H, self.kv_heads, self.head_dim, self.page_size):
+            out = self._triton.decode(q[:, :, 0], self.k[li], self.v[li], step.tables, step.lengths, window, scale)
             return out.view(B, H, 1, d)
         if self._kernel is not None:
             qf = q.reshape(B, H, d).float().contiguous()

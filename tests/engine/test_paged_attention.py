@@ -47,13 +47,14 @@ def test_paged_decode_equals_the_gathered_sdpa(dtype, window, shape):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
-def test_shapes_the_kernel_does_not_take_go_by_the_gathered_path():
+def test_shapes_the_kernel_does_not_take_go_by_the_gathered_path(monkeypatch):
     """More than BLOCK_G query heads per K/V head, or a head size or page size that is not a power of two
     of 16 or more: `supports` says no, and the cache decodes by its other path."""
     assert paged.supports(32, 8, 128, 16) and paged.supports(9, 3, 64, 16)
     assert not paged.supports(64, 2, 128, 16) and not paged.supports(8, 8, 80, 16) and not paged.supports(8, 8, 64, 8)
     cache = PagedKVCache(1, 1, 24, 4, 16, torch.float32, DEVICE, native=False)
-    cache._triton = lambda *a: pytest.fail("the kernel was called for a shape it does not take")
+    cache._triton = paged
+    monkeypatch.setattr(paged, "decode", lambda *a: pytest.fail("the kernel was called for a shape it does not take"))
     cache.k.normal_()
     cache.v.normal_()
     step = DecodeStep(torch.tensor([[1]], device=DEVICE), torch.tensor([3], device=DEVICE), 16, 16)
